@@ -1,0 +1,291 @@
+"""Run configuration: nested dataclasses, a TOML file, and --section.key=value overrides.
+
+Every key is spelled as the documentation spells it (DESIGN.md lists the ones other tools rely
+on). Unknown keys are refused with the closest valid key named, bad values with the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def choice(default, *choices, help: str = ""):
+    """A field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+@dataclass
+class ModelConfig:
+    # tiny: ~1M parameters for tests; small: the embedded default run; llama-1b/7b/8b: real shapes.
+    preset: str = "small"
+    from_hf: str = ""  # a local Hugging Face folder (config.json + safetensors); wins over the preset
+    # Optional changes to the preset's shape; unset keeps the preset's value.
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+    qkv_bias: bool | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:python-stdlib"  # file, folder, glob, comma list; .jsonl reads its "text" field
+    tokenizer: str = "bpe"  # byte | bpe (trained on the corpus, cached) | a folder with tokenizer.json
+    vocab_size: int = 4096  # for tokenizer=bpe
+    val_fraction: float = 0.01
+    text_field: str = "text"
+    cache_dir: str = ""  # default: $TRAINER_CACHE_DIR or ~/.cache/trainer
+    document_mask: bool = False  # attention never crosses a document inside a packed block
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8  # per rank
+    grad_accum_steps: int = 1
+    seq_len: int = 256
+    seed: int = 0
+    dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16", help="auto: bf16 on a GPU that has it, else fp32")
+    param_dtype: str = choice("fp32", "fp32", "bf16")
+    device: str = choice("auto", "auto", "cpu", "cuda")
+    output_dir: str = ""  # default: runs/<timestamp>
+    overwrite: bool = False
+    max_grad_norm: float = 1.0  # 0 disables clipping; the norm is reported either way
+    eval_every: int = 0  # 0: only once, at the end
+    eval_batches: int = 50  # batches per evaluation (0: the whole validation split)
+    log_every: int = 10  # progress lines when not on a terminal
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    progress: str = choice("auto", "auto", "bar", "lines", "none")
+    tensorboard: bool = False
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+
+@dataclass
+class OptimConfig:
+    name: str = choice("adamw", "adamw")
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    schedule: str = choice("cosine", "cosine", "linear", "constant", "wsd",
+                           help="after linear warmup: cosine or linear decay, constant, or warmup-stable-decay")
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # 0: only at the end (a final checkpoint is always written)
+    keep_last: int = 3  # 0: keep all; the best checkpoint by eval_loss is never deleted
+    resume_from: str = ""  # a checkpoint folder, or "latest"
+
+
+@dataclass
+class KernelConfig:
+    enabled: bool = True  # false: every op runs its plain PyTorch reference, logits materialised
+    rms_norm: bool = True
+    rope: bool = True
+    swiglu: bool = True
+    fused_ce: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def validate(self) -> "TrainConfig":
+        for section in dataclasses.fields(self):
+            sec = getattr(self, section.name)
+            for f in dataclasses.fields(sec):
+                allowed = f.metadata.get("choices")
+                value = getattr(sec, f.name)
+                if allowed and value not in allowed:
+                    raise ConfigError(f"{section.name}.{f.name}={value!r} is not allowed; choose one of: "
+                                      + ", ".join(map(str, allowed)))
+        t = self.train
+        _positive("train.max_steps", t.max_steps)
+        _positive("train.micro_batch_size", t.micro_batch_size)
+        _positive("train.grad_accum_steps", t.grad_accum_steps)
+        _positive("train.seq_len", t.seq_len)
+        _positive("optim.lr", self.optim.lr)
+        for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
+                    "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not 0 <= self.optim.min_lr_ratio <= 1 or not 0 <= self.optim.decay_fraction <= 1:
+            raise ConfigError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
+        if t.param_dtype == "bf16" and t.dtype in ("fp32", "fp16"):
+            raise ConfigError(f"train.param_dtype=bf16 needs train.dtype=bf16 or auto, got train.dtype={t.dtype}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(key, value):
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def _valid_keys(cfg: TrainConfig) -> list[str]:
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _unknown_key(key: str, cfg: TrainConfig) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(cfg), n=1, cutoff=0.5)
+    if not close:  # a key given without its section, e.g. "max_steps"
+        close = [k for k in _valid_keys(cfg) if k.split(".", 1)[1] == key.split(".")[-1]]
+    hint = f"; did you mean {close[0]}?" if close else "; see `python -m trainer train --help` for the keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _parse_value(key: str, text, annotation, current):
+    """Converts `text` (a string from the command line or a TOML value) to the field's type."""
+    kind = _field_type(annotation)
+    if text is None:
+        return None
+    optional = "None" in annotation
+    if optional and isinstance(text, str) and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            if isinstance(text, bool):
+                return text
+            low = str(text).lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+                raise ValueError
+            return int(text)
+        if kind is float:
+            if isinstance(text, bool):
+                raise ValueError
+            return float(text)
+        if kind is tuple:
+            items = text.split(",") if isinstance(text, str) else list(text)
+            values = tuple(float(v) for v in items)
+            if len(values) != len(current):
+                raise ValueError
+            return values
+        if not isinstance(text, str):
+            raise ValueError
+        return text
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    tuple: "comma-separated numbers"}[kind]
+        raise ConfigError(f"{key}={text!r} is not valid: expected {expected}") from None
+
+
+def _field_type(annotation: str):
+    # Annotations are strings here (from __future__ import annotations).
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("tuple", tuple), ("str", str)):
+        if annotation.startswith(name):
+            return kind
+    raise TypeError(f"unsupported config annotation {annotation}")
+
+
+def set_value(cfg: TrainConfig, key: str, value) -> None:
+    if key.count(".") != 1:
+        raise _unknown_key(key, cfg)
+    section_name, name = key.split(".")
+    section = getattr(cfg, section_name, None)
+    if not dataclasses.is_dataclass(section):
+        raise _unknown_key(key, cfg)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise _unknown_key(key, cfg)
+    setattr(section, name, _parse_value(key, value, fields[name].type, getattr(section, name)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then overrides ("section.key=value" strings or a dict)."""
+    cfg = TrainConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        for section_name, values in data.items():
+            if not isinstance(values, dict):
+                raise _unknown_key(section_name, cfg)
+            for name, value in values.items():
+                set_value(cfg, f"{section_name}.{name}", value)
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} needs the form --section.key=value")
+        set_value(cfg, key, value)
+    return cfg.validate()
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The effective config as TOML (unset optional keys are left out: TOML has no null)."""
+    lines = []
+    for section_name, values in cfg.to_dict().items():
+        lines.append(f"[{section_name}]")
+        for name, value in values.items():
+            if value is not None:
+                lines.append(f"{name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def describe_keys() -> str:
+    """One line per key, with its default and allowed values, for --help."""
+    cfg = TrainConfig()
+    out = []
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            allowed = f.metadata.get("choices")
+            default = getattr(getattr(cfg, section.name), f.name)
+            extra = f" (one of {', '.join(allowed)})" if allowed else ""
+            out.append(f"  --{section.name}.{f.name}={default}{extra}")
+    return "\n".join(out)
+

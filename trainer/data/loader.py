@@ -1,0 +1,179 @@
+"""Deterministic, resumable block sampling for data parallelism and gradient accumulation.
+
+Each optimizer step takes the next G = micro_batch_size * grad_accum_steps * world_size block
+indices from a per-epoch permutation. Only G decides which blocks a step sees; how they are
+split across ranks and micro-batches does not, so changing the parallel layout at a fixed
+global batch leaves the training data identical. The state is just (seed, epoch, position):
+resuming never replays data.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .blocks import check_blocks, make_batch
+from .errors import DataError
+
+STATE_VERSION = 1
+
+
+def _positive(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_rank(world_size: int, rank: int) -> None:
+    _positive("world_size", world_size)
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+class BlockLoader:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        document_ids: bool = False,
+        eos_id: int | None = None,
+    ):
+        self.tokens = tokens
+        self.seq_len = _positive("seq_len", seq_len)
+        self.micro_batch_size = _positive("micro_batch_size", micro_batch_size)
+        self.grad_accum_steps = _positive("grad_accum_steps", grad_accum_steps)
+        _check_rank(world_size, rank)
+        self.world_size, self.rank = int(world_size), int(rank)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed, self.shuffle = int(seed), bool(shuffle)
+        if document_ids and eos_id is None:
+            raise DataError("document_ids=True needs eos_id (the tokenizer's eos_id)")
+        self.document_ids, self.eos_id = bool(document_ids), eos_id
+
+        self.blocks_per_epoch = check_blocks(len(tokens), self.seq_len, "train")
+        self.global_batch = self.micro_batch_size * self.grad_accum_steps * self.world_size
+        if self.global_batch > self.blocks_per_epoch:
+            raise DataError(
+                f"global batch of {self.global_batch} blocks (micro_batch_size {self.micro_batch_size} x "
+                f"grad_accum_steps {self.grad_accum_steps} x world_size {self.world_size}) is larger than "
+                f"the {self.blocks_per_epoch} blocks of seq_len {self.seq_len} in the training data; use a "
+                "smaller batch or seq_len, or more data"
+            )
+        self.epoch = 0  # epochs completed: the epoch the next step draws from
+        self.position = 0  # blocks of this epoch's permutation already consumed
+        self.steps = 0
+        self._perm_epoch = -1
+        self._perm = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.blocks_per_epoch // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            if self.shuffle:
+                # Seeded by (seed, epoch): any epoch's order is reproducible without replaying earlier ones.
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._perm = rng.permutation(self.blocks_per_epoch)
+            else:
+                self._perm = np.arange(self.blocks_per_epoch)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def _roll_epoch(self) -> None:
+        # The tail of a permutation shorter than a global batch is dropped: every step is full size.
+        if self.blocks_per_epoch - self.position < self.global_batch:
+            self.epoch += 1
+            self.position = 0
+
+    def next_global_indices(self) -> np.ndarray:
+        """Advance one step and return all G block indices of it (every rank's, in rank order)."""
+        self._roll_epoch()
+        idx = self._permutation()[self.position : self.position + self.global_batch]
+        self.position += self.global_batch
+        self.steps += 1
+        self._roll_epoch()  # so `epoch` reads as completed epochs right after the last step of one
+        return idx
+
+    def next_step(self) -> list[dict]:
+        """This rank's grad_accum_steps micro-batches for the next optimizer step."""
+        per_rank = self.micro_batch_size * self.grad_accum_steps
+        mine = self.next_global_indices()[self.rank * per_rank : (self.rank + 1) * per_rank]
+        mbs = self.micro_batch_size
+        return [
+            make_batch(self.tokens, mine[i * mbs : (i + 1) * mbs], self.seq_len, self.document_ids, self.eos_id)
+            for i in range(self.grad_accum_steps)
+        ]
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            yield self.next_step()
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "position": self.position,
+            "steps": self.steps,
+            "blocks_per_epoch": self.blocks_per_epoch,
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the saved loader stopped.
+
+        seed and shuffle come from the state (resuming must not change the order). The global
+        batch may differ (e.g. a new world size); the data then continues from the same point.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"unknown loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        if state["blocks_per_epoch"] != self.blocks_per_epoch:
+            raise DataError(
+                f"loader state was saved with {state['blocks_per_epoch']} blocks per epoch but this data "
+                f"has {self.blocks_per_epoch} at seq_len {self.seq_len}: different data or seq_len"
+            )
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self.epoch, self.position, self.steps = int(state["epoch"]), int(state["position"]), int(state["steps"])
+        self._perm_epoch = -1
+        self._roll_epoch()
+
+
+def eval_batches(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    world_size: int = 1,
+    rank: int = 0,
+    document_ids: bool = False,
+    eos_id: int | None = None,
+) -> Iterator[dict]:
+    """Validation blocks in order, batch_size per rank per batch, no shuffling.
+
+    Every rank yields the same number of non-empty batches (collectives on the loss must not
+    hang). The last batch may be smaller; at most world_size - 1 trailing blocks are skipped.
+    """
+    _positive("batch_size", batch_size)
+    _check_rank(world_size, rank)
+    n = check_blocks(len(tokens), _positive("seq_len", seq_len), "val")
+    if n < world_size:
+        raise DataError(f"the val split has {n} blocks of seq_len {seq_len}, fewer than world_size {world_size}")
+    start, produced = 0, 0
+    while max_batches is None or produced < max_batches:
+        per_rank = min(batch_size, (n - start) // world_size)
+        if per_rank == 0:
+            return
+        first = start + rank * per_rank
+        yield make_batch(tokens, range(first, first + per_rank), seq_len, document_ids, eos_id)
+        start += per_rank * world_size
+        produced += 1

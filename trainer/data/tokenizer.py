@@ -1,0 +1,248 @@
+"""Tokenizers: raw UTF-8 bytes, any Hugging Face tokenizer.json, or a byte-level BPE trained here.
+
+All share one small interface (`Tokenizer`). `save(folder)` always writes `tokenizer.json`:
+the Hugging Face format for BPE/HF tokenizers, and for the byte tokenizer a tiny marker
+`{"trainer_tokenizer": "byte", ...}` that `load_tokenizer` recognises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+# Names of end-of-text tokens in common tokenizer.json files, tried in this order.
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+BYTE_MARKER = "byte"
+
+
+class Tokenizer:
+    """Interface. `fingerprint` changes whenever the text -> ids mapping could change."""
+
+    vocab_size: int
+    eos_id: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Like encode_batch but numpy arrays: lets the packer skip Python int lists where it can."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, folder: str) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _as_int_array(ids) -> np.ndarray:
+    # Accepts lists, numpy arrays and CPU torch tensors alike.
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes are ids 0..255, EOS is 256. Exact round trip for any text, no training."""
+
+    vocab_size = 257
+    eos_id = 256
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        arr = _as_int_array(ids)
+        # EOS and out-of-range ids (possible in untrained-model samples) are dropped, like HF's
+        # skip_special_tokens; a cut multi-byte character decodes to U+FFFD instead of raising.
+        return arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        marker = {"trainer_tokenizer": BYTE_MARKER, "version": 1, "vocab_size": 257, "eos_id": 256}
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            json.dump(marker, f)
+
+
+class HFTokenizer(Tokenizer):
+    """Wraps a `tokenizers.Tokenizer` (a tokenizer.json), which batches in Rust threads."""
+
+    def __init__(self, tok, eos_id: int):
+        self._tok = tok
+        # Documents are raw text: a literal "<|endoftext|>" inside one must stay text, not become a
+        # fake document boundary.
+        tok.encode_special_tokens = True
+        self.eos_id = int(eos_id)
+        # Max id + 1, not the reported size: some files have holes or added tokens past the end.
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+        blob = tok.to_str().encode() + f"|eos={self.eos_id}|encode_special_tokens".encode()
+        self.fingerprint = "hf-v1-" + hashlib.sha256(blob).hexdigest()
+
+    @property
+    def eos_token(self) -> str:
+        return self._tok.id_to_token(self.eos_id)
+
+    @classmethod
+    def from_file(cls, path: str) -> "HFTokenizer":
+        """Load a tokenizer.json, given the file or its folder."""
+        from tokenizers import Tokenizer as _HF
+
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise DataError(f"no tokenizer.json at {path!r}")
+        try:
+            tok = _HF.from_file(file)
+        except Exception as e:  # the Rust side raises a bare Exception on malformed files
+            raise DataError(f"could not read {file} as a Hugging Face tokenizer.json: {e}") from None
+        return cls(tok, _find_eos(tok, os.path.dirname(file), file))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # add_special_tokens=False: documents are joined with EOS by the packer, a post-processor's
+        # BOS/EOS per document would double them. encode_batch_fast skips offset tracking.
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(_as_int_array(ids).tolist(), skip_special_tokens=True)
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self._tok.save(os.path.join(folder, "tokenizer.json"))
+        # Records which token is EOS, so loading does not depend on guessing names.
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": self.eos_token}, f)
+
+
+def _find_eos(tok, folder: str, file: str) -> int:
+    config = os.path.join(folder, "tokenizer_config.json")
+    candidates = []
+    if os.path.isfile(config):
+        with open(config) as f:
+            eos = json.load(f).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            candidates.append(eos)
+    for name in candidates + list(EOS_NAMES):
+        eos_id = tok.token_to_id(name)
+        if eos_id is not None:
+            return eos_id
+    raise DataError(
+        f"no end-of-text token in {file}: looked for tokenizer_config.json 'eos_token' and the tokens "
+        f"{', '.join(EOS_NAMES)}; add one of them as a special token"
+    )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096, length: int | None = None) -> HFTokenizer:
+    """Train a byte-level BPE (exact round trip for any text) with EOS "<|endoftext|>" as id 0."""
+    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise DataError(f"BPE vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+    tok = _HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        # Every byte in the vocabulary, whatever the corpus holds, so no text is ever unencodable.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=sys.stderr.isatty(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return HFTokenizer(tok, tok.token_to_id(EOS_TOKEN))
+
+
+def build_tokenizer(spec: str, sources=None, vocab_size: int = 4096, cache_dir: str | None = None) -> Tokenizer:
+    """Return a tokenizer for `spec`:
+
+    "byte"  -> ByteTokenizer;
+    "bpe"   -> byte-level BPE trained on `sources` (a Corpus or a data path string; all its
+               documents), cached under cache_dir/tokenizers by corpus hash + vocab_size;
+    a path  -> a Hugging Face tokenizer.json (the file or its folder).
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec == "bpe":
+        return _cached_bpe(sources, vocab_size, cache_dir)
+    if os.path.exists(os.path.expanduser(spec)):
+        return load_tokenizer(os.path.expanduser(spec))
+    raise DataError(
+        f"unknown tokenizer {spec!r}: use 'byte', 'bpe', or a path to a folder holding a "
+        "Hugging Face tokenizer.json (or to the file itself)"
+    )
+
+
+def load_tokenizer(folder: str) -> Tokenizer:
+    """Load what `Tokenizer.save` wrote (or any HF tokenizer.json folder/file)."""
+    file = os.path.join(folder, "tokenizer.json") if os.path.isdir(folder) else folder
+    if not os.path.isfile(file):
+        raise DataError(f"no tokenizer.json at {folder!r}")
+    with open(file) as f:
+        head = f.read(200)
+    # The byte marker is tiny; HF files are large, so only sniff the start before parsing.
+    if '"trainer_tokenizer"' in head:
+        with open(file) as f:
+            kind = json.load(f).get("trainer_tokenizer")
+        if kind != BYTE_MARKER:
+            raise DataError(f"{file}: unknown trainer tokenizer kind {kind!r}")
+        return ByteTokenizer()
+    return HFTokenizer.from_file(file)
+
+
+def _cached_bpe(sources, vocab_size: int, cache_dir: str | None) -> HFTokenizer:
+    from .sources import Corpus, resolve_corpus
+
+    if sources is None:
+        raise DataError("tokenizer='bpe' needs the training corpus (sources=...) to train on")
+    corpus = sources if isinstance(sources, Corpus) else resolve_corpus(sources)
+    if cache_dir is None:
+        from .prepare import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    parent = os.path.join(cache_dir, "tokenizers")
+    folder = os.path.join(parent, f"bpe-{vocab_size}-{corpus.fingerprint[:20]}")
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return HFTokenizer.from_file(folder)
+
+    def texts():
+        for _, text, _ in corpus.documents():
+            yield text
+
+    n_docs = sum(1 for _ in corpus.document_ids())
+    tok = train_bpe(texts(), vocab_size, length=n_docs)
+    # Train once, publish atomically: a killed run leaves only a temp folder nobody reads.
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        tok.save(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise
+        # Another process published the same tokenizer first; theirs is equally valid.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return HFTokenizer.from_file(folder)

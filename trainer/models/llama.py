@@ -1,0 +1,224 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) built from trainer.ops.
+
+Module and parameter names follow Hugging Face's LlamaForCausalLM, so a state dict moves between
+the two without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import ops
+from trainer.models.config import ModelArgs
+
+
+@dataclass
+class KernelChoice:
+    """How each op runs: None dispatches by device (CUDA -> Triton), or "triton" / "reference".
+
+    materialize_logits=True computes full logits and F.cross_entropy, the plain eager reference.
+    """
+
+    rms_norm: str | None = None
+    rope: str | None = None
+    swiglu: str | None = None
+    fused_ce: str | None = None
+    materialize_logits: bool = False
+
+    @classmethod
+    def all(cls, force: str | None) -> "KernelChoice":
+        return cls(force, force, force, force)
+
+    @classmethod
+    def eager(cls) -> "KernelChoice":
+        return cls("reference", "reference", "reference", "reference", materialize_logits=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernels: KernelChoice):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernels = kernels
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps, force=self.kernels.rms_norm)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables in fp32 for every position up to max_seq_len."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Called again after a model built on the meta device is materialised: this buffer is not
+        # in any checkpoint.
+        a = self.args
+        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim))
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self.max_seq_len = a.max_seq_len
+        self._cache = None
+
+    def forward(self, seq_len: int, position_ids: torch.Tensor | None, device):
+        if position_ids is not None:
+            freqs = position_ids.float()[..., None] * self.inv_freq  # (batch, seq, dim/2)
+        else:
+            cos, sin = self._table(device)
+            return cos[:seq_len], sin[:seq_len]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _table(self, device):
+        if self._cache is None or self._cache[0].device != torch.device(device):
+            with torch.autocast(device_type=torch.device(device).type, enabled=False):
+                pos = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+                freqs = torch.outer(pos, self.inv_freq.to(device))
+                emb = torch.cat((freqs, freqs), dim=-1)
+                self._cache = (emb.cos(), emb.sin())
+        return self._cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        h = args.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.kernels = kernels
+
+    def forward(self, x, cos, sin, attn_mask):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = ops.rope(q, k, cos, sin, force=self.kernels.rope)
+        gqa = self.n_kv_heads != self.n_heads
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.kernels = kernels
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), force=self.kernels.swiglu))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        self.self_attn = Attention(args, kernels)
+        self.mlp = MLP(args, kernels)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+
+    def forward(self, x, cos, sin, attn_mask=None):
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        norm = self.post_attention_layernorm
+        h, normed = ops.add_rms_norm(attn_out, x, norm.weight, norm.eps, force=norm.kernels.rms_norm)
+        return h + self.mlp(normed)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        self.rotary_emb = RotaryEmbedding(args)
+
+    def forward(self, input_ids, position_ids=None, document_ids=None):
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rotary_emb(seq_len, position_ids, input_ids.device)
+        attn_mask = document_causal_mask(document_ids) if document_ids is not None else None
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask)
+        return self.norm(x)
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask: causal, and never across a document boundary."""
+    t = document_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Transformer(nn.Module):
+    """model(input_ids) -> logits; model(input_ids, labels=labels) -> loss (mean over non-ignored labels)."""
+
+    def __init__(self, args: ModelArgs, kernels: KernelChoice | None = None):
+        super().__init__()
+        self.args = args
+        self.kernels = kernels or KernelChoice()
+        self.model = LlamaModel(args, self.kernels)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        # Moving a module between devices (to_empty, FSDP) can leave two Parameters: tie them again.
+        if self.args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_kernels(self, kernels: KernelChoice) -> None:
+        """Switches every op of the model at once (the modules share one KernelChoice)."""
+        for field in ("rms_norm", "rope", "swiglu", "fused_ce", "materialize_logits"):
+            setattr(self.kernels, field, getattr(kernels, field))
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        # Residual-branch outputs are scaled by 1/sqrt(2 * n_layers) (GPT-2 paper, section 2.3) so the
+        # residual stream's variance does not grow with depth.
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids, labels=None, *, position_ids=None, document_ids=None, reduction="mean",
+                normalizer=None, ignore_index: int = -100):
+        if input_ids.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
+                             f"{self.args.max_seq_len}; use a shorter train.seq_len or a larger model.max_seq_len")
+        hidden = self.model(input_ids, position_ids, document_ids)
+        if labels is None:
+            return self.lm_head(hidden)
+        if self.kernels.materialize_logits:
+            logits = self.lm_head(hidden).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                                   reduction="sum" if reduction == "mean" else reduction)
+            if reduction == "none":
+                return loss.view(labels.shape)
+            if reduction == "mean":
+                count = (labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer
+                loss = loss / count
+            return loss
+        return ops.linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index, reduction,
+                                        bias=self.lm_head.bias, normalizer=normalizer, force=self.kernels.fused_ce)
