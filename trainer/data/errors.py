@@ -1,8 +1,11 @@
 """The one exception type of the data pipeline."""
 
+from trainer.errors import TrainerError
 
-class DataError(ValueError):
+
+class DataError(TrainerError, ValueError):
     """A problem with the user's data or data settings (not a bug in the trainer).
 
-    Subclasses ValueError so callers that already catch bad-argument errors keep working.
+    A TrainerError so the command line prints it without a traceback; a ValueError so callers
+    that already catch bad-argument errors keep working.
     """

@@ -31,6 +31,14 @@ def _check_rank(world_size: int, rank: int) -> None:
         raise DataError(f"rank must be in [0, {world_size}), got {rank}")
 
 
+def _eos_of(tokens, eos_id: int | None, document_ids: bool) -> int | None:
+    # prepare_data's memmaps carry .eos_id; plain arrays need it passed.
+    eos_id = eos_id if eos_id is not None else getattr(tokens, "eos_id", None)
+    if document_ids and eos_id is None:
+        raise DataError("document_ids=True needs eos_id (the tokenizer's eos_id)")
+    return eos_id
+
+
 class BlockLoader:
     def __init__(
         self,
@@ -54,8 +62,7 @@ class BlockLoader:
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed, self.shuffle = int(seed), bool(shuffle)
-        if document_ids and eos_id is None:
-            raise DataError("document_ids=True needs eos_id (the tokenizer's eos_id)")
+        eos_id = _eos_of(tokens, eos_id, document_ids)
         self.document_ids, self.eos_id = bool(document_ids), eos_id
 
         self.blocks_per_epoch = check_blocks(len(tokens), self.seq_len, "train")
@@ -165,6 +172,7 @@ def eval_batches(
     """
     _positive("batch_size", batch_size)
     _check_rank(world_size, rank)
+    eos_id = _eos_of(tokens, eos_id, document_ids)
     n = check_blocks(len(tokens), _positive("seq_len", seq_len), "val")
     if n < world_size:
         raise DataError(f"the val split has {n} blocks of seq_len {seq_len}, fewer than world_size {world_size}")

@@ -1,0 +1,93 @@
+"""`python -m trainer` / `trainer`: train, eval."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+USAGE = """usage: python -m trainer <command> ...
+
+commands:
+  train [CONFIG.toml] [--section.key=value ...]   train (no arguments: the embedded default run)
+  eval CHECKPOINT_DIR [--section.key=value ...]   loss and perplexity on the validation split
+
+`python -m trainer train --help` lists every config key with its default.
+"""
+
+
+def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG_FILE] then --section.key=value or --section.key value overrides."""
+    positional, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+            overrides.append(arg)
+        elif positional is None:
+            positional = arg
+        else:
+            from trainer.errors import ConfigError
+            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key=value")
+        i += 1
+    return positional, overrides
+
+
+def cmd_train(argv: list[str]) -> int:
+    from trainer.config import describe_keys, load_config
+    from trainer.loop import Trainer
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: python -m trainer train [CONFIG.toml] [--section.key=value ...]\n\nkeys (defaults):")
+        print(describe_keys())
+        return 0
+    path, overrides = _split_args(argv)
+    trainer = Trainer(load_config(path, overrides))
+    trainer.train()
+    if trainer.stop_signal is not None:
+        return 128 + trainer.stop_signal
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from trainer.errors import ConfigError
+    from trainer.loop import evaluate_checkpoint
+
+    if "-h" in argv or "--help" in argv or not argv:
+        print("usage: python -m trainer eval CHECKPOINT_DIR [--section.key=value ...]\n"
+              "Evaluates a checkpoint-<step> or final folder on its run's validation split; overrides such as "
+              "--data.path=... or --train.eval_batches=0 (the whole split) apply to the run's saved config.")
+        return 0 if argv else 2
+    path, overrides = _split_args(argv)
+    if path is None:
+        raise ConfigError("eval needs a checkpoint folder: python -m trainer eval runs/<run>/final")
+    metrics = evaluate_checkpoint(path, overrides)
+    print(f"eval_loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:.2f} | "
+          f"{metrics['eval_tokens']:,} tokens")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from trainer.data import DataError
+    from trainer.errors import TrainerError
+
+    try:
+        return COMMANDS[command](rest)
+    except (TrainerError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

@@ -1,0 +1,109 @@
+"""Where numbers go: metrics.jsonl, the progress bar or log lines, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+
+def _clean(value):
+    # JSON has no NaN or inf: a non-finite value is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drops lines after `last_step`: a resumed run rewrites the steps after its checkpoint."""
+    path = Path(path)
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, *, enabled: bool, progress: str, max_steps: int, start_step: int,
+                 log_every: int, tensorboard: bool):
+        self.enabled = enabled
+        self.max_steps, self.log_every = max_steps, log_every
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "lines"
+        self.bar = None
+        if enabled and progress == "bar":
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.lines = enabled and progress == "lines"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard)")
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def log_step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+        elif self.lines and (step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1):
+            elapsed = time.perf_counter() - self.start_time
+            done = step - self.start_step
+            eta = elapsed / done * (self.max_steps - step) if done else 0.0
+            self.message(f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                         f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                         f"eta {format_duration(eta)}")
+
+    def log_eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write(record)
+        self.message(f"eval at step {record['step']}: eval_loss {record['eval_loss']:.4f} | "
+                     f"perplexity {record['perplexity']:.2f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
