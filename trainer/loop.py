@@ -264,7 +264,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         for batch in eval_batches(self.data.val, t.seq_len, t.micro_batch_size, max_batches=t.eval_batches or None,
-                                  world_size=self.world_size, rank=self.rank):
+                                  world_size=self.world_size, rank=self.rank,
+                                  document_ids=self.config.data.document_mask):
             count += int((batch["labels"] != IGNORE_INDEX).sum())
             batch = self._to_device(batch)
             with self.autocast():
@@ -381,7 +382,8 @@ class Trainer:
             if self.control.should_evaluate or (t.eval_every and state.step % t.eval_every == 0) or last:
                 self._run_eval()
             save_every = cfg.checkpoint.save_every
-            if self.control.should_save or (save_every and state.step % save_every == 0) or last or stopping:
+            due = self.control.should_save or (save_every and state.step % save_every == 0) or last or stopping
+            if due and streak == 0:  # no checkpoint in the middle of a non-finite streak
                 self._save()
             self.control.should_evaluate = self.control.should_save = False
             if stopping:

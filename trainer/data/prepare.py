@@ -172,18 +172,8 @@ def _remove_stale_tmp(parent: str) -> None:
 
 def _tokenize_into(folder: str, corpus: Corpus, tok: Tokenizer, val_fraction: float) -> dict:
     """Stream every document, tokenized and followed by EOS, into train.bin / val.bin."""
-    n_docs = 0
-
-    def counted_ids():
-        nonlocal n_docs
-        for doc_id in corpus.document_ids():
-            n_docs += 1
-            yield doc_id
-
-    split = ValSplit(counted_ids(), val_fraction)
-    if val_fraction <= 0:
-        n_docs = sum(1 for _ in corpus.document_ids())
-    if n_docs == 0:
+    split = ValSplit(corpus.document_ids(), val_fraction)
+    if split.n_documents == 0:
         raise DataError(f"data path {corpus.spec!r} is an empty corpus: no documents in its {len(corpus.sources)} file(s)")
 
     dtype = token_dtype(tok.vocab_size)

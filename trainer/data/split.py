@@ -28,19 +28,19 @@ class ValSplit:
     def __init__(self, doc_ids: Iterable[str], val_fraction: float):
         self.val_fraction = val_fraction
         self.force_val = self.force_train = None
-        if val_fraction <= 0:
-            return
         n = n_below = 0
         lowest = highest = None
         for doc_id in doc_ids:
-            key = (doc_unit(doc_id), doc_id)
             n += 1
-            n_below += key[0] < val_fraction
-            lowest = key if lowest is None or key < lowest else lowest
-            highest = key if highest is None or key > highest else highest
-        if n >= 2 and n_below == 0:
+            if val_fraction > 0:
+                key = (doc_unit(doc_id), doc_id)
+                n_below += key[0] < val_fraction
+                lowest = key if lowest is None or key < lowest else lowest
+                highest = key if highest is None or key > highest else highest
+        self.n_documents = n
+        if val_fraction > 0 and n >= 2 and n_below == 0:
             self.force_val = lowest[1]
-        if n >= 1 and n_below == n:
+        if val_fraction > 0 and n >= 1 and n_below == n:
             self.force_train = highest[1]
 
     def is_val(self, doc_id: str) -> bool:

@@ -1,23 +1,140 @@
-"""RMSNorm and the fused residual-add + RMSNorm that every Llama block runs back to back."""
+"""RMSNorm and the fused residual-add + RMSNorm that every Llama block runs back to back.
+
+Both public functions go through one custom op, `trainer::rms_norm` (residual optional), so that
+torch.compile sees an opaque node with a fake (shape-only) implementation instead of breaking its
+graph on a Triton launch. Its backward is a second custom op. Each op body runs either the Triton
+kernels or the pure-PyTorch reference, as the caller's dispatch decided.
+"""
+
+from typing import Optional
 
 import torch
+from torch import Tensor
+
+from trainer.ops.dispatch import use_triton
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 for fp32 / bf16 / fp16 inputs; fp64 inputs keep fp64 so the reference stays an exact check.
+    return torch.promote_types(dtype, torch.float32)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Statistics in fp32 whatever the input dtype, cast back before the weight: the order
     # Hugging Face Llama uses, so our model and theirs round identically.
-    xf = x.float()
+    xf = x.to(_stats_dtype(x.dtype))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
 
+def _rstd_reference(x: Tensor, eps: float) -> Tensor:
+    xf = x.to(_stats_dtype(x.dtype))
+    return torch.rsqrt(xf.pow(2).mean(-1) + eps)
+
+
+def _rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dsum: Optional[Tensor]):
+    acc = _stats_dtype(x.dtype)
+    n = x.to(acc) * rstd.to(acc).unsqueeze(-1)
+    g = dy.to(acc) * weight.to(acc)
+    dx = rstd.to(acc).unsqueeze(-1) * (g - n * (g * n).mean(-1, keepdim=True))
+    if dsum is not None:
+        dx = dx + dsum.to(acc)
+    # The forward multiplied the weight by n rounded to x's dtype; the weight's gradient sees the same.
+    dw = (dy.to(acc) * n.to(x.dtype).to(acc)).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+def _rows(t: Tensor) -> Tensor:
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
+def _out_dtypes(x: Tensor, weight: Tensor, residual: Optional[Tensor], triton: bool):
+    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rstd_dtype = torch.float32 if triton else _stats_dtype(sum_dtype)
+    return sum_dtype, torch.promote_types(sum_dtype, weight.dtype), rstd_dtype
+
+
+@torch.library.custom_op("trainer::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
+                 triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (x + residual, or an empty tensor without a residual; normed; rstd)."""
+    if residual is not None and residual.shape != x.shape:
+        x, residual = torch.broadcast_tensors(x, residual)
+    if triton:
+        from csrc_triton.rms_norm import rms_norm_forward
+
+        y, total, rstd = rms_norm_forward(_rows(x), weight, eps, None if residual is None else _rows(residual))
+        total = x.new_empty(0) if total is None else total.view(x.shape)
+        return total, y.view(x.shape), rstd.view(x.shape[:-1])
+    total = x if residual is None else x + residual
+    y = rms_norm_reference(total, weight, eps)
+    return (x.new_empty(0) if residual is None else total), y, _rstd_reference(total, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, residual, eps, triton):
+    shape = x.shape if residual is None else torch.broadcast_shapes(x.shape, residual.shape)
+    sum_dtype, y_dtype, rstd_dtype = _out_dtypes(x, weight, residual, triton)
+    total = x.new_empty(0) if residual is None else x.new_empty(shape, dtype=sum_dtype)
+    return total, x.new_empty(shape, dtype=y_dtype), x.new_empty(shape[:-1], dtype=rstd_dtype)
+
+
+@torch.library.custom_op("trainer::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dsum: Optional[Tensor],
+                          triton: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dweight) given what was normalised (x, or the stored sum) and the gradient dsum that
+    reached the stored sum directly."""
+    if triton:
+        from csrc_triton.rms_norm import rms_norm_backward
+
+        dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd.reshape(-1),
+                                   None if dsum is None else _rows(dsum))
+        return dx.view(x.shape), dw.to(weight.dtype)
+    return _rms_norm_backward_reference(dy, x, weight, rstd, dsum)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, dsum, triton):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, eps, triton = inputs
+    total, y, rstd = output
+    ctx.save_for_backward(x if residual is None else total, weight, rstd)
+    ctx.has_residual = residual is not None
+    ctx.triton = triton
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.y_dtype = y.dtype
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, d_total, dy, _d_rstd):
+    normed_input, weight, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum was used downstream
+        dy = torch.zeros(normed_input.shape, dtype=ctx.y_dtype, device=normed_input.device)
+    dsum, dw = _rms_norm_backward_op(dy, normed_input, weight, rstd, d_total if ctx.has_residual else None,
+                                     ctx.triton)
+    dx = dsum.to(ctx.x_dtype)
+    # x and residual receive the same gradient; with equal dtypes it is the same tensor, as
+    # autograd itself does for a + b.
+    d_residual = dsum.to(ctx.residual_dtype) if ctx.has_residual else None
+    return dx, dw, d_residual, None, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: str | None = None) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
-    return rms_norm_reference(x, weight, eps)
+    return _rms_norm_op(x, weight, None, eps, use_triton(force, x))[1]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                  *, force: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x + residual, rms_norm(x + residual))."""
-    total = x + residual
-    return total, rms_norm_reference(total, weight, eps)
+    total, y, _ = _rms_norm_op(x, weight, residual, eps, use_triton(force, x))
+    return total, y
