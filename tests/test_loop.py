@@ -154,3 +154,16 @@ def test_callback_can_stop_and_ask_for_save_and_eval(tmp_path):
     Trainer(tiny_config(tmp_path, train__max_steps=10), callbacks=[Control()]).train()
     assert events[:3] == [("evaluate", 2), ("save", 2), ("save", 3)]
     assert events[-1] == ("end", 3)
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")])
+def test_mixed_precision_runs_train(tmp_path, dtype, param_dtype):
+    cfg = tiny_config(tmp_path, train__max_steps=12, train__dtype=dtype, train__param_dtype=param_dtype,
+                      optim__lr=3e-3)
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert (trainer.scaler is not None) == (dtype == "fp16")
+    assert all(p.dtype == (torch.bfloat16 if param_dtype == "bf16" else torch.float32) for p in trainer.params)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert all(r["loss"] is not None for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3

@@ -211,7 +211,8 @@ class Transformer(nn.Module):
         if labels is None:
             return self.lm_head(hidden)
         if self.kernels.materialize_logits:
-            logits = self.lm_head(hidden).float()
+            logits = self.lm_head(hidden)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                                    reduction="sum" if reduction == "mean" else reduction)
             if reduction == "none":
