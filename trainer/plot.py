@@ -21,10 +21,10 @@ def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        smoothed, avg = [], losses[0]
-        for v in losses:  # exponential moving average, as TensorBoard's smoothing slider does
+        smoothed, avg = [], 0.0
+        for k, v in enumerate(losses, start=1):  # debiased moving average, as TensorBoard smooths
             avg = 0.9 * avg + 0.1 * v
-            smoothed.append(avg)
+            smoothed.append(avg / (1 - 0.9**k))
         ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label="train loss (smoothed)")
     if evals:
         steps, losses = zip(*evals)
