@@ -98,6 +98,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`python -m trainer bench`: the configured run against its eager reference (and a peer)."""
+
+    reference: str = choice("eager", "eager", "none",
+                            help="none: skip the eager reference, e.g. when fp32 AdamW states cannot fit")
+    peer: str = choice("none", "none", "hf", "hf-liger",
+                       help="also train transformers.Trainer on the same weights and batches; "
+                            "hf-liger adds use_liger_kernel (CUDA only)")
+    profile: bool = False  # also write a torch.profiler chrome trace of the optimized run
+    warmup_steps: int = 2  # first steps left out of tokens/s (compilation, allocator and cache warm-up)
+    tolerance: float = 0.0  # 0: chosen by what the optimized run changes (trainer/bench.py says how)
+    peak_tflops: float = 0.0  # MFU denominator per GPU; 0: the device's datasheet figure, if known
+
+
+@dataclass
 class KernelConfig:
     enabled: bool = True  # false: every op runs its plain PyTorch reference, logits materialised
     rms_norm: bool = True
@@ -114,6 +129,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def validate(self) -> "TrainConfig":
         for section in dataclasses.fields(self):
@@ -131,7 +147,8 @@ class TrainConfig:
         _positive("train.seq_len", t.seq_len)
         _positive("optim.lr", self.optim.lr)
         for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
-                    "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads"):
+                    "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads",
+                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
