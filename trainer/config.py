@@ -122,6 +122,20 @@ class KernelConfig:
 
 
 @dataclass
+class ParallelConfig:
+    compile: bool = False  # torch.compile each transformer block (fullgraph)
+    activation_checkpointing: str = choice(
+        "none", "none", "full", "selective",
+        help="full: recompute each block in backward; selective: keep matmul and attention outputs, "
+             "recompute the cheap elementwise ops")
+    # none: one process; ddp: replicate the model; fsdp: FSDP2 shards each block and the root.
+    # ddp/fsdp take rank and world size from the environment that torchrun / accelerate launch set.
+    strategy: str = choice("none", "none", "ddp", "fsdp")
+    fsdp_reshard_after_forward: bool = True  # false: keep blocks gathered from forward to backward (faster, more memory)
+    fsdp_cpu_offload: bool = False  # parameters, gradients and optimizer states live in CPU memory
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,6 +143,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     def validate(self) -> "TrainConfig":
@@ -158,6 +173,12 @@ class TrainConfig:
             raise ConfigError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
         if t.param_dtype == "bf16" and t.dtype in ("fp32", "fp16"):
             raise ConfigError(f"train.param_dtype=bf16 needs train.dtype=bf16 or auto, got train.dtype={t.dtype}")
+        p = self.parallel
+        if p.strategy == "fsdp" and t.dtype == "fp16":
+            raise ConfigError("parallel.strategy=fsdp does not support train.dtype=fp16 (its loss scaler does not "
+                              "work on sharded gradients); use train.dtype=bf16 or fp32")
+        if p.fsdp_cpu_offload and p.strategy != "fsdp":
+            raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,108 @@
+"""Process group setup and teardown from the environment `torchrun` and `accelerate launch` provide.
+
+Both launchers export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to every worker,
+so one `init_process_group("env://")` serves either. gloo runs collectives on CPU tensors, NCCL
+on CUDA ones.
+
+Failure stops all ranks: an exception on one rank must not leave the others waiting forever in a
+collective. The failing process exits without entering another collective (`shutdown(failed=True)`
+skips the barrier), its launcher (torchrun's agent, which `accelerate launch` also uses) sees a
+non-zero exit and terminates the other workers, and the peers that are blocked in a gloo/NCCL
+collective get a connection error at once instead of waiting for the timeout. The timeout below is
+only the last resort (a rank stuck outside any collective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import ConfigError
+
+# Long enough for the slowest legitimate wait (rank 0 tokenizing a corpus while the others sit in a
+# barrier, or a large checkpoint write), short enough that a wedged job does not burn a day.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class ParallelEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_from_launcher() -> ParallelEnv:
+    """Rank and world size as the launcher set them (one process when none did)."""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers; launch with torchrun or "
+                          "accelerate launch") from None
+    return ParallelEnv(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def init_distributed(strategy: str, device: torch.device) -> tuple[ParallelEnv, torch.device]:
+    """Joins the process group when launched with more than one process; returns (env, this rank's device)."""
+    env = env_from_launcher()
+    if not env.distributed:
+        return env, device
+    if strategy == "none":
+        raise ConfigError(f"launched as {env.world_size} processes but parallel.strategy=none: every process would "
+                          "train its own copy; set parallel.strategy=ddp or fsdp")
+    if device.type == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                              "launch at most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
+    return env, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(failed: bool) -> None:
+    """Leaves the process group. After a failure, no barrier: the peers may never reach it."""
+    if not dist.is_initialized():
+        return
+    if not failed:
+        dist.barrier()  # gloo aborts at exit when a peer still has messages in flight
+    dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place, without a host sync (the identity in one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+@contextlib.contextmanager
+def main_process_first(env: ParallelEnv):
+    """Rank 0 runs the block first (e.g. tokenizing into the shared cache); the others then read its result."""
+    if env.distributed and not env.is_main:
+        barrier()
+    yield
+    if env.distributed and env.is_main:
+        barrier()

@@ -1,0 +1,32 @@
+"""The one entry point the loop calls: every parallel.* setting applied to a model, in the order they compose."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.parallel.checkpointing import apply_activation_checkpointing
+from trainer.parallel.compile import apply_compile
+from trainer.parallel.distributed import ParallelEnv
+from trainer.parallel.fsdp import apply_ddp, apply_fsdp
+
+
+def parallelize(model: nn.Module, parallel, env: ParallelEnv, device: torch.device,
+                compute_dtype: torch.dtype) -> nn.Module:
+    """Applies `parallel` (a ParallelConfig) to `model` in place; returns the module to call for training.
+
+    That is the DDP wrapper under DDP, else `model` itself (FSDP2 shards it in place). Order:
+    checkpointing replaces each block's forward, compile then traces it (checkpoint regions and
+    all), and FSDP/DDP hooks go on last, outside the compiled code. With one process, ddp and fsdp
+    have nothing to distribute and the model stays as it is.
+    """
+    apply_activation_checkpointing(model, parallel.activation_checkpointing)
+    if parallel.compile:
+        apply_compile(model)
+    if not env.distributed:
+        return model
+    if parallel.strategy == "fsdp":
+        apply_fsdp(model, device, param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                   reshard_after_forward=parallel.fsdp_reshard_after_forward, cpu_offload=parallel.fsdp_cpu_offload)
+        return model
+    return apply_ddp(model, device)

@@ -1,0 +1,68 @@
+"""Model and optimizer state of a sharded (FSDP) run, through torch.distributed.checkpoint (DCP).
+
+Each rank writes only its own shards; DCP records the global shape of every tensor, so a load
+reshards into whatever layout the loading run has: 2 ranks -> 1 process (no process group
+needed), 1 -> 2, 4 -> 2. A one-process checkpoint (full tensors, optimizer state keyed by
+parameter index) loads into a sharded run through `load_full_state`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+
+
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: every rank writes its shards of the model and optimizer into `folder`."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Loads a `save_sharded` folder into `model` (and `optimizer`), sharded or not, at any world size."""
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(model, state["model"])
+        return
+    # The templates carry this run's layout; DCP fills them from the saved shards. An optimizer
+    # that has not stepped yet gets its state tensors created by get_state_dict first.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the whole model's state on rank 0's CPU (empty on the other ranks)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
+                    optimizer_state: dict | None) -> None:
+    """Loads full (one-process) tensors into a sharded model: each rank keeps its own shard.
+
+    `optimizer_state` is a plain `optimizer.state_dict()` (keyed by parameter index) saved by a
+    one-process run whose optimizer was built the same way, so index i is this optimizer's i-th
+    parameter.
+    """
+    model_state = dict(model_state)
+    if getattr(model.args, "tie_embeddings", False):
+        model_state.setdefault("lm_head.weight", model_state["model.embed_tokens.weight"])
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=full)
+    if optimizer is None or optimizer_state is None:
+        return
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {names[index]: value for index, value in optimizer_state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                         for group in optimizer_state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=full)
