@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.models.config import PRESETS, ModelArgs, resolve_args
-from trainer.models.hf import args_from_hf_config, load_state_dict, load_weights, read_hf_config, save_hf
+from trainer.models.hf import args_from_hf_config, assign_weights, read_hf_config, save_hf
 from trainer.models.llama import KernelChoice, Transformer
 
 
@@ -21,15 +21,19 @@ def build(preset_or_args: str | ModelArgs, vocab_size: int | None = None, kernel
 
 
 def load_hf(path, kernels: KernelChoice | None = None) -> Transformer:
-    """A model with the weights of a local Hugging Face folder."""
-    args = args_from_hf_config(read_hf_config(path))
+    """A model with the weights of a local Hugging Face folder, on the CPU in the checkpoint's dtype.
+
+    Built on the meta device (no memory) and filled tensor by tensor, so the weights are held
+    once. The source config rides along as `model.hf_config`, so save_hf keeps its extra keys.
+    """
+    config = read_hf_config(path)
+    args = args_from_hf_config(config)
     with torch.device("meta"):
         model = Transformer(args, kernels)
-    state = load_state_dict(path)
-    model.to_empty(device="cpu")
-    model.model.rotary_emb.reset_parameters()
+    assign_weights(model, path)
+    model.model.rotary_emb.to_empty(device="cpu")  # recomputes the (non-persistent) rotary frequencies
     model.tie_weights()
-    load_weights(model, state, str(path))
+    model.hf_config = config
     return model
 
 

@@ -20,6 +20,14 @@ class ModelArgs:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
     head_dim: int | None = None  # default hidden_size // n_heads
+    # Hugging Face's rope scaling parameters ({"rope_type": "llama3" | "linear", ...}); None: plain RoPE.
+    rope_scaling: dict | None = None
+    # Mistral's sliding-window attention span; sequences longer than it are refused (within it, the
+    # window changes nothing).
+    sliding_window: int | None = None
+    # The Hugging Face class a checkpoint came from, written back by save_hf; None: LlamaForCausalLM,
+    # or Qwen2ForCausalLM when qkv_bias.
+    hf_architecture: str | None = None
 
     def __post_init__(self):
         if self.head_dim is None:

@@ -1,4 +1,9 @@
-"""Hugging Face checkpoint folders: config.json + safetensors (single file or sharded with an index)."""
+"""Hugging Face checkpoint folders: config.json + safetensors (single file or sharded with an index).
+
+Llama, Mistral and Qwen2 share one decoder shape; the config decides the differences (Qwen2's
+q/k/v bias, Mistral's sliding window, Llama 3.1's rope scaling). Loading streams the tensors one
+at a time into a model built on the meta device, so a checkpoint never sits in memory twice.
+"""
 
 from __future__ import annotations
 
@@ -6,54 +11,126 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from trainer.errors import CheckpointError
 from trainer.models.config import ModelArgs
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                            "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
+
+
+def architecture_of(cfg: dict) -> str:
+    """The config's causal-LM class, refused with the supported list when it is not one of ours."""
+    archs = cfg.get("architectures")
+    if archs:
+        arch = archs[0]
+    else:  # a config saved without a model (PretrainedConfig.save_pretrained) names only its model_type
+        by_type = {model_type: name for name, model_type in SUPPORTED_ARCHITECTURES.items()}
+        arch = by_type.get(cfg.get("model_type"), cfg.get("model_type") or "unknown")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"architecture {arch!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) from transformers 5's `rope_parameters` or 4's `rope_scaling`."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"rope scaling type {rope_type!r} is not supported; supported: "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    scaling = {"rope_type": rope_type, **params}
+    if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
+        scaling["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    return theta, scaling
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
-    arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    if arch == "LlamaForCausalLM" and cfg.get("attention_bias"):
-        raise CheckpointError("Llama checkpoints with attention_bias=true (a bias on o_proj too) are not supported")
+    arch = architecture_of(cfg)
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{arch} checkpoints with attention_bias or mlp_bias set are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported; only silu (SwiGLU)")
+    sliding_window = None
+    if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window")):
+        sliding_window = cfg.get("sliding_window")
+    rope_theta, rope_scaling = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
     return ModelArgs(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=rope_theta, rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM")
+        qkv_bias=arch == "Qwen2ForCausalLM", sliding_window=sliding_window, hf_architecture=arch)
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    arch = "Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM"
-    return {
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32, source: dict | None = None) -> dict:
+    """config.json for `args`; keys of the `source` config it was loaded from (token ids, ...) are kept."""
+    arch = args.hf_architecture or ("Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM")
+    cfg = {k: v for k, v in (source or {}).items() if k not in ("rope_parameters", "rope_scaling")}
+    cfg.update({
         "architectures": [arch], "model_type": SUPPORTED_ARCHITECTURES[arch], "vocab_size": args.vocab_size,
         "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "hidden_act": "silu",
         "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps,
         "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "torch_dtype": _DTYPE_NAMES[dtype],
-    }
+        "dtype": _DTYPE_NAMES[dtype],  # transformers 5 renamed torch_dtype
+    })
+    if args.rope_scaling:
+        cfg["rope_scaling"] = dict(args.rope_scaling)
+    if arch != "LlamaForCausalLM":
+        cfg["sliding_window"] = args.sliding_window
+    if arch == "Qwen2ForCausalLM":
+        cfg["use_sliding_window"] = args.sliding_window is not None
+    return cfg
 
 
-def save_hf(model, path: str | Path) -> None:
-    """Writes config.json and model.safetensors in the layout `transformers` loads."""
+def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Writes config.json and the weights in the layout `transformers` loads: model.safetensors, or
+    model-0000i-of-0000n.safetensors shards plus an index when they exceed `max_shard_bytes`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # a previous save's files would shadow this one
+    state = model.state_dict()
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    shards, size = [[]], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(names, shards):
+        # One shard at a time on the host: a GPU model never needs a whole CPU copy.
+        save_file({k: state[k].detach().contiguous().cpu() for k in shard}, str(path / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2) + "\n")
     dtype = next(iter(state.values())).dtype
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype), indent=2) + "\n")
+    source = getattr(model, "hf_config", None)
+    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype, source), indent=2) + "\n")
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -63,26 +140,61 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, or model.safetensors."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(path / shard)))
-        return state
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{str(path)!r} holds no model.safetensors (nor a sharded index)")
-    return load_file(str(single))
+    if (path / INDEX_FILE).is_file():
+        return [path / f for f in sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))]
+    if not (path / SINGLE_FILE).is_file():
+        raise CheckpointError(f"{str(path)!r} holds no {SINGLE_FILE} (nor a sharded {INDEX_FILE})")
+    return [path / SINGLE_FILE]
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in weight_files(path):
+        state.update(load_file(str(file)))
+    return state
+
+
+def _skipped(name: str, model) -> bool:
+    # Old checkpoints store the rotary table (recomputed here); a tied head is the embedding.
+    return name.endswith("rotary_emb.inv_freq") or (model.args.tie_embeddings and name == "lm_head.weight")
+
+
+def assign_weights(model, path: str | Path) -> None:
+    """Fills a model built on the meta device from a folder's safetensors, one tensor at a time.
+
+    Each tensor read becomes the parameter itself (in the checkpoint's dtype), so memory holds at
+    most one copy of the weights. Checkpoints of another shape are refused with the mismatch named.
+    """
+    own = {name: p for name, p in model.named_parameters(remove_duplicate=False) if not _skipped(name, model)}
+    seen = set()
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if _skipped(name, model):
+                    continue
+                if name not in own:
+                    raise CheckpointError(f"checkpoint {path} does not fit this model: unexpected tensor {name}")
+                tensor = f.get_tensor(name)
+                if tensor.shape != own[name].shape:
+                    raise CheckpointError(f"checkpoint {path} does not fit this model: {name} is "
+                                          f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here")
+                module_name, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+                seen.add(name)
+    missing = sorted(set(own) - seen)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:3]}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
 
 
 def load_weights(model, state: dict[str, torch.Tensor], source: str) -> None:
     """Copies `state` into `model`, refusing a checkpoint of another shape with the mismatch named."""
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if not _skipped(k, model)}
     if model.args.tie_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         own.pop("lm_head.weight", None)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -6,12 +6,14 @@ the two without renaming.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from trainer import ops
 from trainer.models.config import ModelArgs
@@ -62,11 +64,17 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self):
         # Called again after a model built on the meta device is materialised: this buffer is not
         # in any checkpoint.
-        a = self.args
-        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim))
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
-        self.max_seq_len = a.max_seq_len
+        self.inv_freq = rope_inv_freq(self.args).to(self.inv_freq.device)
+        self.max_seq_len = self.args.max_seq_len
         self._cache = None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) would round the frequencies (a visible angle error at long positions):
+        # recompute them in fp32 on the buffer's new device instead.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.reset_parameters()
+        return self
 
     def forward(self, seq_len: int, position_ids: torch.Tensor | None, device):
         if position_ids is not None:
@@ -107,6 +115,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(attn_mask, BlockMask):
+            out = compiled_flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -150,11 +160,50 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, position_ids=None, document_ids=None):
         seq_len = input_ids.shape[1]
         cos, sin = self.rotary_emb(seq_len, position_ids, input_ids.device)
-        attn_mask = document_causal_mask(document_ids) if document_ids is not None else None
+        attn_mask = document_attention_mask(document_ids) if document_ids is not None else None
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask)
         return self.norm(x)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary frequencies in fp32, with Hugging Face's "linear" or "llama3" (Llama 3.1) scaling applied."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+    scaling = args.rope_scaling
+    if not scaling:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(in_band, blended, scaled)
+
+
+@functools.cache
+def compiled_flex_attention():
+    # Flex attention is only fast compiled; compiled once per process, on first use.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The attention mask of packed documents: a flex-attention block mask on CUDA (it skips the
+    blocks no query of a document can see), the exact boolean SDPA mask elsewhere (flex attention
+    has no backward on CPU)."""
+    if document_ids.device.type != "cuda":
+        return document_causal_mask(document_ids)
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    batch, seq_len = document_ids.shape
+    return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -207,6 +256,10 @@ class Transformer(nn.Module):
         if input_ids.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
                              f"{self.args.max_seq_len}; use a shorter train.seq_len or a larger model.max_seq_len")
+        window = self.args.sliding_window
+        if window is not None and input_ids.shape[1] > window:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's sliding window {window}, "
+                             "which this model does not implement; use sequences of at most that length")
         hidden = self.model(input_ids, position_ids, document_ids)
         if labels is None:
             return self.lm_head(hidden)

@@ -1,0 +1,176 @@
+"""Hugging Face interop: checkpoints of each family, SFT data, document masking, patching, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from trainer.errors import CheckpointError  # noqa: E402
+from trainer.models import load_hf, save_hf  # noqa: E402
+
+SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 32}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def hf_model(family="llama", seed=0, dtype=torch.float32, **changes):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**SHAPE, **extra, **changes})).eval()
+    with torch.no_grad():  # norms start at 1: perturb them so a swapped or missing weight shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+def hf_folder(tmp_path, family="llama", name="hf", max_shard_size=None, **kwargs):
+    model = hf_model(family, **kwargs)
+    folder = tmp_path / name
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return model, folder
+
+
+def tokens(n=2, t=23, seed=1):
+    return torch.randint(0, SHAPE["vocab_size"], (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x):
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def assert_same_logits(ours, hf, x=None, tol=1e-5):
+    """Logits of two models (ours or transformers') agree within `tol` relative error."""
+    x = tokens() if x is None else x
+    with torch.no_grad():
+        assert rel(logits(ours, x), logits(hf, x)) <= tol
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_against_hf(tmp_path, family):
+    hf, folder = hf_folder(tmp_path, family)
+    ours = load_hf(folder)
+    assert ours.args.hf_architecture == type(hf).__name__
+    assert_same_logits(ours, hf)
+
+
+def test_against_hf_llama_rope_scaling_llama3(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    hf, folder = hf_folder(tmp_path, rope_scaling=scaling, rope_theta=500.0, head_dim=16)
+    ours = load_hf(folder)
+    assert ours.args.rope_scaling["rope_type"] == "llama3"
+    assert_same_logits(ours, hf, tokens(t=60))
+    # Without the scaling the model differs: the test would notice it being dropped.
+    plain = load_hf(folder)
+    plain.args.rope_scaling = None
+    plain.model.rotary_emb.reset_parameters()
+    with torch.no_grad():
+        assert rel(plain(tokens(t=60)), hf(tokens(t=60)).logits) > 1e-3
+    save_hf(ours, tmp_path / "again")  # what we write keeps the scaling for transformers
+    assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again"), hf, tokens(t=60))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf, folder = hf_folder(tmp_path, "qwen2", max_shard_size="20KB")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").exists()
+    assert_same_logits(load_hf(folder), hf)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_round_trip_through_transformers(tmp_path, family):
+    hf, folder = hf_folder(tmp_path, family)
+    ours = load_hf(folder)
+    save_hf(ours, tmp_path / "single")
+    save_hf(ours, tmp_path / "sharded", max_shard_bytes=20_000)
+    assert len(json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    for name in ("single", "sharded"):
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert type(back) is type(hf)
+        assert_same_logits(ours, back)
+        assert_same_logits(load_hf(tmp_path / name), hf)
+    saved = json.loads((tmp_path / "single" / "config.json").read_text())
+    assert saved["eos_token_id"] == hf.config.eos_token_id  # keys of the source config are kept
+
+
+def test_bf16_checkpoint_loads_as_bf16(tmp_path):
+    hf, folder = hf_folder(tmp_path, dtype=torch.bfloat16)
+    ours = load_hf(folder)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert_same_logits(ours, hf, tol=2e-2)
+    save_hf(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert back.dtype == torch.bfloat16
+
+
+def test_loading_holds_the_weights_once(tmp_path, monkeypatch):
+    """Every parameter is the very tensor read from the file: no second, model-sized buffer is made."""
+    import trainer.models.hf as hf_module
+
+    _, folder = hf_folder(tmp_path, max_shard_size="20KB")
+    read = set()
+    real_safe_open = hf_module.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.handle.keys()
+
+        def get_tensor(self, name):
+            tensor = self.handle.get_tensor(name)
+            read.add(tensor.data_ptr())
+            return tensor
+
+    monkeypatch.setattr(hf_module, "safe_open", Recording)
+    model = load_hf(folder)
+    assert {p.data_ptr() for p in model.parameters()} <= read
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    _, folder = hf_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM, "
+                                              "MistralForCausalLM, Qwen2ForCausalLM"):
+        load_hf(folder)
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    _, folder = hf_folder(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="rope scaling type 'yarn' is not supported"):
+        load_hf(folder)
+
+
+def test_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
+    hf, folder = hf_folder(tmp_path, "mistral", sliding_window=16)
+    ours = load_hf(folder)
+    assert_same_logits(ours, hf, tokens(t=16))  # up to the window, the window changes nothing
+    with pytest.raises(ValueError, match="exceeds the model's sliding window 16"):
+        ours(tokens(t=17))
