@@ -174,3 +174,105 @@ def test_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
     assert_same_logits(ours, hf, tokens(t=16))  # up to the window, the window changes nothing
     with pytest.raises(ValueError, match="exceeds the model's sliding window 16"):
         ours(tokens(t=17))
+
+
+# ----------------------------------------------------------------------- tokenizer folders and SFT data
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = "the cat sat on a mat and dog ran to red blue hat what is color say hello world yes no".split()
+
+
+def tokenizer_folder(folder, chat_template=CHAT_TEMPLATE):
+    """A small word-level BPE with <s>/</s> and chat tokens, BOS added by its post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) + " user assistant system : ? ." for i in range(len(WORDS))]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=90, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", **({"chat_template": chat_template} if chat_template else {})}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sft_prompt_tokens_get_ignored_labels(tmp_path):
+    from trainer.data import load_tokenizer
+    from trainer.data.sft import PackedExamples, encode_example
+
+    tok = load_tokenizer(str(tokenizer_folder(tmp_path / "tok")))
+    example = encode_example({"prompt": "what is the color ?", "completion": "red hat"}, tok, "test")
+    prompt, completion = tok.encode("what is the color ?"), tok.encode("red hat")
+    bos = tok._tok.token_to_id("<s>")
+    assert example.tokens.tolist() == [bos] + prompt + completion + [tok.eos_id]
+    assert example.targets.tolist() == [False] * (1 + len(prompt)) + [True] * (len(completion) + 1)
+
+    other = encode_example({"prompt": "say hello", "completion": "hello world"}, tok, "test")
+    packed = PackedExamples([example, other], seq_len=31, pad_id=tok.eos_id)
+    assert packed.n_blocks == 1
+    batch = packed.batch([0])
+    first, second = len(example.tokens), len(other.tokens)
+    row = torch.cat([torch.from_numpy(example.tokens), torch.from_numpy(other.tokens)])
+    assert torch.equal(batch["input_ids"][0, :first + second], row[:first + second])
+    trained = torch.cat([torch.from_numpy(example.targets), torch.from_numpy(other.targets)])[1:]
+    expected = torch.where(trained, row[1:], torch.tensor(-100))
+    assert torch.equal(batch["labels"][0, :first + second - 1], expected)
+    assert (batch["labels"][0, first + second - 1:] == -100).all()  # padding is never trained
+    assert batch["position_ids"][0, :first + second].tolist() == list(range(first)) + list(range(second))
+    assert batch["document_ids"][0, :first + second].tolist() == [0] * first + [1] * second
+
+
+def test_sft_messages_train_only_the_assistant_turns(tmp_path):
+    from trainer.data import load_tokenizer
+    from trainer.data.sft import encode_example, render_chat
+
+    tok = load_tokenizer(str(tokenizer_folder(tmp_path / "tok")))
+    messages = [{"role": "system", "content": "say yes"}, {"role": "user", "content": "what is red ?"},
+                {"role": "assistant", "content": "a color"}, {"role": "user", "content": "and blue ?"},
+                {"role": "assistant", "content": "a color too"}]
+    example = encode_example({"messages": messages}, tok, "test")
+    assert tok.decode(example.tokens) == tok.decode(tok.encode_markup(render_chat(CHAT_TEMPLATE, messages, tok, False)))
+    trained = example.tokens[example.targets].tolist()
+    assert trained == tok.encode_markup("a color<|im_end|>\n") + tok.encode_markup("a color too<|im_end|>\n")
+
+    plain = load_tokenizer(str(tokenizer_folder(tmp_path / "plain", chat_template=None)))
+    from trainer.data import DataError
+    with pytest.raises(DataError, match="'messages' needs a chat template"):
+        encode_example({"messages": messages}, plain, "data.jsonl:1")
+
+
+def write_sft_jsonl(path, n=40):
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt, completion = " ".join(rng.choices(WORDS, k=5)), " ".join(rng.choices(WORDS, k=4))
+            if i % 2:
+                line = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+            else:
+                line = {"prompt": prompt, "completion": completion}
+            f.write(json.dumps(line) + "\n")
+    return path
+
+
+def test_sft_loader_resumes_exactly(tmp_path):
+    from trainer.data import BlockLoader, load_tokenizer
+    from trainer.data.sft import prepare_sft
+
+    tok = load_tokenizer(str(tokenizer_folder(tmp_path / "tok")))
+    data = prepare_sft(str(write_sft_jsonl(tmp_path / "sft.jsonl")), tok, seq_len=32, val_fraction=0.1)
+    assert data.val is not None and data.train.n_blocks >= 4
+    loader = BlockLoader(data.train, 32, 2, 1, seed=3)
+    loader.next_step()
+    state = loader.state_dict()
+    expected = [loader.next_step() for _ in range(3)]
+    resumed = BlockLoader(data.train, 32, 2, 1, seed=3)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, [resumed.next_step() for _ in range(3)]):
+        assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])

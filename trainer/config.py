@@ -52,6 +52,9 @@ class DataConfig:
     text_field: str = "text"
     cache_dir: str = ""  # default: $TRAINER_CACHE_DIR or ~/.cache/trainer
     document_mask: bool = False  # attention never crosses a document inside a packed block
+    # text: pretraining on raw text; sft: .jsonl of prompt/completion or messages, prompt tokens ignored
+    # (examples packed into rows with document masking; see trainer/data/sft.py)
+    format: str = choice("text", "text", "sft")
 
 
 @dataclass

@@ -144,10 +144,14 @@ class Trainer:
         if self.config.train.seq_len > model.args.max_seq_len:
             raise ConfigError(f"train.seq_len={self.config.train.seq_len} is longer than the model allows "
                               f"(max_seq_len {model.args.max_seq_len}); lower train.seq_len")
+        window = model.args.sliding_window
+        if window is not None and self.config.train.seq_len > window:
+            raise ConfigError(f"train.seq_len={self.config.train.seq_len} is longer than the model's sliding window "
+                              f"({window}), which this trainer does not implement; use train.seq_len <= {window}")
         return model
 
     def _setup(self):
-        from trainer.data import BlockLoader, prepare_data
+        from trainer.data import BlockLoader
 
         cfg, t = self.config, self.config.train
         self._early_messages: list[str] = []
@@ -162,8 +166,7 @@ class Trainer:
         tokenizer_spec = d.tokenizer
         if cfg.model.from_hf and tokenizer_spec == "bpe" and (Path(cfg.model.from_hf) / "tokenizer.json").is_file():
             tokenizer_spec = cfg.model.from_hf  # fine-tuning keeps the checkpoint's own tokenizer
-        self.data = prepare_data(d.path, tokenizer=tokenizer_spec, vocab_size=d.vocab_size,
-                                 val_fraction=d.val_fraction, cache_dir=d.cache_dir or None, text_field=d.text_field)
+        self.data = load_data(cfg, tokenizer_spec)
         self.tokenizer = self.data.tokenizer
 
         torch.manual_seed(t.seed)
@@ -447,11 +450,25 @@ class Trainer:
         self.metrics.message("\n" + " ".join(summary))
 
 
+def load_data(cfg: TrainConfig, tokenizer_spec: str):
+    """The run's tokenizer and train/val data: token blocks (data.format=text) or packed examples (sft)."""
+    from trainer.data import build_tokenizer, prepare_data
+
+    d = cfg.data
+    if d.format == "sft":
+        from trainer.data.sft import prepare_sft
+
+        if tokenizer_spec == "bpe":
+            raise ConfigError("data.format=sft needs an existing tokenizer: set model.from_hf to a folder with "
+                              "tokenizer.json, or data.tokenizer to such a folder (or to byte)")
+        return prepare_sft(d.path, build_tokenizer(tokenizer_spec), cfg.train.seq_len, d.val_fraction)
+    return prepare_data(d.path, tokenizer=tokenizer_spec, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+                        cache_dir=d.cache_dir or None, text_field=d.text_field)
+
+
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
     """Loss and perplexity of a checkpoint-<step> or final folder on its run's validation split."""
     from trainer.config import load_config
-    from trainer.data import prepare_data
-
     path = Path(path)
     if not (path / "run_config.toml").is_file():
         raise CheckpointError(f"{str(path)!r} is not a checkpoint folder (no run_config.toml); pass a "
@@ -460,9 +477,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
     trainer = Trainer(cfg)
     trainer.device = resolve_device(cfg.train.device)
     trainer.amp_dtype = resolve_dtype(cfg.train.dtype, trainer.device)
-    d = cfg.data
-    trainer.data = prepare_data(d.path, tokenizer=str(path), vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-                                cache_dir=d.cache_dir or None, text_field=d.text_field)
+    trainer.data = load_data(cfg, str(path))
     if trainer.data.val is None:
         raise ConfigError("there is no validation split (data.val_fraction=0); pass --data.val_fraction=0.01 "
                           "or --data.path=<held-out text>")

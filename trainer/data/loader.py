@@ -15,6 +15,7 @@ import numpy as np
 
 from .blocks import check_blocks, make_batch
 from .errors import DataError
+from .sft import PackedExamples
 
 STATE_VERSION = 1
 
@@ -29,6 +30,20 @@ def _check_rank(world_size: int, rank: int) -> None:
     _positive("world_size", world_size)
     if not 0 <= rank < world_size:
         raise DataError(f"rank must be in [0, {world_size}), got {rank}")
+
+
+def _count_blocks(tokens, seq_len: int, split: str) -> int:
+    if isinstance(tokens, PackedExamples):  # SFT rows are packed for one seq_len
+        if tokens.seq_len != seq_len:
+            raise DataError(f"the SFT examples were packed for seq_len {tokens.seq_len}, not {seq_len}")
+        return tokens.n_blocks
+    return check_blocks(len(tokens), seq_len, split)
+
+
+def _make_batch(tokens, block_indices, seq_len: int, document_ids: bool, eos_id: int | None) -> dict:
+    if isinstance(tokens, PackedExamples):  # always with position_ids and document_ids
+        return tokens.batch(block_indices)
+    return make_batch(tokens, block_indices, seq_len, document_ids, eos_id)
 
 
 def _eos_of(tokens, eos_id: int | None, document_ids: bool) -> int | None:
@@ -65,7 +80,7 @@ class BlockLoader:
         eos_id = _eos_of(tokens, eos_id, document_ids)
         self.document_ids, self.eos_id = bool(document_ids), eos_id
 
-        self.blocks_per_epoch = check_blocks(len(tokens), self.seq_len, "train")
+        self.blocks_per_epoch = _count_blocks(tokens, self.seq_len, "train")
         self.global_batch = self.micro_batch_size * self.grad_accum_steps * self.world_size
         if self.global_batch > self.blocks_per_epoch:
             raise DataError(
@@ -116,7 +131,7 @@ class BlockLoader:
         mine = self.next_global_indices()[self.rank * per_rank : (self.rank + 1) * per_rank]
         mbs = self.micro_batch_size
         return [
-            make_batch(self.tokens, mine[i * mbs : (i + 1) * mbs], self.seq_len, self.document_ids, self.eos_id)
+            _make_batch(self.tokens, mine[i * mbs : (i + 1) * mbs], self.seq_len, self.document_ids, self.eos_id)
             for i in range(self.grad_accum_steps)
         ]
 
@@ -173,7 +188,7 @@ def eval_batches(
     _positive("batch_size", batch_size)
     _check_rank(world_size, rank)
     eos_id = _eos_of(tokens, eos_id, document_ids)
-    n = check_blocks(len(tokens), _positive("seq_len", seq_len), "val")
+    n = _count_blocks(tokens, _positive("seq_len", seq_len), "val")
     if n < world_size:
         raise DataError(f"the val split has {n} blocks of seq_len {seq_len}, fewer than world_size {world_size}")
     start, produced = 0, 0
@@ -182,6 +197,6 @@ def eval_batches(
         if per_rank == 0:
             return
         first = start + rank * per_rank
-        yield make_batch(tokens, range(first, first + per_rank), seq_len, document_ids, eos_id)
+        yield _make_batch(tokens, range(first, first + per_rank), seq_len, document_ids, eos_id)
         start += per_rank * world_size
         produced += 1

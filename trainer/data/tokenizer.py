@@ -38,6 +38,12 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_markup(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Encodes text written for the model (a prompt, a rendered chat template): special-token
+        strings in it become those tokens, and add_special_tokens adds what the tokenizer puts
+        around a sequence (Llama's BOS). Tokenizers without special tokens encode it as text."""
+        return self.encode(text)
+
     def encode_batch_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch but numpy arrays: lets the packer skip Python int lists where it can."""
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
@@ -84,10 +90,15 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """Wraps a `tokenizers.Tokenizer` (a tokenizer.json), which batches in Rust threads."""
+    """Wraps a `tokenizers.Tokenizer` (a tokenizer.json), which batches in Rust threads.
 
-    def __init__(self, tok, eos_id: int):
+    `config` is the folder's tokenizer_config.json (its chat template, special token names), kept
+    so that `save` hands it on to checkpoints and `transformers` still finds the template there.
+    """
+
+    def __init__(self, tok, eos_id: int, config: dict | None = None):
         self._tok = tok
+        self.config = dict(config or {})
         # Documents are raw text: a literal "<|endoftext|>" inside one must stay text, not become a
         # fake document boundary.
         tok.encode_special_tokens = True
@@ -101,9 +112,24 @@ class HFTokenizer(Tokenizer):
     def eos_token(self) -> str:
         return self._tok.id_to_token(self.eos_id)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template of tokenizer_config.json (its "default" one if it names several)."""
+        template = self.config.get("chat_template")
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    def special_token(self, name: str) -> str | None:
+        """A special token's text from tokenizer_config.json ("bos_token", ...), for chat templates."""
+        value = self.config.get(name)
+        return value.get("content") if isinstance(value, dict) else value
+
     @classmethod
     def from_file(cls, path: str) -> "HFTokenizer":
-        """Load a tokenizer.json, given the file or its folder."""
+        """Load a tokenizer.json, given the file or its folder (with its tokenizer_config.json and
+        chat_template.jinja when present)."""
         from tokenizers import Tokenizer as _HF
 
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
@@ -113,10 +139,25 @@ class HFTokenizer(Tokenizer):
             tok = _HF.from_file(file)
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise DataError(f"could not read {file} as a Hugging Face tokenizer.json: {e}") from None
-        return cls(tok, _find_eos(tok, os.path.dirname(file), file))
+        folder = os.path.dirname(file)
+        config = {}
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            with open(os.path.join(folder, "tokenizer_config.json")) as f:
+                config = json.load(f)
+        if os.path.isfile(os.path.join(folder, "chat_template.jinja")):  # where transformers 5 writes it
+            with open(os.path.join(folder, "chat_template.jinja")) as f:
+                config["chat_template"] = f.read()
+        return cls(tok, _find_eos(tok, config, file), config)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_markup(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self._tok.encode_special_tokens = False
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        finally:
+            self._tok.encode_special_tokens = True
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # add_special_tokens=False: documents are joined with EOS by the packer, a post-processor's
@@ -130,21 +171,22 @@ class HFTokenizer(Tokenizer):
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self._tok.save(os.path.join(folder, "tokenizer.json"))
-        # Records which token is EOS, so loading does not depend on guessing names.
+        # Records which token is EOS, so loading does not depend on guessing names; the chat
+        # template travels in the same file.
+        config = {k: v for k, v in self.config.items() if k != "chat_template"}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"eos_token": self.eos_token}, f)
+            json.dump({**config, "eos_token": self.eos_token}, f, indent=1)
 
 
-def _find_eos(tok, folder: str, file: str) -> int:
-    config = os.path.join(folder, "tokenizer_config.json")
+def _find_eos(tok, config: dict, file: str) -> int:
     candidates = []
-    if os.path.isfile(config):
-        with open(config) as f:
-            eos = json.load(f).get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if isinstance(eos, str):
-            candidates.append(eos)
+    eos = config.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        candidates.append(eos)
     for name in candidates + list(EOS_NAMES):
         eos_id = tok.token_to_id(name)
         if eos_id is not None:
