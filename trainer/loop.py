@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trainer.callbacks import CallbackList, TrainerControl, TrainerState
-from trainer.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint, rotate_checkpoints,
+from trainer.checkpoint import (GatheredModel, checkpoint_dirs, latest_checkpoint, load_checkpoint, rotate_checkpoints,
                                 save_checkpoint)
 from trainer.config import TrainConfig, to_toml
 from trainer.errors import CheckpointError, ConfigError, TrainerError
@@ -31,6 +31,9 @@ from trainer.metrics import MetricsLogger, format_duration, read_metrics, trunca
 from trainer.models import KernelChoice, build, load_hf
 from trainer.models.config import resolve_args
 from trainer.optim import build_optimizer, build_scheduler, state_bytes
+from trainer.parallel import (all_reduce_sum, clip_grad_norm, gradient_sync, init_distributed, is_sharded,
+                              main_process_first, parallelize, shutdown)
+from trainer.parallel.sharded_checkpoint import full_model_state
 
 IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -155,18 +158,20 @@ class Trainer:
 
         cfg, t = self.config, self.config.train
         self._early_messages: list[str] = []
-        self.device = resolve_device(t.device)
+        self.parallel_env, self.device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
+        self.rank, self.world_size, self.is_main = (self.parallel_env.rank, self.parallel_env.world_size,
+                                                    self.parallel_env.is_main)
         self.amp_dtype = resolve_dtype(t.dtype, self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
-        resume = self._prepare_output_dir()
-        self.output_dir = Path(t.output_dir)
-
         d = cfg.data
         tokenizer_spec = d.tokenizer
         if cfg.model.from_hf and tokenizer_spec == "bpe" and (Path(cfg.model.from_hf) / "tokenizer.json").is_file():
             tokenizer_spec = cfg.model.from_hf  # fine-tuning keeps the checkpoint's own tokenizer
-        self.data = load_data(cfg, tokenizer_spec)
+        with main_process_first(self.parallel_env):  # rank 0 clears the folder and fills the token cache first
+            resume = self._prepare_output_dir()
+            self.data = load_data(cfg, tokenizer_spec)
+        self.output_dir = Path(t.output_dir)
         self.tokenizer = self.data.tokenizer
 
         torch.manual_seed(t.seed)
@@ -174,7 +179,12 @@ class Trainer:
         param_dtype = DTYPES[t.param_dtype]
         self.model = model.to(self.device, dtype=param_dtype)
         self.model.train()
+        # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
+        self.train_model = parallelize(self.model, cfg.parallel, self.parallel_env, self.device, self.amp_dtype)
+        self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # Layer-wise optimizers update each parameter inside backward (trainer/optim/layerwise.py).
+        self.steps_in_backward = getattr(self.optimizer, "steps_in_backward", False)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -184,7 +194,7 @@ class Trainer:
         self.config_toml = to_toml(cfg)
         if resume is not None:
             saved = load_checkpoint(resume, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    scaler=self.scaler)
+                                    scaler=self.scaler, sharded=self.sharded)
             self.state = TrainerState.from_dict(saved["trainer"])
             self.state.max_steps = t.max_steps
             try:
@@ -215,36 +225,46 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, int]:
-        """Accumulates the step's gradients; returns (step loss on the device, label tokens).
+    def forward_backward(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulates the step's gradients; returns (this rank's share of the step loss, label tokens).
 
         Each micro-batch's summed token loss is divided by the label-token count of the whole
-        step, counted on the host from the CPU batches, so 4 x 1 equals 1 x 4 whatever is ignored.
+        global step, so 4 x 1 equals 1 x 4 (and 2 ranks x 2) whatever is ignored. The count is taken
+        from the CPU batches; with several ranks it is summed over them on the device in one
+        all-reduce, which the host never waits for.
         """
-        n_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
-        normalizer = max(n_tokens, 1)
+        n_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
+        if self.world_size > 1:
+            n_tokens = all_reduce_sum(n_tokens.to(self.device))
+        normalizer = n_tokens.clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
-        for mb in micro_batches:
+        for index, mb in enumerate(micro_batches):
             mb = self._to_device(mb)
-            with self.autocast():
-                loss = self.model(mb["input_ids"], labels=mb["labels"], position_ids=mb.get("position_ids"),
-                                  document_ids=mb.get("document_ids"), reduction="sum") / normalizer
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            # Gradients cross ranks once per step, on the last micro-batch's backward.
+            with gradient_sync(self.train_model, enabled=index == len(micro_batches) - 1):
+                with self.autocast():
+                    loss = self.train_model(mb["input_ids"], labels=mb["labels"], position_ids=mb.get("position_ids"),
+                                            document_ids=mb.get("document_ids"), reduction="sum") / normalizer
+                # DDP and FSDP average gradients over ranks; scaled by the world size, that average
+                # is the sum over the global batch, i.e. the one-process gradient.
+                grad_loss = loss * self.world_size if self.world_size > 1 else loss
+                (self.scaler.scale(grad_loss) if self.scaler is not None else grad_loss).backward()
             loss_sum += loss.detach().float()
         return loss_sum, n_tokens
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, float]:
         """One optimizer step; returns (loss, grad_norm, label tokens, lr) after a single host sync."""
         loss_sum, n_tokens = self.forward_backward(micro_batches)
+        all_reduce_sum(loss_sum)  # the logged loss is the global step's (a no-op in one process)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.train.max_grad_norm
-        if max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if self.steps_in_backward:  # gradients are already used and freed; the hooks measured their norm
+            grad_norm = self.optimizer.grad_norm()
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None],
-                                                      foreach=True)
-        loss_value, norm_value = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
+            grad_norm = clip_grad_norm(self.params, self.config.train.max_grad_norm)  # the norm over all ranks
+        loss_value, norm_value, n_tokens = torch.stack(  # the step's one sync
+            [loss_sum.double(), grad_norm.double(), n_tokens.to(loss_sum.device, torch.float64)]).tolist()
+        n_tokens = int(n_tokens)
 
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when the gradients overflowed
@@ -276,7 +296,13 @@ class Trainer:
                                     position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
                                     reduction="sum").double()
         self.model.train()
-        loss = total.item() / max(count, 1)
+        if self.world_size > 1:
+            total, count = all_reduce_sum(torch.stack([total, torch.tensor(count, dtype=torch.float64,
+                                                                           device=self.device)])).tolist()
+            count = int(count)
+        else:
+            total = total.item()
+        loss = total / max(count, 1)
         return {"step": self.state.step, "eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)),
                 "eval_tokens": count}
 
@@ -294,13 +320,14 @@ class Trainer:
 
     def _save(self) -> Path | None:
         path = None
-        if self.is_main:
-            if self._best_is_current():
-                self.state.best_checkpoint = str(self.output_dir / f"checkpoint-{self.state.step}")
+        if self._best_is_current():
+            self.state.best_checkpoint = str(self.output_dir / f"checkpoint-{self.state.step}")
+        if self.is_main or self.sharded:  # every rank writes its own shards
             path = save_checkpoint(self.output_dir, self.state.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, scaler=self.scaler, trainer_state=self.state.to_dict(),
                                    sampler_state=self.loader.state_dict(), config_toml=self.config_toml,
-                                   tokenizer=self.tokenizer)
+                                   tokenizer=self.tokenizer, sharded=self.sharded, is_main=self.is_main)
+        if self.is_main:
             rotate_checkpoints(self.output_dir, self.config.checkpoint.keep_last, self.state.best_checkpoint)
         self.callbacks.fire("on_save", self.config, self.state, self.control, checkpoint=path)
         return path
@@ -320,6 +347,16 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def train(self) -> TrainerState:
+        failed = True
+        try:
+            state = self._setup_and_train()
+            failed = False
+            return state
+        finally:
+            if hasattr(self, "parallel_env"):
+                shutdown(self.parallel_env, failed)
+
+    def _setup_and_train(self) -> TrainerState:
         self._setup()
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -359,6 +396,12 @@ class Trainer:
                 streak += 1
                 self.metrics.message(f"step {state.step}: non-finite loss or gradient ({loss}, {grad_norm}); "
                                      "update skipped")
+                if self.steps_in_backward:
+                    raise TrainerError(
+                        f"step {state.step}: non-finite loss or gradient with optim.name={cfg.optim.name}, whose "
+                        "updates already happened during backward, so the step cannot be skipped and the weights "
+                        f"may be damaged; stopped without saving. Resume from the last good checkpoint "
+                        f"({latest_checkpoint(self.output_dir) or 'none'}) with a lower optim.lr or train.dtype=fp32")
                 if streak >= t.max_nonfinite_steps:
                     latest = latest_checkpoint(self.output_dir)
                     raise TrainerError(
@@ -369,10 +412,11 @@ class Trainer:
                 streak = 0
 
             record = {"step": state.step, "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": n_tokens * self.world_size,
+                      "grad_norm": grad_norm, "tokens": n_tokens,
                       "tokens_per_s": step_input_tokens / elapsed, "peak_mem_bytes": peak_memory_bytes(self.device)}
             if state.step == start_step + 1:
-                record.update(param_bytes=tensor_bytes(self.params), grad_bytes=tensor_bytes(self.params),
+                grad_bytes = self.optimizer.peak_grad_bytes if self.steps_in_backward else tensor_bytes(self.params)
+                record.update(param_bytes=tensor_bytes(self.params), grad_bytes=grad_bytes,
                               optim_state_bytes=state_bytes(self.optimizer))
             tokens_per_s.append(record["tokens_per_s"])
             state.log_history.append({k: record[k] for k in ("step", "loss", "lr", "grad_norm")})
@@ -403,6 +447,8 @@ class Trainer:
 
     def _finish(self, initial_eval, runtime, tokens_per_s, start_step) -> None:
         """final/ model, train_results.json, loss.png and a summary of where everything went."""
+        # Gathering a sharded model takes every rank; only rank 0 writes.
+        export = GatheredModel(self.model.args, full_model_state(self.model)) if self.sharded else self.model
         if not self.is_main:
             return
         from trainer.plot import plot_losses
@@ -411,7 +457,7 @@ class Trainer:
         final, tmp = out / "final", out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         from trainer.models import save_hf
-        save_hf(self.model, tmp)
+        save_hf(export, tmp)
         self.tokenizer.save(tmp)
         (tmp / "run_config.toml").write_text(self.config_toml)
         if final.exists():

@@ -15,6 +15,7 @@ only the last resort (a rank stuck outside any collective).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +35,7 @@ class ParallelEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    owns_process_group: bool = False  # created by init_distributed, so shutdown() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -70,11 +72,11 @@ def init_distributed(strategy: str, device: torch.device) -> tuple[ParallelEnv, 
                               "launch at most one process per GPU (--nproc_per_node)")
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
-    return env, device
+    if dist.is_initialized():  # the caller set it up (a notebook, a custom launcher): leave it to them
+        return env, device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    return dataclasses.replace(env, owns_process_group=True), device
 
 
 def barrier() -> None:
@@ -82,9 +84,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown(failed: bool) -> None:
-    """Leaves the process group. After a failure, no barrier: the peers may never reach it."""
-    if not dist.is_initialized():
+def shutdown(env: ParallelEnv, failed: bool) -> None:
+    """Leaves the process group init_distributed created. After a failure, no barrier: the peers may never reach it."""
+    if not env.owns_process_group or not dist.is_initialized():
         return
     if not failed:
         dist.barrier()  # gloo aborts at exit when a peer still has messages in flight
