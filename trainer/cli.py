@@ -1,4 +1,4 @@
-"""`python -m trainer` / `trainer`: train, eval."""
+"""`python -m trainer` / `trainer`: train, eval, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ USAGE = """usage: python -m trainer <command> ...
 commands:
   train [CONFIG.toml] [--section.key=value ...]   train (no arguments: the embedded default run)
   eval CHECKPOINT_DIR [--section.key=value ...]   loss and perplexity on the validation split
+  generate CHECKPOINT_DIR --prompt TEXT           continue a prompt (--max-new-tokens, --temperature, --top-p, --seed)
+  bench [CONFIG.toml] [--section.key=value ...]   the run against its eager reference: loss, tokens/s, memory
 
 `python -m trainer train --help` lists every config key with its default.
 """
@@ -68,7 +70,30 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def cmd_bench(argv: list[str]) -> int:
+    from trainer.bench import format_report, run_bench
+    from trainer.config import describe_keys, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: python -m trainer bench [CONFIG.toml] [--section.key=value ...]\n"
+              "Trains the configured run and its eager PyTorch reference from one initialisation on one data order,\n"
+              "each in its own process; writes <output_dir>/bench.json and bench.png; exits 1 when the losses differ\n"
+              "beyond the tolerance. The bench.* keys are its own.\n\nkeys (defaults):")
+        print(describe_keys())
+        return 0
+    path, overrides = _split_args(argv)
+    report = run_bench(load_config(path, overrides))
+    print(format_report(report))
+    return 1 if report["passed"] is False else 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    from trainer.generate import generate_command
+
+    return generate_command(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
