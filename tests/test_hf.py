@@ -276,3 +276,90 @@ def test_sft_loader_resumes_exactly(tmp_path):
     resumed.load_state_dict(state)
     for want, got in zip(expected, [resumed.next_step() for _ in range(3)]):
         assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
+
+
+# ----------------------------------------------------------------------- document masking
+
+def test_document_mask_equals_running_each_example_alone():
+    """Packed SFT rows: logits and gradients equal those of each example run on its own."""
+    from trainer.data.sft import Example, PackedExamples
+    from trainer.models import ModelArgs, build
+
+    torch.manual_seed(0)
+    model = build(ModelArgs(vocab_size=97, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            max_seq_len=64)).double()
+    rng = torch.Generator().manual_seed(0)
+    examples = []
+    for length in (9, 6, 12):
+        ids = torch.randint(1, 97, (length,), generator=rng).numpy()
+        targets = torch.rand(length, generator=rng).numpy() > 0.3
+        targets[0] = False
+        examples.append(Example(ids, targets))
+    packed = PackedExamples(examples, seq_len=31, pad_id=0)
+    assert packed.n_blocks == 1
+    batch = packed.batch([0])
+    assert batch["labels"].ne(-100).sum() == sum(int(e.targets.sum()) for e in examples)
+
+    loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                 document_ids=batch["document_ids"], reduction="sum")
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    packed_logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+    model.zero_grad()
+
+    alone_loss, alone_logits, start = 0.0, [], 0
+    for e in examples:
+        ids = torch.from_numpy(e.tokens)[None]
+        labels = torch.where(torch.from_numpy(e.targets), torch.from_numpy(e.tokens), -100)[None, 1:]
+        loss_one = model(ids[:, :-1], labels=labels, reduction="sum")
+        loss_one.backward()
+        alone_loss += loss_one.item()
+        alone_logits.append(model(ids))
+    assert abs(loss.item() - alone_loss) < 1e-9 * abs(alone_loss)
+    total = sum(len(e.tokens) for e in examples)
+    assert rel(packed_logits[:, :total], torch.cat(alone_logits, dim=1)) < 1e-12
+    for name, p in model.named_parameters():
+        assert rel(packed_grads[name], p.grad) < 1e-10, name
+
+
+# ----------------------------------------------------------------------- patch_hf
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patch_hf_keeps_losses_and_gradients(family):
+    from trainer import patch_hf
+
+    x = tokens(2, 20)
+    labels = x.clone()
+    labels[0, :6] = -100
+    results = []
+    for patched in (False, True):
+        model = hf_model(family, seed=4).train()
+        if patched:
+            assert patch_hf(model) is model
+        out = model(x, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        if patched:
+            assert out.logits is None  # the fused loss never builds them
+            with torch.no_grad():
+                assert rel(model(x).logits, hf_model(family, seed=4)(x).logits) < 1e-5
+    (loss, grads), (patched_loss, patched_grads) = results
+    assert rel(patched_loss, loss) < 1e-5
+    for name in grads:
+        assert rel(patched_grads[name], grads[name]) < 1e-4, name
+    # HF Trainer's accumulation: the summed loss divided by the count of the whole batch.
+    model = hf_model(family, seed=4)
+    patch_hf(model)
+    with torch.no_grad():
+        assert rel(model(x, labels=labels, num_items_in_batch=100).loss,
+                   hf_model(family, seed=4)(x, labels=labels, num_items_in_batch=100).loss) < 1e-5
+
+
+def test_patch_hf_refuses_other_models():
+    from trainer import patch_hf
+    from trainer.errors import ConfigError
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ConfigError, match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                          "not GPT2LMHeadModel"):
+        patch_hf(gpt2)
