@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,10 @@ class LoopConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", "adamw")
+    name: str = choice("adamw", "adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit",
+                       "galore_adafactor", "adamw_layerwise", "adamw8bit_layerwise", "paged_adamw8bit_layerwise",
+                       "galore_adamw_layerwise", "galore_adamw8bit_layerwise", "galore_adafactor_layerwise",
+                       help="see docs/optimizers.md; _layerwise: each parameter is updated inside backward")
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -91,6 +95,15 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
+    # GaLore (optim.name=galore_*): the gradient of each targeted matrix is projected onto its top
+    # galore_rank singular vectors, recomputed every galore_update_proj_gap steps; the update is
+    # projected back times galore_scale.
+    galore_rank: int = 128  # clamped, with a warning, to min(rows, cols) of a smaller matrix
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = choice("std", "std", "reverse_std", "left", "right",
+                                   help="std: project the shorter side of each matrix away; left/right: force a side")
+    galore_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names GaLore projects
 
 
 @dataclass
@@ -182,6 +195,7 @@ class TrainConfig:
                               "work on sharded gradients); use train.dtype=bf16 or fp32")
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
+        _check_optim(self)
         return self
 
     def to_dict(self) -> dict:
@@ -191,6 +205,44 @@ class TrainConfig:
 def _positive(key, value):
     if value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    """Optimizer values, and the combinations a layer-wise or GaLore optimizer cannot run in."""
+    o, t = cfg.optim, cfg.train
+    if not all(0 <= beta < 1 for beta in o.betas):
+        raise ConfigError(f"optim.betas must both be in [0, 1), got {o.betas}")
+    _positive("optim.eps", o.eps)
+    if o.name.startswith("galore_"):
+        _positive("optim.galore_rank", o.galore_rank)
+        _positive("optim.galore_update_proj_gap", o.galore_update_proj_gap)
+        _positive("optim.galore_scale", o.galore_scale)
+        try:
+            re.compile(o.galore_target)
+        except re.error as e:
+            raise ConfigError(f"optim.galore_target={o.galore_target!r} is not a valid regex: {e}") from None
+    strategy = cfg.parallel.strategy
+    unsupported = (o.name.startswith("galore_") or o.name.endswith("_layerwise")
+                   or (strategy == "fsdp" and "8bit" in o.name))
+    if strategy != "none" and unsupported:
+        fix = "adamw" if strategy == "fsdp" else "adamw or adamw8bit"
+        raise ConfigError(f"optim.name={o.name} with parallel.strategy={strategy} is not supported (GaLore would "
+                          "project one rank's gradient or shard, a layer-wise step would run before gradients are "
+                          "reduced, and 8-bit states do not shard); use optim.name=" + fix
+                          + ", or parallel.strategy=none")
+    if not o.name.endswith("_layerwise"):
+        return
+    # These updates happen inside backward, before the step's gradients are all known (trainer/optim/layerwise.py).
+    if t.max_grad_norm > 0:
+        raise ConfigError(f"optim.name={o.name} updates each layer during backward, before the global gradient "
+                          "norm is known, so it cannot clip; set train.max_grad_norm=0 (or drop _layerwise)")
+    if t.grad_accum_steps > 1:
+        raise ConfigError(f"optim.name={o.name} frees each gradient as soon as it is used, so gradients cannot "
+                          "accumulate over micro-batches; set train.grad_accum_steps=1 and raise "
+                          "train.micro_batch_size, or drop _layerwise")
+    if t.dtype == "fp16":
+        raise ConfigError(f"optim.name={o.name} cannot use fp16's loss scaler, which must skip overflowing "
+                          "updates after backward; use train.dtype=bf16 or fp32")
 
 
 # ---------------------------------------------------------------- loading and overrides

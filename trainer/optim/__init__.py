@@ -1,38 +1,124 @@
-"""Optimizer and learning-rate schedule factory."""
+"""Optimizer and learning-rate schedule factory.
+
+`optim.name` is `[galore_]<base>[_layerwise]`:
+- base `adamw`: torch's AdamW (the fused kernel on CUDA, foreach on CPU); `adamw8bit` and
+  `paged_adamw8bit`: bitsandbytes' blockwise 8-bit AdamW (paged: states in CUDA unified memory,
+  evicted to the host under pressure; on CPU bitsandbytes falls back to plain states, with a
+  warning); `adafactor` (as `galore_adafactor` only): galore-torch's Adafactor, with
+  relative_step, scale_parameter and warmup_init off, so `optim.lr` and its schedule drive it and
+  `optim.betas[0]` is its momentum (0 turns momentum off; Adafactor's own second-moment decay and
+  eps replace `optim.betas[1]` and `optim.eps`).
+- `galore_`: the attention and MLP matrices are trained in a low-rank subspace (galore.py).
+- `_layerwise`: each parameter is updated inside backward and its gradient freed (layerwise.py).
+"""
 
 from __future__ import annotations
+
+import re
+import warnings
 
 import torch
 from torch import nn
 
+from trainer.errors import ConfigError
+from trainer.optim.galore import GaLore
+from trainer.optim.layerwise import LayerwiseOptimizer
 from trainer.optim.schedule import build_scheduler, lr_factor
+from trainer.optim.state import optimizer_state_tensors, state_bytes
+
+BASES = ("adamw", "adamw8bit", "paged_adamw8bit")
+GALORE_BASES = ("adamw", "adamw8bit", "adafactor")
+GALORE_KEYS = ("galore_rank", "galore_update_proj_gap", "galore_scale", "galore_proj_type")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and embeddings are not decayed."""
-    decay, no_decay, seen = [], [], set()
+def optimizer_names() -> list[str]:
+    """Every valid `optim.name`."""
+    names = list(BASES) + [f"galore_{base}" for base in GALORE_BASES]
+    return names + [f"{name}_layerwise" for name in names]
+
+
+def parse_name(name: str) -> tuple[str, bool, bool]:
+    """`optim.name` -> (base optimizer, GaLore?, layer-wise?)."""
+    if name not in optimizer_names():
+        raise ConfigError(f"optim.name={name!r} is unknown; choose one of: {', '.join(optimizer_names())}")
+    layerwise = name.endswith("_layerwise")
+    name = name.removesuffix("_layerwise")
+    return name.removeprefix("galore_"), name.startswith("galore_"), layerwise
+
+
+def param_groups(model: nn.Module, weight_decay: float, galore: dict | None = None) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and embeddings are not decayed.
+
+    With `galore` (the optim.galore_* settings), the decayed weights of the nn.Linear modules whose
+    name matches the regex `galore["galore_target"]` form a third group carrying the settings.
+    """
+    decay, no_decay, projected, seen = [], [], [], set()
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    targeted = set()
+    if galore is not None:
+        pattern = re.compile(galore["galore_target"])
+        targeted = {id(m.weight) for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and pattern.search(name)}
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.dim() < 2 or id(p) in embeddings:
+            no_decay.append(p)
+        else:
+            (projected if id(p) in targeted else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if galore is not None:
+        settings = {k: v for k, v in galore.items() if k in GALORE_KEYS}
+        groups.append({"params": projected, "weight_decay": weight_decay, **settings})
+    return groups
+
+
+def base_optimizer(base: str, groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """The optimizer named `base` over `groups`; every argument passed by name."""
+    on_cuda = groups[0]["params"][0].is_cuda
+    if base == "adamw":
+        # The fused CUDA kernel updates every parameter in one launch; foreach is the CPU fast path.
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
+                                 fused=on_cuda, foreach=None if on_cuda else True)
+    if base in ("adamw8bit", "paged_adamw8bit"):
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
+                                   is_paged=base == "paged_adamw8bit")
+    if base == "adafactor":
+        from galore_torch import GaLoreAdafactor  # without `rank` in a group it is plain Adafactor
+        return GaLoreAdafactor(groups, lr=cfg.lr, beta1=cfg.betas[0] or None, weight_decay=0.0,
+                               relative_step=False, scale_parameter=False, warmup_init=False)
+    raise ConfigError(f"unknown base optimizer {base!r}")
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    on_cuda = next(model.parameters()).is_cuda
-    if cfg.name == "adamw":
-        # The fused CUDA kernel updates every parameter in one launch; foreach is the CPU fast path.
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 fused=on_cuda, foreach=None if on_cuda else True)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    """The optimizer `cfg.name` names (see the module docstring), over `model`'s parameters."""
+    base, galore, layerwise = parse_name(cfg.name)
+    galore_settings = None
+    if galore:
+        galore_settings = {key: getattr(cfg, key) for key in (*GALORE_KEYS, "galore_target")}
+    groups = param_groups(model, cfg.weight_decay, galore_settings)
+    if galore:
+        projected = groups[-1]["params"]
+        if not projected:
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]
+            raise ConfigError(f"optim.galore_target={cfg.galore_target!r} matches no linear layer of this model; "
+                              f"write a regex over module names such as {', '.join(names)}")
+        clamped = sorted({tuple(p.shape) for p in projected if min(p.shape) < cfg.galore_rank})
+        if clamped:
+            warnings.warn(f"optim.galore_rank={cfg.galore_rank} is larger than some matrices allow; their rank is "
+                          f"clamped to min(rows, cols) (shapes {', '.join(map(str, clamped))})", stacklevel=2)
+    # Drop empty groups (e.g. no undecayed matrix is left outside GaLore), and start each at the peak lr.
+    groups = [{**group, "lr": cfg.lr} for group in groups if group["params"]]
+
+    def make(groups: list[dict]) -> torch.optim.Optimizer:
+        if galore:
+            return GaLore(groups, lambda inner_groups: base_optimizer(base, inner_groups, cfg))
+        return base_optimizer(base, groups, cfg)
+
+    return LayerwiseOptimizer(groups, make) if layerwise else make(groups)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
-
-
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups", "state_bytes"]
+__all__ = ["GaLore", "LayerwiseOptimizer", "build_optimizer", "build_scheduler", "lr_factor", "optimizer_names",
+           "optimizer_state_tensors", "param_groups", "parse_name", "state_bytes"]
