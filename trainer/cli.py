@@ -11,7 +11,6 @@ commands:
   train [CONFIG.toml] [--section.key=value ...]   train (no arguments: the embedded default run)
   eval CHECKPOINT_DIR [--section.key=value ...]   loss and perplexity on the validation split
   generate CHECKPOINT_DIR --prompt TEXT           continue a prompt (--max-new-tokens, --temperature, --top-p, --seed)
-  generate CHECKPOINT_DIR --prompt TEXT           continue a prompt (--max-new-tokens, --temperature, --top-p, --seed)
   bench [CONFIG.toml] [--section.key=value ...]   the run against its eager reference: loss, tokens/s, memory
 
 `python -m trainer train --help` lists every config key with its default.
@@ -94,13 +93,7 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_command(argv)
 
 
-def cmd_generate(argv: list[str]) -> int:
-    from trainer.generate import generate_command
-
-    return generate_command(argv)
-
-
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
