@@ -363,3 +363,79 @@ def test_patch_hf_refuses_other_models():
     with pytest.raises(ConfigError, match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
                                           "not GPT2LMHeadModel"):
         patch_hf(gpt2)
+
+
+# ----------------------------------------------------------------------- fine-tuning and generation
+
+def model_folder(tmp_path, family="llama", name="model"):
+    """A random transformers model saved with a tokenizer.json: what a downloaded checkpoint looks like."""
+    hf, folder = hf_folder(tmp_path, family, name=name)
+    tokenizer_folder(folder)
+    return hf, folder
+
+
+def test_generate_greedy_equals_argmax_decoding_with_transformers(tmp_path, capsys):
+    from trainer.cli import main
+    from trainer.data import load_tokenizer
+
+    hf, folder = model_folder(tmp_path)
+    tok = load_tokenizer(str(folder))
+    ids = torch.tensor([tok.encode_markup("the cat sat", add_special_tokens=True)])
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    by_hand = ids[0, -6:].tolist()
+    if tok.eos_id in by_hand:  # generation stops at EOS and leaves it out
+        by_hand = by_hand[:by_hand.index(tok.eos_id)]
+    assert len(by_hand) >= 2
+    assert main(["generate", str(folder), "--prompt", "the cat sat", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == tok.decode(by_hand) + "\n"
+
+    sampled = []
+    for _ in range(2):
+        main(["generate", str(folder), "--prompt", "the cat", "--temperature", "1.5", "--top-p", "0.9", "--seed", "7"])
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1]  # a seed fixes the sample
+    assert main(["generate", str(folder), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "--top-p in (0, 1]" in capsys.readouterr().err
+
+
+def test_fine_tune_from_hf_checkpoint_end_to_end(tmp_path, capsys):
+    from trainer import Trainer
+    from trainer.cli import main
+    from trainer.config import load_config
+    from trainer.metrics import read_metrics
+
+    _, folder = model_folder(tmp_path, "qwen2")
+    data = write_sft_jsonl(tmp_path / "sft.jsonl")
+    out = tmp_path / "run"
+    cfg = load_config(None, {
+        "model.from_hf": str(folder), "data.path": str(data), "data.format": "sft", "data.val_fraction": 0.1,
+        "train.output_dir": str(out), "train.max_steps": 3, "train.micro_batch_size": 2, "train.seq_len": 32,
+        "train.dtype": "fp32", "train.device": "cpu", "train.progress": "none", "train.eval_batches": 1,
+        "optim.warmup_steps": 1, "optim.lr": 1e-3, "checkpoint.save_every": 2})
+    state = Trainer(cfg).train()
+    assert state.step == 3
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 3 and all(r["loss"] is not None and r["loss"] > 0 for r in steps)
+    final = out / "final"
+    assert json.loads((final / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert load_hf(final).args.hf_architecture == "Qwen2ForCausalLM"
+    capsys.readouterr()
+    for checkpoint in (final, out / "checkpoint-2"):
+        assert main(["generate", str(checkpoint), "--prompt", "what is", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("\n") == 2
+
+
+def test_train_seq_len_beyond_the_sliding_window_is_refused(tmp_path):
+    from trainer import Trainer
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    hf, folder = hf_folder(tmp_path, "mistral", sliding_window=16)
+    tokenizer_folder(folder)
+    cfg = load_config(None, {"model.from_hf": str(folder), "data.path": str(write_sft_jsonl(tmp_path / "d.jsonl")),
+                             "data.format": "sft", "train.seq_len": 32, "train.device": "cpu",
+                             "train.output_dir": str(tmp_path / "run"), "train.progress": "none"})
+    with pytest.raises(ConfigError, match="longer than the model's sliding window"):
+        Trainer(cfg).train()
