@@ -1,0 +1,119 @@
+"""`python -m trainer bench`: the verdict, bench.json, the peer, and the figures' arithmetic."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import tiny_config
+from trainer.bench import (EXACT_TOLERANCE, check_bench_config, flops_per_token, judge, loss_changes, peak_flops,
+                           reference_config, steady_tokens_per_s)
+from trainer.bench_worker import LOSS_SCALE_HOOK
+from trainer.config import to_toml
+from trainer.errors import ConfigError
+
+REPORT_KEYS = {"reference", "optimized", "max_rel_loss_diff", "tolerance", "criterion", "passed", "env"}
+SIDE_KEYS = {"losses", "tokens_per_s", "peak_mem_bytes"}
+
+
+def run_bench(tmp_path, *overrides, env=None, **config):
+    cfg = tiny_config(tmp_path, train__max_steps=4, bench__warmup_steps=1, **config)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "bench", str(path), *overrides], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300, env={**os.environ, **(env or {})})
+    bench_json = tmp_path / "run" / "bench.json"
+    return proc, json.loads(bench_json.read_text()) if bench_json.is_file() else None
+
+
+def test_fp32_tiny_bench_passes_and_matches_the_hf_peer(tmp_path):
+    proc, report = run_bench(tmp_path, "--bench.peer=hf")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert REPORT_KEYS | {"peer"} <= report.keys()
+    for side in ("reference", "optimized", "peer"):
+        assert SIDE_KEYS <= report[side].keys() and len(report[side]["losses"]) == 4
+        assert report[side]["tokens_per_s"] > 0 and report[side]["peak_mem_bytes"] > 0
+        assert "mfu" not in report[side]  # MFU only on a GPU
+    assert report["passed"] is True and report["tolerance"] == EXACT_TOLERANCE
+    assert report["max_rel_loss_diff"] <= EXACT_TOLERANCE
+    assert report["env"]["device"].startswith("CPU") and report["env"]["torch"]
+    # transformers' LlamaForCausalLM on the same weights and batches, scoring the same seq_len-1 predictions.
+    assert report["peer"]["max_rel_loss_diff"] < 1e-4
+    assert report["peer"]["optimized_speedup"] > 0 and report["peer"]["optimized_memory_ratio"] > 0
+    assert (tmp_path / "run" / "bench.png").is_file()
+    assert "PASSED" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_a_broken_optimized_loss_fails_the_bench(tmp_path):
+    proc, report = run_bench(tmp_path, env={LOSS_SCALE_HOOK: "1.01"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert report["passed"] is False
+    assert report["max_rel_loss_diff"] == pytest.approx(0.01, rel=0.1)
+    assert "FAILED" in proc.stdout
+
+
+def test_reference_none_reports_the_optimized_run_alone(tmp_path):
+    proc, report = run_bench(tmp_path, "--bench.reference=none", "--bench.profile=true")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reference" not in report and report["passed"] is None
+    assert "no eager reference" in report["criterion"] and "no eager reference" in proc.stdout
+    assert SIDE_KEYS <= report["optimized"].keys()
+    trace = json.loads((tmp_path / "run" / "trace-optimized.json").read_text())
+    assert trace["traceEvents"]  # a chrome trace, opened by chrome://tracing or ui.perfetto.dev
+
+
+# ---------------------------------------------------------------- without subprocesses
+
+def test_the_reference_turns_every_speed_up_off(tmp_path):
+    cfg = tiny_config(tmp_path, train__dtype="bf16", train__param_dtype="bf16", kernels__enabled=True)
+    if hasattr(cfg, "parallel"):
+        cfg.parallel.compile = True
+    ref = reference_config(cfg)
+    assert (ref.kernels.enabled, ref.train.dtype, ref.train.param_dtype, ref.optim.name) == (False, "fp32", "fp32",
+                                                                                            "adamw")
+    if hasattr(ref, "parallel"):
+        assert ref.parallel.compile is False and ref.parallel.activation_checkpointing == "none"
+    assert cfg.kernels.enabled and cfg.train.dtype == "bf16"  # the configured run is left as it was
+
+
+def test_the_criterion_follows_what_changed(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert loss_changes(cfg, "fp32") == []
+    assert loss_changes(cfg, "bf16") == ["bf16 compute"]
+    cfg.optim.name = "galore_adamw8bit"
+    assert loss_changes(cfg, "fp32") == ["8-bit optimizer states", "GaLore low-rank gradient projection"]
+
+    reference = [4.0, 3.0, 2.0, 1.0]
+    early_wobble = [4.2, 3.0, 2.001, 1.001]  # 5% off at step 1, 0.05-0.1% over the last half
+    exact = judge(early_wobble, reference, [], 0.0)
+    assert not exact["passed"] and exact["max_rel_loss_diff"] == pytest.approx(0.05)
+    loose = judge(early_wobble, reference, ["bf16 compute"], 0.0)
+    assert loose["passed"] and loose["judged_value"] == pytest.approx((0.0005 + 0.001) / 2)
+    assert "last half" in loose["criterion"] and "bf16 compute" in loose["criterion"]
+    assert not judge([4.0, 3.0, float("nan"), 1.0], reference, ["bf16 compute"], 0.0)["passed"]
+    assert judge(reference, reference, [], 1e-9)["tolerance"] == 1e-9
+
+
+def test_throughput_and_mfu_arithmetic():
+    assert steady_tokens_per_s([10.0, 1.0, 1.0, 2.0], tokens_per_step=100, warmup_steps=1) == 75.0
+    shape = dict(n_params=1000, vocab_size=10, hidden_size=4, n_layers=2, n_heads=3, head_dim=5, tie_embeddings=False)
+    assert flops_per_token(shape, seq_len=7) == 6 * (1000 - 40) + 12 * 2 * 3 * 5 * 7
+    assert flops_per_token({**shape, "tie_embeddings": True}, seq_len=7) == 6 * 1000 + 12 * 2 * 3 * 5 * 7
+    h100 = {"device": "NVIDIA H100 80GB HBM3", "dtype": "bf16", "float32_matmul_precision": "highest"}
+    assert peak_flops(h100, 0.0)[0] == 989.4e12
+    assert peak_flops({**h100, "dtype": "fp32", "float32_matmul_precision": "high"}, 0.0)[0] == 494.7e12
+    assert peak_flops({**h100, "device": "NVIDIA H100 PCIe"}, 0.0)[0] == 756.0e12
+    assert peak_flops({**h100, "device": "Some GPU"}, 0.0)[0] is None
+    assert peak_flops({**h100, "device": "Some GPU"}, 100.0)[0] == 100e12
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"bench__warmup_steps": 4}, "leaves no steady steps"),
+    ({"bench__peer": "hf-liger"}, "needs a CUDA GPU"),
+])
+def test_bench_config_errors(tmp_path, overrides, message):
+    cfg = tiny_config(tmp_path, train__max_steps=4, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_bench_config(cfg, "cpu")
