@@ -221,15 +221,11 @@ def _check_optim(cfg: TrainConfig) -> None:
             re.compile(o.galore_target)
         except re.error as e:
             raise ConfigError(f"optim.galore_target={o.galore_target!r} is not a valid regex: {e}") from None
-    strategy = cfg.parallel.strategy
-    unsupported = (o.name.startswith("galore_") or o.name.endswith("_layerwise")
-                   or (strategy == "fsdp" and "8bit" in o.name))
-    if strategy != "none" and unsupported:
-        fix = "adamw" if strategy == "fsdp" else "adamw or adamw8bit"
-        raise ConfigError(f"optim.name={o.name} with parallel.strategy={strategy} is not supported (GaLore would "
-                          "project one rank's gradient or shard, a layer-wise step would run before gradients are "
-                          "reduced, and 8-bit states do not shard); use optim.name=" + fix
-                          + ", or parallel.strategy=none")
+    # Layer-wise and 8-bit optimizers under DDP/FSDP are refused in validate() beside the other parallel checks.
+    if o.name.startswith("galore_") and cfg.parallel.strategy != "none":
+        raise ConfigError(f"optim.name={o.name} with parallel.strategy={cfg.parallel.strategy} is not supported: "
+                          "each rank would project its own gradient (or shard) onto a different subspace; use "
+                          "optim.name=adamw or adamw8bit, or parallel.strategy=none")
     if not o.name.endswith("_layerwise"):
         return
     # These updates happen inside backward, before the step's gradients are all known (trainer/optim/layerwise.py).

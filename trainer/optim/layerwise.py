@@ -41,12 +41,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], make_optimizer: Callable[[list[dict]], torch.optim.Optimizer]):
         super().__init__(param_groups, defaults={})
-        self.group_of: dict[torch.Tensor, dict] = {}
+        # An index, not the group itself: load_state_dict replaces the group dicts.
+        self.group_index: dict[torch.Tensor, int] = {}
         self.optimizer_of: dict[torch.Tensor, torch.optim.Optimizer] = {}
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             settings = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
-                self.group_of[p] = group
+                self.group_index[p] = index
                 self.optimizer_of[p] = make_optimizer([{**settings, "params": [p]}])
                 p.register_post_accumulate_grad_hook(self._step_parameter)
         self._grad_norm_sq: torch.Tensor | None = None
@@ -55,7 +56,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _step_parameter(self, p: torch.Tensor) -> None:
         optimizer = self.optimizer_of[p]
-        optimizer.param_groups[0]["lr"] = self.group_of[p]["lr"]
+        optimizer.param_groups[0]["lr"] = self.param_groups[self.group_index[p]]["lr"]
         norm_sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
         self._grad_norm_sq = norm_sq if self._grad_norm_sq is None else self._grad_norm_sq + norm_sq
         self.peak_grad_bytes = max(self.peak_grad_bytes, p.grad.numel() * p.grad.element_size())

@@ -1,0 +1,239 @@
+"""Memory-lean optimizers (trainer/optim): training, GaLore updates, state round trip, resume, layer-wise."""
+
+import copy
+import dataclasses
+import io
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trainer import Trainer
+from trainer.callbacks import TrainerCallback
+from trainer.config import OptimConfig
+from trainer.errors import ConfigError, TrainerError
+from trainer.metrics import read_metrics
+from trainer.models import build
+from trainer.optim import build_optimizer, optimizer_names, state_bytes
+from tests.helpers import tiny_config
+
+NAMES = optimizer_names()
+GALORE = [n for n in NAMES if n.startswith("galore_")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is several times faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def options(name, **overrides):
+    """tiny_config overrides for `name`: layer-wise runs cannot clip; rank 8 with a projector refresh every 2 steps."""
+    values = dict(optim__name=name, optim__galore_rank=8, optim__galore_update_proj_gap=2, optim__lr=3e-3,
+                  train__threads=1)
+    if name.endswith("_layerwise"):
+        values["train__max_grad_norm"] = 0
+    return {**values, **overrides}
+
+
+def optim_config(name, **overrides) -> OptimConfig:
+    values = dict(name=name, lr=1e-2, weight_decay=0.0, galore_rank=8, galore_update_proj_gap=2)
+    return dataclasses.replace(OptimConfig(), **{**values, **overrides})
+
+
+def loss_of(model, seed=0):
+    ids = torch.randint(0, model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(seed))
+    return model(ids[:, :-1], labels=ids[:, 1:])
+
+
+def train_steps(model, optimizer, steps, first_seed=0):
+    for step in range(steps):
+        loss_of(model, first_seed + step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def tiny_model(dtype=torch.float32):
+    return build("tiny", vocab_size=257, seed=0).to(dtype)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, config, state, control, **kwargs):
+        if state.step == self.step:
+            control.should_training_stop = True
+
+
+def step_records(run_dir):
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_config_offers_exactly_the_factory_names():
+    field = next(f for f in dataclasses.fields(OptimConfig) if f.name == "name")
+    assert sorted(field.metadata["choices"]) == sorted(NAMES)
+    assert len(NAMES) == 12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_and_resumes_exactly(tmp_path, name):
+    common = options(name, train__max_steps=6, checkpoint__save_every=3, train__eval_batches=1)
+    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "a"), **common)).train()
+    uninterrupted = step_records(tmp_path / "a")
+    assert uninterrupted[-1]["loss"] < uninterrupted[0]["loss"] - 0.3  # it learns
+    first = uninterrupted[0]
+    assert first["optim_state_bytes"] > 0
+    if name.endswith("_layerwise"):  # one parameter's gradient at a time, not all of them
+        assert first["grad_bytes"] < first["param_bytes"] / 4
+
+    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), **common), callbacks=[StopAt(3)]).train()
+    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest",
+                        **common)).train()
+    resumed = step_records(tmp_path / "b")
+    # Exact: a projector refresh (every 2 steps) and the 8-bit states all continue as if uninterrupted.
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_parameters(tmp_path, name):
+    Trainer(tiny_config(tmp_path, train__param_dtype="bf16", train__dtype="bf16", train__max_steps=3,
+                        train__eval_batches=1, **options(name))).train()
+    losses = [r["loss"] for r in step_records(tmp_path / "run")]
+    assert len(losses) == 3 and all(loss == loss and loss < 10 for loss in losses)
+
+
+@pytest.mark.parametrize("name,rank", [(n, 8) for n in GALORE] + [("galore_adamw8bit", 40)])
+def test_galore_targeted_weights_change_every_step(name, rank):
+    # Rank 8 keeps the projected gradients under bitsandbytes' 8-bit size threshold (4096 elements),
+    # where galore-torch's positional max_unorm clips the update to nothing; rank 40 takes the 8-bit path.
+    model = tiny_model()
+    optimizer = build_optimizer(model, optim_config(name, galore_rank=rank))  # no weight decay: moves are updates
+    targeted = {n: p for n, p in model.named_parameters() if ("self_attn" in n or "mlp" in n)}
+    assert len(targeted) == 14
+    for step in range(3):  # the projector is refreshed at steps 0 and 2
+        before = {n: p.detach().clone() for n, p in targeted.items()}
+        loss_of(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for n, p in targeted.items():
+            assert not torch.equal(p, before[n]), f"{n} stood still at step {step}"
+
+
+def test_galore_state_is_smaller_than_adamw_state():
+    sizes = {}
+    for name in ("adamw", "galore_adamw"):
+        model = tiny_model()
+        optimizer = build_optimizer(model, optim_config(name))
+        train_steps(model, optimizer, 1)
+        sizes[name] = state_bytes(optimizer)
+    assert sizes["galore_adamw"] < sizes["adamw"] / 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_round_trips_through_weights_only_load(name):
+    model = tiny_model()
+    optimizer = build_optimizer(model, optim_config(name))
+    for step in range(2):
+        loss_of(model, step).backward()
+        optimizer.step()  # a no-op for layer-wise optimizers: backward already stepped them
+        optimizer.zero_grad(set_to_none=True)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    twin = copy.deepcopy(model)
+    twin_optimizer = build_optimizer(twin, optim_config(name))
+    twin_optimizer.load_state_dict(saved)
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        loss_of(m, 2).backward()  # step 2 refreshes the GaLore projector
+        o.step()
+        o.zero_grad(set_to_none=True)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+
+
+def _checkpointed(model):
+    """Recomputes each block in backward, the non-reentrant way trainer/parallel does it."""
+    for block in model.model.layers:
+        forward = block.forward
+        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False,
+                                                                             **kwargs)
+    return model
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_layerwise_adamw_step_equals_adamw_step(activation_checkpointing):
+    reference = tiny_model()
+    layerwise = copy.deepcopy(reference)
+    if activation_checkpointing:
+        _checkpointed(layerwise)
+    reference_optimizer = build_optimizer(reference, optim_config("adamw", weight_decay=0.1))
+    layerwise_optimizer = build_optimizer(layerwise, optim_config("adamw_layerwise", weight_decay=0.1))
+
+    loss_of(reference).backward()
+    expected_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+    reference_optimizer.step()
+    loss_of(layerwise).backward()  # the update happens here
+    assert all(p.grad is None for p in layerwise.parameters())
+    torch.testing.assert_close(layerwise_optimizer.grad_norm(), expected_norm, rtol=1e-6, atol=0)
+    for (n, p), q in zip(reference.named_parameters(), layerwise.parameters()):
+        assert (q - p).norm() / p.norm() < 1e-6, n
+
+
+def test_layerwise_lr_follows_the_schedule_once_per_step(tmp_path):
+    Trainer(tiny_config(tmp_path, train__max_steps=4, optim__warmup_steps=2, **options("adamw_layerwise"))).train()
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(tmp_path, train__output_dir=str(plain), train__max_steps=4, optim__warmup_steps=2,
+                        **options("adamw"))).train()
+    assert [r["lr"] for r in step_records(tmp_path / "run")] == [r["lr"] for r in step_records(plain)]
+
+
+def test_layerwise_nonfinite_step_stops_the_run(tmp_path):
+    with pytest.raises(TrainerError, match="cannot be skipped"):
+        Trainer(tiny_config(tmp_path, train__max_steps=4, **options("adamw_layerwise", optim__lr=1e20,
+                                                                       optim__warmup_steps=0))).train()
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (dict(optim__name="galore_sgd"), r"optim\.name='galore_sgd' is not allowed; choose one of: adamw, "),
+    (dict(optim__name="galore_adamw", optim__galore_rank=0), r"optim\.galore_rank must be > 0"),
+    (dict(optim__name="galore_adamw", optim__galore_update_proj_gap=0), r"galore_update_proj_gap must be > 0"),
+    (dict(optim__name="galore_adamw", optim__galore_scale=-1), r"galore_scale must be > 0"),
+    (dict(optim__name="galore_adamw", optim__galore_proj_type="diagonal"), r"galore_proj_type='diagonal' is not"),
+    (dict(optim__name="galore_adamw", optim__galore_target="(q_proj"), r"galore_target='\(q_proj' is not a valid regex"),
+    (dict(optim__betas="1.0,0.9"), r"optim\.betas must both be in \[0, 1\)"),
+    (dict(optim__eps=0), r"optim\.eps must be > 0"),
+    (dict(optim__name="adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
+    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__grad_accum_steps=2),
+     r"cannot accumulate.*set train\.grad_accum_steps=1"),
+    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__dtype="fp16"), r"fp16.*use train\.dtype=bf16"),
+    (dict(optim__name="galore_adamw", parallel__strategy="ddp"), r"galore_adamw with parallel\.strategy=ddp"),
+    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, parallel__strategy="ddp"),
+     r"adamw_layerwise.*parallel\.strategy=ddp"),
+    (dict(optim__name="adamw8bit", parallel__strategy="fsdp"), r"parallel\.strategy=fsdp.*adamw8bit"),
+])
+def test_bad_values_are_refused_clearly(tmp_path, overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_galore_target_matching_nothing_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="galore_target='attention' matches no linear layer.*q_proj"):
+        Trainer(tiny_config(tmp_path, optim__name="galore_adamw", optim__galore_target="attention")).train()
+
+
+def test_rank_larger_than_a_matrix_is_clamped_with_a_warning():
+    model = tiny_model()
+    with pytest.warns(UserWarning, match=r"galore_rank=100 is larger.*clamped.*\(64, 128\)"):
+        optimizer = build_optimizer(model, optim_config("galore_adamw", galore_rank=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, optimizer, 1)
+    k_proj = model.model.layers[0].self_attn.k_proj.weight
+    assert optimizer.state[k_proj]["projector"].shape == (64, 64)  # left side of a 64 x 128 matrix, rank 64
