@@ -193,6 +193,13 @@ class TrainConfig:
         if p.strategy == "fsdp" and t.dtype == "fp16":
             raise ConfigError("parallel.strategy=fsdp does not support train.dtype=fp16 (its loss scaler does not "
                               "work on sharded gradients); use train.dtype=bf16 or fp32")
+        if p.strategy != "none" and self.optim.name.endswith("_layerwise"):
+            raise ConfigError(f"optim.name={self.optim.name} updates each parameter inside backward, before the "
+                              f"ranks exchange gradients, so it cannot run with parallel.strategy={p.strategy}; "
+                              "use the optimizer without _layerwise")
+        if p.strategy == "fsdp" and self.optim.name != "adamw":
+            raise ConfigError(f"parallel.strategy=fsdp needs optim.name=adamw (got {self.optim.name}: its states need "
+                              "whole, unsharded tensors); use parallel.strategy=ddp for it")
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         _check_optim(self)

@@ -1,8 +1,9 @@
 """The training loop: accumulation, mixed precision, clipping, evaluation, checkpoints, callbacks.
 
 One optimizer step, in order: take this step's micro-batches; count their label tokens (on the
-host, from the CPU batches: no device sync); forward and backward each micro-batch with its summed
-token loss divided by that count, so accumulation is exact whatever the padding; unscale (fp16),
+host, from the CPU batches; with several ranks summed over them in one all-reduce that the host
+never waits for); forward and backward each micro-batch with its summed token loss divided by that
+count, so accumulation is exact whatever the padding or the world size; unscale (fp16),
 measure and clip the gradient norm; read the loss and the norm back in ONE host sync; skip the
 update if either is non-finite; step the optimizer and the schedule; log; evaluate and save when due.
 """
@@ -211,7 +212,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.params)
         self.metrics.message(f"model: {n_params / 1e6:.2f}M parameters | device {self.device} | compute dtype "
                              f"{str(self.amp_dtype).removeprefix('torch.')} | data: {len(self.data.train):,} "
-                             f"training tokens | output: {self.output_dir}")
+                             f"training tokens | output: {self.output_dir}"
+                             + (f" | {self.world_size} ranks, {cfg.parallel.strategy}" if self.world_size > 1 else ""))
         for text in self._early_messages:
             self.metrics.message(text)
 

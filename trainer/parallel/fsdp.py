@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -79,9 +78,12 @@ def gradient_sync(model: nn.Module, enabled: bool):
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The gradient norm over all ranks, as a plain tensor (no host sync); clips to `max_norm` when > 0."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-    if isinstance(norm, DTensor):
-        # Sharded gradients: each rank's norm covers its shards only; the full norm adds them up.
-        norm = norm.full_tensor()
+    if dist.is_initialized():
+        from torch.distributed.tensor import DTensor  # about a second to import: only distributed runs pay it
+
+        if isinstance(norm, DTensor):
+            # Sharded gradients: each rank's norm covers its shards only; the full norm adds them up.
+            norm = norm.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm

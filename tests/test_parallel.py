@@ -1,0 +1,243 @@
+"""parallel.*: FSDP2 and DDP on 2 CPU ranks (gloo, via torchrun) against one process, sharded
+checkpoints across world sizes, compile and activation checkpointing against eager, and a failing
+rank stopping the job.
+
+Every multi-rank run trains the tiny model in fp32 on the same global batch as its one-process
+reference (2 ranks x micro-batch 2, or 2 ranks x 2 accumulated micro-batches of 1, against 1 x 4),
+so the losses must agree step by step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import tiny_config, write_corpus
+from trainer import Trainer, load_config
+from trainer.metrics import read_metrics
+from trainer.models import build
+from trainer.errors import ConfigError
+from trainer.parallel import apply_activation_checkpointing, init_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 5
+RTOL = 1e-5
+RUN_TIMEOUT_S = 150  # a hang fails the test instead of stalling the suite
+
+BASE = {"model.preset": "tiny", "data.tokenizer": "byte", "data.val_fraction": 0.1, "train.max_steps": STEPS,
+        "train.seq_len": 32, "train.dtype": "fp32", "train.device": "cpu", "train.progress": "none",
+        "train.eval_batches": 2, "optim.warmup_steps": 1, "optim.lr": 1e-3}
+
+
+def _overrides(tmp: Path, output: str, **extra) -> list[str]:
+    values = {**BASE, "data.path": str(tmp / "corpus"), "data.cache_dir": str(tmp / "cache"),
+              "train.output_dir": str(tmp / output), **{k.replace("__", "."): v for k, v in extra.items()}}
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def _env() -> dict:
+    # One thread per rank: the two ranks share a small machine with other jobs.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(args: list[str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_one_process(args: list[str]) -> None:
+    # In this process (no process group), as the one-process reference and resume runs need none.
+    Trainer(load_config(None, args)).train()
+
+
+def train_two_ranks(args: list[str]) -> None:
+    result = torchrun(["-m", "trainer", "train", *args])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def step_records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def assert_same_steps(run: Path, reference: Path, steps) -> None:
+    got, want = step_records(run), step_records(reference)
+    assert sorted(got) == list(steps)
+    for step in steps:
+        for key in ("loss", "grad_norm"):
+            rel = abs(got[step][key] - want[step][key]) / abs(want[step][key])
+            assert rel <= RTOL, (run.name, step, key, got[step][key], want[step][key])
+        assert got[step]["tokens"] == want[step]["tokens"]  # the global label-token count
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The one-process reference run: micro-batch 4, checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    write_corpus(tmp / "corpus")
+    train_one_process(_overrides(tmp, "one", train__micro_batch_size=4, checkpoint__save_every=2))
+    return tmp
+
+
+def test_fsdp_two_ranks_match_one_process_and_checkpoint_resumes_in_one_process(runs):
+    train_two_ranks(_overrides(runs, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
+                               checkpoint__save_every=2))
+    assert_same_steps(runs / "fsdp", runs / "one", range(1, STEPS + 1))
+
+    checkpoint = runs / "fsdp" / "checkpoint-2"
+    assert sorted(p.name for p in (checkpoint / "distributed").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                               "__1_0.distcp"]
+    # The gathered export holds the full model: the same tensors as the one-process checkpoint of step 2.
+    from safetensors.torch import load_file
+    sharded_export = load_file(checkpoint / "model.safetensors")
+    one_process = load_file(runs / "one" / "checkpoint-2" / "model.safetensors")
+    assert sharded_export.keys() == one_process.keys()
+    for name, tensor in one_process.items():
+        assert sharded_export[name].shape == tensor.shape
+        # Adam's first steps move near-zero-gradient weights by about lr whatever the gradient's size, so
+        # rounding-level gradient differences show up here as 1e-6-level relative weight differences.
+        assert ((sharded_export[name] - tensor).norm() / tensor.norm()).item() <= 1e-4, name
+
+    # The 2-rank checkpoint, resumed without any process group, continues with the uninterrupted losses.
+    train_one_process(_overrides(runs, "fsdp-resumed", train__micro_batch_size=4,
+                                 checkpoint__resume_from=str(checkpoint)))
+    assert_same_steps(runs / "fsdp-resumed", runs / "one", range(3, STEPS + 1))
+
+
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
+    train_two_ranks(_overrides(runs, "one-resumed-fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
+                               checkpoint__resume_from=str(runs / "one" / "checkpoint-2")))
+    assert_same_steps(runs / "one-resumed-fsdp", runs / "one", range(3, STEPS + 1))
+
+
+def test_ddp_two_ranks_with_accumulation_match_one_process(runs):
+    # 2 ranks x 2 micro-batches of 1 (no_sync on the first) against 1 x 4.
+    train_two_ranks(_overrides(runs, "ddp", train__micro_batch_size=1, train__grad_accum_steps=2,
+                               parallel__strategy="ddp"))
+    assert_same_steps(runs / "ddp", runs / "one", range(1, STEPS + 1))
+
+
+FAILING_SCRIPT = """
+import os, sys
+from pathlib import Path
+from tests.helpers import tiny_config
+from trainer import Trainer, load_config
+from trainer.callbacks import TrainerCallback
+
+class FailOnRankOne(TrainerCallback):
+    def on_step_end(self, config, state, control, **kwargs):
+        if os.environ["RANK"] == "1" and state.step == 2:
+            raise RuntimeError("injected failure on rank 1 at step 2")
+
+Trainer(tiny_config(Path(sys.argv[1]), parallel__strategy="fsdp", train__max_steps=500),
+        callbacks=[FailOnRankOne()]).train()
+"""
+
+
+def test_failure_on_one_rank_stops_every_rank_with_the_error_shown(tmp_path):
+    write_corpus(tmp_path / "corpus")  # before the ranks start, so no rank reads a file another is writing
+    script = tmp_path / "fail_on_rank_one.py"
+    script.write_text(textwrap.dedent(FAILING_SCRIPT))
+    start = time.perf_counter()
+    # Rank 0 would wait forever in the next step's collectives if nothing stopped it; the timeout turns a hang into
+    # a test failure (subprocess.TimeoutExpired).
+    result = torchrun([str(script), str(tmp_path)], timeout=90)
+    elapsed = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "RuntimeError: injected failure on rank 1 at step 2" in output
+    steps_done = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert max(steps_done) < 10, f"rank 0 went on training after rank 1 failed: {steps_done}"
+    assert elapsed < 90
+
+
+# ---------------------------------------------------------------- compile and activation checkpointing
+
+def losses_of(tmp_path: Path, name: str, **overrides) -> list[tuple[float, float]]:
+    cfg = tiny_config(tmp_path, train__output_dir=str(tmp_path / name), train__max_steps=3, **overrides)
+    Trainer(cfg).train()
+    return [(r["loss"], r["grad_norm"]) for r in step_records(tmp_path / name).values()]
+
+
+def assert_close(got, want):
+    for (loss, norm), (loss_ref, norm_ref) in zip(got, want, strict=True):
+        assert math.isclose(loss, loss_ref, rel_tol=RTOL) and math.isclose(norm, norm_ref, rel_tol=RTOL), (got, want)
+
+
+def test_full_and_selective_checkpointing_equal_none(tmp_path):
+    eager = losses_of(tmp_path, "none")
+    assert_close(losses_of(tmp_path, "full", parallel__activation_checkpointing="full"), eager)
+    assert_close(losses_of(tmp_path, "selective", parallel__activation_checkpointing="selective"), eager)
+
+
+def test_compile_per_block_equals_eager(tmp_path):
+    # One block keeps the CPU compile (C++ codegen) short.
+    eager = losses_of(tmp_path, "eager", model__n_layers=1)
+    torch._dynamo.reset()
+    compiled = losses_of(tmp_path, "compiled", model__n_layers=1, parallel__compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert_close(compiled, eager)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that actually run (an op the selective policy saved is not run again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_op_counts(mode: str) -> dict[str, int]:
+    torch.manual_seed(0)
+    model = build("tiny", vocab_size=257, seed=0)
+    apply_activation_checkpointing(model, mode)
+    input_ids = torch.randint(0, 257, (2, 16))
+    loss = model(input_ids, labels=input_ids)
+    with CountOps() as counter:
+        loss.backward()
+    return counter.counts
+
+
+def test_checkpointing_modes_recompute_what_they_say():
+    none, full, selective = (backward_op_counts(m) for m in ("none", "full", "selective"))
+    matmuls = lambda counts: counts.get("mm", 0) + counts.get("addmm", 0) + counts.get("bmm", 0)  # noqa: E731
+    # full runs each block's projections again in backward: all but down_proj, whose output backward never
+    # needs (the recompute stops early), so 6 per block for the tiny model's 2; selective kept their outputs.
+    assert matmuls(full) == matmuls(none) + 6 * 2
+    assert matmuls(selective) == matmuls(none)
+    # ...but selective does recompute the elementwise work (norms, RoPE, SwiGLU).
+    assert sum(selective.values()) > sum(none.values())
+
+
+# ---------------------------------------------------------------- refused settings
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"parallel__strategy": "fsdp", "train__dtype": "fp16"}, "does not support train.dtype=fp16"),
+    ({"parallel__fsdp_cpu_offload": True}, "needs parallel.strategy=fsdp"),
+    ({"parallel__strategy": "ddp", "optim__name": "adamw_layerwise"}, "inside backward"),
+    ({"parallel__strategy": "fsdp", "optim__name": "galore_adamw"}, "needs optim.name=adamw"),
+    ({"parallel__activation_checkpointing": "some"}, "choose one of: none, full, selective"),
+])
+def test_unsupported_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_several_processes_without_a_strategy_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="parallel.strategy=none"):
+        init_distributed("none", torch.device("cpu"))
