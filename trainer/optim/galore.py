@@ -8,10 +8,12 @@ projected gradient, m x r or r x n, so its state is that small; its update is pr
 added to W, times `galore_scale`.
 
 How this differs from galore-torch 1.0, whose optimizers we do not use:
-- The inner optimizer is an ordinary optimizer over small fp32 stand-in tensors ("proxies"), one
-  per matrix. Each step a proxy is zeroed, given the projected gradient and stepped; afterwards it
-  holds exactly the low-rank update. galore-torch instead clones the full weight every step and
-  swaps `p.data` around, and its 8-bit variant hands `percentile_clipping` and `block_wise` to
+- The inner optimizer is an ordinary optimizer over low-rank stand-in tensors ("proxies"), one per
+  matrix, in the weight's dtype. For each step a proxy is given zeroed memory and the projected
+  gradient and is stepped; afterwards it holds exactly the low-rank update, which is added to W,
+  and its memory is released again: between steps a proxy is an empty placeholder, so only the
+  inner optimizer's state and the projectors stay resident. galore-torch instead clones the full
+  weight every step and swaps `p.data` around, and its 8-bit variant hands `percentile_clipping` and `block_wise` to
   bitsandbytes positionally, where bitsandbytes >= 0.50 reads `max_unorm` and `skip_zeros`: the
   update is then clipped to 100 x the norm of the zeroed weight, i.e. to nothing, for every
   projected gradient under bitsandbytes' 8-bit size threshold. Ours passes arguments by name.
@@ -78,7 +80,8 @@ class GaLore(torch.optim.Optimizer):
         super().__init__(param_groups, defaults={})
         self.side: dict[torch.Tensor, str] = {}
         self.rank: dict[torch.Tensor, int] = {}
-        self.proxy: dict[torch.Tensor, torch.Tensor] = {}
+        self.proxy: dict[torch.Tensor, torch.Tensor] = {}  # empty between steps
+        self.proxy_shape: dict[torch.Tensor, tuple[int, int]] = {}
         inner_groups = []
         for group in self.param_groups:
             if "galore_rank" not in group:
@@ -89,8 +92,8 @@ class GaLore(torch.optim.Optimizer):
                     raise ValueError(f"GaLore projects matrices; got a parameter of shape {tuple(p.shape)}")
                 rank = self.rank[p] = min(group["galore_rank"], *p.shape)  # build_optimizer warns of this
                 side = self.side[p] = projection_side(p.shape, group["galore_proj_type"])
-                shape = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
-                self.proxy[p] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                self.proxy_shape[p] = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
+                self.proxy[p] = p.new_empty(0)
             # Weight decay is applied to the full weight in step(), not to the proxy.
             inner_groups.append({"params": [self.proxy[p] for p in group["params"]], "lr": group["lr"],
                                  "weight_decay": 0.0})
@@ -113,8 +116,10 @@ class GaLore(torch.optim.Optimizer):
                 if state["step"] % group["galore_update_proj_gap"] == 0:
                     state["projector"] = orthonormal_basis(p.grad, self.rank[p], self.side[p])
                 proxy = self.proxy[p]
-                proxy.zero_()  # after the inner step it holds just this step's update
-                proxy.grad = project(p.grad, state["projector"], self.side[p]).float()
+                # The inner optimizer keys its state by this tensor object, so its memory is swapped
+                # in and out rather than the tensor replaced. Zeroed: after the step it holds the update.
+                proxy.data = p.new_zeros(self.proxy_shape[p])
+                proxy.grad = project(p.grad, state["projector"], self.side[p])
                 projected.append((p, group))
         self.inner.step()
         for p, group in projected:
@@ -122,6 +127,7 @@ class GaLore(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
             add_projected_back(p, proxy, state["projector"], self.side[p], group["galore_scale"])
             proxy.grad = None
+            proxy.data = p.new_empty(0)
             state["step"] += 1
 
     def state_dict(self) -> dict:
@@ -136,8 +142,7 @@ class GaLore(torch.optim.Optimizer):
         self.inner.load_state_dict(inner)
 
     def state_tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor this optimizer keeps between steps: projectors, proxies and the inner state."""
+        """Every tensor this optimizer keeps between steps: the projectors and the inner state."""
         for state in self.state.values():
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-        yield from self.proxy.values()
         yield from optimizer_state_tensors(self.inner)
