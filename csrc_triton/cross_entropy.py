@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from csrc_triton._common import num_warps_for
+
 # Vocabulary slice per loop step: 4096 fp32 over 8 warps is 16 registers a thread per tensor.
 MAX_BLOCK = 4096
 
@@ -139,5 +141,5 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: tor
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing != 0.0,
         HAS_Z_LOSS=z_loss != 0.0, HAS_ROW_SCALE=row_scale is not None,
         WRITE_LOSS=loss_out is not None, WRITE_GRAD=compute_grad,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        BLOCK=block, num_warps=num_warps_for(block))
     return logits

@@ -1,15 +1,26 @@
 """Linear layer + cross-entropy without materialising the (tokens x vocab) logits.
 
-The reference path works through the tokens chunk by chunk: a chunk's logits live only while its
-loss and gradients are computed. With a scalar reduction the gradients are computed in the forward
-pass (the backward only scales them), which saves the second logits matmul a recompute would cost;
-with reduction="none" the per-token upstream gradients are only known in backward, so the chunks are
-recomputed there.
+Both paths work through the tokens chunk by chunk: a chunk's logits live only while its loss and
+gradients are computed. The reference path does that in PyTorch; the Triton path keeps the chunk's
+matmuls in torch (cuBLAS, whatever the dtype) and replaces the softmax / loss / d-logits arithmetic
+with one kernel that overwrites the chunk's logits buffer with its gradient. With a scalar reduction
+the gradients are computed in the forward pass (the backward only scales them), which saves the
+second logits matmul a recompute would cost; with reduction="none" the per-token upstream gradients
+are only known in backward, so the chunks are recomputed there.
+
+The public function goes through the custom op `trainer::linear_cross_entropy` (and
+`trainer::linear_cross_entropy_backward`), so torch.compile keeps one graph around it. The mean is
+taken outside the op (sum / count) so no host-device sync is needed anywhere.
 """
 
+import functools
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
+
+from trainer.ops.dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -19,6 +30,25 @@ def chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     # Liger-Kernel's chunking): memory stays flat in the vocabulary size.
     n_chunks = math.ceil(vocab_size / hidden_size)
     return max(1, min(n_tokens, math.ceil(n_tokens / n_chunks)))
+
+
+# The Triton path's chunks hold at least this many tokens (see _triton_chunk_size); tests lower it
+# to exercise many chunks on small inputs.
+MIN_TRITON_CHUNK_TOKENS = 1024
+# ... as long as a chunk's logits stay within this many bytes.
+MAX_TRITON_CHUNK_BYTES = 256 << 20
+
+
+def _triton_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int, elem_bytes: int, on_gpu: bool) -> int:
+    # Every chunk's weight-gradient GEMM reads and writes the whole fp32 (vocab x hidden) buffer:
+    # with a few hundred tokens per chunk that traffic, not the math, sets the time on an H100
+    # (the GEMM turns compute-bound near 1k tokens). So on a GPU the chunks grow to ~1k tokens
+    # while their logits stay within MAX_TRITON_CHUNK_BYTES.
+    size = chunk_size(n_tokens, hidden_size, vocab_size)
+    if on_gpu:
+        budget = max(1, MAX_TRITON_CHUNK_BYTES // (vocab_size * elem_bytes))
+        size = max(size, min(n_tokens, MIN_TRITON_CHUNK_TOKENS, budget))
+    return size
 
 
 def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad):
@@ -54,45 +84,116 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
     return loss, d
 
 
+def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
+    """The Triton version of one chunk: d loss / d logits, in the logits' own buffer and dtype."""
+    from csrc_triton.cross_entropy import cross_entropy_rows_
+
+    logits = h @ weight.t()
+    return cross_entropy_rows_(logits, y, bias=bias, loss_out=loss_out, row_scale=row_scale,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                               softcap=softcap, compute_grad=want_grad)
+
+
 def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):
-    """grad_h[rows] = d @ W; grad_w += d^T h (fp32 across chunks); grad_b += sum d."""
+    """grad_h[rows] = d @ W; grad_w += d^T h (fp32 across chunks); grad_b += sum d. None = not wanted."""
     d_low = d.to(weight.dtype)
-    grad_h[rows] = (d_low @ weight).to(grad_h.dtype)
-    grad_w += d_low.t() @ h
+    if grad_h is not None:
+        if grad_h.dtype == weight.dtype:
+            torch.matmul(d_low, weight, out=grad_h[rows])  # rows of a contiguous tensor: no temporary
+        else:
+            grad_h[rows] = (d_low @ weight).to(grad_h.dtype)
+    if grad_w is not None:
+        # Accumulate inside the GEMM where possible: a separate product would be a (vocab x hidden)
+        # temporary written and read again for every chunk.
+        if grad_w.dtype == d_low.dtype:
+            grad_w.addmm_(d_low.t(), h)
+        elif grad_w.is_cuda and d_low.dtype in (torch.bfloat16, torch.float16) and _fp32_addmm_works(
+                grad_w.device, d_low.dtype):
+            # cuBLAS adds the low-precision product straight into the fp32 buffer, without rounding
+            # each chunk's product to bf16 first.
+            torch.addmm(grad_w, d_low.t(), h, out_dtype=torch.float32, out=grad_w)
+        else:
+            grad_w += d_low.t() @ h
     if grad_b is not None:
-        grad_b += d.sum(0)
+        grad_b += d.sum(0, dtype=grad_b.dtype)
 
 
-def _fp32_grad_buffers(weight, bias):
+@functools.cache
+def _fp32_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch adds a bf16/fp16 matrix product into an fp32 tensor in place (addmm with
+    out_dtype and out=self). Checked once per device and dtype on exactly representable values."""
+    try:
+        a = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], device=device)
+        b = torch.tensor([[0.5, 1.0], [1.5, 2.0], [2.5, 3.0]], device=device)
+        c = torch.full((2, 2), 0.25, device=device)
+        expected = c + a @ b
+        torch.addmm(c, a.to(dtype), b.to(dtype), out_dtype=torch.float32, out=c)
+        return bool(torch.equal(c, expected))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _fp32_grad_buffers(weight, bias, want_w=True, want_b=True):
     # The weight gradient sums over every chunk: accumulating it in bf16 made training diverge in
     # Liger-Kernel (their issues #512 and #827), so it is kept in fp32 (fp64 for fp64 weights).
     acc = torch.promote_types(weight.dtype, torch.float32)
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    grad_b = None if bias is None else torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+    grad_b = None if bias is None or not want_b else torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
     return grad_w, grad_b
 
 
+def _loss_dtype(hidden_dtype: torch.dtype, triton: bool) -> torch.dtype:
+    return torch.float32 if triton else torch.promote_types(hidden_dtype, torch.float32)
+
+
+def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, *, triton,
+             want_loss, need_h, need_w, need_b, row_scale=None):
+    """One pass over the token chunks: per-token losses and/or the gradients.
+
+    row_scale (tokens,) multiplies each token's d loss / d logits (the upstream gradient of
+    reduction="none"). Returns (losses, grad_h, grad_w fp32, grad_b fp32), None where not wanted.
+    """
+    n, hidden_size = hidden.shape
+    if triton:
+        size = _triton_chunk_size(n, hidden_size, weight.shape[0], hidden.element_size(), hidden.is_cuda)
+    else:
+        size = chunk_size(n, hidden_size, weight.shape[0])
+    want_grad = need_h or need_w or need_b
+    losses = torch.empty(n, dtype=_loss_dtype(hidden.dtype, triton), device=hidden.device) if want_loss else None
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w, grad_b = _fp32_grad_buffers(weight, bias, need_w, need_b)
+    for start in range(0, n, size):
+        rows = slice(start, start + size)
+        scale = None if row_scale is None else row_scale[rows]
+        if triton:
+            d = _triton_chunk(hidden[rows], weight, bias, labels[rows], ignore_index, label_smoothing, z_loss,
+                              softcap, want_grad, None if losses is None else losses[rows], scale)
+        else:
+            loss, d = _chunk_loss_and_grad(hidden[rows], weight, bias, labels[rows], ignore_index,
+                                           label_smoothing, z_loss, softcap, want_grad)
+            if losses is not None:
+                losses[rows] = loss
+            if want_grad and scale is not None:
+                d.mul_(scale[:, None].to(d.dtype))
+        if want_grad:
+            _accumulate_grads(d, hidden[rows], weight, grad_h, grad_w, grad_b, rows)
+    return losses, grad_h, grad_w, grad_b
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The reference path as a plain autograd.Function (kept for callers that use it directly)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer,
                 label_smoothing, z_loss, softcap):
-        n, hidden_size = hidden.shape
-        size = chunk_size(n, hidden_size, weight.shape[0])
         eager = any(ctx.needs_input_grad[:3]) and reduction != "none"
-        if eager:
-            grad_h = torch.empty_like(hidden)
-            grad_w, grad_b = _fp32_grad_buffers(weight, bias)
-        losses = torch.empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        for start in range(0, n, size):
-            rows = slice(start, start + size)
-            losses[rows], d = _chunk_loss_and_grad(hidden[rows], weight, bias, labels[rows], ignore_index,
-                                                   label_smoothing, z_loss, softcap, eager)
-            if eager:
-                _accumulate_grads(d, hidden[rows], weight, grad_h, grad_w, grad_b, rows)
+        losses, grad_h, grad_w, grad_b = _chunked(
+            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=False,
+            want_loss=True, need_h=eager, need_w=eager, need_b=eager)
 
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.args = (ignore_index, label_smoothing, z_loss, softcap, size)
+            ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
             return losses
         if reduction == "sum":
             scale = 1.0
@@ -117,15 +218,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_b = None if grad_b is None else (grad_b * g).to(b_dtype)
         else:
             hidden, weight, bias, labels = ctx.saved_tensors
-            ignore_index, label_smoothing, z_loss, softcap, size = ctx.args
-            grad_h = torch.empty_like(hidden)
-            grad_w, grad_b = _fp32_grad_buffers(weight, bias)
-            for start in range(0, hidden.shape[0], size):
-                rows = slice(start, start + size)
-                _, d = _chunk_loss_and_grad(hidden[rows], weight, bias, labels[rows], ignore_index,
-                                            label_smoothing, z_loss, softcap, True)
-                d.mul_(grad_out[rows, None].float())
-                _accumulate_grads(d, hidden[rows], weight, grad_h, grad_w, grad_b, rows)
+            _, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, labels, *ctx.args, triton=False,
+                                                 want_loss=False, need_h=True, need_w=True, need_b=True,
+                                                 row_scale=grad_out)
             grad_w = grad_w.to(weight.dtype)
             grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
@@ -139,6 +234,120 @@ def linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-100, re
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), ignore_index, reduction,
         normalizer, label_smoothing, z_loss, softcap)
     return loss.view(lead_shape) if reduction == "none" else loss
+
+
+# ---- custom ops: what the public function (and torch.compile) sees ----
+
+def _empty(like: Tensor) -> Tensor:
+    # A fresh empty tensor per absent output: custom-op outputs may not alias one another.
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("trainer::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+            reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+            grad_hidden: bool, grad_weight: bool, grad_bias: bool, triton: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """reduction "sum": (summed loss, grad_hidden, grad_weight fp32, grad_bias fp32) for an upstream
+    gradient of 1, the gradients computed along the way (empty where not asked for).
+    reduction "none": (per-token losses, three empty tensors); the backward recomputes."""
+    eager = reduction == "sum"
+    # The op fixes its own precision (chunk matmuls in the inputs' dtype, softmax in fp32); an
+    # enclosing autocast region has already chosen that dtype in linear_cross_entropy.
+    with torch.autocast(hidden.device.type, enabled=False):
+        losses, grad_h, grad_w, grad_b = _chunked(
+            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=triton,
+            want_loss=True, need_h=eager and grad_hidden, need_w=eager and grad_weight, need_b=eager and grad_bias)
+    loss = losses.sum() if eager else losses
+    return (loss, _empty(hidden) if grad_h is None else grad_h, _empty(hidden) if grad_w is None else grad_w,
+            _empty(hidden) if grad_b is None else grad_b)
+
+
+@_lce_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      grad_hidden, grad_weight, grad_bias, triton):
+    eager = reduction == "sum"
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    loss = hidden.new_empty(() if eager else (hidden.shape[0],), dtype=_loss_dtype(hidden.dtype, triton))
+    grad_h = hidden.new_empty(hidden.shape) if eager and grad_hidden else _empty(hidden)
+    grad_w = hidden.new_empty(weight.shape, dtype=acc) if eager and grad_weight else _empty(hidden)
+    has_b = eager and grad_bias and bias is not None
+    grad_b = hidden.new_empty((weight.shape[0],), dtype=acc) if has_b else _empty(hidden)
+    return loss, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op("trainer::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, grad_losses: Tensor,
+                     ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+                     grad_hidden: bool, grad_weight: bool, grad_bias: bool, triton: bool
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for reduction="none", recomputing each chunk with the per-token upstream gradient."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        _, grad_h, grad_w, grad_b = _chunked(
+            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=triton,
+            want_loss=False, need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None,
+            row_scale=grad_losses)
+    return (_empty(hidden) if grad_h is None else grad_h,
+            _empty(hidden) if grad_w is None else grad_w.to(weight.dtype),
+            _empty(hidden) if grad_b is None else grad_b.to(bias.dtype))
+
+
+@_lce_backward_op.register_fake
+def _(hidden, weight, bias, labels, grad_losses, ignore_index, label_smoothing, z_loss, softcap,
+      grad_hidden, grad_weight, grad_bias, triton):
+    return (torch.empty_like(hidden) if grad_hidden else _empty(hidden),
+            torch.empty_like(weight) if grad_weight else _empty(hidden),
+            torch.empty_like(bias) if grad_bias and bias is not None else _empty(hidden))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     grad_hidden, grad_weight, grad_bias, triton) = inputs
+    _, grad_h, grad_w, grad_b = output
+    # The stashed gradients are outputs only so that they can be saved; nothing differentiates them.
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.flags = (grad_hidden, grad_weight, grad_bias and bias is not None)
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "sum":
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, triton)
+
+
+def _backward(ctx, grad_loss, *_stashed_grads):
+    none = (None,) * 10
+    want_h, want_w, want_b = ctx.flags
+    if grad_loss is None:
+        return (None, None, None, *none)
+    if ctx.reduction == "sum":
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = grad_h * grad_loss if want_h else None
+        grad_w = (grad_w * grad_loss).to(w_dtype) if want_w else None
+        grad_b = (grad_b * grad_loss).to(b_dtype) if want_b else None
+    else:
+        hidden, weight, bias, labels = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss, softcap, triton = ctx.args
+        grad_h, grad_w, grad_b = _lce_backward_op(hidden, weight, bias, labels, grad_loss, ignore_index,
+                                                  label_smoothing, z_loss, softcap, want_h, want_w, want_b, triton)
+        grad_h, grad_w, grad_b = (g if want else None for g, want in zip((grad_h, grad_w, grad_b), ctx.flags))
+    return (grad_h, grad_w, grad_b, *none)
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_inputs(hidden, weight, bias):
+    # Inside an autocast region a linear layer would run in the autocast dtype; do the same cast
+    # here, outside the op, so that autograd carries the gradients back to fp32 parameters.
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -156,6 +365,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} need the same leading shape")
-    return linear_cross_entropy_reference(hidden, weight, labels, ignore_index, reduction, bias=bias,
-                                          normalizer=normalizer, label_smoothing=label_smoothing,
-                                          z_loss=z_loss, softcap=softcap)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    triton = use_triton(force, hidden)
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    grad_on = torch.is_grad_enabled()
+    loss = _lce_op(flat_hidden, weight, bias, flat_labels, int(ignore_index),
+                   "none" if reduction == "none" else "sum", float(label_smoothing), float(z_loss),
+                   None if softcap is None else float(softcap),
+                   grad_on and flat_hidden.requires_grad, grad_on and weight.requires_grad,
+                   grad_on and bias is not None and bias.requires_grad, triton)[0]
+    if reduction == "none":
+        return loss.view(labels.shape)
+    if reduction == "sum":
+        return loss
+    if normalizer is None:
+        # An all-ignored batch gives 0 / 1: zero loss and zero gradients, not 0 / 0.
+        return loss / (flat_labels != ignore_index).sum().clamp(min=1).to(loss.dtype)
+    # A number, or a tensor (a 0-dim CPU one is read as a scalar; no copy or sync either way).
+    return loss / normalizer

@@ -6,7 +6,17 @@ import torch
 
 FORCE_CHOICES = (None, "triton", "reference")
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+def _triton_installed() -> bool:
+    # Only looks for the package: importing triton here would slow every `import trainer.ops`
+    # down, and a finder that refuses it (an unsupported platform, a test) must not break the import.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _triton_installed()
 
 
 def use_triton(force: str | None, x: torch.Tensor) -> bool:

@@ -1,0 +1,279 @@
+"""Kernel benchmarks (pytest-benchmark). Named bench_*, so `pytest tests/` never collects them.
+
+GPU (skipped with a reason when CUDA is absent or Triton is interpreted): each op's forward +
+backward, ours (Triton) against eager PyTorch, torch.compile of that eager code and Liger-Kernel
+where installed. Reported per case: time (pytest-benchmark's table), and in extra_info the achieved
+GB/s (the bytes the op must read and write once, over the median time), TFLOP/s for the fused loss,
+and the peak memory above the inputs.
+
+CPU: the fused loss's chunked reference path against materialised logits + F.cross_entropy at 8192
+tokens, hidden 256, vocab 32768, fp32: time in-process, extra peak memory (ru_maxrss) measured in a
+fresh child process per side so one side's high-water mark cannot hide the other's.
+
+    python -m pytest benchmarks/bench_kernels.py --benchmark-json=benchmarks/results/<device>.json
+    python benchmarks/bench_kernels.py        # just the CPU fused-loss comparison, printed
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import trainer.ops as ops  # noqa: E402
+from trainer.ops.rms_norm import rms_norm_reference  # noqa: E402
+from trainer.ops.rope import rope_reference  # noqa: E402
+from trainer.ops.swiglu import swiglu_reference  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED,
+    reason="GPU kernel benchmarks need CUDA and compiled Triton (TRITON_INTERPRET unset)")
+
+try:
+    import liger_kernel.transformers.functional as liger
+except Exception:  # not installed, or no GPU triton backend
+    liger = None
+
+PROVIDERS = ("ours", "eager", "compile", "liger")
+EPS = 1e-6
+
+
+@dataclass
+class Case:
+    inputs: dict               # tensors; those with requires_grad get gradients
+    bytes: int                 # bytes the forward + backward must move, each tensor read/written once
+    providers: dict            # name -> forward function of **inputs, returning a tensor or tuple
+    flops: int = 0
+
+
+def _rand(*shape, dtype=torch.bfloat16, grad=True, scale=1.0):
+    return (scale * torch.randn(*shape, device="cuda", dtype=dtype)).requires_grad_(grad)
+
+
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True)
+
+
+def case_rms_norm(tokens=8192, hidden=4096, dtype=torch.bfloat16):
+    e = torch.finfo(dtype).bits // 8
+    inputs = dict(x=_rand(tokens, hidden, dtype=dtype), weight=_rand(hidden, dtype=dtype))
+    eager = lambda x, weight: rms_norm_reference(x, weight, EPS)  # noqa: E731
+    providers = dict(ours=lambda x, weight: ops.rms_norm(x, weight, EPS, force="triton"),
+                     eager=eager, compile=_compiled(eager))
+    if liger is not None:
+        providers["liger"] = lambda x, weight: liger.liger_rms_norm(x, weight, EPS)
+    # forward: read x, write y; backward: read dy, x, write dx (weight-sized traffic ignored)
+    return Case(inputs, 5 * tokens * hidden * e, providers)
+
+
+def case_add_rms_norm(tokens=8192, hidden=4096, dtype=torch.bfloat16):
+    e = torch.finfo(dtype).bits // 8
+    inputs = dict(x=_rand(tokens, hidden, dtype=dtype), residual=_rand(tokens, hidden, dtype=dtype),
+                  weight=_rand(hidden, dtype=dtype))
+
+    def eager(x, residual, weight):
+        total = x + residual
+        return total, rms_norm_reference(total, weight, EPS)
+
+    providers = dict(ours=lambda x, residual, weight: ops.add_rms_norm(x, residual, weight, EPS, force="triton"),
+                     eager=eager, compile=_compiled(eager))
+    if liger is not None:
+        providers["liger"] = lambda x, residual, weight: liger.liger_fused_add_rms_norm(x, residual, weight, EPS)
+    # forward: read x, residual, write sum, y; backward: read dy, d_sum, sum, write one gradient
+    return Case(inputs, 8 * tokens * hidden * e, providers)
+
+
+def case_rope(batch=4, q_heads=32, k_heads=8, seq=2048, dim=128, dtype=torch.bfloat16):
+    e = torch.finfo(dtype).bits // 8
+    angles = torch.arange(seq, device="cuda")[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda") / dim))
+    emb = torch.cat((angles, angles), -1)
+    inputs = dict(q=_rand(batch, q_heads, seq, dim, dtype=dtype), k=_rand(batch, k_heads, seq, dim, dtype=dtype),
+                  cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
+    providers = dict(ours=lambda q, k, cos, sin: ops.rope(q, k, cos, sin, force="triton"),
+                     eager=rope_reference, compile=_compiled(rope_reference))
+    if liger is not None:
+        providers["liger"] = lambda q, k, cos, sin: liger.liger_rope(q, k, cos[None], sin[None])
+    # forward: read q, k, write both; backward the same again
+    return Case(inputs, 4 * batch * (q_heads + k_heads) * seq * dim * e, providers)
+
+
+def case_swiglu(tokens=8192, inter=14336, dtype=torch.bfloat16):
+    e = torch.finfo(dtype).bits // 8
+    inputs = dict(gate=_rand(tokens, inter, dtype=dtype), up=_rand(tokens, inter, dtype=dtype))
+    providers = dict(ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
+                     eager=swiglu_reference, compile=_compiled(swiglu_reference))
+    if liger is not None:
+        providers["liger"] = lambda gate, up: liger.liger_swiglu(gate, up)
+    # forward: read gate, up, write out; backward: read d_out, gate, up, write d_gate, d_up
+    return Case(inputs, 8 * tokens * inter * e, providers)
+
+
+def _materialised_loss(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.t()).float(), labels)
+
+
+def case_fused_linear_cross_entropy(tokens=8192, hidden=4096, vocab=128256, dtype=torch.bfloat16):
+    e = torch.finfo(dtype).bits // 8
+    inputs = dict(hidden=_rand(tokens, hidden, dtype=dtype), weight=_rand(vocab, hidden, dtype=dtype, scale=0.02),
+                  labels=torch.randint(0, vocab, (tokens,), device="cuda"))
+    def ours(hidden, weight, labels):
+        return ops.linear_cross_entropy(hidden, weight, labels, force="triton")
+
+    def ours_reference(hidden, weight, labels):  # the chunked PyTorch path, on the GPU
+        return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+
+    providers = dict(ours=ours, ours_reference=ours_reference, eager=_materialised_loss,
+                     compile=_compiled(_materialised_loss))
+    if liger is not None:
+        providers["liger"] = lambda hidden, weight, labels: liger.liger_fused_linear_cross_entropy(
+            hidden, weight, labels)
+    # read hidden and weight, write their gradients; the logits are never supposed to reach memory
+    return Case(inputs, 2 * (tokens + vocab) * hidden * e, providers, flops=6 * tokens * hidden * vocab)
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "rms_norm": case_rms_norm,
+    "rms_norm_h16384": lambda: case_rms_norm(tokens=4096, hidden=16384),
+    "add_rms_norm": case_add_rms_norm,
+    "rope": case_rope,
+    "swiglu": case_swiglu,
+    "fused_linear_cross_entropy": case_fused_linear_cross_entropy,
+}
+
+
+def _forward_backward(fn, inputs):
+    outs = fn(**inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+    # autograd.grad rather than backward(): nothing accumulates into .grad between rounds. Ones are
+    # as good an upstream gradient as any for timing.
+    torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+
+
+def _step(fn, inputs):
+    def step():
+        _forward_backward(fn, inputs)
+        torch.cuda.synchronize()
+    return step
+
+
+def _extra_peak_bytes(step) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@needs_gpu
+@pytest.mark.parametrize("provider", PROVIDERS + ("ours_reference",))
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_gpu_kernel(benchmark, case_name, provider):
+    case = CASES[case_name]()
+    if provider not in case.providers:
+        pytest.skip(f"{provider} has no {case_name} (not installed, or not a provider of this case)")
+    step = _step(case.providers[provider], case.inputs)
+    for _ in range(2):  # compile / autotune outside the measurement
+        step()
+    peak = _extra_peak_bytes(step)
+    benchmark.group = case_name
+    benchmark.pedantic(step, rounds=20, warmup_rounds=2, iterations=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(), provider=provider, bytes=case.bytes,
+        gb_per_s=round(case.bytes / seconds / 1e9, 1), extra_peak_mib=round(peak / 2**20, 1))
+    if case.flops:
+        benchmark.extra_info["tflop_per_s"] = round(case.flops / seconds / 1e12, 1)
+
+
+# ---- CPU: the fused loss's reference path against materialised logits ----
+
+CPU_TOKENS, CPU_HIDDEN, CPU_VOCAB = 8192, 256, 32768
+CPU_SIDES = ("fused_reference", "materialised")
+
+
+def _cpu_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(CPU_TOKENS, CPU_HIDDEN, generator=g).requires_grad_()
+    weight = (0.02 * torch.randn(CPU_VOCAB, CPU_HIDDEN, generator=g)).requires_grad_()
+    labels = torch.randint(0, CPU_VOCAB, (CPU_TOKENS,), generator=g)
+    return hidden, weight, labels
+
+
+def _cpu_loss(side, hidden, weight, labels):
+    if side == "fused_reference":
+        return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+    return _materialised_loss(hidden, weight, labels)
+
+
+def _cpu_step(side, hidden, weight, labels):
+    loss = _cpu_loss(side, hidden, weight, labels)
+    torch.autograd.grad(loss, (hidden, weight))
+    return loss
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _child(side: str, repeats: int) -> dict:
+    """Runs in a fresh process: the extra high-water mark of one forward + backward, and its times."""
+    hidden, weight, labels = _cpu_inputs()
+    base = _maxrss_bytes()
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = _cpu_step(side, hidden, weight, labels)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return dict(side=side, loss=float(loss), extra_peak_bytes=_maxrss_bytes() - base, seconds=times,
+                cpu_seconds=cpu_times, threads=torch.get_num_threads())
+
+
+def run_cpu_side(side: str, repeats: int = 1) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, __file__, "--child", side, str(repeats)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("side", CPU_SIDES)
+def test_cpu_fused_loss(benchmark, side):
+    memory = run_cpu_side(side)
+    inputs = _cpu_inputs()
+    benchmark.group = "cpu_fused_linear_cross_entropy"
+    benchmark.pedantic(_cpu_step, args=(side, *inputs), rounds=3, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(side=side, tokens=CPU_TOKENS, hidden=CPU_HIDDEN, vocab=CPU_VOCAB, dtype="fp32",
+                                extra_peak_mib=round(memory["extra_peak_bytes"] / 2**20, 1),
+                                loss=memory["loss"])
+
+
+def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "--child":
+        torch.set_grad_enabled(True)
+        print(json.dumps(_child(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)))
+        return
+    print(f"CPU fused linear cross-entropy, {CPU_TOKENS} tokens x hidden {CPU_HIDDEN} x vocab {CPU_VOCAB}, fp32, "
+          f"forward + backward, each side in its own process")
+    for side in CPU_SIDES:
+        r = run_cpu_side(side, repeats=3)
+        print(f"  {side:16s} loss {r['loss']:.6f}  wall s {', '.join(f'{s:.2f}' for s in r['seconds'])}  "
+              f"cpu s {', '.join(f'{s:.2f}' for s in r['cpu_seconds'])}  ({r['threads']} threads)  "
+              f"extra peak {r['extra_peak_bytes'] / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

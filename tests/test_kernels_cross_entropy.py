@@ -1,0 +1,301 @@
+"""Fused linear cross-entropy: the Triton softmax/loss/d-logits kernel (through the interpreter on
+CPU), the Triton path of the op, and the chunked reference path, against a float64 oracle that
+materialises the logits from the same inputs."""
+
+import pytest
+import torch
+
+import trainer.ops as ops
+from trainer.ops import cross_entropy as ce_module
+from trainer.ops.cross_entropy import ChunkedLinearCrossEntropy, linear_cross_entropy_reference
+from trainer.ops.testing import kernel_test_device, poisoned_allocations, rel_err
+
+try:
+    from csrc_triton import cross_entropy as kernels
+except ImportError:  # no triton (macOS, Windows): the reference-path tests still run
+    kernels = None
+needs_triton = pytest.mark.skipif(kernels is None, reason="triton is not installed")
+
+IGNORE = -100
+LOSS_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICE = kernel_test_device()  # CPU through the interpreter, or CUDA when triton compiles for it
+OPTIONS = {
+    "plain": dict(),
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=1e-3),
+    "softcap": dict(softcap=5.0),
+    "all": dict(label_smoothing=0.05, z_loss=1e-2, softcap=3.0),
+}
+
+
+def logits_oracle(z, labels, bias=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """fp64 per-row losses of logits z (rows, vocab), autograd-ready in z."""
+    if bias is not None:
+        z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = labels != IGNORE
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    loss = (1 - label_smoothing) * loss + label_smoothing * (lse - z.mean(-1))
+    loss = loss + z_loss * lse.square()
+    return torch.where(valid, loss, 0.0)
+
+
+def oracle(hidden, weight, labels, bias=None, reduction="mean", normalizer=None, grad_out=None, **opts):
+    """fp64 loss and gradients for (hidden, weight[, bias]), logits materialised."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    flat_labels = labels.reshape(-1)
+    losses = logits_oracle(h.reshape(-1, h.shape[-1]) @ w.t(), flat_labels, b, **opts)
+    if reduction == "none":
+        loss = losses.view(labels.shape)
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        count = (flat_labels != IGNORE).sum().clamp(min=1) if normalizer is None else normalizer
+        loss = losses.sum() / count
+    if grad_out is None:
+        grad_out = torch.ones_like(loss)
+    inputs = (h, w) if b is None else (h, w, b)
+    return loss.detach(), torch.autograd.grad(loss, inputs, grad_out.double())
+
+
+def make_labels(shape, vocab, n_ignored, seed):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    flat = labels.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = IGNORE
+    return labels.to(DEVICE)
+
+
+def make(lead, hidden_size, vocab, dtype, seed=0, with_bias=False, n_ignored=2, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (scale * torch.randn(*lead, hidden_size, generator=gen)).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(dtype)
+    bias = (0.5 * torch.randn(vocab, generator=gen)).to(dtype).to(DEVICE) if with_bias else None
+    labels = make_labels(lead, vocab, n_ignored, seed)
+    return hidden.to(DEVICE), weight.to(DEVICE), bias, labels
+
+
+# ---- the kernel alone: rows of logits -> per-row loss and d loss / d logits, in place ----
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab,block", [
+    (1, 5, None),     # one row, vocab smaller than any block
+    (7, 1000, 256),   # vocab not a multiple of the block
+    (8, 512, 128),    # round
+])
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_kernel_loss_and_grad(dtype, rows, vocab, block, option):
+    opts = OPTIONS[option]
+    gen = torch.Generator().manual_seed(rows)
+    z = (3 * torch.randn(rows, vocab, generator=gen)).to(dtype).to(DEVICE)
+    bias = torch.randn(vocab, generator=gen).to(dtype).to(DEVICE) if option == "all" else None
+    labels = make_labels((rows,), vocab, n_ignored=1 if rows > 1 else 0, seed=rows)
+    row_scale = (torch.rand(rows, generator=gen) + 0.5).to(DEVICE)
+    with poisoned_allocations():
+        loss = torch.empty(rows, dtype=torch.float32, device=DEVICE)
+        d = kernels.cross_entropy_rows_(z.clone(), labels, bias=bias, loss_out=loss, row_scale=row_scale,
+                                        ignore_index=IGNORE, block=block, **opts)
+    zd = z.double().requires_grad_()
+    ref_loss = logits_oracle(zd, labels, None if bias is None else bias.double(), **opts)
+    (ref_d,) = torch.autograd.grad(ref_loss, zd, row_scale.double())
+    assert d.dtype == dtype
+    assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
+    assert rel_err(d, ref_d) <= LOSS_TOL[dtype]
+
+
+@needs_triton
+def test_kernel_extreme_logits_do_not_overflow():
+    z = 1e4 * torch.randn(6, 300, device=DEVICE)
+    labels = make_labels((6,), 300, n_ignored=1, seed=0)
+    loss = torch.empty(6, device=DEVICE)
+    d = kernels.cross_entropy_rows_(z.clone(), labels, loss_out=loss, block=128)
+    zd = z.double().requires_grad_()
+    ref = logits_oracle(zd, labels)
+    (ref_d,) = torch.autograd.grad(ref.sum(), zd)
+    assert torch.isfinite(loss).all() and torch.isfinite(d).all()
+    assert rel_err(loss, ref) <= 1e-4 and rel_err(d, ref_d) <= 1e-4
+
+
+# ---- the op through the Triton path ----
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_op_triton_matches_oracle(dtype, reduction):
+    hidden, weight, bias, labels = make((3, 7), 32, 300, dtype, seed=1, with_bias=True, n_ignored=4)
+    grad_out = (torch.randn(3, 7) if reduction == "none" else torch.tensor(1.0)).to(DEVICE)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    with poisoned_allocations():
+        loss = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, bias=bias, force="triton")
+        grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, grad_out=grad_out)
+    tol = LOSS_TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert rel_err(loss, ref_loss) <= tol
+    for g, ref, t in zip(grads, ref_grads, (hidden, weight, bias)):
+        assert g.dtype == t.dtype
+        assert rel_err(g, ref) <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_op_triton_options(option):
+    # Odd sizes: 2 x 11 tokens, hidden 19, vocab 251 (prime, so no block divides it).
+    hidden, weight, bias, labels = make((2, 11), 19, 251, torch.float32, seed=2, with_bias=option == "all")
+    normalizer = torch.tensor(40.0, device=DEVICE)  # e.g. the label count of a whole accumulation step
+    params = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    with poisoned_allocations():
+        loss = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, "mean", bias=bias, normalizer=normalizer,
+                                        force="triton", **OPTIONS[option])
+        grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "mean", normalizer, **OPTIONS[option])
+    assert rel_err(loss, ref_loss) <= 1e-4
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) <= 1e-4
+
+
+@needs_triton
+def test_op_triton_none_backward_with_options():
+    # reduction="none" recomputes in backward with per-token upstream gradients (Liger #968).
+    hidden, weight, bias, labels = make((9,), 24, 130, torch.float32, seed=3, with_bias=True, n_ignored=3)
+    grad_out = torch.randn(9, device=DEVICE)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction="none", bias=bias, force="triton",
+                                    **OPTIONS["all"])
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "none", grad_out=grad_out, **OPTIONS["all"])
+    assert rel_err(loss, ref_loss) <= 1e-4
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) <= 1e-4
+
+
+@needs_triton
+def test_op_triton_extreme_hidden():
+    hidden, weight, _, labels = make((10,), 16, 200, torch.float32, seed=4, scale=1e3)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="triton")
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_grads = oracle(hidden, weight, labels)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(loss, ref_loss) <= 1e-4
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("force", [pytest.param("triton", marks=needs_triton), "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_zero_grads(force, reduction):
+    hidden, weight, _, labels = make((2, 3), 8, 50, torch.float32, seed=5)
+    labels.fill_(IGNORE)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction, force=force)
+    gh, gw = torch.autograd.grad(loss.sum(), (hidden, weight))
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@needs_triton
+def test_op_triton_no_grad_and_frozen_weight():
+    hidden, weight, _, labels = make((6,), 16, 70, torch.float32, seed=6)
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(hidden, weight, labels, force="triton")
+    ref_loss, _ = oracle(hidden, weight, labels)
+    assert rel_err(loss, ref_loss) <= 1e-4
+    hidden.requires_grad_()  # weight frozen: only grad_hidden is computed
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="triton")
+    (gh,) = torch.autograd.grad(loss, (hidden,))
+    assert rel_err(gh, oracle(hidden, weight, labels)[1][0]) <= 1e-4
+
+
+@needs_triton
+def test_op_triton_weight_grad_accumulates_in_fp32(monkeypatch):
+    # Many chunks (vocab / hidden = 32 -> 32 chunks of one token) in bf16: the weight gradient is
+    # summed in fp32 and rounded once, so it stays within bf16 tolerance of the fp64 oracle.
+    monkeypatch.setattr(ce_module, "MIN_TRITON_CHUNK_TOKENS", 1)  # GPUs otherwise use one big chunk
+    hidden, weight, _, labels = make((32,), 8, 256, torch.bfloat16, seed=7, n_ignored=0)
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction="sum", force="triton")
+    (gw,) = torch.autograd.grad(loss, (weight,))
+    assert rel_err(gw, oracle(hidden, weight, labels, reduction="sum")[1][1]) <= 2e-2
+
+
+# ---- the reference (chunked PyTorch) path ----
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_reference_fp64_matches_oracle(reduction, option):
+    hidden, weight, bias, labels = make((2, 9), 12, 97, torch.float64, seed=8, with_bias=True, n_ignored=3)
+    normalizer = 25 if reduction == "mean" and option == "all" else None
+    grad_out = (torch.randn(2, 9) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, bias=bias, normalizer=normalizer,
+                                    force="reference", **OPTIONS[option])
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, normalizer, grad_out, **OPTIONS[option])
+    assert rel_err(loss, ref_loss) <= 1e-12
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_low_precision(dtype):
+    hidden, weight, _, labels = make((4, 5), 16, 120, dtype, seed=9)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", z_loss=1e-3)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_grads = oracle(hidden, weight, labels, z_loss=1e-3)
+    assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) <= LOSS_TOL[dtype]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_reference_autograd_function_agrees_with_op(reduction):
+    hidden, weight, bias, labels = make((3, 4), 10, 60, torch.float64, seed=10, with_bias=True)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    a = linear_cross_entropy_reference(hidden, weight, labels, IGNORE, reduction, bias=bias, label_smoothing=0.1)
+    b = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, bias=bias, label_smoothing=0.1,
+                                 force="reference")
+    ga = torch.autograd.grad(a.sum(), (hidden, weight, bias))
+    gb = torch.autograd.grad(b.sum(), (hidden, weight, bias))
+    assert rel_err(a, b) <= 1e-14
+    for x, y in zip(ga, gb):
+        assert rel_err(x, y) <= 1e-14
+    assert ChunkedLinearCrossEntropy is not None
+
+
+def test_gradient_accumulation_with_normalizer_is_exact():
+    # Two micro-batches, each divided by the label count of the whole step, sum to the loss and
+    # gradients of the whole batch.
+    hidden, weight, _, labels = make((2, 8), 12, 40, torch.float64, seed=11, n_ignored=5)
+    weight.requires_grad_()
+    total = (labels != IGNORE).sum()
+    parts = [ops.linear_cross_entropy(hidden[i], weight, labels[i], normalizer=total, force="reference")
+             for i in range(2)]
+    (g_parts,) = torch.autograd.grad(sum(parts), (weight,))
+    whole = ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+    (g_whole,) = torch.autograd.grad(whole, (weight,))
+    assert rel_err(sum(parts), whole) <= 1e-14 and rel_err(g_parts, g_whole) <= 1e-14
+
+
+def test_rejects_bad_arguments():
+    hidden, weight, _, labels = make((4,), 8, 20, torch.float32)
+    with pytest.raises(ValueError):
+        ops.linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError):
+        ops.linear_cross_entropy(hidden, weight, labels[:3])
+    with pytest.raises(ValueError):
+        ops.linear_cross_entropy(hidden, weight, labels, softcap=0.0)
