@@ -17,7 +17,7 @@ the last label of each block so all of them score exactly the same predictions.
 The verdict depends on what the optimized run changes (bench.tolerance=0, the default):
 - nothing that should move the loss in fp32 (kernels, compile, checkpointing): every step's loss
   within EXACT_TOLERANCE = 1e-4 relative of the reference;
-- bf16/fp16 compute, bf16 parameters, 8-bit optimizer states or GaLore: such runs follow a different
+- bf16/fp16 compute, bf16 parameters, 8-bit optimizer states, GaLore or Adafactor: such runs follow a different
   trajectory step by step, so the criterion is over the curve: the mean relative difference over the
   last half of the steps within the largest LOOSE_TOLERANCES entry that applies.
 A positive bench.tolerance replaces the number and keeps the criterion. Relative difference of a
@@ -55,6 +55,7 @@ LOOSE_TOLERANCES = {
     "bf16 parameters": 3e-2,
     "8-bit optimizer states": 3e-2,
     "GaLore low-rank gradient projection": 5e-2,
+    "Adafactor instead of AdamW": 1e-1,  # a different optimizer: only the curve's level is comparable
 }
 # Keys that trainer/parallel may define: the reference turns them off when they exist.
 REFERENCE_OFF_KEYS = ("parallel.compile", "parallel.activation_checkpointing")
@@ -105,6 +106,8 @@ def loss_changes(cfg: TrainConfig, compute_dtype: str) -> list[str]:
         changes.append("8-bit optimizer states")
     if "galore" in name:
         changes.append("GaLore low-rank gradient projection")
+    if "adafactor" in name:
+        changes.append("Adafactor instead of AdamW")
     return changes
 
 
