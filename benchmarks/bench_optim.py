@@ -28,7 +28,7 @@ BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizers keep one fp32 absmax
 BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit states
 
 
-def measure(name: str, steps: int, out: Path) -> dict:
+def measure(name: str, steps: int, threads: int, out: Path) -> dict:
     """Trains MODEL for `steps` with optimizer `name` in this process; returns its memory and speed."""
     from trainer import Trainer
     from trainer.config import load_config
@@ -37,7 +37,8 @@ def measure(name: str, steps: int, out: Path) -> dict:
     cfg = load_config(None, {**MODEL, "optim.name": name, "optim.galore_rank": MEASURED_RANK, "data.tokenizer": "byte",
                              "train.output_dir": str(out), "train.max_steps": steps, "train.micro_batch_size": 2,
                              "train.seq_len": 128, "train.dtype": "fp32", "train.max_grad_norm": 0,
-                             "train.eval_batches": 1, "train.progress": "none", "optim.warmup_steps": 1})
+                             "train.eval_batches": 1, "train.progress": "none", "optim.warmup_steps": 1,
+                             "train.threads": threads})
     Trainer(cfg).train()
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     steady = records[1:] or records  # the first step pays for warm-up
@@ -118,13 +119,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predict-only", action="store_true")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--names", default="", help="comma-separated optim.name values (default: all)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one optimizer in this process
     parser.add_argument("--json", help="also write the measured results here")
     args = parser.parse_args()
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(measure(args.one, args.steps, Path(tmp) / "run")))
+            print(json.dumps(measure(args.one, args.steps, args.threads, Path(tmp) / "run")))
         return
     print("Predicted, Llama-7B shape, bf16 weights, GaLore rank 1024:\n" + prediction_table() + "\n")
     if args.predict_only:
@@ -133,7 +135,8 @@ def main():
 
     results = []
     for name in args.names.split(",") if args.names else optimizer_names():
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+                               "--threads", str(args.threads)],
                               capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")

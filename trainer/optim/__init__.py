@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 
@@ -82,14 +83,23 @@ def base_optimizer(base: str, groups: list[dict], cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
                                  fused=on_cuda, foreach=None if on_cuda else True)
     if base in ("adamw8bit", "paged_adamw8bit"):
-        import bitsandbytes as bnb
+        bnb = _import_optional("bitsandbytes", cfg.name)
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
                                    is_paged=base == "paged_adamw8bit")
     if base == "adafactor":
-        from galore_torch import GaLoreAdafactor  # without `rank` in a group it is plain Adafactor
-        return GaLoreAdafactor(groups, lr=cfg.lr, beta1=cfg.betas[0] or None, weight_decay=0.0,
-                               relative_step=False, scale_parameter=False, warmup_init=False)
+        # Without a `rank` key in a group, galore-torch's Adafactor is plain Adafactor.
+        galore_torch = _import_optional("galore_torch", cfg.name)
+        return galore_torch.GaLoreAdafactor(groups, lr=cfg.lr, beta1=cfg.betas[0] or None, weight_decay=0.0,
+                                            relative_step=False, scale_parameter=False, warmup_init=False)
     raise ConfigError(f"unknown base optimizer {base!r}")
+
+
+def _import_optional(module: str, optimizer_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.replace("_", "-")
+        raise ConfigError(f"optim.name={optimizer_name} needs the {package} package: pip install {package}") from None
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
