@@ -10,9 +10,10 @@ is its own:
 - optimized: the configured run (kernels, compile, checkpointing, optimizer, dtype).
 
 `--bench.peer=hf` adds a third side: Hugging Face transformers.Trainer with LlamaForCausalLM on the
-same initial weights and batches (`hf-liger`: with use_liger_kernel, CUDA only). A Hugging Face model
-shifts labels itself and scores seq_len-1 predictions per block; when a peer runs, every side ignores
-the last label of each block so all of them score exactly the same predictions.
+same initial weights and batches, with AdamW and the same LR schedule, in the configured dtype
+(`hf-liger`: with use_liger_kernel, CUDA only). A Hugging Face model shifts labels itself and scores
+seq_len-1 predictions per block; when a peer runs, every side ignores the last label of each block
+so all of them score exactly the same predictions.
 
 The verdict depends on what the optimized run changes (bench.tolerance=0, the default):
 - nothing that should move the loss in fp32 (kernels, compile, checkpointing): every step's loss
@@ -36,6 +37,7 @@ device and compute dtype (PEAK_TFLOPS), or bench.peak_tflops.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -123,7 +125,10 @@ def check_bench_config(cfg: TrainConfig, device_type: str) -> None:
         if cfg.data.document_mask:
             raise ConfigError("bench.peer needs data.document_mask=false: the Hugging Face peer takes plain blocks")
         if importlib.util.find_spec("transformers") is None:
-            raise ConfigError(f"bench.peer={b.peer} needs transformers (pip install transformers)")
+            raise ConfigError(f"bench.peer={b.peer} needs transformers (pip install 'transformers>=5')")
+        version = importlib.metadata.version("transformers")
+        if int(version.split(".")[0]) < 5:  # the peer uses TrainingArguments.train_sampling_strategy
+            raise ConfigError(f"bench.peer={b.peer} needs transformers>=5, found {version}")
     if b.peer == "hf-liger":
         if device_type != "cuda":
             raise ConfigError("bench.peer=hf-liger needs a CUDA GPU (Liger's kernels are Triton kernels); "

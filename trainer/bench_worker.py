@@ -15,6 +15,7 @@ optimized path on purpose and check that bench fails.
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.metadata
 import json
@@ -223,8 +224,8 @@ def run_hf_peer(config, spec: dict) -> dict:
     The weights come from the same BenchTrainer setup as our sides (same seed, same data, so the same
     initialisation, checked by checksum) through save_hf. The batches are ours with DESIGN.md's label
     conversion: input_ids = labels = block[:-1]; the model shifts them itself. The optimizer and LR
-    schedule are built by trainer.optim (same AdamW parameter groups as ours), so the comparison
-    isolates the model and the training step.
+    schedule are built by trainer.optim: AdamW whatever optim.name says (8-bit, GaLore and layer-wise
+    updates are this trainer's), with the same parameter groups as ours.
     """
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
@@ -232,6 +233,8 @@ def run_hf_peer(config, spec: dict) -> dict:
     from trainer.optim import build_optimizer, build_scheduler
 
     use_liger = spec["peer"] == "hf-liger"
+    config = copy.deepcopy(config)
+    config.optim.name = "adamw"
     t = config.train
     ours = BenchTrainer(config)
     ours._setup()
@@ -249,6 +252,8 @@ def run_hf_peer(config, spec: dict) -> dict:
     device, amp_dtype, param_dtype = ours.device, ours.amp_dtype, next(ours.model.parameters()).dtype
     del ours
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     model, loading = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=param_dtype, attn_implementation="sdpa",
                                                           output_loading_info=True)
