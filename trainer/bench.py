@@ -319,6 +319,7 @@ def write_plot(report: dict, path: Path) -> Path | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     sides = [s for s in ("reference", "optimized", "peer") if s in report]
@@ -340,12 +341,14 @@ def write_plot(report: dict, path: Path) -> Path | None:
             bottom.axhline(report["tolerance"], color="tab:red", linewidth=1, linestyle=":", label="tolerance")
         # Differences span orders of magnitude and are often exactly 0: symmetric log shows both.
         bottom.set_yscale("symlog", linthresh=1e-9)
+        bottom.set_ylim(bottom=0)
         bottom.set_ylabel("relative difference")
         bottom.legend()
     else:
         bottom.text(0.5, 0.5, "no reference (bench.reference=none)", ha="center", va="center",
                     transform=bottom.transAxes)
     bottom.set_xlabel("optimizer step")
+    bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
