@@ -314,6 +314,8 @@ def main(spec_path: str) -> int:
     except (TrainerError, DataError) as e:
         result_path.write_text(json.dumps({"error": str(e)}))
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches the parent too, which stops the bench
+        return 130
     except torch.OutOfMemoryError as e:
         device = resolve_device(load_config(spec["config"]).train.device)
         hint = " (pass --bench.reference=none to skip the eager reference)" if spec["side"] == "reference" else ""
