@@ -237,7 +237,7 @@ class Trainer:
         """
         n_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
         if self.world_size > 1:
-            n_tokens = all_reduce_sum(n_tokens.to(self.device))
+            n_tokens = all_reduce_sum(n_tokens.to(self.device, non_blocking=True))
         normalizer = n_tokens.clamp(min=1)
         loss_sum = torch.zeros((), device=self.device)
         for index, mb in enumerate(micro_batches):
@@ -265,7 +265,8 @@ class Trainer:
         else:
             grad_norm = clip_grad_norm(self.params, self.config.train.max_grad_norm)  # the norm over all ranks
         loss_value, norm_value, n_tokens = torch.stack(  # the step's one sync
-            [loss_sum.double(), grad_norm.double(), n_tokens.to(loss_sum.device, torch.float64)]).tolist()
+            [loss_sum.double(), grad_norm.to(loss_sum.device, torch.float64),  # CPU under fsdp_cpu_offload
+             n_tokens.to(loss_sum.device, torch.float64, non_blocking=True)]).tolist()
         n_tokens = int(n_tokens)
 
         if self.scaler is not None:
