@@ -241,3 +241,28 @@ def test_several_processes_without_a_strategy_are_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="parallel.strategy=none"):
         init_distributed("none", torch.device("cpu"))
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    """Preemption often reaches one process first: every rank must still save the same step."""
+    write_corpus(tmp_path / "corpus")
+    args = _overrides(tmp_path, "run", train__max_steps=100000, parallel__strategy="fsdp", train__micro_batch_size=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "trainer", "train", *args]
+    agent = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    run = tmp_path / "run"
+    deadline = time.time() + RUN_TIMEOUT_S
+    while time.time() < deadline and len(step_records(run)) < 3:
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), 15)  # SIGTERM to one rank only
+    output, _ = agent.communicate(timeout=RUN_TIMEOUT_S)  # a hang fails here
+    last = max(step_records(run))
+    checkpoint = run / f"checkpoint-{last}"
+    assert (checkpoint / "trainer_state.json").is_file(), output[-3000:]
+    assert "stopped at step" in output
+    state = Trainer(load_config(None, _overrides(tmp_path, "run", train__max_steps=last + 1,
+                                                 checkpoint__resume_from="latest", train__micro_batch_size=4))).train()
+    assert state.step == last + 1

@@ -211,7 +211,7 @@ def run_ours(config, spec: dict) -> dict:
     trainer = BenchTrainer(config, callbacks=[recorder], mask_last_label=spec["mask_last_label"], loss_scale=scale,
                            profile_trace=trace, profile_from_step=spec["warmup_steps"])
     trainer.train()
-    if trainer.stop_signal is not None:
+    if trainer.stop_requested:
         raise KeyboardInterrupt
     return {**side_facts(trainer), "losses": recorder.losses, "step_seconds": recorder.seconds,
             "peak_mem_bytes": recorder.peak_mem_bytes, "initial_checksum": trainer.initial_checksum,

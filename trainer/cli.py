@@ -1,4 +1,4 @@
-"""`python -m trainer` / `trainer`: train, eval, bench."""
+"""`python -m trainer` / `trainer`: train, eval, generate, bench."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def cmd_train(argv: list[str]) -> int:
     path, overrides = _split_args(argv)
     trainer = Trainer(load_config(path, overrides))
     trainer.train()
-    if trainer.stop_signal is not None:
-        return 128 + trainer.stop_signal
+    if trainer.stop_requested:  # stopped early by SIGTERM/SIGINT, with a checkpoint saved
+        return 128 + (trainer.stop_signal or signal.SIGTERM)
     return 0
 
 

@@ -88,7 +88,8 @@ class Trainer:
         self.callbacks = CallbackList(callbacks)
         self.state = TrainerState(max_steps=config.train.max_steps)
         self.control = TrainerControl()
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        self.stop_requested = False  # a signal reached some rank: every rank stops after this step
         self.rank, self.world_size, self.is_main = 0, 1, True
 
     # ------------------------------------------------------------------ setup
@@ -257,17 +258,22 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, float]:
         """One optimizer step; returns (loss, grad_norm, label tokens, lr) after a single host sync."""
         loss_sum, n_tokens = self.forward_backward(micro_batches)
-        all_reduce_sum(loss_sum)  # the logged loss is the global step's (a no-op in one process)
+        # A stop signal seen by any rank stops every rank after this same step (ranks that saved at
+        # different steps would wait on each other forever). One all-reduce carries the votes and
+        # makes the logged loss the global step's; in one process it is the identity.
+        stop_vote = torch.tensor(float(self.stop_signal is not None), device=loss_sum.device)
+        loss_sum, stop_votes = all_reduce_sum(torch.stack([loss_sum, stop_vote])).unbind()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.steps_in_backward:  # gradients are already used and freed; the hooks measured their norm
             grad_norm = self.optimizer.grad_norm()
         else:
             grad_norm = clip_grad_norm(self.params, self.config.train.max_grad_norm)  # the norm over all ranks
-        loss_value, norm_value, n_tokens = torch.stack(  # the step's one sync
+        loss_value, norm_value, n_tokens, stop_votes = torch.stack(  # the step's one sync
             [loss_sum.double(), grad_norm.to(loss_sum.device, torch.float64),  # CPU under fsdp_cpu_offload
-             n_tokens.to(loss_sum.device, torch.float64, non_blocking=True)]).tolist()
+             n_tokens.to(loss_sum.device, torch.float64, non_blocking=True), stop_votes.double()]).tolist()
         n_tokens = int(n_tokens)
+        self.stop_requested = stop_votes > 0
 
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when the gradients overflowed
@@ -428,7 +434,7 @@ class Trainer:
             self.callbacks.fire("on_step_end", self.config, state, self.control, model=self.model)
 
             last = state.step == t.max_steps
-            stopping = self.control.should_training_stop or self.stop_signal is not None
+            stopping = self.control.should_training_stop or self.stop_requested
             if self.control.should_evaluate or (t.eval_every and state.step % t.eval_every == 0) or last:
                 self._run_eval()
             save_every = cfg.checkpoint.save_every
@@ -439,8 +445,9 @@ class Trainer:
             if stopping:
                 break
 
-        if self.stop_signal is not None:
-            self.metrics.message(f"stopped at step {state.step} by {signal.Signals(self.stop_signal).name}; "
+        if self.stop_requested:
+            by = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another rank"
+            self.metrics.message(f"stopped at step {state.step} by {by}; "
                                  f"checkpoint saved. Continue with --checkpoint.resume_from=latest "
                                  f"--train.output_dir={self.output_dir}")
         else:

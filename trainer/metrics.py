@@ -43,7 +43,8 @@ class MetricsLogger:
                  log_every: int, tensorboard: bool):
         self.enabled = enabled
         self.max_steps, self.log_every = max_steps, log_every
-        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.start_step = start_step
+        self.first_logged = None  # (step, time) of the first step logged: the ETA leaves start-up out
         self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
@@ -81,17 +82,19 @@ class MetricsLogger:
             return
         self._write(record)
         step = record["step"]
+        if self.first_logged is None:
+            self.first_logged = (step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
         elif self.lines and (step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1):
-            elapsed = time.perf_counter() - self.start_time
-            done = step - self.start_step
-            eta = elapsed / done * (self.max_steps - step) if done else 0.0
+            first_step, first_time = self.first_logged
+            done = step - first_step
+            eta = (time.perf_counter() - first_time) / done * (self.max_steps - step) if done else None
             self.message(f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                          f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                         f"eta {format_duration(eta)}")
+                         f"eta {'--' if eta is None else format_duration(eta)}")
 
     def log_eval(self, record: dict) -> None:
         if not self.enabled:
