@@ -60,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 1000
+    max_steps: int = 800
     micro_batch_size: int = 8  # per rank
     grad_accum_steps: int = 1
     seq_len: int = 256
