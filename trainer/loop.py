@@ -490,8 +490,8 @@ class Trainer:
             "final_model": str(final),
         }
         (out / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        start = [{"step": 0, "eval_loss": initial_eval["eval_loss"]}] if initial_eval else []
-        plot = plot_losses(start + records, out / "loss.png")
+        initial_point = [{"step": 0, "eval_loss": initial_eval["eval_loss"]}] if initial_eval else []
+        plot = plot_losses(initial_point + records, out / "loss.png")
 
         steps_run = state.step - start_step
         summary = [f"Trained a {results['parameters'] / 1e6:.1f}M-parameter model for {steps_run} steps "
