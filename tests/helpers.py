@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from trainer.callbacks import TrainerCallback
 from trainer.config import load_config
 
 WORDS = ("the model learns tokens from text while gradients flow back through every layer and the loss "
@@ -34,3 +35,14 @@ def tiny_config(tmp_path: Path, **overrides):
     }
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, values)
+
+
+class StopAt(TrainerCallback):
+    """Stops a run after `step`, as an interruption would (a checkpoint is saved there)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, config, state, control, **kwargs):
+        if state.step == self.step:
+            control.should_training_stop = True

@@ -6,21 +6,11 @@ import textwrap
 import pytest
 
 from trainer import Trainer
-from trainer.callbacks import TrainerCallback
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rotate_checkpoints
 from trainer.errors import CheckpointError, TrainerError
 from trainer.metrics import read_metrics
 from trainer.models import build
-from tests.helpers import tiny_config
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, config, state, control, **kwargs):
-        if state.step == self.step:
-            control.should_training_stop = True
+from tests.helpers import StopAt, tiny_config
 
 
 def losses(run_dir):

@@ -10,13 +10,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from trainer import Trainer
-from trainer.callbacks import TrainerCallback
 from trainer.config import OptimConfig
 from trainer.errors import ConfigError, TrainerError
 from trainer.metrics import read_metrics
 from trainer.models import build
 from trainer.optim import build_optimizer, optimizer_names, state_bytes
-from tests.helpers import tiny_config
+from tests.helpers import StopAt, tiny_config
 
 NAMES = optimizer_names()
 GALORE = [n for n in NAMES if n.startswith("galore_")]
@@ -59,15 +58,6 @@ def train_steps(model, optimizer, steps, first_seed=0):
 
 def tiny_model(dtype=torch.float32):
     return build("tiny", vocab_size=257, seed=0).to(dtype)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, config, state, control, **kwargs):
-        if state.step == self.step:
-            control.should_training_stop = True
 
 
 def step_records(run_dir):
