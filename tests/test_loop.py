@@ -167,3 +167,15 @@ def test_mixed_precision_runs_train(tmp_path, dtype, param_dtype):
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert all(r["loss"] is not None for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
+
+
+def test_tensorboard_events_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(tiny_config(tmp_path, train__max_steps=3, train__tensorboard=True)).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    logged = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(logged) and "eval_loss" in events.Tags()["scalars"]
