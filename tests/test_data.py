@@ -12,7 +12,6 @@ from trainer.data import (
     ByteTokenizer,
     DataError,
     HFTokenizer,
-    Tokenizer,
     build_tokenizer,
     document_positions,
     eval_batches,
@@ -23,7 +22,6 @@ from trainer.data import (
     token_dtype,
     train_bpe,
 )
-from trainer.data import prepare as prepare_mod
 from trainer.data import tokenizer as tokenizer_mod
 
 UNICODE = "héllo wörld\n\tünïcödé 🙂🚀 \r\n中文字符 ‮ zero\u200bwidth \x00 end\n\n"

@@ -307,7 +307,7 @@ def test_document_mask_equals_running_each_example_alone():
     packed_logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
     model.zero_grad()
 
-    alone_loss, alone_logits, start = 0.0, [], 0
+    alone_loss, alone_logits = 0.0, []
     for e in examples:
         ids = torch.from_numpy(e.tokens)[None]
         labels = torch.where(torch.from_numpy(e.targets), torch.from_numpy(e.tokens), -100)[None, 1:]

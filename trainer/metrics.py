@@ -59,7 +59,8 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
-                warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard)")
+                warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard)",
+                              stacklevel=2)
 
     def message(self, text: str) -> None:
         if not self.enabled:
