@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from csrc_triton._common import num_warps_for
+from csrc_triton._common import launch, num_warps_for
 
 # Vocabulary slice per loop step: 4096 fp32 over 8 warps is 16 registers a thread per tensor.
 MAX_BLOCK = 4096
@@ -104,6 +104,12 @@ def _cross_entropy_kernel(LOGITS, stride_row, LABELS, BIAS, LOSS, ROW_SCALE,
             tl.store(row_ptr + cols, (d * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
+def launch_config(n_cols: int) -> dict:
+    """BLOCK and num_warps for rows of n_cols logits (csrc_triton.compile_check compiles the same choice)."""
+    block = min(MAX_BLOCK, triton.next_power_of_2(n_cols))
+    return dict(BLOCK=block, num_warps=num_warps_for(block))
+
+
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
                         loss_out: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
                         ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -132,14 +138,12 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: tor
     labels = labels.contiguous()
     if n_rows == 0 or (loss_out is None and not compute_grad):
         return logits
-    if block is None:
-        block = min(MAX_BLOCK, triton.next_power_of_2(n_cols))
-    _cross_entropy_kernel[(n_rows,)](
-        logits, logits.stride(0), labels, bias if bias is not None else logits,
-        loss_out if loss_out is not None else logits, row_scale if row_scale is not None else logits,
-        n_cols, ignore_index, float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-        HAS_Z_LOSS=z_loss != 0.0, HAS_ROW_SCALE=row_scale is not None,
-        WRITE_LOSS=loss_out is not None, WRITE_GRAD=compute_grad,
-        BLOCK=block, num_warps=num_warps_for(block))
+    config = launch_config(n_cols) if block is None else dict(BLOCK=block, num_warps=num_warps_for(block))
+    args = (logits, logits.stride(0), labels, bias if bias is not None else logits,
+            loss_out if loss_out is not None else logits, row_scale if row_scale is not None else logits,
+            n_cols, ignore_index, float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap))
+    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing != 0.0,
+                HAS_Z_LOSS=z_loss != 0.0, HAS_ROW_SCALE=row_scale is not None,
+                WRITE_LOSS=loss_out is not None, WRITE_GRAD=compute_grad, **config)
+    launch(_cross_entropy_kernel, (n_rows,), args, meta, f"rows={n_rows} vocab={n_cols} {logits.dtype}")
     return logits

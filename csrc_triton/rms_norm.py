@@ -7,19 +7,24 @@ wider rows are streamed twice.
 Backward: a fixed number of programs each walks a contiguous range of rows and keeps its own fp32
 partial sum of dW, written once per program into a (programs, cols) buffer that torch reduces.
 That keeps dW free of atomics (one contended row of atomics serialises every program) and makes
-it deterministic.
+it deterministic. Rows up to MAX_ONE_BLOCK_BACKWARD elements stay in registers; wider ones are
+streamed, with the dW partial row in that global buffer.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from csrc_triton._common import num_warps_for, persistent_programs
+from csrc_triton._common import launch, num_warps_for, persistent_programs
 
 # Widest row kept whole in registers (16384 fp32 over 16 warps is 32 registers a thread per
 # tensor); wider rows are processed in LOOP_BLOCK slices.
 MAX_ONE_BLOCK = 16384
 LOOP_BLOCK = 4096
+# The one-block backward keeps w and the dW partial sum live across rows besides the row's dy, x and
+# dx: at 16384 columns it spilled 96-136 bytes a thread (ptxas, sm_80 and sm_90, 32 warps, so at most
+# 64 registers; 16 warps spilled about twice that), so from there on the backward streams the row.
+MAX_ONE_BLOCK_BACKWARD = 8192
 
 
 @triton.jit
@@ -137,11 +142,18 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL,
             tl.debug_barrier()
 
 
-def _blocks(n_cols: int, max_block: int) -> tuple[int, bool]:
+def forward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
+    """BLOCK, ONE_BLOCK and num_warps of the forward kernel (csrc_triton.compile_check compiles the same)."""
     block = triton.next_power_of_2(n_cols)
-    if block <= max_block:
-        return block, True
-    return min(LOOP_BLOCK, max_block), False
+    if block > max_block:
+        block = min(LOOP_BLOCK, max_block)
+        return dict(BLOCK=block, ONE_BLOCK=False, num_warps=num_warps_for(block))
+    return dict(BLOCK=block, ONE_BLOCK=True, num_warps=num_warps_for(block))
+
+
+def backward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
+    """BLOCK, ONE_BLOCK and num_warps of the backward kernel."""
+    return forward_config(n_cols, min(max_block, MAX_ONE_BLOCK_BACKWARD))
 
 
 def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
@@ -170,13 +182,12 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, s, rstd
-    block, one_block = _blocks(n_cols, max_block)
     has_res = residual is not None
-    _rms_norm_fwd_kernel[(n_rows,)](
-        x, residual if has_res else x, weight, y, s if has_res else y, rstd,
-        x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0) if has_res else 0,
-        n_cols, eps,
-        HAS_RESIDUAL=has_res, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps_for(block))
+    args = (x, residual if has_res else x, weight, y, s if has_res else y, rstd,
+            x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0) if has_res else 0,
+            n_cols, eps)
+    launch(_rms_norm_fwd_kernel, (n_rows,), args, dict(HAS_RESIDUAL=has_res, **forward_config(n_cols, max_block)),
+           f"rows={n_rows} cols={n_cols} {x.dtype}")
     return y, s, rstd
 
 
@@ -196,19 +207,16 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return dx, torch.zeros(n_cols, dtype=torch.float32, device=x.device)
-    block, one_block = _blocks(n_cols, max_block)
+    config = backward_config(n_cols, max_block)
     programs = persistent_programs(x.device, n_rows)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     # The one-block kernel writes every partial row; the streamed one accumulates into it.
-    alloc = torch.empty if one_block else torch.zeros
+    alloc = torch.empty if config["ONE_BLOCK"] else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device)
-    # The one-block backward keeps w and the dW partial sum live across rows besides the row's own
-    # tensors: at 16384 columns 16 warps spill about twice as much (sm_90, ptxas) as 32 do.
-    num_warps = 32 if one_block and block >= 16384 else num_warps_for(block)
-    _rms_norm_bwd_kernel[(programs,)](
-        dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dw_partial,
-        dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
-        n_rows, n_cols, rows_per_program,
-        HAS_DS=dsum is not None, BLOCK=block, ONE_BLOCK=one_block, num_warps=num_warps)
+    args = (dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dw_partial,
+            dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
+            n_rows, n_cols, rows_per_program)
+    launch(_rms_norm_bwd_kernel, (programs,), args, dict(HAS_DS=dsum is not None, **config),
+           f"rows={n_rows} cols={n_cols} {x.dtype}")
     return dx, dw_partial.sum(0)

@@ -10,24 +10,26 @@ import torch
 import triton
 import triton.language as tl
 
+from csrc_triton._common import launch
+
 # Elements of one (heads x half head_dim) tile: the tile is held twice (both halves) in fp32.
 MAX_TILE = 2048
 
 
 @triton.jit
-def _rotate_heads(X, O, x_base, o_base, n_heads, stride_xh, stride_oh, half, d, d_mask,
+def _rotate_heads(X, OUT, x_base, o_base, n_heads, stride_xh, stride_oh, half, d, d_mask,
                   c1, c2, s1, s2, BLOCK_H: tl.constexpr):
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < n_heads)[:, None] & d_mask[None, :]
         x_ptr = X + x_base + h[:, None] * stride_xh + d[None, :]
-        o_ptr = O + o_base + h[:, None] * stride_oh + d[None, :]
+        o_ptr = OUT + o_base + h[:, None] * stride_oh + d[None, :]
         x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
         o1 = x1 * c1[None, :] - x2 * s1[None, :]
         o2 = x2 * c2[None, :] + x1 * s2[None, :]
-        tl.store(o_ptr, o1.to(O.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + half, o2.to(O.dtype.element_ty), mask=mask)
+        tl.store(o_ptr, o1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + half, o2.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,6 +61,13 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
                   stride_qh, stride_qoh, half, d, d_mask, c1, c2, s1, s2, BLOCK_H)
     _rotate_heads(K, KO, b * stride_kb + s * stride_ks, b * stride_kob + s * stride_kos, n_k_heads,
                   stride_kh, stride_koh, half, d, d_mask, c1, c2, s1, s2, BLOCK_H)
+
+
+def launch_config(n_q_heads: int, n_k_heads: int, head_dim: int) -> dict:
+    """BLOCK_H, BLOCK_D and num_warps (csrc_triton.compile_check compiles the same choice)."""
+    block_d = triton.next_power_of_2(head_dim // 2)
+    block_h = max(1, min(triton.next_power_of_2(max(n_q_heads, n_k_heads, 1)), MAX_TILE // block_d))
+    return dict(BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d <= 1024 else 8)
 
 
 def _table(t: torch.Tensor, batch: int, seq: int, dim: int) -> torch.Tensor:
@@ -93,14 +102,11 @@ def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if batch * seq == 0:
         return q_out, k_out
-    half = dim // 2
-    block_d = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(max(n_q, k.shape[1], 1)), MAX_TILE // block_d))
-    _rope_kernel[(batch * seq,)](
-        q, k, q_out, k_out, cos, sin,
-        seq, n_q, k.shape[1], half,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        INVERSE=inverse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d <= 1024 else 8)
+    args = (q, k, q_out, k_out, cos, sin,
+            seq, n_q, k.shape[1], dim // 2,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    launch(_rope_kernel, (batch * seq,), args, dict(INVERSE=inverse, **launch_config(n_q, k.shape[1], dim)),
+           f"q={tuple(q.shape)} k={tuple(k.shape)} {q.dtype}")
     return q_out, k_out

@@ -10,18 +10,20 @@ import torch
 import triton
 import triton.language as tl
 
+from csrc_triton._common import launch
+
 BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, O, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(G, U, OUT, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     out = g * tl.sigmoid(g) * u
-    tl.store(O + row * stride_o + cols, out.to(O.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,6 +54,11 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if cols <= 1 or rows.stride(1) == 1 else rows.contiguous()
 
 
+def launch_config(n_cols: int) -> dict:
+    """BLOCK and num_warps of both kernels (csrc_triton.compile_check compiles the same choice)."""
+    return dict(BLOCK=min(BLOCK, triton.next_power_of_2(n_cols)), num_warps=4)
+
+
 def _grid(n_rows: int, n_cols: int, block: int):
     # Rows on the first grid axis: it allows 2^31 - 1 programs, the second only 65535.
     return (n_rows, triton.cdiv(n_cols, block))
@@ -65,9 +72,10 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n_rows, n_cols = g.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel():
-        block = min(BLOCK, triton.next_power_of_2(n_cols))
-        _swiglu_fwd_kernel[_grid(n_rows, n_cols, block)](
-            g, u, out, g.stride(0), u.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4)
+        config = launch_config(n_cols)
+        launch(_swiglu_fwd_kernel, _grid(n_rows, n_cols, config["BLOCK"]),
+               (g, u, out, g.stride(0), u.stride(0), out.stride(0), n_cols), config,
+               f"rows={n_rows} cols={n_cols} {gate.dtype}")
     return out.view(gate.shape)
 
 
@@ -81,8 +89,8 @@ def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
     dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     if dg.numel():
-        block = min(BLOCK, triton.next_power_of_2(n_cols))
-        _swiglu_bwd_kernel[_grid(n_rows, n_cols, block)](
-            do, g, u, dg, du, do.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols,
-            BLOCK=block, num_warps=4)
+        config = launch_config(n_cols)
+        launch(_swiglu_bwd_kernel, _grid(n_rows, n_cols, config["BLOCK"]),
+               (do, g, u, dg, du, do.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols),
+               config, f"rows={n_rows} cols={n_cols} {gate.dtype}")
     return dg.view(gate.shape), du.view(up.shape)

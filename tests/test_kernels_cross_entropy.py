@@ -139,7 +139,7 @@ def test_op_triton_matches_oracle(dtype, reduction):
     tol = LOSS_TOL[dtype]
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert rel_err(loss, ref_loss) <= tol
-    for g, ref, t in zip(grads, ref_grads, (hidden, weight, bias)):
+    for g, ref, t in zip(grads, ref_grads, (hidden, weight, bias), strict=True):
         assert g.dtype == t.dtype
         assert rel_err(g, ref) <= tol
 
@@ -157,7 +157,7 @@ def test_op_triton_options(option):
         grads = torch.autograd.grad(loss, params)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "mean", normalizer, **OPTIONS[option])
     assert rel_err(loss, ref_loss) <= 1e-4
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-4
 
 
@@ -173,7 +173,7 @@ def test_op_triton_none_backward_with_options():
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "none", grad_out=grad_out, **OPTIONS["all"])
     assert rel_err(loss, ref_loss) <= 1e-4
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-4
 
 
@@ -187,7 +187,7 @@ def test_op_triton_extreme_hidden():
     ref_loss, ref_grads = oracle(hidden, weight, labels)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert rel_err(loss, ref_loss) <= 1e-4
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-4
 
 
@@ -244,7 +244,7 @@ def test_reference_fp64_matches_oracle(reduction, option):
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, normalizer, grad_out, **OPTIONS[option])
     assert rel_err(loss, ref_loss) <= 1e-12
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-12
 
 
@@ -257,7 +257,7 @@ def test_reference_low_precision(dtype):
     grads = torch.autograd.grad(loss, (hidden, weight))
     ref_loss, ref_grads = oracle(hidden, weight, labels, z_loss=1e-3)
     assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= LOSS_TOL[dtype]
 
 
@@ -273,7 +273,7 @@ def test_reference_autograd_function_agrees_with_op(reduction):
     ga = torch.autograd.grad(a.sum(), (hidden, weight, bias))
     gb = torch.autograd.grad(b.sum(), (hidden, weight, bias))
     assert rel_err(a, b) <= 1e-14
-    for x, y in zip(ga, gb):
+    for x, y in zip(ga, gb, strict=True):
         assert rel_err(x, y) <= 1e-14
 
 

@@ -93,11 +93,15 @@ def kernel_calls(monkeypatch):
     for module_name, names in LAUNCH_HELPERS.items():
         module = importlib.import_module(f"csrc_triton.{module_name}")
         for name in names:
-            def spy(*args, _fn=getattr(module, name), _name=name, **kwargs):
-                calls[_name] += 1
-                return _fn(*args, **kwargs)
-            monkeypatch.setattr(module, name, spy)
+            monkeypatch.setattr(module, name, _counting(getattr(module, name), name, calls))
     return calls
+
+
+def _counting(fn, name, calls):
+    def spy(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    return spy
 
 
 def test_cpu_dispatches_to_the_reference(kernel_calls):
@@ -106,7 +110,7 @@ def test_cpu_dispatches_to_the_reference(kernel_calls):
     ref_loss, ref_grads = run_block(block, t, force="reference")
     assert not kernel_calls
     assert torch.equal(loss, ref_loss)
-    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
 
 
 def test_triton_and_reference_paths_agree_on_a_block(kernel_calls):
@@ -117,7 +121,7 @@ def test_triton_and_reference_paths_agree_on_a_block(kernel_calls):
     assert set(kernel_calls) == {name for names in LAUNCH_HELPERS.values() for name in names}
     ref_loss, ref_grads = run_block(block, t, force="reference")
     assert rel_err(loss, ref_loss) <= 1e-5
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -130,7 +134,7 @@ def test_compile_fullgraph_over_all_four_ops():
     loss, grads = run_block(compiled, t)
     ref_loss, ref_grads = run_block(block, t)
     assert rel_err(loss, ref_loss) <= 1e-5
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -237,5 +241,5 @@ def test_gpu_compile_fullgraph_with_triton_kernels():
     loss, grads = run_block(compiled, t)
     ref_loss, ref_grads = run_block(block, t, force="reference")
     assert rel_err(loss, ref_loss) <= 1e-5
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         assert rel_err(a, b) <= 1e-5
