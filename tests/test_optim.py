@@ -1,4 +1,5 @@
-"""Memory-lean optimizers (trainer/optim): training, GaLore updates, state round trip, resume, layer-wise."""
+"""Memory-lean optimizers (trainer/optim): training, GaLore and APOLLO updates, state round trip, resume,
+layer-wise."""
 
 import copy
 import dataclasses
@@ -9,16 +10,19 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tests.helpers import StopAt, tiny_config
 from trainer import Trainer
 from trainer.config import OptimConfig
 from trainer.errors import ConfigError, TrainerError
 from trainer.metrics import read_metrics
 from trainer.models import build
+from trainer.models.config import ModelArgs
 from trainer.optim import build_optimizer, optimizer_names, state_bytes
-from tests.helpers import StopAt, tiny_config
 
 NAMES = optimizer_names()
 GALORE = [n for n in NAMES if n.startswith("galore_")]
+# Rank 8 with a new projection every 2 steps: the resume and round-trip tests cross a refresh.
+LOW_RANK = dict(galore_rank=8, galore_update_proj_gap=2, apollo_rank=8, apollo_update_proj_gap=2)
 
 
 @pytest.fixture(autouse=True)
@@ -32,15 +36,14 @@ def one_thread():
 
 def options(name, **overrides):
     """tiny_config overrides for `name`: layer-wise runs cannot clip; rank 8 with a projector refresh every 2 steps."""
-    values = dict(optim__name=name, optim__galore_rank=8, optim__galore_update_proj_gap=2, optim__lr=3e-3,
-                  train__threads=1)
+    values = dict(optim__name=name, optim__lr=3e-3, train__threads=1, **{f"optim__{k}": v for k, v in LOW_RANK.items()})
     if name.endswith("_layerwise"):
         values["train__max_grad_norm"] = 0
     return {**values, **overrides}
 
 
 def optim_config(name, **overrides) -> OptimConfig:
-    values = dict(name=name, lr=1e-2, weight_decay=0.0, galore_rank=8, galore_update_proj_gap=2)
+    values = dict(name=name, lr=1e-2, weight_decay=0.0, **LOW_RANK)
     return dataclasses.replace(OptimConfig(), **{**values, **overrides})
 
 
@@ -67,7 +70,7 @@ def step_records(run_dir):
 def test_config_offers_exactly_the_factory_names():
     field = next(f for f in dataclasses.fields(OptimConfig) if f.name == "name")
     assert sorted(field.metadata["choices"]) == sorted(NAMES)
-    assert len(NAMES) == 12
+    assert len(NAMES) == 14
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -196,7 +199,8 @@ def test_layerwise_nonfinite_step_stops_the_run(tmp_path):
     (dict(optim__name="galore_adamw", optim__galore_update_proj_gap=0), r"galore_update_proj_gap must be > 0"),
     (dict(optim__name="galore_adamw", optim__galore_scale=-1), r"galore_scale must be > 0"),
     (dict(optim__name="galore_adamw", optim__galore_proj_type="diagonal"), r"galore_proj_type='diagonal' is not"),
-    (dict(optim__name="galore_adamw", optim__galore_target="(q_proj"), r"galore_target='\(q_proj' is not a valid regex"),
+    (dict(optim__name="galore_adamw", optim__galore_target="(q_proj"),
+     r"galore_target='\(q_proj' is not a valid regex"),
     (dict(optim__betas="1.0,0.9"), r"optim\.betas must both be in \[0, 1\)"),
     (dict(optim__eps=0), r"optim\.eps must be > 0"),
     (dict(optim__name="adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
@@ -227,3 +231,89 @@ def test_rank_larger_than_a_matrix_is_clamped_with_a_warning():
         train_steps(model, optimizer, 1)
     k_proj = model.model.layers[0].self_attn.k_proj.weight
     assert optimizer.state[k_proj]["projector"].shape == (64, 64)  # left side of a 64 x 128 matrix, rank 64
+
+
+# ---------------------------------------------------------------- APOLLO
+
+def odd_model(dtype=torch.float64):
+    """Matrices of both orientations, none square of a round size: 20 x 40 (k/v), 72 x 40 (gate/up), 40 x 72 (down)."""
+    args = ModelArgs(vocab_size=61, hidden_size=40, intermediate_size=72, n_layers=2, n_heads=4, n_kv_heads=2,
+                     max_seq_len=32)
+    return build(args, seed=0).to(dtype)
+
+
+@pytest.mark.parametrize("scale_type,scale", [("channel", 1.0), ("tensor", 128.0)])
+def test_apollo_steps_equal_apollo_torch_steps(scale_type, scale):
+    """apollo-torch's APOLLOAdamW is the reference: same groups, seeds and settings, fp64, across two refreshes."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    model = odd_model()
+    twin = copy.deepcopy(model)
+    cfg = optim_config("apollo_adamw", weight_decay=0.1, apollo_rank=6, apollo_scale_type=scale_type,
+                       apollo_scale=scale)
+    ours = build_optimizer(model, cfg)
+    twin_params = dict(twin.named_parameters())
+    name_of = {p: n for n, p in model.named_parameters()}
+    groups = []
+    for group in ours.param_groups:
+        twin_group = {"params": [twin_params[name_of[p]] for p in group["params"]],
+                      "weight_decay": group["weight_decay"]}
+        if "apollo_rank" in group:
+            twin_group.update(rank=6, proj="random", scale_type=scale_type, update_proj_gap=2, scale=scale,
+                              proj_type="std")
+        groups.append(twin_group)
+    assert len(groups) == 3 and len(groups[2]["params"]) == 14
+    reference = apollo_torch.APOLLOAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    for step in range(5):
+        for m, o in ((model, ours), (twin, reference)):
+            loss_of(m, step).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+        for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert (p - q).norm() <= 1e-12 * q.norm(), f"{n} at step {step}"
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, odd_model().get_parameter(n))]
+    assert len(moved) == len(list(model.parameters()))
+
+
+def test_apollo_layerwise_steps_equal_apollo_steps():
+    """One optimizer per parameter draws the same projections as one for the model (seeds are model-wide)."""
+    reference, layerwise = odd_model(torch.float32), odd_model(torch.float32)
+    reference_optimizer = build_optimizer(reference, optim_config("apollo_adamw", weight_decay=0.1))
+    build_optimizer(layerwise, optim_config("apollo_adamw_layerwise", weight_decay=0.1))
+    for step in range(3):  # a refresh at step 2
+        loss_of(reference, step).backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+        loss_of(layerwise, step).backward()
+    for (n, p), q in zip(reference.named_parameters(), layerwise.parameters(), strict=True):
+        assert (q - p).norm() / p.norm() < 1e-6, n
+
+
+def test_apollo_state_is_far_smaller_than_adamw_state():
+    sizes = {}
+    for name in ("adamw", "apollo_adamw"):
+        model = tiny_model()
+        optimizer = build_optimizer(model, optim_config(name))
+        train_steps(model, optimizer, 1)
+        sizes[name] = state_bytes(optimizer)
+    # tiny: 14 targeted matrices of 2 x 128 x (64..352) moments each under AdamW; rank 8 keeps 2 x 8 x (64..352).
+    matrices = sum(p.numel() for n, p in tiny_model().named_parameters() if "self_attn" in n or "mlp" in n)
+    assert sizes["adamw"] - sizes["apollo_adamw"] > 0.8 * 2 * 4 * matrices
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (dict(optim__name="apollo_adamw", optim__apollo_rank=0), r"optim\.apollo_rank must be > 0"),
+    (dict(optim__name="apollo_adamw", optim__apollo_update_proj_gap=0), r"apollo_update_proj_gap must be > 0"),
+    (dict(optim__name="apollo_adamw", optim__apollo_scale=0), r"apollo_scale must be > 0"),
+    (dict(optim__name="apollo_adamw", optim__apollo_scale_type="row"), r"apollo_scale_type='row' is not allowed"),
+    (dict(optim__name="apollo_adamw", optim__apollo_target="(q_proj"), r"apollo_target='\(q_proj' is not a valid"),
+    (dict(optim__name="apollo_adamw", parallel__strategy="fsdp"), r"parallel\.strategy=fsdp needs optim\.name=adamw"),
+    (dict(optim__name="apollo_adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
+])
+def test_bad_apollo_values_are_refused_clearly(tmp_path, overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_apollo_target_matching_nothing_is_refused():
+    with pytest.raises(ConfigError, match="apollo_target='attention' matches no linear layer.*q_proj"):
+        build_optimizer(tiny_model(), optim_config("apollo_adamw", apollo_target="attention"))

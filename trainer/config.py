@@ -85,6 +85,7 @@ class OptimConfig:
     name: str = choice("adamw", "adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit",
                        "galore_adafactor", "adamw_layerwise", "adamw8bit_layerwise", "paged_adamw8bit_layerwise",
                        "galore_adamw_layerwise", "galore_adamw8bit_layerwise", "galore_adafactor_layerwise",
+                       "apollo_adamw", "apollo_adamw_layerwise",
                        help="see docs/optimizers.md; _layerwise: each parameter is updated inside backward")
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -104,6 +105,15 @@ class OptimConfig:
     galore_proj_type: str = choice("std", "std", "reverse_std", "left", "right",
                                    help="std: project the shorter side of each matrix away; left/right: force a side")
     galore_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names GaLore projects
+    # APOLLO (optim.name=apollo_adamw*): AdamW moments of each targeted matrix's gradient under a random
+    # projection to apollo_rank, turned into a per-row (channel) or per-matrix (tensor) scale of the raw
+    # gradient; the projection is redrawn every apollo_update_proj_gap steps. APOLLO-Mini: rank 1, tensor, scale 128.
+    apollo_rank: int = 128  # clamped, with a warning, to min(rows, cols) of a smaller matrix
+    apollo_update_proj_gap: int = 200
+    apollo_scale: float = 1.0  # the scaled gradient is multiplied by sqrt(apollo_scale)
+    apollo_scale_type: str = choice("channel", "channel", "tensor",
+                                    help="channel: one scale per row (or column) of a matrix; tensor: one per matrix")
+    apollo_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names APOLLO scales
 
 
 @dataclass
@@ -228,6 +238,11 @@ def _check_optim(cfg: TrainConfig) -> None:
             re.compile(o.galore_target)
         except re.error as e:
             raise ConfigError(f"optim.galore_target={o.galore_target!r} is not a valid regex: {e}") from None
+    if o.name.startswith("apollo_"):
+        _positive("optim.apollo_rank", o.apollo_rank)
+        _positive("optim.apollo_update_proj_gap", o.apollo_update_proj_gap)
+        _positive("optim.apollo_scale", o.apollo_scale)
+        _check_regex("optim.apollo_target", o.apollo_target)
     # Layer-wise and 8-bit optimizers under DDP/FSDP are refused in validate() beside the other parallel checks.
     if o.name.startswith("galore_") and cfg.parallel.strategy != "none":
         raise ConfigError(f"optim.name={o.name} with parallel.strategy={cfg.parallel.strategy} is not supported: "
@@ -246,6 +261,13 @@ def _check_optim(cfg: TrainConfig) -> None:
     if t.dtype == "fp16":
         raise ConfigError(f"optim.name={o.name} cannot use fp16's loss scaler, which must skip overflowing "
                           "updates after backward; use train.dtype=bf16 or fp32")
+
+
+def _check_regex(key: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"{key}={value!r} is not a valid regex: {e}") from None
 
 
 # ---------------------------------------------------------------- loading and overrides

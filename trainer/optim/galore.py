@@ -101,7 +101,7 @@ class GaLore(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
+        for group, inner_group in zip(self.param_groups, self.inner.param_groups, strict=True):
             inner_group["lr"] = group["lr"]
         projected = []
         for group in self.param_groups:
