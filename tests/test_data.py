@@ -124,7 +124,7 @@ def test_hf_tokenizer_folder(tmp_path):
     make_hf_folder(tmp_path / "noeos", ["<pad>"])
     with pytest.raises(DataError, match="no end-of-text token"):
         build_tokenizer(str(tmp_path / "noeos"))
-    with pytest.raises(DataError, match="unknown tokenizer"):
+    with pytest.raises(DataError, match="unknown data.tokenizer"):
         build_tokenizer("no/such/tokenizer")
 
 
@@ -230,7 +230,7 @@ def test_token_dtype(tmp_path):
     wide = prepare_data(str(root), tokenizer=WideVocab(), val_fraction=0, cache_dir=str(tmp_path / "cache"))
     assert small.train.dtype == np.uint16 and wide.train.dtype == np.uint32
     assert wide.train.tolist() == [97, 98, 99, 70000]
-    assert os.path.getsize(os.path.join(wide.cache_path, "train.bin")) == 4 * 4
+    assert os.path.getsize(os.path.join(wide.cache_path, "train-00000.bin")) == 4 * 4
     assert small.cache_path != wide.cache_path
 
 
@@ -245,6 +245,7 @@ def test_cache_hit_then_miss_on_change(tmp_path, monkeypatch, caplog):
     assert not first.from_cache and "tokenized" in caplog.text
     meta = json.loads(open(os.path.join(first.cache_path, "meta.json")).read())
     assert meta["dtype"] == "uint16" and meta["splits"]["train"]["tokens"] == len(first.train)
+    assert sum(s["tokens"] for s in meta["splits"]["train"]["shards"]) == len(first.train)
     assert meta["n_documents"] == 4 and meta["tokenizer"]["fingerprint"] == first.tokenizer.fingerprint
     assert [f[0] for f in meta["sources"]["files"]] == ["0.txt", "1.txt", "2.txt", "3.txt"]
 
@@ -257,7 +258,7 @@ def test_cache_hit_then_miss_on_change(tmp_path, monkeypatch, caplog):
     second = prepare_data(str(root), tokenizer="bpe", vocab_size=300, val_fraction=0, cache_dir=cache)
     assert second.from_cache and "used cache" in caplog.text
     assert second.cache_path == first.cache_path and np.array_equal(second.train, first.train)
-    assert isinstance(second.train, np.memmap) and not second.train.flags.writeable
+    assert all(isinstance(m, np.memmap) and not m.flags.writeable for m in second.train.shards)
 
     # Same-size edit: a content hash notices what size+mtime might not.
     (root / "0.txt").write_text(CORPUS[0].replace("a + b", "b + a"))
@@ -294,7 +295,8 @@ def test_cache_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_data(str(root), tokenizer="byte", val_fraction=0, cache_dir=str(cache))
     monkeypatch.undo()
-    assert os.listdir(cache / "datasets") == []
+    # Only dot-folders (the pieces of the unfinished run, its lock): no entry.
+    assert [n for n in os.listdir(cache / "datasets") if not n.startswith(".")] == []
 
     # A leftover temp folder (e.g. from a SIGKILLed run) holding a plausible entry is ignored.
     good = prepare_data(str(root), tokenizer="byte", val_fraction=0, cache_dir=str(cache))

@@ -6,7 +6,7 @@ blocks share one token and every token except the very first is a label exactly 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,16 +18,17 @@ def num_blocks(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
-def check_blocks(n_tokens: int, seq_len: int, split: str = "train") -> int:
-    """Number of blocks, or a DataError explaining why there are none."""
+def check_blocks(n_tokens: int, seq_len: int, split: str = "train", source: str | None = None) -> int:
+    """Number of blocks, or a DataError explaining why there are none (`source`: which mixture source)."""
     if seq_len < 1:
-        raise DataError(f"seq_len must be >= 1, got {seq_len}")
+        raise DataError(f"train.seq_len must be >= 1, got {seq_len}")
     n = num_blocks(n_tokens, seq_len)
     if n < 1:
+        of = f" of {source!r}" if source is not None else ""
         raise DataError(
-            f"the {split} split has {n_tokens} tokens, too few for one block of seq_len={seq_len} "
-            f"(needs seq_len + 1 = {seq_len + 1}); use a smaller seq_len, more data"
-            + (", or a larger val_fraction" if split == "val" else "")
+            f"the {split} split{of} has {n_tokens} tokens, too few for one block of seq_len={seq_len} "
+            f"(needs seq_len + 1 = {seq_len + 1}); use a smaller train.seq_len, more data"
+            + (", or a larger data.val_fraction" if split == "val" else "")
         )
     return n
 
@@ -57,6 +58,11 @@ def make_batch(
 ) -> dict[str, torch.Tensor]:
     """Gather blocks into a dict of int64 (B, seq_len) tensors: input_ids, labels[, position_ids, document_ids]."""
     rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in block_indices])
+    return rows_to_batch(rows, document_ids, eos_id)
+
+
+def rows_to_batch(rows: np.ndarray, document_ids: bool = False, eos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """(B, seq_len + 1) token rows -> the model's inputs (see make_batch)."""
     rows = torch.from_numpy(rows.astype(np.int64))
     # Contiguous copies: models call .view() on these, and labels must not alias inputs.
     batch = {"input_ids": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}

@@ -5,19 +5,27 @@ indices from a per-epoch permutation. Only G decides which blocks a step sees; h
 split across ranks and micro-batches does not, so changing the parallel layout at a fixed
 global batch leaves the training data identical. The state is just (seed, epoch, position):
 resuming never replays data.
+
+A TokenMixture (data.weights) draws each step's G blocks from its sources by weight (see
+mixture.py); every rank computes the same G draws and takes its slice, so the same invariants
+hold, and the state is (epoch, position, blocks drawn) per source.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import logging
+from collections.abc import Iterator
 
 import numpy as np
 
-from .blocks import check_blocks, make_batch
+from .blocks import check_blocks, make_batch, rows_to_batch
 from .errors import DataError
+from .mixture import MixtureSampler, TokenMixture
 from .sft import PackedExamples
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # one token stream
+MIXTURE_STATE_VERSION = 2  # a TokenMixture: per-source state
+log = logging.getLogger("trainer.data")
 
 
 def _positive(name: str, value) -> int:
@@ -80,17 +88,27 @@ class BlockLoader:
         eos_id = _eos_of(tokens, eos_id, document_ids)
         self.document_ids, self.eos_id = bool(document_ids), eos_id
 
-        self.blocks_per_epoch = _count_blocks(tokens, self.seq_len, "train")
+        self.mixture = tokens if isinstance(tokens, TokenMixture) else None
+        if self.mixture is not None:
+            per_source = [check_blocks(len(stream), self.seq_len, "train", name)
+                          for name, stream in zip(self.mixture.names, self.mixture.streams)]
+            self._offsets = np.concatenate([[0], np.cumsum(per_source)]).astype(np.int64)
+            self._sampler = MixtureSampler(per_source, self.mixture.weights, self.seed, self.shuffle)
+            self.blocks_per_epoch = int(self._offsets[-1])
+        else:
+            self.blocks_per_epoch = _count_blocks(tokens, self.seq_len, "train")
         self.global_batch = self.micro_batch_size * self.grad_accum_steps * self.world_size
         if self.global_batch > self.blocks_per_epoch:
             raise DataError(
                 f"global batch of {self.global_batch} blocks (micro_batch_size {self.micro_batch_size} x "
                 f"grad_accum_steps {self.grad_accum_steps} x world_size {self.world_size}) is larger than "
                 f"the {self.blocks_per_epoch} blocks of seq_len {self.seq_len} in the training data; use a "
-                "smaller batch or seq_len, or more data"
+                "smaller train.micro_batch_size, train.grad_accum_steps or train.seq_len, or more data"
             )
-        self.epoch = 0  # epochs completed: the epoch the next step draws from
-        self.position = 0  # blocks of this epoch's permutation already consumed
+        # Epochs completed (the epoch the next step draws from) and blocks of it consumed. For a mixture
+        # both count blocks drawn from all sources against the sum of the sources' blocks.
+        self.epoch = 0
+        self.position = 0
         self.steps = 0
         self._perm_epoch = -1
         self._perm = None
@@ -117,7 +135,14 @@ class BlockLoader:
             self.position = 0
 
     def next_global_indices(self) -> np.ndarray:
-        """Advance one step and return all G block indices of it (every rank's, in rank order)."""
+        """Advance one step and return all G block indices of it (every rank's, in rank order).
+
+        For a mixture an index counts through the sources' blocks one source after the other."""
+        if self.mixture is not None:
+            sources, blocks = self._sampler.draw(self.global_batch)
+            self.steps += 1
+            self._mixture_position()
+            return self._offsets[sources] + blocks
         self._roll_epoch()
         idx = self._permutation()[self.position : self.position + self.global_batch]
         self.position += self.global_batch
@@ -130,16 +155,36 @@ class BlockLoader:
         per_rank = self.micro_batch_size * self.grad_accum_steps
         mine = self.next_global_indices()[self.rank * per_rank : (self.rank + 1) * per_rank]
         mbs = self.micro_batch_size
-        return [
-            _make_batch(self.tokens, mine[i * mbs : (i + 1) * mbs], self.seq_len, self.document_ids, self.eos_id)
-            for i in range(self.grad_accum_steps)
-        ]
+        return [self._batch(mine[i * mbs : (i + 1) * mbs]) for i in range(self.grad_accum_steps)]
+
+    def _batch(self, indices: np.ndarray) -> dict:
+        if self.mixture is None:
+            return _make_batch(self.tokens, indices, self.seq_len, self.document_ids, self.eos_id)
+        sources = np.searchsorted(self._offsets, indices, side="right") - 1
+        rows = []
+        for s, index in zip(sources, indices):
+            start = int(index - self._offsets[s]) * self.seq_len
+            rows.append(self.mixture.streams[s][start : start + self.seq_len + 1])
+        return rows_to_batch(np.stack(rows), self.document_ids, self.eos_id)
+
+    def _mixture_position(self) -> None:
+        total = sum(self._sampler.drawn)
+        self.epoch, self.position = divmod(total, self.blocks_per_epoch)
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Tokens drawn from each mixture source so far, all ranks together (each block gives seq_len
+        input and seq_len label tokens); {} when the loader reads one stream."""
+        if self.mixture is None:
+            return {}
+        return {name: n * self.seq_len for name, n in zip(self.mixture.names, self._sampler.drawn)}
 
     def __iter__(self) -> Iterator[list[dict]]:
         while True:
             yield self.next_step()
 
     def state_dict(self) -> dict:
+        if self.mixture is not None:
+            return self._mixture_state()
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -157,8 +202,16 @@ class BlockLoader:
         seed and shuffle come from the state (resuming must not change the order). The global
         batch may differ (e.g. a new world size); the data then continues from the same point.
         """
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"unknown loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        version = state.get("version")
+        if self.mixture is not None:
+            return self._load_mixture_state(state)
+        if version == MIXTURE_STATE_VERSION:
+            raise DataError(
+                f"the checkpoint's data sampler mixed {len(state['sources'])} sources (data.weights) but this run "
+                "reads one corpus; resume with the checkpoint's data.path and data.weights"
+            )
+        if version != STATE_VERSION:
+            raise DataError(f"unknown loader state version {version!r} (expected {STATE_VERSION})")
         if state["blocks_per_epoch"] != self.blocks_per_epoch:
             raise DataError(
                 f"loader state was saved with {state['blocks_per_epoch']} blocks per epoch but this data "
@@ -168,6 +221,63 @@ class BlockLoader:
         self.epoch, self.position, self.steps = int(state["epoch"]), int(state["position"]), int(state["steps"])
         self._perm_epoch = -1
         self._roll_epoch()
+
+    def _mixture_state(self) -> dict:
+        sampler = self._sampler
+        return {
+            "version": MIXTURE_STATE_VERSION,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "steps": self.steps,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "sources": [
+                {"name": name, "weight": weight, "blocks_per_epoch": blocks, "epoch": epoch, "position": position,
+                 "drawn": drawn, "mix_drawn": mix_drawn}
+                for name, weight, blocks, epoch, position, drawn, mix_drawn in zip(
+                    self.mixture.names, self.mixture.weights, sampler.blocks, sampler.epoch, sampler.position,
+                    sampler.drawn, sampler.mix_drawn)
+            ],
+            "tokens_by_source": self.tokens_by_source(),
+        }
+
+    def _load_mixture_state(self, state: dict) -> None:
+        version = state.get("version")
+        if version == STATE_VERSION:
+            raise DataError(
+                f"the checkpoint's data sampler read one corpus but this run mixes {len(self.mixture.names)} sources "
+                "(data.weights); resume with the checkpoint's data.path and no data.weights"
+            )
+        if version != MIXTURE_STATE_VERSION:
+            raise DataError(f"unknown loader state version {version!r} (expected {MIXTURE_STATE_VERSION})")
+        saved = state["sources"]
+        names = [s["name"] for s in saved]
+        if names != self.mixture.names:
+            raise DataError(f"the checkpoint mixed the sources {names} but this run mixes {self.mixture.names}; "
+                            "resume with the checkpoint's data.path")
+        sampler = self._sampler
+        for s, blocks in zip(saved, sampler.blocks):
+            if s["blocks_per_epoch"] != blocks:
+                raise DataError(
+                    f"loader state was saved with {s['blocks_per_epoch']} blocks per epoch of {s['name']!r} but this "
+                    f"data has {blocks} at seq_len {self.seq_len}: different data or seq_len"
+                )
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        sampler.seed, sampler.shuffle = self.seed, self.shuffle
+        sampler.epoch = [int(s["epoch"]) for s in saved]
+        sampler.position = [int(s["position"]) for s in saved]
+        sampler.drawn = [int(s["drawn"]) for s in saved]
+        sampler.mix_drawn = [int(s["mix_drawn"]) for s in saved]
+        sampler._perms.clear()
+        old = [float(s["weight"]) for s in saved]
+        if not np.allclose(old, self.mixture.weights, rtol=1e-9, atol=0):
+            # New proportions apply from here on; balancing them against the old draws would starve a source.
+            log.warning("data.weights changed since the checkpoint (%s -> %s): the new proportions apply from this "
+                        "step", ", ".join(f"{w:.3g}" for w in old),
+                        ", ".join(f"{w:.3g}" for w in self.mixture.weights))
+            sampler.mix_drawn = [0] * len(saved)
+        self.steps = int(state["steps"])
+        self._mixture_position()
 
 
 def eval_batches(

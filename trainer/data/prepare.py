@@ -1,12 +1,16 @@
-"""prepare_data: corpus -> tokenizer -> one flat token file per split, cached by content hash.
+"""prepare_data: corpus -> tokenizer -> token shards per split, cached by content hash.
 
 Cache layout (cache_dir defaults to $TRAINER_CACHE_DIR, else ~/.cache/trainer):
     tokenizers/bpe-<vocab>-<corpus hash>/tokenizer.json       trained BPE tokenizers
-    datasets/<key>/train.bin, val.bin                          raw uint16/uint32 tokens
-    datasets/<key>/meta.json                                   dtype, counts, fingerprint, sources
+    datasets/<key>/train-00000.bin, ..., val-00000.bin, ...   raw uint16/uint32 tokens, <= 1 GiB a shard
+    datasets/<key>/meta.json                                   dtype, shards, counts, sources, hygiene
     datasets/<key>/tokenizer/                                  the tokenizer that made them
-Each entry is built in a `.tmp-*` folder and renamed into place when complete, so a killed run
-never leaves a partial entry that a later run trusts.
+    datasets/.partial-<key>/                                   pieces of a tokenization not finished yet
+The key hashes everything the tokens depend on: the files' names and contents, the text field,
+the tokenizer, the validation fraction and the format's own rules (never the worker count: the
+tokens are the same for any). An entry is assembled in a `.tmp-*` folder and renamed into place
+when complete, so a killed run never leaves an entry that a later run trusts; the pieces it did
+finish stay in `.partial-<key>/` and the next run with the same data tokenizes only the rest.
 """
 
 from __future__ import annotations
@@ -19,38 +23,35 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
+from . import readers
+from .cache import cache_write_error, remove_stale, resolve_cache_dir, writable_subdir
 from .errors import DataError
-from .sources import Corpus, resolve_corpus
-from .split import ValSplit
+from .pieces import plan_pieces
+from .progress import TokenizeProgress, human_bytes
+from .shards import TokenShards, write_shards
+from .sources import BINARY_RULE, Corpus, resolve_corpus
 from .tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
+from .workers import TokenizeJob, piece_file, resolve_workers, run_pieces, tokenize_piece
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 log = logging.getLogger("trainer.data")
-
-# Documents per encode_batch call, and a byte cap so one batch of huge files stays small in memory.
-BATCH_DOCS = 1024
-BATCH_BYTES = 8 << 20
-STALE_TMP_SECONDS = 24 * 3600
 
 
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    train: np.memmap
-    val: np.memmap | None
-    cache_path: str
+    train: TokenShards  # a TokenMixture when data.weights mixes several sources
+    val: TokenShards | None
+    cache_path: str  # the cache entry (for a mixture: the folder holding the entries of its parts)
     n_documents: int
     meta: dict = field(repr=False, default_factory=dict)
     from_cache: bool = False
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("TRAINER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "trainer")
+    parts: list = field(repr=False, default_factory=list)  # a mixture's PreparedData, one per source
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -60,9 +61,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def cache_key(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float) -> str:
     blob = {
         "format_version": FORMAT_VERSION,
-        "corpus": corpus.fingerprint,  # file names + content hashes (+ text_field for jsonl)
+        "corpus": corpus.fingerprint,  # file names + content hashes (+ text_field for jsonl and tables)
         "tokenizer": tokenizer.fingerprint,
         "val_fraction": repr(float(val_fraction)),
+        "text_chunk_bytes": readers.TEXT_CHUNK_BYTES,  # cuts long text files: changes their tokens
+        "binary_rule": BINARY_RULE,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -74,62 +77,109 @@ def prepare_data(
     val_fraction: float = 0.01,
     cache_dir: str | None = None,
     text_field: str = "text",
+    weights: str | list[float] | None = None,
+    num_workers: int = 0,
 ) -> PreparedData:
     """Tokenize `path` once (see sources.ACCEPTED for what it may be) and memory-map the result.
 
-    `tokenizer` is "byte", "bpe", a tokenizer.json path, or a Tokenizer instance.
+    `tokenizer` is "byte", "bpe", a tokenizer.json path, or a Tokenizer instance. `weights` (one per
+    comma-separated entry of `path`, e.g. "0.7,0.3") makes `train` a TokenMixture that BlockLoader
+    draws from in those proportions; without it the entries are one corpus. `num_workers` processes
+    tokenize (0: one per CPU); the tokens do not depend on it.
     """
     t0 = time.time()
     if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    corpus = resolve_corpus(path, text_field)
-    if corpus.n_bytes == 0:
-        raise DataError(f"data path {path!r} is an empty corpus: its {len(corpus.sources)} file(s) are all empty")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, corpus, vocab_size, cache_dir)
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    cache_dir = resolve_cache_dir(cache_dir)
+    workers = resolve_workers(num_workers)
+    if weights is not None and weights != "":
+        from .mixture import prepare_mixture
 
+        return prepare_mixture(path, weights, tokenizer, vocab_size, val_fraction, cache_dir, text_field, workers)
+    corpus = resolve_corpus(path, text_field)
+    check_not_empty(corpus)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, corpus, vocab_size, cache_dir)
+    return prepare_corpus(corpus, tok, val_fraction, cache_dir, workers, t0)
+
+
+def check_not_empty(corpus: Corpus) -> None:
+    if corpus.n_bytes == 0:
+        skipped = f" ({len(corpus.skipped)} more look binary and were skipped)" if corpus.skipped else ""
+        raise DataError(f"data.path {corpus.spec!r} is an empty corpus: its {len(corpus.sources)} file(s) are all "
+                        f"empty{skipped}")
+
+
+def prepare_corpus(corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_dir: str, workers: int,
+                   t0: float | None = None) -> PreparedData:
+    """The cached token shards of one corpus with one tokenizer, tokenized first if need be."""
+    t0 = t0 or time.time()
     key = cache_key(corpus, tok, val_fraction)
-    parent = os.path.join(cache_dir, "datasets")
-    folder = os.path.join(parent, key[:32])
-    meta = _read_valid_meta(folder, key)
+    folder = os.path.join(cache_dir, "datasets", key[:32])
+    meta = _read_valid_meta(folder, key)  # a hit needs no write access: a shared read-only cache works
     from_cache = meta is not None
     if not from_cache:
-        meta = _build(folder, parent, key, corpus, tok, val_fraction)
+        parent = writable_subdir(cache_dir, "datasets")
+        try:
+            meta = _build(folder, parent, key, corpus, tok, val_fraction, workers)
+        except OSError as e:
+            raise cache_write_error(parent, e) from None
 
     dtype = np.dtype(meta["dtype"])
-    train = _memmap(folder, meta["splits"]["train"], dtype, tok.eos_id)
-    val = _memmap(folder, meta["splits"]["val"], dtype, tok.eos_id) if meta["splits"]["val"] else None
-    n_val = meta["splits"]["val"]["tokens"] if val is not None else 0
-    _info(
-        f"{'used cache' if from_cache else 'tokenized'} {path!r}: {meta['n_documents']} documents, "
-        f"{len(train):,} train + {n_val:,} val tokens ({dtype.name}, vocab {tok.vocab_size}) "
-        f"in {time.time() - t0:.1f}s; cache {folder}"
+    train = _open_split(folder, meta["splits"]["train"], dtype, tok.eos_id)
+    val = _open_split(folder, meta["splits"]["val"], dtype, tok.eos_id) if meta["splits"]["val"] else None
+    elapsed = time.time() - t0
+    n_val = len(val) if val is not None else 0
+    hygiene = hygiene_note(meta)
+    build = meta.get("build", {})
+    speed = ""
+    if not from_cache:
+        reused = f", {build['pieces_reused']} of {build['pieces']} pieces reused" if build.get("pieces_reused") else ""
+        speed = f" ({human_bytes(build['input_bytes'] / max(elapsed, 1e-9))}/s, {workers} worker(s){reused})"
+    _emit(
+        logging.WARNING if hygiene else logging.INFO,
+        f"{'used cache' if from_cache else 'tokenized'} {corpus.spec!r}: {meta['n_documents']:,} documents, "
+        f"{len(train):,} train + {n_val:,} val tokens ({dtype.name}, vocab {tok.vocab_size}) in {elapsed:.1f}s"
+        f"{speed}{hygiene}; cache {folder}",
     )
     if val_fraction > 0 and val is None:
-        log.warning("val_fraction=%s but the corpus has a single document: no validation split", val_fraction)
+        log.warning("data.val_fraction=%s but %r has a single document: no validation split", val_fraction,
+                    corpus.spec)
     return PreparedData(tok, train, val, folder, meta["n_documents"], meta, from_cache)
 
 
-def _memmap(folder: str, split: dict, dtype: np.dtype, eos_id: int) -> np.memmap:
-    tokens = np.memmap(os.path.join(folder, split["file"]), dtype=dtype, mode="r", shape=(split["tokens"],))
-    # The stream carries its EOS so BlockLoader(document_ids=True) needs no separate eos_id.
-    tokens.eos_id = eos_id
-    return tokens
+def hygiene_note(meta: dict) -> str:
+    """What was odd about the input, for the summary line ("" when nothing was)."""
+    h = meta.get("hygiene", {})
+    notes = []
+    if h.get("binary_files"):
+        names = h["binary_files"]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        notes.append(f"skipped {len(names)} file(s) that look binary ({shown})")
+    if h.get("replaced"):
+        notes.append(f"replaced {h['replaced']:,} invalid UTF-8 sequence(s) with U+FFFD in "
+                     f"{h['replaced_documents']:,} document(s)")
+    if h.get("null_rows"):
+        notes.append(f"skipped {h['null_rows']:,} row(s) whose text is null")
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def _open_split(folder: str, split: dict, dtype: np.dtype, eos_id: int) -> TokenShards:
+    files = [os.path.join(folder, s["file"]) for s in split["shards"]]
+    return TokenShards(files, [s["tokens"] for s in split["shards"]], dtype, eos_id)
 
 
 def _read_valid_meta(folder: str, key: str) -> dict | None:
     """The entry's meta if it is complete and matches `key`, else None (and a broken entry is removed)."""
-    meta_file = os.path.join(folder, "meta.json")
     if not os.path.isdir(folder):
         return None
     try:
-        with open(meta_file) as f:
+        with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
         ok = meta["format_version"] == FORMAT_VERSION and meta["key"] == key
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in meta["splits"].values():
-            if split is not None:
-                ok = ok and os.path.getsize(os.path.join(folder, split["file"])) == split["tokens"] * itemsize
+            for shard in split["shards"] if split is not None else ():
+                ok = ok and os.path.getsize(os.path.join(folder, shard["file"])) == shard["tokens"] * itemsize
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if ok:
@@ -140,90 +190,149 @@ def _read_valid_meta(folder: str, key: str) -> dict | None:
     return None
 
 
-def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, val_fraction: float) -> dict:
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_tmp(parent)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key[:16]}-")
+# ---------------------------------------------------------------------------- building an entry
+
+
+@contextmanager
+def _build_lock(parent: str, key: str):
+    """One process builds a given entry at a time (two runs on the same data share the work instead)."""
     try:
-        meta = _tokenize_into(tmp, corpus, tok, val_fraction)
-        meta["key"] = key
-        tok.save(os.path.join(tmp, "tokenizer"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        import fcntl
+    except ImportError:  # Windows: no lock; concurrent builds are still safe, only duplicated
+        yield
+        return
+    with open(os.path.join(parent, f".lock-{key[:32]}"), "a") as f:
         try:
-            os.rename(tmp, folder)
-        except OSError:
-            # A concurrent run (e.g. another rank) published the same entry first; use theirs.
-            if _read_valid_meta(folder, key) is None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is tokenizing the same data (%s)", f.name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _remove_stale_tmp(parent: str) -> None:
-    # Temp folders of killed runs are never read; after a day they cannot belong to a live run.
-    now = time.time()
-    for name in os.listdir(parent):
-        p = os.path.join(parent, name)
-        if name.startswith(".tmp-") and now - os.path.getmtime(p) > STALE_TMP_SECONDS:
-            shutil.rmtree(p, ignore_errors=True)
+def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, val_fraction: float,
+           workers: int) -> dict:
+    remove_stale(parent)
+    with _build_lock(parent, key):
+        meta = _read_valid_meta(folder, key)
+        if meta is not None:  # built by the process we waited for
+            return meta
+        partial = os.path.join(parent, f".partial-{key[:32]}")
+        pieces = plan_pieces(corpus)
+        dtype = token_dtype(tok.vocab_size)
+        _open_partial(partial, key, pieces)
+        job = TokenizeJob(corpus.sources, corpus.text_field, tok, dtype.name, val_fraction, partial)
+        records = _completed(partial, pieces, dtype.itemsize)
+        reused = len(records)
+        todo = [p for p in pieces if p.index not in records]
+        total = sum(p.n_bytes for p in pieces)
+        progress = TokenizeProgress(total, done_bytes=sum(pieces[i].n_bytes for i in records))
+        try:
+            records.update(run_pieces(job, todo, workers, progress))
+        finally:
+            progress.close()
+        _apply_split_guarantees(job, pieces, records, val_fraction)
+
+        n_docs = sum(r["n_docs"] for r in records.values())
+        n_tokens = sum(r["tokens"]["train"] + r["tokens"]["val"] for r in records.values())
+        if n_docs == 0 or n_tokens == n_docs:  # nothing but the EOS after each document
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DataError(f"data.path {corpus.spec!r} is an empty corpus: its {n_docs} documents hold no text")
+
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key[:16]}-")
+        try:
+            meta = _assemble(tmp, partial, pieces, records, corpus, tok, val_fraction, dtype)
+            meta["key"] = key
+            meta["build"] = {"pieces": len(pieces), "pieces_reused": reused,
+                             "input_bytes": sum(p.n_bytes for p in todo)}
+            tok.save(os.path.join(tmp, "tokenizer"))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                # A concurrent run without a lock (Windows) published the same entry first; use theirs.
+                if _read_valid_meta(folder, key) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        return meta
 
 
-def _tokenize_into(folder: str, corpus: Corpus, tok: Tokenizer, val_fraction: float) -> dict:
-    """Stream every document, tokenized and followed by EOS, into train.bin / val.bin."""
-    split = ValSplit(corpus.document_ids(), val_fraction)
-    if split.n_documents == 0:
-        raise DataError(f"data path {corpus.spec!r} is an empty corpus: no documents in its {len(corpus.sources)} file(s)")
-
-    dtype = token_dtype(tok.vocab_size)
-    eos = np.array([tok.eos_id], dtype=dtype)
-    stats = {s: {"file": f"{s}.bin", "tokens": 0, "documents": 0} for s in ("train", "val")}
-    files = {s: open(os.path.join(folder, f"{s}.bin"), "wb") for s in stats}
-    bar = tqdm(
-        total=corpus.n_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty()
-    )
-
-    def flush(batch):
-        arrays = tok.encode_batch_arrays([text for _, text in batch])
-        parts = {"train": [], "val": []}
-        for (doc_id, _), ids in zip(batch, arrays):
-            s = "val" if split.is_val(doc_id) else "train"
-            parts[s] += [ids.astype(dtype, copy=False), eos]
-            stats[s]["documents"] += 1
-        for s, p in parts.items():
-            if p:
-                chunk = np.concatenate(p)
-                chunk.tofile(files[s])
-                stats[s]["tokens"] += len(chunk)
-
+def _open_partial(partial: str, key: str, pieces: list) -> None:
+    """Create the pieces folder, or keep the one an earlier run left if it was cut the same way."""
+    plan = {"format_version": FORMAT_VERSION, "key": key, "pieces": [p.to_json() for p in pieces]}
+    plan_file = os.path.join(partial, "plan.json")
     try:
-        batch, batch_bytes = [], 0
-        for doc_id, text, n_bytes in corpus.documents():
-            batch.append((doc_id, text))
-            batch_bytes += n_bytes
-            if len(batch) >= BATCH_DOCS or batch_bytes >= BATCH_BYTES:
-                flush(batch)
-                bar.update(batch_bytes)
-                batch, batch_bytes = [], 0
-        if batch:
-            flush(batch)
-            bar.update(batch_bytes)
-    finally:
-        bar.close()
-        for f in files.values():
-            f.close()
+        with open(plan_file) as f:
+            if json.load(f) == plan:
+                return
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    with open(plan_file + ".tmp", "w") as f:
+        json.dump(plan, f)
+    os.replace(plan_file + ".tmp", plan_file)
 
-    total_docs = stats["train"]["documents"] + stats["val"]["documents"]
-    if stats["train"]["tokens"] + stats["val"]["tokens"] == total_docs:
-        raise DataError(f"data path {corpus.spec!r} is an empty corpus: its {total_docs} documents hold no text")
-    if stats["val"]["documents"] == 0:
-        os.remove(os.path.join(folder, "val.bin"))
+
+def _completed(partial: str, pieces: list, itemsize: int) -> dict[int, dict]:
+    """Records of the pieces an earlier run finished (their .json exists and the files match it)."""
+    records = {}
+    for piece in pieces:
+        try:
+            with open(piece_file(partial, piece.index, "json")) as f:
+                record = json.load(f)
+            if all(os.path.getsize(piece_file(partial, piece.index, s)) == record["tokens"][s] * itemsize
+                   for s in ("train", "val")):
+                records[piece.index] = record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return records
+
+
+def _apply_split_guarantees(job: TokenizeJob, pieces: list, records: dict[int, dict], val_fraction: float) -> None:
+    """A val split whenever there are two documents, a train split whenever there is one (split.ValSplit's
+    rules, decided over the whole corpus): redo the piece holding a document they move."""
+    want: dict[int, tuple] = {i: (None, None) for i in records}
+    if val_fraction > 0:
+        n = sum(r["n_docs"] for r in records.values())
+        n_below = sum(r["n_below"] for r in records.values())
+        with_docs = [r for r in records.values() if r["lowest"] is not None]
+        if n >= 2 and n_below == 0:
+            r = min(with_docs, key=lambda r: r["lowest"])
+            want[r["index"]] = (r["lowest"][1], None)
+        if n >= 1 and n_below == n:
+            r = max(with_docs, key=lambda r: r["highest"])
+            want[r["index"]] = (want[r["index"]][0], r["highest"][1])
+    for index, (force_val, force_train) in want.items():
+        record = records[index]
+        if (record.get("force_val"), record.get("force_train")) != (force_val, force_train):
+            records[index] = tokenize_piece(job, pieces[index], force_val=force_val, force_train=force_train)
+
+
+def _assemble(tmp: str, partial: str, pieces: list, records: dict, corpus: Corpus, tok: Tokenizer,
+              val_fraction: float, dtype: np.dtype) -> dict:
+    splits = {}
+    for side in ("train", "val"):
+        files = [piece_file(partial, p.index, side) for p in pieces if records[p.index]["tokens"][side]]
+        documents = sum(r["documents"][side] for r in records.values())
+        shards = write_shards(tmp, side, files, dtype)
+        splits[side] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": documents}
+    if splits["val"]["documents"] == 0:
+        splits["val"] = None
+    read = readers.ReadStats()
+    for r in records.values():
+        read.add(r["read"])
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
-        "n_documents": total_docs,
-        "splits": {"train": stats["train"], "val": stats["val"] if stats["val"]["documents"] else None},
+        "n_documents": sum(r["n_docs"] for r in records.values()),
+        "splits": splits,
         "val_fraction": val_fraction,
         "text_field": corpus.text_field,
         "tokenizer": {
@@ -233,11 +342,12 @@ def _tokenize_into(folder: str, corpus: Corpus, tok: Tokenizer, val_fraction: fl
             "eos_id": tok.eos_id,
         },
         "sources": {"path": corpus.spec, "files": [[s.name, s.digest, s.size] for s in corpus.sources]},
+        "hygiene": {"binary_files": [s.name for s in corpus.skipped], **read.as_dict()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _info(message: str) -> None:
+def _emit(level: int, message: str) -> None:
     # The one line prepare_data promises. If the application configured no logging at all, give
     # this logger a stderr handler so the line is not lost to Python's warning-only fallback.
     if not log.hasHandlers():
@@ -246,4 +356,4 @@ def _info(message: str) -> None:
         log.addHandler(handler)
         if log.level == logging.NOTSET:
             log.setLevel(logging.INFO)
-    log.info(message)
+    log.log(level, message)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator
 
 import numpy as np
 import torch

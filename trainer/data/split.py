@@ -8,7 +8,7 @@ split is the same on every machine (Python's hash() is randomized per process).
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def doc_unit(doc_id: str) -> float:

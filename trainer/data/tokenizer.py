@@ -1,8 +1,10 @@
 """Tokenizers: raw UTF-8 bytes, any Hugging Face tokenizer.json, or a byte-level BPE trained here.
 
-All share one small interface (`Tokenizer`). `save(folder)` always writes `tokenizer.json`:
-the Hugging Face format for BPE/HF tokenizers, and for the byte tokenizer a tiny marker
-`{"trainer_tokenizer": "byte", ...}` that `load_tokenizer` recognises.
+All share one small interface (`Tokenizer`). `save(folder)` always writes a Hugging Face
+`tokenizer.json` (and tokenizer_config.json) that `transformers.AutoTokenizer` loads. For the byte
+tokenizer it is a byte-level BPE with no merges whose ids are the byte values, EOS 256: it encodes
+and decodes exactly as ByteTokenizer, and `load_tokenizer` recognises it as the byte tokenizer.
+Folders written before that hold a small marker `{"trainer_tokenizer": "byte"}`, still loaded.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .cache import cache_write_error, default_cache_dir, writable_subdir
 from .errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -84,9 +87,50 @@ class ByteTokenizer(Tokenizer):
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        marker = {"trainer_tokenizer": BYTE_MARKER, "version": 1, "vocab_size": 257, "eos_id": 256}
-        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
-            json.dump(marker, f)
+        byte_level_tokenizer().save(os.path.join(folder, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN, "model_max_length": 2**30}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, which Hugging Face's ByteLevel pre-tokenizer and
+    decoder use (Radford et al. 2019, openai/gpt-2 src/encoder.py): printable Latin-1 bytes stand for
+    themselves, the other 68 take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def byte_level_tokenizer():
+    """ByteTokenizer as a `tokenizers.Tokenizer`: every byte one token whose id is its value, EOS 256."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as _HF
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tok = _HF(models.BPE(vocab=vocab, merges=[]))
+    # No regex split: without merges the pieces do not matter, and bytes map one to one.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    return tok
+
+
+def _is_byte_level_file(file: str) -> bool:
+    """Is this tokenizer.json the one ByteTokenizer.save writes? (It is small; real BPE files are not.)"""
+    if os.path.getsize(file) > 64 << 10:
+        return False
+    from tokenizers import Tokenizer as _HF
+
+    try:
+        return _HF.from_file(file).to_str() == byte_level_tokenizer().to_str()
+    except Exception:  # not a tokenizer file at all: the caller's loader reports that
+        return False
 
 
 class HFTokenizer(Tokenizer):
@@ -127,7 +171,7 @@ class HFTokenizer(Tokenizer):
         return value.get("content") if isinstance(value, dict) else value
 
     @classmethod
-    def from_file(cls, path: str) -> "HFTokenizer":
+    def from_file(cls, path: str) -> HFTokenizer:
         """Load a tokenizer.json, given the file or its folder (with its tokenizer_config.json and
         chat_template.jinja when present)."""
         from tokenizers import Tokenizer as _HF
@@ -199,10 +243,11 @@ def _find_eos(tok, config: dict, file: str) -> int:
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, length: int | None = None) -> HFTokenizer:
     """Train a byte-level BPE (exact round trip for any text) with EOS "<|endoftext|>" as id 0."""
-    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        raise DataError(f"BPE vocab_size must be at least 257 (256 bytes + EOS), got {vocab_size}")
+        raise DataError(f"data.vocab_size must be at least 257 for a BPE tokenizer (256 bytes + EOS), got {vocab_size}")
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -232,7 +277,7 @@ def build_tokenizer(spec: str, sources=None, vocab_size: int = 4096, cache_dir: 
     if os.path.exists(os.path.expanduser(spec)):
         return load_tokenizer(os.path.expanduser(spec))
     raise DataError(
-        f"unknown tokenizer {spec!r}: use 'byte', 'bpe', or a path to a folder holding a "
+        f"unknown data.tokenizer {spec!r}: use 'byte', 'bpe', or a path to a folder holding a "
         "Hugging Face tokenizer.json (or to the file itself)"
     )
 
@@ -244,12 +289,14 @@ def load_tokenizer(folder: str) -> Tokenizer:
         raise DataError(f"no tokenizer.json at {folder!r}")
     with open(file) as f:
         head = f.read(200)
-    # The byte marker is tiny; HF files are large, so only sniff the start before parsing.
+    # The marker of older byte-tokenizer folders is tiny; HF files are large, so only sniff the start.
     if '"trainer_tokenizer"' in head:
         with open(file) as f:
             kind = json.load(f).get("trainer_tokenizer")
         if kind != BYTE_MARKER:
             raise DataError(f"{file}: unknown trainer tokenizer kind {kind!r}")
+        return ByteTokenizer()
+    if _is_byte_level_file(file):
         return ByteTokenizer()
     return HFTokenizer.from_file(file)
 
@@ -260,31 +307,28 @@ def _cached_bpe(sources, vocab_size: int, cache_dir: str | None) -> HFTokenizer:
     if sources is None:
         raise DataError("tokenizer='bpe' needs the training corpus (sources=...) to train on")
     corpus = sources if isinstance(sources, Corpus) else resolve_corpus(sources)
-    if cache_dir is None:
-        from .prepare import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    parent = os.path.join(cache_dir, "tokenizers")
-    folder = os.path.join(parent, f"bpe-{vocab_size}-{corpus.fingerprint[:20]}")
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    folder = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{corpus.fingerprint[:20]}")
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return HFTokenizer.from_file(folder)
+    parent = writable_subdir(cache_dir, "tokenizers")  # before training: fail in a second, not after an hour
 
     def texts():
         for _, text, _ in corpus.documents():
             yield text
 
-    n_docs = sum(1 for _ in corpus.document_ids())
-    tok = train_bpe(texts(), vocab_size, length=n_docs)
+    tok = train_bpe(texts(), vocab_size)
     # Train once, publish atomically: a killed run leaves only a temp folder nobody reads.
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    tmp = None
     try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
         tok.save(tmp)
         os.rename(tmp, folder)
-    except OSError:
+    except OSError as e:
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            raise
+            raise cache_write_error(parent, e) from None
         # Another process published the same tokenizer first; theirs is equally valid.
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return HFTokenizer.from_file(folder)

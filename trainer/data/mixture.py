@@ -1,0 +1,154 @@
+"""Data mixtures: several sources, each tokenized and cached on its own, drawn by weight.
+
+`data.path = "web/*.parquet,code/,books.jsonl.zst"` with `data.weights = "0.6,0.3,0.1"` trains on
+blocks drawn 60/30/10 from the three, whatever their sizes: a small source is repeated (a new
+shuffle each time round), a large one is seen in part. Sources are cached separately, so changing
+one source or the weights re-tokenizes nothing else.
+
+Which source the k-th block of a run comes from is decided greedily, always the source furthest
+below its share (w_s * k minus the blocks it has given), as Megatron-LM's blended datasets do
+(megatron/core/datasets/helpers.cpp, build_blending_indices): the proportions hold to within a
+block at every step, with no randomness to drift. Within a source, blocks come in a per-epoch
+permutation seeded by (train.seed, source, epoch). The whole state is a few integers per source.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from .errors import DataError
+from .shards import TokenShards
+from .sources import Corpus, resolve_corpus, split_path
+
+log = logging.getLogger("trainer.data")
+
+
+def parse_weights(weights, entries: list[str]) -> list[float]:
+    """data.weights ("0.7,0.3" or a list of numbers) checked against data.path's entries; normalised to sum 1."""
+    items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(weights)
+    if len(items) != len(entries):
+        raise DataError(
+            f"data.weights has {len(items)} value(s) but data.path has {len(entries)} comma-separated source(s) "
+            f"({', '.join(repr(e) for e in entries)}); give one positive weight per source"
+        )
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise DataError(f"data.weights: {item!r} is not a number; give positive numbers such as 0.7,0.3") from None
+        if not math.isfinite(value) or value <= 0:
+            raise DataError(f"data.weights must all be positive numbers, got {item!r}; leave a source out of "
+                            "data.path instead of giving it weight 0")
+        values.append(value)
+    total = sum(values)
+    return [v / total for v in values]
+
+
+class TokenMixture:
+    """The train streams of a mixture's sources, with their names (as written in data.path) and weights."""
+
+    def __init__(self, names: list[str], weights: list[float], streams: list[TokenShards]):
+        if not (len(names) == len(weights) == len(streams)) or not names:
+            raise DataError("a mixture needs one name and one weight per stream")
+        total = float(sum(weights))
+        self.names, self.weights, self.streams = list(names), [w / total for w in weights], list(streams)
+        self.eos_id = streams[0].eos_id
+        self.dtype = streams[0].dtype
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n!r}: {w:.3g}" for n, w in zip(self.names, self.weights))
+        return f"TokenMixture({parts})"
+
+
+class MixtureSampler:
+    """Draws (source, block) pairs: sources by weight, each source's blocks in a seeded permutation per epoch."""
+
+    def __init__(self, blocks: list[int], weights: list[float], seed: int, shuffle: bool = True):
+        self.blocks, self.weights = [int(b) for b in blocks], np.asarray(weights, dtype=np.float64)
+        self.seed, self.shuffle = seed, shuffle
+        k = len(blocks)
+        self.epoch, self.position = [0] * k, [0] * k
+        self.drawn = [0] * k  # blocks drawn from each source over the run
+        self.mix_drawn = [0] * k  # the same, since the weights last changed: what the greedy choice balances
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _permutation(self, s: int) -> np.ndarray:
+        cached = self._perms.get(s)
+        if cached is None or cached[0] != self.epoch[s]:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, s + 1, self.epoch[s]])
+                perm = rng.permutation(self.blocks[s])
+            else:
+                perm = np.arange(self.blocks[s])
+            self._perms[s] = cached = (self.epoch[s], perm)
+        return cached[1]
+
+    def draw(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n draws: (source index, block index within that source) arrays."""
+        sources, blocks = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        mix = np.asarray(self.mix_drawn, dtype=np.float64)
+        total = mix.sum()
+        for i in range(n):
+            s = int(np.argmax(self.weights * (total + 1) - mix))  # furthest below its share; ties: first
+            sources[i], blocks[i] = s, self._permutation(s)[self.position[s]]
+            mix[s] += 1
+            total += 1
+            self.drawn[s] += 1
+            self.position[s] += 1
+            if self.position[s] == self.blocks[s]:  # a source runs out: its next epoch, reshuffled
+                self.epoch[s] += 1
+                self.position[s] = 0
+        self.mix_drawn = [int(m) for m in mix]
+        return sources, blocks
+
+
+def union_corpus(spec: str, corpora: list[Corpus], text_field: str) -> Corpus:
+    """All the sources' files as one corpus, as resolve_corpus(spec) would give: what a BPE tokenizer trains on."""
+    found, skipped = {}, {}
+    for corpus in corpora:
+        for s in corpus.sources:
+            found.setdefault(os.path.realpath(s.path), s)
+        for s in corpus.skipped:
+            skipped.setdefault(os.path.realpath(s.path), s)
+
+    def order(s):
+        return (s.name, s.digest, s.path)
+
+    sources, binary = sorted(found.values(), key=order), sorted(skipped.values(), key=order)
+    return Corpus(spec, tuple(sources), text_field, tuple(binary))
+
+
+def prepare_mixture(path: str, weights, tokenizer, vocab_size: int, val_fraction: float, cache_dir: str,
+                    text_field: str, workers: int):
+    from .prepare import PreparedData, check_not_empty, prepare_corpus
+    from .tokenizer import Tokenizer, build_tokenizer
+
+    t0 = time.time()
+    entries = split_path(path)
+    shares = parse_weights(weights, entries)
+    corpora = [resolve_corpus(entry, text_field) for entry in entries]
+    for corpus in corpora:
+        check_not_empty(corpus)
+    union = union_corpus(path, corpora, text_field)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, union, vocab_size, cache_dir)
+    parts = [prepare_corpus(corpus, tok, val_fraction, cache_dir, workers) for corpus in corpora]
+    train = TokenMixture(entries, shares, [p.train for p in parts])
+    vals = [p.val for p in parts if p.val is not None]
+    val = None
+    if vals:  # evaluation sees every source's held-out documents, source by source
+        val = TokenShards([f for v in vals for f in v.files], [len(m) for v in vals for m in v.shards],
+                          vals[0].dtype, tok.eos_id)
+    described = [f"{e!r} weight {w:.3g}, {len(p.train):,} train tokens" for e, w, p in zip(entries, shares, parts)]
+    log.info("mixture of %d sources in %.1fs: %s", len(entries), time.time() - t0, "; ".join(described))
+    meta = {"mixture": [{"path": e, "weight": w, "cache": p.cache_path} for e, w, p in zip(entries, shares, parts)]}
+    return PreparedData(tok, train, val, os.path.join(cache_dir, "datasets"), sum(p.n_documents for p in parts), meta,
+                        all(p.from_cache for p in parts), parts)
