@@ -46,7 +46,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:python-stdlib"  # file, folder, glob, comma list; .jsonl reads its "text" field
+    # file, folder, glob, comma list: text files, .jsonl(.gz|.zst) and .parquet (their text_field), save_to_disk folders
+    path: str = "builtin:python-stdlib"
+    # a mixture: one positive weight per comma-separated entry of path, e.g. "0.7,0.3" ("": one corpus, concatenated)
+    weights: str = ""
+    num_workers: int = 0  # processes that tokenize (the tokens are the same for any number); 0 = the CPU count
     tokenizer: str = "bpe"  # byte | bpe (trained on the corpus, cached) | a folder with tokenizer.json
     vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.01
@@ -195,6 +199,7 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        _check_data(self.data)
         if not 0 <= self.optim.min_lr_ratio <= 1 or not 0 <= self.optim.decay_fraction <= 1:
             raise ConfigError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
         if t.param_dtype == "bf16" and t.dtype in ("fp32", "fp16"):
@@ -222,6 +227,22 @@ class TrainConfig:
 def _positive(key, value):
     if value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_data(d: DataConfig) -> None:
+    """data.weights against data.path's entries, data.num_workers, and what a mixture cannot be."""
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0: one per CPU), got {d.num_workers}")
+    if not d.weights.strip():
+        return
+    from trainer.data import DataError, parse_weights, split_path
+
+    if d.format != "text":
+        raise ConfigError(f"data.weights mixes pretraining sources; it does not apply to data.format={d.format}")
+    try:
+        parse_weights(d.weights, split_path(d.path))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_optim(cfg: TrainConfig) -> None:
