@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from tests.helpers import tiny_config
-from trainer.bench import (EXACT_TOLERANCE, check_bench_config, flops_per_token, judge, loss_changes, peak_flops,
-                           reference_config, steady_tokens_per_s)
-from trainer.bench_worker import LOSS_SCALE_HOOK
+from trainer.bench.report import flops_per_token, peak_flops, steady_tokens_per_s
+from trainer.bench.runner import check_bench_config, reference_config
+from trainer.bench.verdict import EXACT_TOLERANCE, judge, loss_changes
 from trainer.config import to_toml
 from trainer.errors import ConfigError
 
@@ -28,6 +28,7 @@ def run_bench(tmp_path, *overrides, env=None, **config):
     return proc, json.loads(bench_json.read_text()) if bench_json.is_file() else None
 
 
+@pytest.mark.slow
 def test_fp32_tiny_bench_passes_and_matches_the_hf_peer(tmp_path):
     proc, report = run_bench(tmp_path, "--bench.peer=hf")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -46,14 +47,41 @@ def test_fp32_tiny_bench_passes_and_matches_the_hf_peer(tmp_path):
     assert "PASSED" in proc.stdout and "tokens/s" in proc.stdout
 
 
+# Python imports sitecustomize at start-up: this one scales the model's loss by 1.01 in the optimized
+# side's process only (its spec file is named on the worker's command line), as a bug in an optimized
+# path would, while the reference side runs the model untouched.
+BREAK_OPTIMIZED_LOSS = """
+import sys
+
+import trainer.models.llama as llama
+
+forward = llama.Transformer.forward
+
+
+def scaled(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    optimized_side = any(arg.endswith("/optimized/bench_spec.json") for arg in sys.argv)  # set after start-up
+    return out * 1.01 if optimized_side and kwargs.get("labels") is not None else out
+
+
+llama.Transformer.forward = scaled
+"""
+
+
+@pytest.mark.slow
 def test_a_broken_optimized_loss_fails_the_bench(tmp_path):
-    proc, report = run_bench(tmp_path, env={LOSS_SCALE_HOOK: "1.01"})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(BREAK_OPTIMIZED_LOSS)
+    pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    proc, report = run_bench(tmp_path, env={"PYTHONPATH": pythonpath})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert report["passed"] is False
     assert report["max_rel_loss_diff"] == pytest.approx(0.01, rel=0.1)
     assert "FAILED" in proc.stdout
 
 
+@pytest.mark.slow
 def test_reference_none_reports_the_optimized_run_alone(tmp_path):
     proc, report = run_bench(tmp_path, "--bench.reference=none", "--bench.profile=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr

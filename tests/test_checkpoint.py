@@ -72,7 +72,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
 def test_new_run_into_folder_with_checkpoints_is_refused_unless_overwrite(tmp_path):
     Trainer(tiny_config(tmp_path, train__max_steps=2)).train()
     before = (tmp_path / "run" / "checkpoint-2" / "model.safetensors").read_bytes()
-    with pytest.raises(TrainerError, match="already holds checkpoints.*resume_from=latest.*overwrite=true"):
+    with pytest.raises(TrainerError, match="already holds a run's checkpoints.*resume_from=latest.*overwrite=true"):
         Trainer(tiny_config(tmp_path, train__max_steps=2, train__seed=1)).train()
     assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").read_bytes() == before
     Trainer(tiny_config(tmp_path, train__max_steps=3, train__seed=1, train__overwrite=True)).train()

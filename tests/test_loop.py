@@ -4,17 +4,16 @@ import math
 import pytest
 import torch
 
-from trainer import Trainer
+from tests.helpers import tiny_config
+from trainer import Trainer, build_run
 from trainer.callbacks import TrainerCallback
 from trainer.errors import TrainerError
 from trainer.metrics import read_metrics
-from tests.helpers import tiny_config
+from trainer.prefetch import make_step_batch
 
 
 def setup_trainer(cfg) -> Trainer:
-    trainer = Trainer(cfg)
-    trainer._setup()
-    return trainer
+    return Trainer(cfg, parts=build_run(cfg))
 
 
 def grads_of(trainer) -> dict[str, torch.Tensor]:
@@ -28,11 +27,11 @@ def test_grad_accumulation_matches_one_big_batch_with_ignored_labels(tmp_path):
     for row, n_ignored in enumerate([0, 5, 20, 31]):
         batch["labels"][row, :n_ignored] = -100
 
-    loss_big, n_big = trainer.forward_backward([batch])
+    loss_big, n_big = trainer.forward_backward_step(make_step_batch([batch], loader_state={}))
     big = grads_of(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
     micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]
-    loss_acc, n_acc = trainer.forward_backward(micro)
+    loss_acc, n_acc = trainer.forward_backward_step(make_step_batch(micro, loader_state={}))
     acc = grads_of(trainer)
 
     assert n_big == n_acc == 4 * 32 - 56
@@ -55,7 +54,7 @@ def test_loss_falls_and_metrics_have_every_key(tmp_path):
         assert steps[0][key] > 0
     # AdamW: two fp32 moments per parameter, plus a scalar step count per tensor
     assert 0 <= steps[0]["optim_state_bytes"] - 2 * steps[0]["param_bytes"] < 1024
-    assert [r["step"] for r in evals] == [15, 30]
+    assert [r["step"] for r in evals] == [0, 15, 30]  # the starting point, then every eval_every steps
     assert all(math.isclose(r["perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-9) for r in evals)
     results = json.loads((tmp_path / "run" / "train_results.json").read_text())
     assert results["eval_loss"] < results["initial_eval_loss"] - 0.5
@@ -83,22 +82,22 @@ class NaNOnSteps(TrainerCallback):
         self.poison = state.step + 1 in self.steps
 
 
-def install_nan(trainer, callback):
-    forward = trainer.model.forward
+def trainer_with_nan(cfg, callback) -> Trainer:
+    """A Trainer whose model returns a NaN loss on the callback's steps."""
+    parts = build_run(cfg)
+    forward = parts.model.forward
 
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
         return out * float("nan") if callback.poison and kwargs.get("labels") is not None else out
 
-    trainer.model.forward = poisoned
+    parts.model.forward = poisoned
+    return Trainer(cfg, callbacks=[callback], parts=parts)
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     cb = NaNOnSteps({2})
-    trainer = Trainer(tiny_config(tmp_path, train__max_steps=3), callbacks=[cb])
-    trainer._setup()
-    install_nan(trainer, cb)
-    trainer._setup = lambda: None
+    trainer = trainer_with_nan(tiny_config(tmp_path, train__max_steps=3), cb)
     before = {}
 
     class Snapshot(TrainerCallback):
@@ -113,18 +112,15 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     trainer.callbacks.callbacks.append(Snapshot())
     state = trainer.train()
     assert state.nonfinite_steps == 1
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[1]["step"] == 2 and records[1]["loss"] is None  # written as null
     assert all(torch.isfinite(p).all() for p in trainer.params)
 
 
 def test_many_nonfinite_steps_in_a_row_stop_without_saving(tmp_path):
     cb = NaNOnSteps({3, 4, 5})
-    trainer = Trainer(tiny_config(tmp_path, train__max_steps=8, train__max_nonfinite_steps=3,
-                                  checkpoint__save_every=2), callbacks=[cb])
-    trainer._setup()
-    install_nan(trainer, cb)
-    trainer._setup = lambda: None
+    trainer = trainer_with_nan(tiny_config(tmp_path, train__max_steps=8, train__max_nonfinite_steps=3,
+                                           checkpoint__save_every=2), cb)
     with pytest.raises(TrainerError, match="non-finite for 3 steps in a row"):
         trainer.train()
     run = tmp_path / "run"

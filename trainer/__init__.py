@@ -1,8 +1,30 @@
-"""A kernel-backed trainer for Llama-family language models."""
+"""A kernel-backed trainer for Llama-family language models.
 
-from trainer.config import TrainConfig, load_config
-from trainer.hf_patch import patch_hf
-from trainer.loop import Trainer
+The public names below load on first use, so `import trainer.ops` (or trainer.models) does not
+pull in the loop, the optimizers, FSDP or the data pipeline.
+"""
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "patch_hf"]
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Trainer": "trainer.loop",
+    "TrainConfig": "trainer.config",
+    "load_config": "trainer.config",
+    "build_run": "trainer.build",
+    "RunParts": "trainer.build",
+    "TrainerCallback": "trainer.callbacks",
+    "patch_hf": "trainer.hf_patch",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -15,13 +15,14 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trainer.errors import CheckpointError
-from trainer.models.hf import load_state_dict, load_weights, save_hf
+from trainer.models.hf import args_from_hf_config, load_state_dict, load_weights, read_hf_config, save_hf, weight_files
 from trainer.parallel.distributed import barrier
 from trainer.parallel.sharded_checkpoint import full_model_state, load_full_state, load_sharded, save_sharded
 
@@ -136,35 +137,172 @@ def _write_checkpoint(tmp: Path, final: Path, model, *, optimizer, scheduler, sc
         os.replace(tmp, final)
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A file of a checkpoint cannot be read (truncated, corrupt or missing)."""
+
+    def __init__(self, file: Path, reason: str):
+        self.file = file
+        super().__init__(f"{file} is damaged ({reason})")
+
+
+def _damaged(file: Path, error: BaseException) -> DamagedCheckpoint:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DamagedCheckpoint(file, reason[:200])
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Cheap structural checks of every file a resume reads, without loading any tensor.
+
+    Catches what a crash or a full disk leaves: a missing file, a truncated safetensors file (its
+    header names more bytes than the file has), a torch.save archive cut short (no zip directory).
+    """
+    path = Path(path)
+    for name in (STATE_FILE, "training_state.pt"):
+        if not (path / name).is_file():
+            raise DamagedCheckpoint(path / name, "missing")
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(path / STATE_FILE, e) from None
+    if not zipfile.is_zipfile(path / "training_state.pt"):
+        raise DamagedCheckpoint(path / "training_state.pt", "not a complete torch.save archive")
+    try:
+        files = weight_files(path)
+    except CheckpointError:
+        raise DamagedCheckpoint(path / "model.safetensors", "missing") from None
+    for file in files:
+        _verify_safetensors(file)
+
+
+def _verify_safetensors(file: Path) -> None:
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        size = file.stat().st_size
+    except (OSError, ValueError) as e:
+        raise _damaged(file, e) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise DamagedCheckpoint(file, f"truncated: {size} bytes where its header needs {8 + header_len + end}")
+
+
 def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, scaler=None,
                     sharded: bool = False) -> dict:
     """Restores everything saved and returns {"trainer": ..., "sampler": ...}.
 
     Either kind of checkpoint loads into either kind of run: shards from `distributed/` are
     resharded to this run's layout (or gathered, in one process); a one-process checkpoint loads
-    into a `sharded` (FSDP) model by each rank keeping its part of the full tensors.
+    into a `sharded` (FSDP) model by each rank keeping its part of the full tensors. A file that
+    cannot be read raises DamagedCheckpoint naming it; a checkpoint of another model or optimizer
+    raises CheckpointError naming what differs.
     """
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
-    extra = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True) if optimizer else None
+    if not (path / STATE_FILE).is_file() and not any(path.glob("*.safetensors")):
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint (no {STATE_FILE}); pass a checkpoint-<step> folder")
+    verify_checkpoint(path)
+    saved = json.loads((path / STATE_FILE).read_text())
+    extra = None
+    if optimizer is not None:
+        try:
+            extra = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt archive fails in many ways (zip, pickle, storage errors)
+            raise _damaged(path / "training_state.pt", e) from None
     try:
         if (path / SHARDED_DIR).is_dir():
             load_sharded(path / SHARDED_DIR, model, optimizer)
-        elif sharded:
-            load_full_state(model, optimizer, load_state_dict(path), extra["optimizer"] if extra else None)
         else:
-            load_weights(model, load_state_dict(path), str(path))
-            if optimizer is not None:
-                optimizer.load_state_dict(extra["optimizer"])
+            try:
+                state = load_state_dict(path)
+            except Exception as e:
+                raise _damaged(weight_files(path)[0], e) from None
+            if sharded:
+                load_full_state(model, optimizer, state, extra["optimizer"] if extra else None)
+            else:
+                load_weights(model, state, str(path))
+                if optimizer is not None:
+                    optimizer.load_state_dict(extra["optimizer"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_shape_difference(path, model)}") from None
     except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"the model or optimizer state in {path} does not fit this run: {e}") from None
+        raise CheckpointError(f"the model or optimizer state in {path} does not fit this run: "
+                              f"{str(e).splitlines()[0]}{_shape_difference(path, model)}") from None
     if optimizer is not None:
         scheduler.load_state_dict(extra["scheduler"])
         if scaler is not None and extra["scaler"] is not None:
             scaler.load_state_dict(extra["scaler"])
         set_rng_state(extra["rng"])  # a sharded run restores rank 0's state on every rank
-    return json.loads((path / STATE_FILE).read_text())
+    return saved
+
+
+def _shape_difference(path: Path, model) -> str:
+    """'; the checkpoint's model has hidden_size 128, this run's 256' when the shapes differ."""
+    try:
+        theirs = args_from_hf_config(read_hf_config(path)).to_dict()
+    except Exception:
+        return ""
+    ours = model.args.to_dict()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads")
+    differ = [k for k in keys if theirs.get(k) != ours.get(k)]
+    if not differ:
+        return ""
+    return ("; the checkpoint's model has " + ", ".join(f"{k} {theirs[k]}" for k in differ)
+            + ", this run's " + ", ".join(f"{k} {ours[k]}" for k in differ))
+
+
+def newest_loadable(output_dir: str | Path, below: Path | None = None) -> Path | None:
+    """The newest checkpoint in `output_dir` (older than `below`, if given) that passes verify_checkpoint."""
+    for candidate in reversed(checkpoint_dirs(output_dir)):
+        if below is not None and _step_of(candidate) >= _step_of(below):
+            continue
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except DamagedCheckpoint:
+            continue
+    return None
+
+
+def _step_of(path: Path) -> int:
+    m = CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+class Checkpointer:
+    """A run's checkpoints: saved into its folder and rotated; the final model written to final/."""
+
+    def __init__(self, folder: Path, *, keep_last: int, config_toml: str, tokenizer, sharded: bool, is_main: bool):
+        self.folder, self.keep_last, self.config_toml = Path(folder), keep_last, config_toml
+        self.tokenizer, self.sharded, self.is_main = tokenizer, sharded, is_main
+
+    def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
+             sampler_state: dict) -> Path | None:
+        """checkpoint-<step>, then rotation (the best checkpoint is kept); collective under FSDP."""
+        path = None
+        if self.is_main or self.sharded:  # every rank writes its own shards
+            path = save_checkpoint(self.folder, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=scaler, trainer_state=trainer_state, sampler_state=sampler_state,
+                                   config_toml=self.config_toml, tokenizer=self.tokenizer, sharded=self.sharded,
+                                   is_main=self.is_main)
+        if self.is_main:
+            rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
+        return path
+
+    def save_final(self, model) -> Path:
+        """final/: the model as a Hugging Face folder with the tokenizer; collective under FSDP."""
+        export = GatheredModel(model.args, full_model_state(model)) if self.sharded else model
+        final = self.folder / "final"
+        if self.is_main:
+            tmp = self.folder / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_hf(export, tmp)
+            self.tokenizer.save(tmp)
+            (tmp / "run_config.toml").write_text(self.config_toml)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        return final
 
 
 def rotate_checkpoints(output_dir: str | Path, keep_last: int, protect: str | None) -> list[Path]:

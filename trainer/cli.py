@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 
 USAGE = """usage: python -m trainer <command> ...
 
@@ -46,6 +47,7 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     path, overrides = _split_args(argv)
     trainer = Trainer(load_config(path, overrides))
+    _interrupted["trainer"] = trainer
     trainer.train()
     if trainer.stop_requested:  # stopped early by SIGTERM/SIGINT, with a checkpoint saved
         return 128 + (trainer.stop_signal or signal.SIGTERM)
@@ -54,7 +56,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     from trainer.errors import ConfigError
-    from trainer.loop import evaluate_checkpoint
+    from trainer.eval_command import evaluate_checkpoint
 
     if "-h" in argv or "--help" in argv or not argv:
         print("usage: python -m trainer eval CHECKPOINT_DIR [--section.key=value ...]\n"
@@ -93,6 +95,29 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_command(argv)
 
 
+_interrupted: dict = {}  # the running Trainer, for what a second Ctrl-C says
+
+
+def _interrupt_message() -> str:
+    trainer = _interrupted.get("trainer")
+    parts = getattr(trainer, "parts", None) if trainer is not None else None
+    if parts is None:
+        return "interrupted before training started; nothing was saved"
+    from trainer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(parts.output.folder)
+    if latest is None:
+        return (f"interrupted at step {parts.state.step}; nothing was saved and {parts.output.folder} holds no "
+                "checkpoint")
+    return (f"interrupted at step {parts.state.step}; nothing was saved for it. Resume from {latest} with "
+            f"--checkpoint.resume_from=latest --train.output_dir={parts.output.folder}")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as `warning: <message>`, without the file and source line Python prints by default."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
 
 
@@ -108,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.errors import TrainerError
 
+    warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[command](rest)
     except (TrainerError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(_interrupt_message(), file=sys.stderr)
         return 128 + signal.SIGINT

@@ -42,6 +42,9 @@ class ModelConfig:
     rope_theta: float | None = None
     tie_embeddings: bool | None = None
     qkv_bias: bool | None = None
+    # With from_hf: train the pretrained model with a tokenizer other than its own (its embeddings then
+    # map other ids); refused unless set.
+    allow_new_tokenizer: bool = False
 
 
 @dataclass
@@ -82,6 +85,9 @@ class LoopConfig:
     progress: str = choice("auto", "auto", "bar", "lines", "none")
     tensorboard: bool = False
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    # NEFTune: uniform noise of magnitude neftune_alpha / sqrt(seq_len * hidden) on the input embeddings in
+    # training forward passes only (Hugging Face Trainer's neftune_noise_alpha); 0: off.
+    neftune_alpha: float = 0.0
 
 
 @dataclass
@@ -118,6 +124,21 @@ class OptimConfig:
     apollo_scale_type: str = choice("channel", "channel", "tensor",
                                     help="channel: one scale per row (or column) of a matrix; tensor: one per matrix")
     apollo_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names APOLLO scales
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021, arXiv:2106.09685): rank-`rank` adapters train beside the frozen base weights."""
+
+    rank: int = 0  # 0: off (every weight trains)
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training only
+    target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names that get adapters
+    quantize: str = choice("none", "none", "nf4",
+                           help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes)")
+    save_merged: bool = True  # final/merged/: base and adapters merged into one Hugging Face model
+    train_embeddings: bool = False  # also train the input embedding and the output head
+    train_norms: bool = False  # also train the RMSNorm weights
 
 
 @dataclass
@@ -171,6 +192,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -193,7 +215,7 @@ class TrainConfig:
         _positive("optim.lr", self.optim.lr)
         for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
                     "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads",
-                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops"):
+                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops", "train.neftune_alpha"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
@@ -218,6 +240,7 @@ class TrainConfig:
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         _check_optim(self)
+        _check_lora(self)
         return self
 
     def to_dict(self) -> dict:
@@ -289,6 +312,31 @@ def _check_regex(key: str, value: str) -> None:
         re.compile(value)
     except re.error as e:
         raise ConfigError(f"{key}={value!r} is not a valid regex: {e}") from None
+
+
+def _check_lora(cfg: TrainConfig) -> None:
+    """LoRA values, and the settings LoRA cannot be combined with (trainer/lora.py)."""
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}")
+    if lo.rank == 0:
+        if lo.quantize != "none":
+            raise ConfigError(f"lora.quantize={lo.quantize} quantizes the frozen base under LoRA adapters; "
+                              "set lora.rank > 0 (e.g. 16) or lora.quantize=none")
+        return
+    _positive("lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    _check_regex("lora.target", lo.target)
+    name = cfg.optim.name
+    if name.startswith(("galore_", "apollo_")):
+        method = "GaLore" if name.startswith("galore_") else "APOLLO"
+        raise ConfigError(f"optim.name={name} with lora.rank={lo.rank} is not supported: {method} works on the "
+                          "full weight matrices, which LoRA freezes; use optim.name=adamw or adamw8bit (with or "
+                          "without _layerwise) for LoRA, or lora.rank=0 for " + method)
+    if lo.quantize == "nf4" and cfg.parallel.strategy == "fsdp":
+        raise ConfigError("lora.quantize=nf4 with parallel.strategy=fsdp is not supported: bitsandbytes' 4-bit "
+                          "weights cannot be sharded here; use parallel.strategy=ddp or none, or lora.quantize=none")
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -9,6 +9,10 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from trainer.parallel.distributed import all_reduce_sum
+
 
 def _clean(value):
     # JSON has no NaN or inf: a non-finite value is written as null.
@@ -36,6 +40,43 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     path = Path(path)
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class PendingSteps:
+    """Per-step values that stay on the device until a log step reads them all back in one transfer.
+
+    Each step adds its loss (this rank's share), label-token count (global), gradient norm
+    (global) and learning rate; `read` sums the losses over ranks together with the stop votes in
+    one all-reduce, and returns one record per step.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps: list[tuple[int, float]] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, label_tokens: torch.Tensor, grad_norm: torch.Tensor):
+        self.steps.append((step, lr))
+        # The norm is on the CPU under fsdp_cpu_offload: a no-op copy elsewhere.
+        self.values.append(torch.stack([loss.double(), label_tokens.to(self.device, torch.float64),
+                                        grad_norm.to(self.device, torch.float64)]))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def read(self, stop_vote: bool) -> tuple[list[dict], bool]:
+        """(records with step, loss, lr, grad_norm, tokens; whether any rank voted to stop): the host sync."""
+        n = len(self.steps)
+        values = torch.stack(self.values) if n else torch.zeros(0, 3, dtype=torch.float64, device=self.device)
+        summed = torch.cat([values[:, 0], torch.tensor([float(stop_vote)], dtype=torch.float64, device=self.device)])
+        all_reduce_sum(summed)  # losses and votes over ranks; tokens and norms are already global
+        flat = torch.cat([summed, values[:, 1], values[:, 2]]).tolist()
+        losses, votes, tokens, norms = flat[:n], flat[n], flat[n + 1:2 * n + 1], flat[2 * n + 1:]
+        records = [{"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(count)}
+                   for (step, lr), loss, count, norm in zip(self.steps, losses, tokens, norms)]
+        self.steps.clear()
+        self.values.clear()
+        return records, votes > 0
 
 
 class MetricsLogger:

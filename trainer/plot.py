@@ -21,10 +21,7 @@ def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        smoothed, avg = [], 0.0
-        for k, v in enumerate(losses, start=1):  # debiased moving average, as TensorBoard smooths
-            avg = 0.9 * avg + 0.1 * v
-            smoothed.append(avg / (1 - 0.9**k))
+        smoothed = centered_mean(losses, window=max(1, len(losses) // 25) * 2 + 1)
         ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label="train loss (smoothed)")
     if evals:
         steps, losses = zip(*evals)
@@ -37,3 +34,15 @@ def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return Path(out_path)
+
+
+def centered_mean(values, window: int) -> list[float]:
+    """Each value averaged with its neighbours, window // 2 on each side (fewer at the ends).
+
+    Centred, unlike an exponential average, so the smoothed curve does not lag the raw one.
+    """
+    half, out = window // 2, []
+    for i in range(len(values)):
+        part = values[max(0, i - half): i + half + 1]
+        out.append(sum(part) / len(part))
+    return out

@@ -1,0 +1,255 @@
+"""Builds a run's parts from its config: device, data, model, parallelism, optimizer, schedule, checkpoints.
+
+`build_run(config)` checks everything that can be checked (the config, the output folder, the
+data, the model and whether they fit together, the checkpoint to resume) before the output folder
+is created or anything in it is replaced; only then does it claim the folder. The Trainer takes
+the parts as they are; bench and tests build them, change what they need (a loader, the
+evaluator, the checkpointer), and hand them in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.callbacks import TrainerState
+from trainer.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dirs, load_checkpoint, newest_loadable
+from trainer.config import TrainConfig, to_toml
+from trainer.errors import CheckpointError, ConfigError
+from trainer.evaluation import Evaluator
+from trainer.metrics import truncate_metrics
+from trainer.models import KernelChoice, build, load_hf
+from trainer.models.config import PRESETS, resolve_args
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.output_dir import OutputPlan, claim_output, plan_output
+from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
+from trainer.parallel.distributed import barrier
+from trainer.runtime import DTYPES, resolve_device, resolve_dtype
+
+MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
+                    "max_seq_len", "rope_theta", "tie_embeddings", "qkv_bias")
+
+
+@dataclass
+class RunParts:
+    """Everything a Trainer needs; `model` is the plain module, `train_model` what training calls (DDP wraps it)."""
+
+    config: TrainConfig
+    env: ParallelEnv
+    device: torch.device
+    compute_dtype: torch.dtype
+    output: OutputPlan
+    data: object  # PreparedData or SFTData: .train, .val, .tokenizer
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    loader: object  # BlockLoader: next_step(), state_dict(), load_state_dict()
+    evaluator: Evaluator | None  # None: no evaluation
+    checkpointer: Checkpointer | None  # None: no checkpoints and no final/
+    state: TrainerState
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
+
+
+def kernel_choice(kernels) -> KernelChoice:
+    """kernels.* switches -> how the model runs each op (a switched-off kernel runs its reference)."""
+    if not kernels.enabled:
+        return KernelChoice.eager()
+
+    def pick(on: bool) -> str | None:
+        return None if on else "reference"
+
+    return KernelChoice(rms_norm=pick(kernels.rms_norm), rope=pick(kernels.rope), swiglu=pick(kernels.swiglu),
+                        materialize_logits=not kernels.fused_ce)
+
+
+def tokenizer_spec(config: TrainConfig) -> str:
+    """data.tokenizer, except that fine-tuning with the default keeps the checkpoint's own tokenizer."""
+    m, d = config.model, config.data
+    if m.from_hf and d.tokenizer == "bpe" and (Path(m.from_hf) / "tokenizer.json").is_file():
+        return m.from_hf
+    return d.tokenizer
+
+
+def load_run_data(config: TrainConfig, tokenizer: str | None = None):
+    """The run's tokenizer and train/val data: token blocks (data.format=text) or packed examples (sft)."""
+    from trainer.data import build_tokenizer, prepare_data
+
+    d = config.data
+    tokenizer = tokenizer or tokenizer_spec(config)
+    if d.format == "sft":
+        from trainer.data.sft import prepare_sft
+
+        if tokenizer == "bpe":
+            raise ConfigError("data.format=sft needs an existing tokenizer: set model.from_hf to a folder with "
+                              "tokenizer.json, or data.tokenizer to such a folder (or to byte)")
+        return prepare_sft(d.path, build_tokenizer(tokenizer), config.train.seq_len, d.val_fraction)
+    return prepare_data(d.path, tokenizer=tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+                        cache_dir=d.cache_dir or None, text_field=d.text_field)
+
+
+def check_pretrained_fit(config: TrainConfig) -> None:
+    """With model.from_hf the checkpoint fixes the shape, and its embeddings only mean something with its tokenizer."""
+    m = config.model
+    if not m.from_hf:
+        return
+    if not Path(m.from_hf).is_dir():
+        raise ConfigError(f"model.from_hf={m.from_hf!r} is not a folder; pass a local Hugging Face model folder "
+                          "(config.json + *.safetensors)")
+    given = [f"model.{k}" for k in MODEL_SHAPE_KEYS if getattr(m, k) is not None]
+    if m.preset != "small":
+        given.insert(0, "model.preset")
+    if given:
+        raise ConfigError(f"{', '.join(given)} do not apply with model.from_hf (the checkpoint's config.json fixes "
+                          "the shape); remove them")
+    own = (Path(m.from_hf) / "tokenizer.json").is_file()
+    spec = tokenizer_spec(config)
+    if not (Path(spec).is_dir() and Path(spec).resolve() == Path(m.from_hf).resolve()) and not m.allow_new_tokenizer:
+        what = (f"data.tokenizer={config.data.tokenizer}" if own or config.data.tokenizer != "bpe"
+                else f"{m.from_hf} has no tokenizer.json, so a new BPE tokenizer would be trained and")
+        raise ConfigError(f"{what} pairs the pretrained embeddings of {m.from_hf} with another tokenizer's ids; "
+                          "point data.tokenizer at the model's own tokenizer folder, or pass "
+                          "--model.allow_new_tokenizer=true if that is what you want")
+
+
+def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
+    """The model in fp32 on the CPU (from model.from_hf or the preset), checked against the tokenizer and seq_len."""
+    m, t = config.model, config.train
+    kernels = kernel_choice(config.kernels)
+    if m.from_hf:
+        model = load_hf(m.from_hf, kernels)
+    else:
+        if m.preset not in PRESETS:
+            raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+        try:
+            args = resolve_args(m.preset, tokenizer_vocab, **{k: getattr(m, k) for k in MODEL_SHAPE_KEYS})
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        model = build(args, kernels=kernels, seed=t.seed)
+    if tokenizer_vocab > model.args.vocab_size:
+        fix = ("use the model's own tokenizer" if m.from_hf else
+               f"set model.vocab_size >= {tokenizer_vocab} or use a matching tokenizer")
+        raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is only "
+                          f"{model.args.vocab_size}; {fix}")
+    if t.seq_len > model.args.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model allows "
+                          f"(max_seq_len {model.args.max_seq_len}); lower train.seq_len")
+    window = model.args.sliding_window
+    if window is not None and t.seq_len > window:
+        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model's sliding window ({window}), which "
+                          f"this trainer does not implement; use train.seq_len <= {window}")
+    return model
+
+
+def effective_warmup(config: TrainConfig, messages: list[str]) -> None:
+    """A warm-up as long as the run would make the whole run warm-up: shorten it to a tenth of the run, and say so."""
+    o, t = config.optim, config.train
+    if o.warmup_steps >= t.max_steps:
+        shorter = t.max_steps // 10
+        messages.append(f"optim.warmup_steps={o.warmup_steps} is not below train.max_steps={t.max_steps}; warming up "
+                        f"over {shorter} steps (a tenth of the run) instead")
+        o.warmup_steps = shorter
+
+
+def build_run(config: TrainConfig) -> RunParts:
+    cfg, t = config.validate(), config.train
+    messages: list[str] = []
+    check_pretrained_fit(cfg)
+    output = plan_output(t, cfg.checkpoint)
+    t.output_dir = str(output.folder)
+    messages += output.messages
+    effective_warmup(cfg, messages)
+    env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
+    compute_dtype = resolve_dtype(t.dtype, device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    with main_process_first(env):  # rank 0 fills the token cache first; the others read it
+        data = load_run_data(cfg)
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, data.tokenizer.vocab_size).to(device, dtype=DTYPES[t.param_dtype])
+    model.train()
+    # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
+    train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+    from trainer.data import BlockLoader
+
+    loader = BlockLoader(data.train, t.seq_len, t.micro_batch_size, t.grad_accum_steps, world_size=env.world_size,
+                         rank=env.rank, seed=t.seed, document_ids=cfg.data.document_mask)
+    state = TrainerState(max_steps=t.max_steps)
+    resumed = resume(output, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                     sharded=is_sharded(model), messages=messages)
+    if resumed is not None:
+        path, saved = resumed
+        state = TrainerState.from_dict(saved["trainer"])
+        if state.step >= t.max_steps:
+            raise ConfigError(f"{path} is at step {state.step}, which train.max_steps={t.max_steps} does not go "
+                              "beyond; raise train.max_steps to train further")
+        state.max_steps = t.max_steps
+        try:
+            loader.load_state_dict(saved["sampler"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"the data sampler in {path} does not fit this run's data: {e}") from None
+        messages.append(f"resumed from {path} at step {state.step}")
+
+    # Everything is checked: only now is the folder created, or a previous run's outputs replaced.
+    config_toml = to_toml(cfg)
+    if env.is_main:
+        claim_output(output)
+        (output.folder / "config.toml").write_text(config_toml)
+        truncate_metrics(output.folder / "metrics.jsonl", state.step)
+    barrier()
+    evaluator = None
+    if data.val is not None:
+        evaluator = Evaluator.for_run(cfg, data.val, device, compute_dtype, env.world_size, env.rank)
+    checkpointer = Checkpointer(output.folder, keep_last=cfg.checkpoint.keep_last, config_toml=config_toml,
+                                tokenizer=data.tokenizer, sharded=is_sharded(model), is_main=env.is_main)
+    return RunParts(cfg, env, device, compute_dtype, output, data, model, train_model, optimizer, scheduler, scaler,
+                    loader, evaluator, checkpointer, state, messages)
+
+
+def resume(output: OutputPlan, *, messages: list[str], **targets) -> tuple[Path, dict] | None:
+    """Loads the checkpoint the plan names into `targets` (model, optimizer, ...); returns (path, saved state).
+
+    `latest` skips a damaged newest checkpoint, with a warning, for the one before it; a damaged
+    checkpoint named explicitly is an error that names the newest loadable one.
+    """
+    if output.resume is not None:
+        try:
+            return output.resume, load_checkpoint(output.resume, **targets)
+        except DamagedCheckpoint as e:
+            fallback = newest_loadable(output.resume.parent, below=output.resume)
+            hint = f"resume from {fallback} instead" if fallback else "no older checkpoint there loads either"
+            raise CheckpointError(f"cannot resume: {e}; {hint}") from None
+    if not output.resume_latest:
+        return None
+    damaged = []
+    for candidate in reversed(checkpoint_dirs(output.folder)):
+        try:
+            saved = load_checkpoint(candidate, **targets)
+        except DamagedCheckpoint as e:
+            damaged.append(str(e))
+            warnings.warn(f"checkpoint.resume_from=latest: skipping {candidate}: {e}", stacklevel=2)
+            continue
+        return candidate, saved
+    raise CheckpointError(f"checkpoint.resume_from=latest: no checkpoint in {output.folder} loads "
+                          f"({'; '.join(damaged)}); pass --train.overwrite=true to start over")
