@@ -78,7 +78,7 @@ class LoopConfig:
     output_dir: str = ""  # default: runs/<timestamp>
     overwrite: bool = False
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is reported either way
-    eval_every: int = 0  # 0: only once, at the end
+    eval_every: int = 100  # 0: only once, at the end
     eval_batches: int = 50  # batches per evaluation (0: the whole validation split)
     log_every: int = 10  # progress lines when not on a terminal
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run

@@ -18,11 +18,11 @@ from types import MethodType
 import torch.nn.functional as F
 
 from trainer import ops
+from trainer.constants import IGNORE_INDEX
 from trainer.errors import ConfigError
 
 FAMILIES = ("Llama", "Mistral", "Qwen2")
 SUPPORTED_MODELS = tuple(f"{family}ForCausalLM" for family in FAMILIES)
-IGNORE_INDEX = -100
 
 
 def patch_hf(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, fused_loss: bool = True):
