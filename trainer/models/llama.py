@@ -156,15 +156,26 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(args)
+        self.neftune_alpha = 0.0  # > 0: NEFTune noise on the input embeddings in training (see neftune_noise)
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
         seq_len = input_ids.shape[1]
         cos, sin = self.rotary_emb(seq_len, position_ids, input_ids.device)
         attn_mask = document_attention_mask(document_ids) if document_ids is not None else None
         x = self.embed_tokens(input_ids)
+        if self.training and self.neftune_alpha > 0:
+            x = neftune_noise(x, self.neftune_alpha)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask)
         return self.norm(x)
+
+
+def neftune_noise(embeddings: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NEFTune (Jain et al., "NEFTune: Noisy Embeddings Improve Instruction Finetuning", arXiv:2310.05914):
+    `embeddings` (batch, seq, hidden) plus noise uniform in [-m, m], m = alpha / sqrt(seq * hidden), as Hugging
+    Face Trainer's neftune_noise_alpha adds it (seq: the batch's padded or packed length)."""
+    magnitude = alpha / math.sqrt(embeddings.shape[1] * embeddings.shape[2])
+    return embeddings + torch.empty_like(embeddings).uniform_(-magnitude, magnitude)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
