@@ -88,6 +88,11 @@ class LoopConfig:
     # NEFTune: uniform noise of magnitude neftune_alpha / sqrt(seq_len * hidden) on the input embeddings in
     # training forward passes only (Hugging Face Trainer's neftune_noise_alpha); 0: off.
     neftune_alpha: float = 0.0
+    # micro_batch_size=auto (trainer/plan) picks the largest micro-batch whose predicted peak fits
+    # memory_budget bytes (0: the device's memory) and sets grad_accum_steps so that the global batch is
+    # global_batch_size sequences (0: micro_batch_size x grad_accum_steps x ranks as given).
+    memory_budget: int = 0
+    global_batch_size: int = 0
 
 
 @dataclass
@@ -187,6 +192,16 @@ class ParallelConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`python -m trainer plan`: the predicted peak memory of one training step, and whether it fits."""
+
+    # h100-80gb, h200-141gb, a100-80gb, a100-40gb, l4-24gb, rtx4090-24gb, cpu (this machine's RAM);
+    # auto: the device train.device trains on
+    device: str = "auto"
+    budget: int = 0  # bytes the run may use; 0: the device's memory
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,6 +212,7 @@ class TrainConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> "TrainConfig":
         for section in dataclasses.fields(self):
@@ -215,7 +231,8 @@ class TrainConfig:
         _positive("optim.lr", self.optim.lr)
         for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
                     "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads",
-                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops", "train.neftune_alpha"):
+                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops", "train.neftune_alpha",
+                    "train.memory_budget", "train.global_batch_size", "plan.budget"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
