@@ -23,6 +23,9 @@ from pathlib import Path
 MODEL = {"model.preset": "small", "model.hidden_size": 768, "model.intermediate_size": 2048, "model.n_layers": 12,
          "model.n_heads": 12, "model.n_kv_heads": 12, "model.vocab_size": 32000, "model.tie_embeddings": True}
 GALORE_RANK_7B = 1024  # the GaLore paper's rank for its 7B runs
+# APOLLO's rank for 7B: 2 x 256 x the longer side of every attention and MLP matrix in bf16 is the 1.6 GB of
+# optimizer state the APOLLO paper reports for LLaMA-7B (arXiv:2412.05270).
+APOLLO_RANK_7B = 256
 MEASURED_RANK = 128
 BNB_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizers keep one fp32 absmax per 256 values
 BNB_MIN_8BIT = 4096  # smaller tensors keep 32-bit states
@@ -34,7 +37,8 @@ def measure(name: str, steps: int, threads: int, out: Path) -> dict:
     from trainer.config import load_config
     from trainer.metrics import read_metrics
 
-    cfg = load_config(None, {**MODEL, "optim.name": name, "optim.galore_rank": MEASURED_RANK, "data.tokenizer": "byte",
+    cfg = load_config(None, {**MODEL, "optim.name": name, "optim.galore_rank": MEASURED_RANK,
+                             "optim.apollo_rank": MEASURED_RANK, "data.tokenizer": "byte",
                              "train.output_dir": str(out), "train.max_steps": steps, "train.micro_batch_size": 2,
                              "train.seq_len": 128, "train.dtype": "fp32", "train.max_grad_norm": 0,
                              "train.eval_batches": 1, "train.progress": "none", "optim.warmup_steps": 1,
@@ -62,7 +66,7 @@ def predict(name: str, args, rank: int, param_bytes: int) -> dict:
 
     def full_state(shape) -> int:
         n = numel(shape)
-        if base == "adamw":
+        if base in ("adamw", "apollo_adamw"):
             return 2 * n * param_bytes  # torch keeps AdamW's moments in the weight's dtype
         if base == "adafactor":  # fp32 momentum, factored fp32 second moment
             return 4 * n + (4 * sum(shape) if len(shape) > 1 else 4 * n)
@@ -70,12 +74,15 @@ def predict(name: str, args, rank: int, param_bytes: int) -> dict:
 
     state = sum(full_state(s) for s in others)
     for m, n in matrices:
-        if not galore:
-            state += full_state((m, n))
-            continue
         k = min(rank, m, n)
-        state += k * min(m, n) * param_bytes  # the projector
-        state += full_state((k, max(m, n)))  # the inner optimizer on the projected gradient
+        if galore:
+            state += k * min(m, n) * param_bytes  # the projector
+            state += full_state((k, max(m, n)))  # the inner optimizer on the projected gradient
+        elif base == "apollo_adamw":
+            state += k * min(m, n) * param_bytes  # the random projection
+            state += (2 * k * max(m, n) + 1) * param_bytes  # moments of the projected gradient, the limiter's norm
+        else:
+            state += full_state((m, n))
     all_shapes = matrices + others
     n_params = sum(numel(s) for s in all_shapes)
     grads = max(numel(s) for s in all_shapes) if layerwise else n_params
@@ -88,7 +95,8 @@ def prediction_table() -> str:
 
     rows = ["| optim.name | weights | gradients | optimizer state | total (no activations) |", "|---|---|---|---|---|"]
     for name in optimizer_names():
-        p = predict(name, resolve_args("llama-7b"), GALORE_RANK_7B, param_bytes=2)
+        rank = APOLLO_RANK_7B if name.startswith("apollo_") else GALORE_RANK_7B
+        p = predict(name, resolve_args("llama-7b"), rank, param_bytes=2)
         total = p["params"] + p["grads"] + p["state"]
         rows.append(f"| `{name}` | {gb(p['params'])} | {gb(p['grads'])} | {gb(p['state'])} | {gb(total)} |")
     return "\n".join(rows)
@@ -97,13 +105,15 @@ def prediction_table() -> str:
 def measured_table(results: list[dict]) -> str:
     from trainer.models.config import resolve_args
 
-    args = resolve_args(MODEL["model.preset"], 257, **{k.split(".")[1]: v for k, v in MODEL.items() if k != "model.preset"})
+    shape = {k.split(".")[1]: v for k, v in MODEL.items() if k != "model.preset"}
+    args = resolve_args(MODEL["model.preset"], 257, **shape)
     rows = ["| optim.name | param_bytes | grad_bytes | optim_state_bytes (predicted) | peak | tokens/s | loss after |",
             "|---|---|---|---|---|---|---|"]
     for r in results:
         predicted = predict(r["name"], args, MEASURED_RANK, param_bytes=4)["state"]
         rows.append(f"| `{r['name']}` | {mb(r['param_bytes'])} | {mb(r['grad_bytes'])} | {mb(r['optim_state_bytes'])} "
-                    f"({mb(predicted)}) | {mb(r['peak_mem_bytes'])} | {r['tokens_per_s']:.0f} | {r['final_loss']:.3f} |")
+                    f"({mb(predicted)}) | {mb(r['peak_mem_bytes'])} | {r['tokens_per_s']:.0f} "
+                    f"| {r['final_loss']:.3f} |")
     return "\n".join(rows)
 
 
@@ -128,7 +138,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(measure(args.one, args.steps, args.threads, Path(tmp) / "run")))
         return
-    print("Predicted, Llama-7B shape, bf16 weights, GaLore rank 1024:\n" + prediction_table() + "\n")
+    print(f"Predicted, Llama-7B shape, bf16 weights, GaLore rank {GALORE_RANK_7B}, APOLLO rank {APOLLO_RANK_7B}:\n"
+          + prediction_table() + "\n")
     if args.predict_only:
         return
     from trainer.optim import optimizer_names

@@ -317,3 +317,57 @@ def test_bad_apollo_values_are_refused_clearly(tmp_path, overrides, pattern):
 def test_apollo_target_matching_nothing_is_refused():
     with pytest.raises(ConfigError, match="apollo_target='attention' matches no linear layer.*q_proj"):
         build_optimizer(tiny_model(), optim_config("apollo_adamw", apollo_target="attention"))
+
+
+APOLLO_DDP_CHECK = '''
+import copy, dataclasses
+import torch, torch.distributed as dist
+from trainer.config import OptimConfig
+from trainer.models import build
+from trainer.optim import build_optimizer
+from trainer.parallel.fsdp import apply_ddp
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = dataclasses.replace(OptimConfig(), name="apollo_adamw", lr=1e-2, weight_decay=0.1, apollo_rank=8,
+                          apollo_update_proj_gap=2)
+model = build("tiny", vocab_size=257, seed=0)
+reference = copy.deepcopy(model)
+reference_optimizer = build_optimizer(reference, cfg)
+ddp = apply_ddp(model, torch.device("cpu"))
+optimizer = build_optimizer(model, cfg)
+for step in range(3):  # a projection refresh at step 2
+    ids = torch.randint(0, 257, (4, 17), generator=torch.Generator().manual_seed(step))
+    reference(ids[:, :-1], labels=ids[:, 1:]).backward()
+    reference_optimizer.step()
+    reference_optimizer.zero_grad(set_to_none=True)
+    half = ids[2 * rank:2 * rank + 2]  # equal token counts: the ranks' mean gradients average to the whole's
+    ddp(half[:, :-1], labels=half[:, 1:]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+    assert (p - q).norm() <= 1e-5 * q.norm(), name
+    other = p.detach().clone()
+    dist.broadcast(other, src=0)
+    assert torch.equal(other, p), name  # every rank holds the same weights
+print("OK", rank)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_apollo_under_ddp_equals_one_process(tmp_path):
+    """Every rank draws the same projections and sees the same averaged gradient, so DDP is allowed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "check.py"
+    script.write_text(APOLLO_DDP_CHECK)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], cwd=repo, env=env, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert run.stdout.count("OK") == 2
