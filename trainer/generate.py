@@ -78,15 +78,16 @@ def generate_command(argv: list[str]) -> int:
     """`python -m trainer generate CHECKPOINT_DIR --prompt TEXT [options]`: prints the completion."""
     parser = _ArgumentParser(prog="python -m trainer generate",
                              description="Continue a prompt with a checkpoint: a run's final or checkpoint-<step> "
-                                         "folder, or a Hugging Face folder with tokenizer.json.")
-    parser.add_argument("checkpoint")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+                                         "folder, or a Hugging Face folder with tokenizer.json.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", help="a run's final/ or checkpoint-<step>/ folder, or a Hugging Face folder")
+    parser.add_argument("--prompt", required=True, default=argparse.SUPPRESS, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     parser.add_argument("--top-p", type=float, default=1.0, help="sampling keeps the most likely tokens up to this "
                                                                  "probability mass")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if present")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("generate: --max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")

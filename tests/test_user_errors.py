@@ -1,0 +1,67 @@
+"""What a user sees when something goes wrong or is shortened: one clear line, nothing lost."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import tiny_config
+from tests.test_cli import run_cli, tiny_args
+from trainer.bench.runner import BenchError, run_bench
+from trainer.metrics import read_metrics
+
+
+def test_generate_help_shows_the_defaults():
+    proc = run_cli("generate", "--help")
+    assert proc.returncode == 0
+    for default in ("(default: 64)", "(default: 0.0)", "(default: 1.0)", "(default: auto)"):
+        assert default in proc.stdout
+
+
+def test_warnings_print_as_one_line_without_source(tmp_path):
+    proc = run_cli("train", *tiny_args(tmp_path, train__max_steps=2, optim__name="galore_adamw"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "galore_rank" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: optim.galore_rank=128 is larger")
+    assert ".py:" not in proc.stderr  # no file and line number, no source line
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
+    args = tiny_args(tmp_path, train__max_steps=100000, train__seq_len=64, train__log_every=1,
+                     checkpoint__save_every=2)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(run.glob("checkpoint-*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("interrupted at step ") and "nothing was saved for it" in last_line
+    assert "--checkpoint.resume_from=latest" in last_line and "checkpoint-" in last_line
+    assert "Traceback" not in err
+
+
+def test_bench_refuses_to_replace_an_earlier_bench_json(tmp_path):
+    cfg = tiny_config(tmp_path, train__max_steps=4, bench__warmup_steps=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "bench.json").write_text('{"earlier": true}')
+    with pytest.raises(BenchError, match="already holds a bench.json.*overwrite=true"):
+        run_bench(cfg)
+    assert (tmp_path / "run" / "bench.json").read_text() == '{"earlier": true}'
+
+
+def test_tokens_per_s_in_metrics_is_measured_over_each_read_back(tmp_path):
+    from trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, train__max_steps=6, train__log_every=3)).train()
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[0]["tokens_per_s"] == steps[2]["tokens_per_s"] != steps[3]["tokens_per_s"]
