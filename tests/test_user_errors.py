@@ -65,3 +65,24 @@ def test_tokens_per_s_in_metrics_is_measured_over_each_read_back(tmp_path):
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert steps[0]["tokens_per_s"] == steps[2]["tokens_per_s"] != steps[3]["tokens_per_s"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.log_every=0"], "train.log_every must be > 0, got 0"),
+    (["--train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be > 0, got 0"),
+    (["FOLDER"], "is a folder; pass a .toml file"),
+])
+def test_more_user_errors_give_one_line_and_exit_2(tmp_path, args, message):
+    args = [str(tmp_path) if a == "FOLDER" else a for a in args]
+    base = [] if args[0] == str(tmp_path) else tiny_args(tmp_path)
+    proc = run_cli("train", *base, *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_a_run_without_validation_data_says_it_will_not_be_evaluated(tmp_path, capsys):
+    from trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, train__max_steps=2, data__val_fraction=0.0)).train()
+    assert "no validation data (data.val_fraction=0.0" in capsys.readouterr().out

@@ -221,6 +221,9 @@ def build_run(config: TrainConfig) -> RunParts:
     evaluator = None
     if data.val is not None:
         evaluator = Evaluator.for_run(cfg, data.val, device, compute_dtype, env.world_size, env.rank)
+    else:
+        messages.append(f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "
+                        f"{cfg.data.path} aside): the run will not be evaluated")
     checkpointer = Checkpointer(output.folder, keep_last=cfg.checkpoint.keep_last, config_toml=config_toml,
                                 tokenizer=data.tokenizer, sharded=is_sharded(model), is_main=env.is_main)
     return RunParts(cfg, env, device, compute_dtype, output, data, model, train_model, optimizer, scheduler, scaler,

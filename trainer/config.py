@@ -228,6 +228,8 @@ class TrainConfig:
         _positive("train.micro_batch_size", t.micro_batch_size)
         _positive("train.grad_accum_steps", t.grad_accum_steps)
         _positive("train.seq_len", t.seq_len)
+        _positive("train.log_every", t.log_every)
+        _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
         _positive("optim.lr", self.optim.lr)
         for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
                     "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads",
@@ -437,6 +439,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     cfg = TrainConfig()
     if path:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; pass a .toml file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
