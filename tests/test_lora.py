@@ -124,6 +124,24 @@ def test_only_adapters_and_unfrozen_modules_train(tie, embeddings, norms):
     assert all(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, lora.LoraLinear))
 
 
+def test_layerwise_adamw_steps_the_adapters_as_adamw_does():
+    """Layer-wise hooks go on the trainable tensors only; frozen weights get neither hooks nor state."""
+    reference = lora.apply_lora(small_model(), settings(train_norms=True))
+    perturb_adapters(reference)
+    layerwise = copy.deepcopy(reference)
+    config = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    reference_optimizer = build_optimizer(reference, SimpleNamespace(name="adamw", **config))
+    layerwise_optimizer = build_optimizer(layerwise, SimpleNamespace(name="adamw_layerwise", **config))
+    assert len(layerwise_optimizer.optimizer_of) == 2 * TARGETED + 2 * ARGS["n_layers"] + 1
+    for step in range(2):
+        loss_of(reference, step).backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+        loss_of(layerwise, step).backward()  # the update happens here
+    for (name, p), q in zip(reference.named_parameters(), layerwise.parameters(), strict=True):
+        assert (q - p).norm() <= 1e-6 * p.norm(), name
+
+
 def test_lora_linear_matches_fp64_reference_forward_and_backward():
     torch.manual_seed(0)
     for in_features, out_features, rank, bias in ((48, 80, 4, False), (33, 17, 5, True), (64, 64, 8, False)):
