@@ -37,9 +37,11 @@ def _unusable(folder: str, reason: str) -> DataError:
 def writable_subdir(cache_dir: str, name: str) -> str:
     """cache_dir/name, created if needed; a DataError naming the folder if it cannot be used."""
     folder = os.path.join(cache_dir, name)
-    for path in (cache_dir, folder):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise _unusable(path, "is a file, not a folder")
+    existing = folder
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)  # the nearest part of the path that exists
+    if not os.path.isdir(existing):
+        raise _unusable(existing, "is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
         # os.access is not enough (root, ACLs, read-only mounts): try what a build will do.
@@ -48,8 +50,6 @@ def writable_subdir(cache_dir: str, name: str) -> str:
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise _unusable(folder, "is not writable (permission denied)") from None
-        if e.errno == errno.ENOTDIR:
-            raise _unusable(folder, "has a file where a folder should be") from None
         raise _unusable(folder, f"cannot be used ({e.strerror or e})") from None
     return folder
 

@@ -58,7 +58,7 @@ class TokenMixture:
             raise DataError("a mixture needs one name and one weight per stream")
         total = float(sum(weights))
         self.names, self.weights, self.streams = list(names), [w / total for w in weights], list(streams)
-        self.eos_id = streams[0].eos_id
+        self.eos_id = getattr(streams[0], "eos_id", None)
         self.dtype = streams[0].dtype
 
     def __len__(self) -> int:

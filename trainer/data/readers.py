@@ -70,10 +70,8 @@ def decode_utf8(data: bytes, stats: ReadStats) -> str:
 def read_span(source: Source, span: Span, text_field: str, stats: ReadStats) -> Iterator[tuple[str, str, int, bool]]:
     if source.kind == "text":
         return _text(source, stats)
-    if source.kind == "jsonl":
+    if source.is_jsonl:
         return _jsonl(source, span, text_field, stats)
-    if source.kind in ("jsonl.gz", "jsonl.zst"):
-        return _compressed_jsonl(source, text_field, stats)
     if source.kind in ("parquet", "arrow"):
         return _table(source, span, text_field, stats)
     raise AssertionError(f"unknown source kind {source.kind}")
@@ -146,19 +144,49 @@ def jsonl_text(line: bytes, path: str, lineno: int, text_field: str, stats: Read
     return text
 
 
-def _jsonl(source: Source, span: Span, text_field: str, stats: ReadStats) -> Iterator[tuple[str, str, int, bool]]:
-    # Line by line within the span's byte range: a jsonl file may be far larger than memory.
+def jsonl_lines(source: Source, span: Span | None = None) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, line, input bytes consumed) of a .jsonl, .jsonl.gz or .jsonl.zst file, blank lines
+    included; a plain file's span gives just its byte range. Streamed line by line."""
+    if source.kind == "jsonl":
+        yield from _plain_lines(source, span)
+        return
+    import zstandard
+
+    kind = "gzip" if source.kind == "jsonl.gz" else "zstd"
+    lineno = 0
     with _open(source) as f:
-        f.seek(span.start)
-        offset, lineno = span.start, span.first
+        chunks = _gzip_chunks(f) if kind == "gzip" else _zstd_chunks(f)
+        try:
+            for line, n_bytes in iter_lines(chunks):
+                lineno += 1
+                yield lineno, line, n_bytes
+        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+            raise DataError(f"{source.path} is not a readable {kind} file after line {lineno} "
+                            f"({first_line(e)}): it is corrupt or truncated; re-download or remove it") from None
+
+
+def _plain_lines(source: Source, span: Span | None) -> Iterator[tuple[int, bytes, int]]:
+    start, stop, lineno = (span.start, span.stop, span.first) if span is not None else (0, source.size, 1)
+    with _open(source) as f:
+        f.seek(start)
+        offset = start
         for line in f:
-            if offset >= span.stop:
+            if offset >= stop:
                 break
             offset += len(line)
-            if line.strip():
-                text = jsonl_text(line, source.path, lineno, text_field, stats)
-                yield f"{source.name}:{lineno}", text, len(line), True
+            yield lineno, line, len(line)
             lineno += 1
+
+
+def _jsonl(source: Source, span: Span, text_field: str, stats: ReadStats) -> Iterator[tuple[str, str, int, bool]]:
+    skipped = 0  # bytes of blank lines, handed on with the next document
+    for lineno, line, n_bytes in jsonl_lines(source, span):
+        if not line.strip():
+            skipped += n_bytes
+            continue
+        text = jsonl_text(line, source.path, lineno, text_field, stats)
+        yield f"{source.name}:{lineno}", text, n_bytes + skipped, True
+        skipped = 0
 
 
 def _gzip_chunks(f) -> Iterator[tuple[bytes, int]]:
@@ -201,24 +229,6 @@ def iter_lines(chunks: Iterator[tuple[bytes, int]]) -> Iterator[tuple[bytes, int
             reported = pos
     if tail:
         yield tail, pos - reported
-
-
-def _compressed_jsonl(source: Source, text_field: str, stats: ReadStats) -> Iterator[tuple[str, str, int, bool]]:
-    import zstandard
-
-    kind = "gzip" if source.kind == "jsonl.gz" else "zstd"
-    with _open(source) as f:
-        chunks = _gzip_chunks(f) if kind == "gzip" else _zstd_chunks(f)
-        lineno = 0
-        try:
-            for line, n_bytes in iter_lines(chunks):
-                lineno += 1
-                if line.strip():
-                    text = jsonl_text(line, source.path, lineno, text_field, stats)
-                    yield f"{source.name}:{lineno}", text, n_bytes, True
-        except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
-            raise DataError(f"{source.path} is not a readable {kind} file after line {lineno} "
-                            f"({first_line(e)}): it is corrupt or truncated; re-download or remove it") from None
 
 
 # ---------------------------------------------------------------------------- parquet and Arrow

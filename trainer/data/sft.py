@@ -24,12 +24,14 @@ from datetime import datetime
 import numpy as np
 import torch
 
+from trainer.constants import IGNORE_INDEX
+
 from .errors import DataError
+from .readers import jsonl_lines
 from .sources import resolve_corpus
 from .split import ValSplit
 from .tokenizer import HFTokenizer, Tokenizer
 
-IGNORE_INDEX = -100
 log = logging.getLogger("trainer.data")
 
 
@@ -46,20 +48,20 @@ def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     corpus = resolve_corpus(path)
     others = [s.name for s in corpus.sources if not s.is_jsonl]
     if others:
-        raise DataError(f"data.format=sft reads .jsonl files only, but {path!r} also holds {others[:3]}; "
+        raise DataError(f"data.format=sft reads .jsonl (.gz, .zst) files only, but {path!r} also holds {others[:3]}; "
                         "point data.path at the .jsonl file(s)")
     for source in corpus.sources:
-        with open(source.path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{source.path}, line {lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{source.path}, line {lineno}: expected a JSON object")
-                yield f"{source.name}:{lineno}", obj
+        for lineno, line, _ in jsonl_lines(source):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise DataError(f"{source.path}, line {lineno}: not valid JSON ({reason})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{source.path}, line {lineno}: expected a JSON object")
+            yield f"{source.name}:{lineno}", obj
 
 
 def render_chat(template: str, messages: list[dict], tokenizer: HFTokenizer, add_generation_prompt: bool) -> str:
