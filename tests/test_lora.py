@@ -386,6 +386,20 @@ def test_trainable_state_round_trips_through_weights_only_load():
         assert torch.equal(twin(x), model(x))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_adapter_folder_resumes_into_a_model_with_the_same_adapters(tmp_path, tie):
+    model = lora.apply_lora(small_model(tie), settings(train_embeddings=True, train_norms=True))
+    perturb_adapters(model)
+    lora.save_adapter(model, tmp_path / "checkpoint", "unused-base")
+    fresh = lora.apply_lora(small_model(tie, seed=1), settings(train_embeddings=True, train_norms=True))
+    lora.load_adapter_weights(fresh, tmp_path / "checkpoint")
+    saved = lora.trainable_state_dict(model)
+    assert all(torch.equal(t, saved[n]) for n, t in lora.trainable_state_dict(fresh).items())
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight if tie else True
+    with pytest.raises(CheckpointError, match=r"has no adapter_model.safetensors"):
+        lora.load_adapter_weights(fresh, tmp_path)
+
+
 def test_checkpoints_of_the_other_kind_or_other_settings_are_refused():
     full = small_model()
     adapted = lora.apply_lora(small_model(), settings())

@@ -217,7 +217,7 @@ def lora_summary(model: nn.Module) -> str:
 # ---------------------------------------------------------------- checkpoints
 
 def is_lora_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B"))
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -319,10 +319,11 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 
 def load_adapter_model(folder: str | Path, kernels=None, quantize: str = "none",
-                       compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+                       compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """The base model of a PEFT LoRA folder (its base_model_name_or_path, loaded with load_hf) with
-    the folder's adapters applied, in eval mode on the CPU. `quantize`: "nf4" to rebuild a QLoRA
-    run's 4-bit base (quantizing the same weights gives the same 4-bit weights)."""
+    the folder's adapters applied, in eval mode on `device`. `quantize`: "nf4" to rebuild a QLoRA
+    run's 4-bit base (quantizing the same weights on the same kind of device gives the same 4-bit
+    weights); the base is moved to `device` before it is quantized, so do not move the model after."""
     from trainer.models import load_hf
 
     folder = Path(folder)
@@ -335,12 +336,23 @@ def load_adapter_model(folder: str | Path, kernels=None, quantize: str = "none",
                                  else ""))
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    model = load_hf(base, kernels)
+    model = load_hf(base, kernels).to(device)
     targets = _peft_targets(model, config.get("target_modules"), folder)
     add_adapters(model, targets, rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                  quantize=quantize, compute_dtype=compute_dtype, modules_to_save=config.get("modules_to_save") or ())
+    load_adapter_weights(model, folder)
+    return model.eval()
+
+
+def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
+    """Loads a save_adapter folder's adapter_model.safetensors into `model` (which carries the same
+    adapters), e.g. to resume from a checkpoint written with save_adapter. Refused as
+    load_trainable_state_dict refuses a mismatch."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS}")
     state = {}
-    for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS)).items():
+    for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device)).items():
         if not key.startswith(PEFT_PREFIX):
             raise CheckpointError(f"{folder}/{ADAPTER_WEIGHTS} holds {key!r}, not a key of a causal-LM adapter "
                                   f"(they start with {PEFT_PREFIX!r})")
@@ -348,7 +360,6 @@ def load_adapter_model(folder: str | Path, kernels=None, quantize: str = "none",
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)  # the tied head is the embedding
     load_trainable_state_dict(model, state, str(folder))
-    return model.eval()
 
 
 def _peft_targets(model: nn.Module, target_modules, folder: Path) -> list[str]:
