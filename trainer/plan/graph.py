@@ -1,0 +1,260 @@
+"""Replays a forward and backward pass, op by op, on a Tape.
+
+An `Op` is described by what it allocates, reads and keeps for backward, not by what it computes.
+The replay follows the rules autograd and the allocator follow, so the ledger goes up and down
+as the real step does:
+
+- forward: an op allocates its outputs; a tensor is freed once its last reader has run, unless
+  an op saved it for backward (or a checkpoint holds it);
+- backward, ops in reverse order (autograd runs nodes in reverse creation order): an op allocates
+  its inputs' gradients and its weights' gradients, then releases the gradients it received and
+  the tensors it saved. A tensor reached by several gradients gets their sum, out of place (the
+  gradients arriving through views cannot be summed in place);
+- a parameter used by several ops (tied embeddings) gets one AccumulateGrad: autograd keeps the
+  first contributions in its input buffer and adds the rest in place, then hands the sum on;
+- activation checkpointing: `full` keeps only the block's input and re-runs the block's forward
+  when backward reaches it; `selective` also keeps the outputs of the ops marked `must_save` (the
+  matmuls and attention) and re-runs the others. Re-running stops at the last op that saves
+  something (torch's non-reentrant checkpoint stops early by default).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trainer.plan.tape import Tape
+
+ACTIVATIONS = "activations"
+ACT_GRADS = "activation gradients"
+TEMPORARIES = "temporaries"
+GRADIENTS = "gradients"
+WEIGHT_COPIES = "autocast weight copies"
+
+
+@dataclass
+class Op:
+    name: str
+    inputs: tuple[str, ...] = ()  # tensors read (local names)
+    outputs: dict[str, int] = field(default_factory=dict)  # tensors made: name -> bytes
+    saves: tuple[str, ...] = ()  # tensors kept for backward (inputs or outputs)
+    grads: dict[str, int] = field(default_factory=dict)  # input -> bytes of the gradient backward makes for it
+    alias_grads: tuple[str, ...] = ()  # inputs whose gradient is the incoming gradient itself (an add)
+    shared_grads: dict[str, str] = field(default_factory=dict)  # input -> input whose made gradient it shares
+    weights: tuple[str, ...] = ()  # parameters whose gradient backward makes
+    weight_copies: dict[str, int] = field(default_factory=dict)  # autocast casts of weights: param -> bytes
+    copies_saved: bool = True  # False: the cast weights live only during the op
+    fwd_extra: int = 0  # bytes of the op's own temporaries at its peak, beyond its outputs
+    bwd_extra: int = 0  # the same for its backward, beyond the gradients it makes
+    must_save: bool = False  # selective checkpointing keeps its outputs
+    nondiff: tuple[str, ...] = ()  # outputs that receive no gradient
+    holds: tuple[str, ...] = ()  # tensors a Python local keeps alive until this op has run
+
+
+class GradSink:
+    """What happens to a parameter's gradient once backward has summed it (see trainer/plan/optimizers.py)."""
+
+    def grad_ready(self, tape: Tape, param: str, storage: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Graph:
+    """The replay state: which tensors are alive, who still reads them, the gradients in flight."""
+
+    def __init__(self, tape: Tape, sink: GradSink, param_uses: dict[str, int],
+                 grad_bytes: Callable[[str], int]):
+        self.tape = tape
+        self.sink = sink
+        self.param_uses = param_uses  # ops that use each parameter in one forward
+        self.grad_bytes = grad_bytes  # a parameter's gradient bytes (its dtype)
+        self.readers: dict[str, int] = defaultdict(int)  # storage -> forward reads still to come
+        self.saved: dict[str, int] = defaultdict(int)  # storage -> ops that keep it for backward
+        self.held: dict[str, int] = defaultdict(int)  # storage -> checkpoints that keep it
+        self.grad_of: dict[str, str] = {}  # activation storage -> its gradient's storage
+        self.grad_refs: dict[str, int] = defaultdict(int)
+        self.param_buffer: dict[str, str] = {}  # parameter -> its partial gradient sum
+        self.param_pending: dict[str, int] = {}
+        self.copy_refs: dict[str, int] = defaultdict(int)  # autocast weight copy -> ops that saved it
+        self.exported: dict[str, bool] = {}  # outputs held until the next region reads them
+
+    # ---------------------------------------------------------------- lifetimes
+
+    def _maybe_free(self, storage: str) -> None:
+        if (self.tape.alive(storage) and self.readers[storage] <= 0 and self.saved[storage] <= 0
+                and self.held[storage] <= 0):
+            self.tape.free(storage)
+
+    def hold(self, storage: str) -> None:
+        self.held[storage] += 1
+
+    def release(self, storage: str) -> None:
+        self.held[storage] -= 1
+        self._maybe_free(storage)
+
+    def add_readers(self, storage: str, n: int) -> None:
+        self.readers[storage] += n
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, ops: list[Op], ns: dict[str, str], prefix: str, keep_saves: bool = True,
+                keep_outputs_of_must_save: list[str] | None = None, cached: dict[str, str] | None = None,
+                stop_after_last_save: bool = False, exports: tuple[str, ...] = ()) -> list[Op]:
+        """Runs `ops` (local names resolved through `ns`, which receives the new outputs).
+
+        keep_saves=False drops what the ops save (a checkpointed region); keep_outputs_of_must_save
+        collects the storages of must_save outputs, which the caller holds (selective
+        checkpointing). `cached` maps local names to storages already alive (re-running a
+        selective region: must_save ops are not run again). `exports` are outputs the next region
+        reads: they stay alive until it does. Returns the ops that ran.
+        """
+        if stop_after_last_save:  # up to the op that makes the last tensor some op saves
+            saved = {name for op in ops for name in op.saves}
+            last = max((i for i, op in enumerate(ops) if saved & set(op.outputs)), default=-1)
+            ops = ops[:last + 1]
+        local_reads: dict[str, int] = defaultdict(int)
+        for op in ops:
+            for name in op.inputs + op.holds:
+                local_reads[name] += 1
+        incoming = list(ns.items())
+        for name, storage in incoming:  # tensors coming into the region
+            self.readers[storage] += local_reads.get(name, 0)
+            if self.exported.pop(storage, False):
+                self.release(storage)
+        for op in ops:
+            self._forward_op(op, ns, prefix, keep_saves, keep_outputs_of_must_save, cached, local_reads, exports)
+        return ops
+
+    def _forward_op(self, op, ns, prefix, keep_saves, keep_must_save, cached, local_reads, exports) -> None:
+        tape = self.tape
+        for param, nbytes in op.weight_copies.items():  # autocast casts a weight once per forward
+            copy = f"copy.{param}"
+            if not tape.alive(copy):
+                tape.alloc(copy, nbytes, WEIGHT_COPIES, what=f"{op.name} (weight cast)")
+            if keep_saves and op.copies_saved:
+                self.copy_refs[copy] += 1
+        new = []
+        for name, nbytes in op.outputs.items():
+            if cached is not None and op.must_save and name in cached:
+                ns[name] = cached[name]
+                self.readers[ns[name]] += local_reads.get(name, 0)
+                continue
+            storage = tape.alloc(tape.fresh(prefix + name), nbytes, ACTIVATIONS, what=op.name)
+            ns[name] = storage
+            self.readers[storage] += local_reads.get(name, 0)
+            if name in exports:
+                self.exported[storage] = True
+                self.hold(storage)
+            new.append(storage)
+        tape.spike(op.fwd_extra, TEMPORARIES, op.name)
+        if keep_saves:
+            for name in op.saves:
+                self.saved[ns[name]] += 1
+        if keep_must_save is not None and op.must_save:
+            for name in op.outputs:
+                self.hold(ns[name])
+                keep_must_save.append(ns[name])
+        for param in op.weight_copies if not op.copies_saved else ():  # an explicit cast, not autocast's cache
+            self._drop_copy_if_unused(f"copy.{param}")
+        for name in op.inputs + op.holds:
+            storage = ns[name]
+            self.readers[storage] -= 1
+            self._maybe_free(storage)
+        for storage in new:  # an output nobody reads or keeps
+            self._maybe_free(storage)
+
+    def end_autocast(self) -> None:
+        """Leaving the autocast region clears its cache of cast weights: only the saved ones stay."""
+        for copy in [name for name in self.tape.storages if name.startswith("copy.")]:
+            self._drop_copy_if_unused(copy)
+
+    def _drop_copy_if_unused(self, copy: str) -> None:
+        if self.copy_refs[copy] <= 0 and self.tape.alive(copy):
+            self.tape.free(copy)
+
+    # ---------------------------------------------------------------- backward
+
+    def backward(self, ops: list[Op], ns: dict[str, str]) -> None:
+        for op in reversed(ops):
+            self._backward_op(op, ns)
+
+    def _backward_op(self, op: Op, ns: dict[str, str]) -> None:
+        tape = self.tape
+        incoming = [self.grad_of[ns[o]] for o in op.outputs if o not in op.nondiff and ns.get(o) in self.grad_of]
+        made: list[tuple[str, str]] = []
+        if incoming:
+            for name, nbytes in op.grads.items():
+                grad = tape.alloc(tape.fresh(f"d.{name}"), nbytes, ACT_GRADS, what=f"{op.name} backward")
+                self.grad_refs[grad] = 1
+                made.append((name, grad))
+            for name, source in op.shared_grads.items():
+                grad = dict(made)[source]
+                self.grad_refs[grad] += 1
+                made.append((name, grad))
+            for name in op.alias_grads:
+                self.grad_refs[incoming[0]] += 1
+                made.append((name, incoming[0]))
+            for param in op.weights:
+                self._weight_grad(param, op)
+            tape.spike(op.bwd_extra, TEMPORARIES, f"{op.name} backward")
+            for o in op.outputs:
+                storage = ns.get(o)
+                if storage in self.grad_of:
+                    self._release_grad(self.grad_of.pop(storage))
+        for name in op.saves:
+            storage = ns[name]
+            self.saved[storage] -= 1
+            self._maybe_free(storage)
+        for param in op.weight_copies if op.copies_saved else ():
+            copy = f"copy.{param}"
+            self.copy_refs[copy] -= 1
+            self._drop_copy_if_unused(copy)
+        for name, grad in made:
+            self._deliver(ns[name], grad, op.name)
+
+    def _release_grad(self, grad: str) -> None:
+        self.grad_refs[grad] -= 1
+        if self.grad_refs[grad] <= 0 and self.tape.alive(grad):
+            self.tape.free(grad)
+
+    def _deliver(self, target: str, grad: str, what: str) -> None:
+        """Hands `grad` (one reference of it) to the tensor `target`."""
+        old = self.grad_of.get(target)
+        if old is None:
+            self.grad_of[target] = grad
+            return
+        # Out of place: a new tensor for the sum, then both addends go.
+        total = self.tape.alloc(self.tape.fresh("dsum"), self.tape.size(grad), ACT_GRADS, what=f"{what} (grad sum)")
+        self.grad_refs[total] = 1
+        self._release_grad(old)
+        self._release_grad(grad)
+        self.grad_of[target] = total
+
+    def seed_grad(self, storage: str, nbytes: int) -> None:
+        """The gradient that starts backward (d loss / d loss)."""
+        grad = self.tape.alloc(self.tape.fresh("dloss"), nbytes, ACT_GRADS, what="backward start")
+        self.grad_refs[grad] = 1
+        self.grad_of[storage] = grad
+
+    def _weight_grad(self, param: str, op: Op) -> None:
+        tape = self.tape
+        nbytes = self.grad_bytes(param)
+        if param in op.weight_copies and op.weight_copies[param] != nbytes:
+            # The gradient of the autocast copy, then cast back to the parameter's dtype.
+            low = tape.alloc(tape.fresh(f"dcopy.{param}"), op.weight_copies[param], TEMPORARIES,
+                             what=f"{op.name} backward")
+            grad = tape.alloc(tape.fresh(f"dw.{param}"), nbytes, GRADIENTS, what=f"{op.name} backward")
+            tape.free(low)
+        else:
+            grad = tape.alloc(tape.fresh(f"dw.{param}"), nbytes, GRADIENTS, what=f"{op.name} backward")
+        pending = self.param_pending.get(param, self.param_uses.get(param, 1)) - 1
+        self.param_pending[param] = pending
+        buffered = self.param_buffer.pop(param, None)
+        if buffered is not None:  # added in place into the buffered sum
+            tape.free(grad)
+            grad = buffered
+        if pending > 0:
+            self.param_buffer[param] = grad
+            return
+        del self.param_pending[param]
+        self.sink.grad_ready(tape, param, grad)

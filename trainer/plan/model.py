@@ -1,0 +1,248 @@
+"""The Llama block, the embedding and the loss as Ops: what each allocates, keeps and frees.
+
+Sizes follow trainer/models/llama.py and the ops in trainer/ops (N = micro_batch x seq_len tokens):
+- dtypes: the residual stream (embedding output, the sums x + attn, h + mlp, the norms' outputs) is
+  in the weights' dtype; under autocast (train.dtype bf16/fp16) every linear casts its input and
+  weight to the compute dtype (a new copy per call for activations; weights are cast once per
+  forward, autocast caches leaf tensors) and outputs in it; statistics (rstd, attention's
+  log-sum-exp, the loss) are fp32.
+- what backward keeps: RMSNorm its input and rstd; a linear its (cast) input; RoPE nothing (the
+  tables are global); attention q, k, v, its output and log-sum-exp; SwiGLU its gate and up.
+- temporaries: the Triton kernels (CUDA) write their outputs only. The PyTorch references (CPU,
+  or a kernel switched off) compute in fp32 through intermediate tensors; their counts below are
+  read off the reference code in trainer/ops and checked against the CPU allocator
+  (docs/memory.md). CPU attention (`_scaled_dot_product_flash_attention_for_cpu`) keeps
+  per-thread blocks of scores; CUDA flash attention's backward keeps an fp32 dq accumulator and,
+  with grouped-query attention, dk and dv expanded to every query head (flash-attention 2,
+  `mha_bwd`).
+"""
+
+from __future__ import annotations
+
+from trainer.ops.cross_entropy import MAX_TRITON_CHUNK_BYTES, MIN_TRITON_CHUNK_TOKENS, chunk_size
+from trainer.plan.graph import Op
+from trainer.plan.setting import Setting
+from trainer.plan.shapes import lm_head_name
+
+F32 = 4
+
+
+def _rms_extra(s: Setting, n_elems: int, triton: bool, backward: bool) -> int:
+    """Temporaries of trainer.ops.rms_norm's reference beyond its outputs (0 for the Triton kernel)."""
+    if triton:
+        return 0
+    rows = n_elems // s.args.hidden_size
+    if s.param_bytes == F32:  # no dtype conversions: one (backward: two) fp32 intermediates of the input's size
+        return (2 * n_elems + rows) * F32 if backward else n_elems * F32
+    # bf16 input: fp32 copies of it, of the normalised values and (backward) of the gradient
+    return 5 * n_elems * F32 if backward else (2 * n_elems * F32 + n_elems * s.param_bytes)
+
+
+def rms_op(s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residual: str | None = None,
+           total: str | None = None) -> Op:
+    """RMSNorm of x (add_rms_norm: of residual + x, which it also returns as `total`)."""
+    n = s.tokens * s.args.hidden_size
+    r = s.param_bytes
+    outputs = {y: n * r, rstd: s.tokens * F32}
+    saved_input = x
+    grads = {x: n * r}
+    shared = {}
+    if residual is not None:
+        outputs = {total: n * r, **outputs}
+        saved_input = total
+        # The gradient of the sum reaches both addends: the same tensor when their dtypes match.
+        grads = {residual: n * r}
+        if s.compute_bytes == r:
+            shared = {x: residual}
+        else:
+            grads[x] = n * s.compute_bytes
+    triton = s.triton["rms_norm"]
+    return Op(name, inputs=(x,) if residual is None else (x, residual), outputs=outputs, saves=(saved_input, rstd),
+              grads=grads, shared_grads=shared, weights=(weight,), nondiff=(rstd,),
+              fwd_extra=_rms_extra(s, n, triton, False), bwd_extra=_rms_extra(s, n, triton, True))
+
+
+def linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int,
+               weight: str, bias: str | None = None) -> list[Op]:
+    """nn.Linear on x (x_bytes per element), with autocast's cast of x when it is not in the compute dtype."""
+    c, n = s.compute_bytes, s.tokens
+    ops = []
+    src, src_bytes = x, x_bytes
+    if s.autocast and x_bytes != c:
+        src, src_bytes = f"{x}@{name}", c
+        ops.append(Op(f"{name} input cast", inputs=(x,), outputs={src: n * in_features * c},
+                      grads={x: n * in_features * x_bytes}))
+    copies = {weight: in_features * out_features * c} if s.autocast and s.param_bytes != c else {}
+    weights = (weight,) if bias is None else (weight, bias)
+    out_bytes = c if s.autocast else s.param_bytes
+    ops.append(Op(name, inputs=(src,), outputs={out: n * out_features * out_bytes}, saves=(src,),
+                  grads={src: n * in_features * src_bytes}, weights=weights, weight_copies=copies, must_save=True))
+    return ops
+
+
+def _cpu_attention_blocks(s: Setting) -> tuple[int, int]:
+    # Block sizes of ATen's CPU flash attention (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp).
+    t = s.seq_len
+    q = 256 if t >= 768 else 64 if t >= 192 else 32
+    return min(q, t), min(512, t)
+
+
+def attention_op(s: Setting) -> Op:
+    a, c = s.args, s.compute_bytes
+    n, d = s.tokens, a.head_dim
+    q_bytes, kv_bytes = n * a.n_heads * d * c, n * a.n_kv_heads * d * c
+    lse = s.micro_batch * a.n_heads * s.seq_len * F32
+    if s.device == "cpu":
+        qs, ks = _cpu_attention_blocks(s)
+        fwd = s.threads * (qs * ks + 2 * qs + qs * d) * F32 + (s.threads * qs * ks * c if c != F32 else 0)
+        bwd = s.threads * 2 * qs * ks * F32
+    else:
+        fwd = 0
+        bwd = n * a.n_heads * d * F32 + lse  # fp32 dq accumulator and softmax_d
+        if a.n_kv_heads != a.n_heads:
+            bwd += 2 * q_bytes  # dk, dv expanded to every query head
+    return Op("attention", inputs=("q2", "k2", "v"), outputs={"attn": q_bytes, "lse": lse},
+              saves=("q2", "k2", "v", "attn", "lse"), grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes},
+              nondiff=("lse",), fwd_extra=fwd, bwd_extra=bwd, must_save=True)
+
+
+def rope_op(s: Setting) -> Op:
+    a, c = s.args, s.compute_bytes
+    q, k = s.tokens * a.n_heads * a.head_dim * c, s.tokens * a.n_kv_heads * a.head_dim * c
+    fwd = bwd = 0
+    if not s.triton["rope"]:
+        # trainer.ops.rope's reference: q * cos, rotate_half(q) (a half-size negation and a cat),
+        # its product with sin, then the sum; k the same while q's result is held.
+        fwd = max(3 * q, q + 3 * k) - (q + k)
+        bwd = max(7 * q // 2, q + 7 * k // 2) - (q + k)
+    return Op("rope", inputs=("q", "k"), outputs={"q2": q, "k2": k}, grads={"q": q, "k": k},
+              fwd_extra=fwd, bwd_extra=bwd)
+
+
+def swiglu_op(s: Setting) -> Op:
+    e = s.tokens * s.args.intermediate_size
+    c = s.compute_bytes
+    fwd = bwd = 0
+    if not s.triton["swiglu"]:
+        fwd = e * c  # silu(gate), then the product
+        # silu's derivative in fp32: sigmoid, silu, do * up, 1 - sigmoid, their product (and fp32
+        # copies of gate, up and the gradient when they are not fp32)
+        bwd = 3 * e * F32 if c == F32 else 8 * e * F32
+    return Op("swiglu", inputs=("gate", "up"), outputs={"act": e * c}, saves=("gate", "up"),
+              grads={"gate": e * c, "up": e * c}, fwd_extra=fwd, bwd_extra=bwd)
+
+
+def block_ops(s: Setting, i: int) -> list[Op]:
+    """One decoder layer: input "x", output "out" (trainer.models.llama.DecoderLayer.forward)."""
+    a, c, r = s.args, s.compute_bytes, s.param_bytes
+    h, hd, kd = a.hidden_size, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    pre = f"model.layers.{i}."
+    att, mlp = pre + "self_attn.", pre + "mlp."
+    bias = (lambda proj: att + proj + ".bias") if a.qkv_bias else (lambda proj: None)
+    ops = [rms_op(s, "input_layernorm", "x", "y1", "rstd1", pre + "input_layernorm.weight")]
+    ops += linear_ops(s, "q_proj", "y1", h, r, "q", hd, att + "q_proj.weight", bias("q_proj"))
+    ops += linear_ops(s, "k_proj", "y1", h, r, "k", kd, att + "k_proj.weight", bias("k_proj"))
+    ops += linear_ops(s, "v_proj", "y1", h, r, "v", kd, att + "v_proj.weight", bias("v_proj"))
+    ops.append(rope_op(s))
+    ops.append(attention_op(s))
+    ops += linear_ops(s, "o_proj", "attn", hd, c, "attn_out", h, att + "o_proj.weight")
+    ops.append(rms_op(s, "post_attention_layernorm", "attn_out", "y2", "rstd2", pre + "post_attention_layernorm.weight",
+                      residual="x", total="h"))
+    ops += linear_ops(s, "gate_proj", "y2", h, r, "gate", a.intermediate_size, mlp + "gate_proj.weight")
+    ops += linear_ops(s, "up_proj", "y2", h, r, "up", a.intermediate_size, mlp + "up_proj.weight")
+    ops.append(swiglu_op(s))
+    ops += linear_ops(s, "down_proj", "act", a.intermediate_size, c, "mlp_out", h, mlp + "down_proj.weight")
+    n = s.tokens * h
+    grads = {} if c == r else {"mlp_out": n * c}  # autograd casts the gradient back to mlp_out's dtype
+    alias = ("h", "mlp_out") if c == r else ("h",)
+    # `attn_out` stays alive until the layer returns (a local variable of DecoderLayer.forward).
+    ops.append(Op("residual add", inputs=("h", "mlp_out"), holds=("attn_out",), outputs={"out": n * r},
+                  grads=grads, alias_grads=alias))
+    return ops
+
+
+def embedding_ops(s: Setting) -> list[Op]:
+    n = s.tokens * s.args.hidden_size
+    return [Op("embed_tokens", outputs={"x": n * s.param_bytes}, weights=("model.embed_tokens.weight",))]
+
+
+def ce_chunk_tokens(s: Setting, hidden_bytes: int) -> int:
+    a = s.args
+    if s.triton["fused_ce"]:  # trainer.ops.cross_entropy._triton_chunk_size on a GPU
+        size = chunk_size(s.tokens, a.hidden_size, a.vocab_size)
+        budget = max(1, MAX_TRITON_CHUNK_BYTES // (a.vocab_size * hidden_bytes))
+        return max(size, min(s.tokens, MIN_TRITON_CHUNK_TOKENS, budget))
+    return chunk_size(s.tokens, a.hidden_size, a.vocab_size)
+
+
+def loss_ops(s: Setting) -> list[Op]:
+    """The final norm and the loss (the fused chunked cross-entropy, or materialised logits)."""
+    a, c, r = s.args, s.compute_bytes, s.param_bytes
+    n, v, h = s.tokens, a.vocab_size, a.hidden_size
+    head = lm_head_name(a)
+    ops = [rms_op(s, "norm", "x", "hidden", "rstd", "model.norm.weight")]
+    hidden, hb = "hidden", r
+    if s.autocast and r != c:  # the loss casts its inputs as a linear layer would
+        ops.append(Op("hidden cast", inputs=("hidden",), outputs={"hidden_c": n * h * c}, grads={"hidden": n * h * r}))
+        hidden, hb = "hidden_c", c
+    w_bytes = c if s.autocast else s.param_bytes  # the weight the loss multiplies by (cast under autocast)
+    copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
+    if s.fused_ce:
+        cs = ce_chunk_tokens(s, hb)
+        if s.triton["fused_ce"]:
+            # each chunk's logits (overwritten by their gradient) in the hidden dtype; the previous
+            # chunk's buffer is still referenced when the next is allocated
+            chunks = 2 * cs * v * hb
+        else:
+            # fp32 logits of the previous and current chunk and logsumexp's temporary (plus the
+            # matmul's own output before the fp32 cast when hidden is not fp32)
+            chunks = 3 * cs * v * F32 + (2 * cs * v * hb if hb != F32 else 0)
+        fwd = n * F32 + chunks + sum(copies.values())  # per-token losses, chunks, the cast weight
+        # backward: the fp32 weight gradient times the upstream gradient, before its cast to the weight's dtype
+        bwd = v * h * F32 if w_bytes != F32 else 0
+        ops.append(Op("fused cross-entropy", inputs=(hidden,),
+                      outputs={"loss": F32, "grad_hidden_stash": n * h * hb, "grad_weight_stash": v * h * F32},
+                      saves=("grad_hidden_stash", "grad_weight_stash"), grads={hidden: n * h * hb}, weights=(head,),
+                      weight_copies=copies, copies_saved=False, nondiff=("grad_hidden_stash", "grad_weight_stash"),
+                      fwd_extra=fwd, bwd_extra=bwd))
+        return ops
+    # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
+    ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves=(hidden,),
+                  grads={hidden: n * h * hb}, weights=(head,), weight_copies=copies))
+    logits = "logits"
+    if c != F32:
+        ops.append(Op("logits upcast", inputs=("logits",), outputs={"logits32": n * v * F32},
+                      grads={"logits": n * v * c}))
+        logits = "logits32"
+    ops.append(Op("log_softmax", inputs=(logits,), outputs={"logp": n * v * F32}, saves=("logp",),
+                  grads={logits: n * v * F32}))
+    ops.append(Op("nll_loss", inputs=("logp",), outputs={"loss": F32}, grads={"logp": n * v * F32}))
+    return ops
+
+
+def rotary_table_bytes(s: Setting) -> int:
+    """cos and sin for every position up to max_seq_len (fp32), cached by the model, and inv_freq."""
+    d = s.args.head_dim
+    if s.document_mask:
+        return d // 2 * F32
+    return 2 * s.args.max_seq_len * d * F32 + d // 2 * F32
+
+
+def per_batch_position_bytes(s: Setting) -> int:
+    """With position_ids (packed documents): cos and sin per token, and the attention mask on CPU."""
+    if not s.document_mask:
+        return 0
+    tables = 2 * s.tokens * s.args.head_dim * F32
+    mask = s.micro_batch * s.seq_len * s.seq_len if s.device == "cpu" else 0  # bool (B, 1, T, T)
+    return tables + mask
+
+
+def batch_bytes(s: Setting) -> int:
+    """Token ids and labels (int64) of one micro-batch, plus positions and document ids when packed."""
+    tensors = 4 if s.document_mask else 2
+    return tensors * s.tokens * 8
+
+
+def param_uses(s: Setting) -> dict[str, int]:
+    return {"model.embed_tokens.weight": 2} if s.args.tie_embeddings else {}
+

@@ -1,0 +1,74 @@
+"""Everything the memory model needs to know about a run, read off its TrainConfig once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.errors import ConfigError
+from trainer.models.config import ModelArgs
+from trainer.plan.shapes import Param, model_args, parameters
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class Setting:
+    args: ModelArgs
+    params: list[Param]
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    world_size: int
+    device: str  # "cpu" or "cuda": which kernels run (Triton on CUDA), which allocator counts
+    threads: int  # CPU threads (the CPU attention kernel keeps per-thread buffers)
+    param_bytes: int  # bytes per weight (train.param_dtype)
+    compute_bytes: int  # bytes per activation element (train.dtype; the weights' own when fp32)
+    triton: dict[str, bool]  # op -> runs its Triton kernel (CUDA, kernel switched on)
+    fused_ce: bool  # the chunked linear cross-entropy; False: logits materialised
+    checkpointing: str
+    compile: bool
+    document_mask: bool
+    strategy: str
+    fsdp_reshard: bool
+    fsdp_offload: bool
+    optim: object  # the OptimConfig
+    max_grad_norm: float
+
+    @property
+    def autocast(self) -> bool:
+        return self.compute_bytes != 4
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+def resolve_compute_bytes(dtype: str, device: str) -> int:
+    if dtype == "auto":  # the loop picks bf16 on a GPU that has it: every GPU in the device table does
+        return 2 if device == "cuda" else 4
+    return DTYPE_BYTES[dtype]
+
+
+def make_setting(config, device: str, world_size: int = 1, threads: int | None = None,
+                 micro_batch: int | None = None, args: ModelArgs | None = None) -> Setting:
+    t, k, p = config.train, config.kernels, config.parallel
+    args = args or model_args(config)
+    if t.seq_len > args.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model allows (max_seq_len "
+                          f"{args.max_seq_len}); lower train.seq_len")
+    galore_target = config.optim.galore_target if config.optim.name.startswith("galore_") else None
+    on_gpu = device == "cuda"
+    triton = {op: on_gpu and k.enabled and getattr(k, op) for op in ("rms_norm", "rope", "swiglu", "fused_ce")}
+    if threads is None:
+        import torch
+
+        threads = t.threads or torch.get_num_threads()
+    return Setting(
+        args=args, params=parameters(args, galore_target),
+        micro_batch=micro_batch if micro_batch is not None else t.micro_batch_size, seq_len=t.seq_len,
+        grad_accum=t.grad_accum_steps, world_size=world_size, device=device, threads=threads,
+        param_bytes=DTYPE_BYTES[t.param_dtype], compute_bytes=resolve_compute_bytes(t.dtype, device),
+        triton=triton, fused_ce=k.enabled and k.fused_ce, checkpointing=p.activation_checkpointing,
+        compile=p.compile, document_mask=config.data.document_mask or config.data.format == "sft",
+        strategy=p.strategy if world_size > 1 else "none", fsdp_reshard=p.fsdp_reshard_after_forward,
+        fsdp_offload=p.fsdp_cpu_offload, optim=config.optim, max_grad_norm=t.max_grad_norm)

@@ -1,0 +1,94 @@
+"""The model's shape and parameters, from the configuration alone: no weights, no data, no training.
+
+The parameters come from the model class itself built on the meta device (no memory), so their
+names, shapes and ties are exactly the ones the optimizer will see.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.models.config import PRESETS, ModelArgs, resolve_args
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    galore: bool  # trained through GaLore when optim.name is galore_* (a targeted nn.Linear weight)
+    group: str  # "decay", "no_decay" or "galore": the optimizer param group (trainer.optim.param_groups)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def tokenizer_vocab(config) -> int:
+    """The vocabulary the run's tokenizer will have (an upper bound for a BPE not trained yet)."""
+    d = config.data
+    spec = d.tokenizer
+    if config.model.from_hf and spec == "bpe" and (Path(config.model.from_hf) / "tokenizer.json").is_file():
+        spec = config.model.from_hf
+    if spec == "byte":
+        return 257
+    if spec == "bpe":
+        return d.vocab_size  # trained on the corpus to at most this many tokens
+    from trainer.data import build_tokenizer
+
+    return build_tokenizer(spec).vocab_size
+
+
+def model_args(config) -> ModelArgs:
+    """ModelArgs of the configured model, as the Trainer will build it."""
+    m = config.model
+    if m.from_hf:
+        from trainer.models.hf import args_from_hf_config, read_hf_config
+
+        if not Path(m.from_hf).is_dir():
+            raise ConfigError(f"model.from_hf={m.from_hf!r} is not a folder")
+        return args_from_hf_config(read_hf_config(m.from_hf))
+    if m.preset not in PRESETS:
+        raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    vocab = tokenizer_vocab(config) if PRESETS[m.preset]["vocab_size"] is None and m.vocab_size is None else None
+    try:
+        return resolve_args(m.preset, vocab, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                            intermediate_size=m.intermediate_size, n_layers=m.n_layers, n_heads=m.n_heads,
+                            n_kv_heads=m.n_kv_heads, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta,
+                            tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def parameters(args: ModelArgs, galore_target: str | None = None) -> list[Param]:
+    """Every trained parameter once (tied weights once), in the model's order, with its optimizer group."""
+    from trainer.models.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    targeted = set()
+    if galore_target is not None:
+        pattern = re.compile(galore_target)
+        targeted = {id(m.weight) for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and pattern.search(name)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out = []
+    for name, p in model.named_parameters():  # shared parameters are listed once
+        if p.dim() < 2 or id(p) in embeddings:
+            group = "no_decay"
+        else:
+            group = "galore" if id(p) in targeted else "decay"
+        out.append(Param(name, tuple(p.shape), id(p) in targeted, group))
+    return out
+
+
+def lm_head_name(args: ModelArgs) -> str:
+    return "model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
