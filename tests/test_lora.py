@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -443,6 +444,24 @@ def test_target_matching_nothing_or_the_head_is_refused():
 def test_bad_lora_values_are_refused_clearly(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         tiny_config(tmp_path, **overrides)
+
+
+def test_nf4_without_bitsandbytes_support_is_refused_in_one_line(monkeypatch):
+    """What a device without bitsandbytes' 4-bit kernels looks like: its first 4-bit matmul raises."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("no kernel for this backend\nsecond line")
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", unsupported)
+    with pytest.raises(ConfigError, match=r"^lora\.quantize=nf4 needs bitsandbytes' 4-bit support on cpu with "
+                                          r"compute dtype float32, which bitsandbytes .* does not provide here "
+                                          r"\(RuntimeError: no kernel for this backend\); install .* or set "
+                                          r"lora\.quantize=none$"):
+        lora.apply_lora(small_model(), settings(quantize="nf4"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ConfigError, match=r"lora\.quantize=nf4 needs the bitsandbytes package: pip install"):
+        lora.apply_lora(small_model(), settings(quantize="nf4"))
 
 
 def test_adapter_with_a_missing_base_or_unsupported_options_is_refused(tmp_path):
