@@ -67,6 +67,15 @@ class RunParts:
     def sharded(self) -> bool:
         return is_sharded(self.model)
 
+    def describe(self) -> str:
+        """The line a run starts with: what trains, where, on what, into which folder."""
+        n_params = sum(p.numel() for p in self.params)
+        unit = "rows" if self.config.data.format == "sft" else "tokens"
+        ranks = f" | {self.env.world_size} ranks, {self.config.parallel.strategy}" if self.env.world_size > 1 else ""
+        return (f"model: {n_params / 1e6:.2f}M trainable parameters | device {self.device} | compute dtype "
+                f"{str(self.compute_dtype).removeprefix('torch.')} | data: {len(self.data.train):,} training {unit} "
+                f"| output: {self.output.folder}{ranks}")
+
 
 def kernel_choice(kernels) -> KernelChoice:
     """kernels.* switches -> how the model runs each op (a switched-off kernel runs its reference)."""

@@ -29,7 +29,7 @@ from trainer.callbacks import CallbackList, TrainerControl, TrainerState
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainerError
-from trainer.metrics import MetricsLogger, PendingSteps
+from trainer.metrics import MetricsLogger, PendingSteps, Throughput
 from trainer.optim import state_bytes
 from trainer.parallel import all_reduce_sum, clip_grad_norm, gradient_sync, shutdown
 from trainer.prefetch import StepBatch, StepPrefetcher
@@ -164,13 +164,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            n_params = sum(x.numel() for x in p.params)
-            self.metrics.message(
-                f"model: {n_params / 1e6:.2f}M trainable parameters | device {p.device} | compute dtype "
-                f"{str(p.compute_dtype).removeprefix('torch.')} | data: {len(p.data.train):,} training "
-                f"{'rows' if self.config.data.format == 'sft' else 'tokens'} | output: {p.output.folder}"
-                + (f" | {p.env.world_size} ranks, {self.config.parallel.strategy}" if p.env.world_size > 1 else ""))
-            for text in p.messages:
+            for text in [p.describe(), *p.messages]:
                 self.metrics.message(text)
             return self._loop()
         finally:
@@ -187,8 +181,7 @@ class Trainer:
         self.pending, self.streak = PendingSteps(p.device), 0
         self.loader_state = p.loader.state_dict()  # before the prefetcher's thread takes the loader over
         self.run_start, self.start_step, self.start_tokens = time.perf_counter(), state.step, state.tokens_seen
-        self.window = (time.perf_counter(), 0)  # (start, steps) of the steps not yet read back
-        self.steady = [0.0, 0]  # seconds and steps after the first read-back (which pays for warm-up)
+        self.throughput = Throughput(t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size)
         if p.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(p.device)
         save_every, eval_every = self.config.checkpoint.save_every, t.eval_every
@@ -232,14 +225,7 @@ class Trainer:
         p, t, state = self.parts, self.config.train, self.parts.state
         records, stop_voted = self.pending.read(stop_vote=self.stop_signal is not None)
         self.stop_requested = self.stop_requested or stop_voted
-        now, (start, _) = time.perf_counter(), self.window
-        seconds, n = now - start, len(records)
-        self.window = (now, 0)
-        if state.step > self.start_step + n:  # not the first read-back: no warm-up in it
-            self.steady[0] += seconds
-            self.steady[1] += n
-        tokens_per_s = n * t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size / max(seconds, 1e-9)
-        peak = peak_memory_bytes(p.device)
+        tokens_per_s, peak = self.throughput.window(len(records)), peak_memory_bytes(p.device)
         for record in records:
             record.update(tokens_per_s=tokens_per_s, peak_mem_bytes=peak)
             if record["step"] == self.start_step + 1:
@@ -292,14 +278,11 @@ class Trainer:
         final = p.checkpointer.save_final(p.model) if p.checkpointer is not None else None
         if not p.env.is_main:
             return
-        seconds, steps = self.steady
-        step_tokens = self.config.train.micro_batch_size * self.config.train.grad_accum_steps
-        step_tokens *= self.config.train.seq_len * p.env.world_size
         summary = write_run_summary(
             p.output.folder, state, start_step=self.start_step, start_tokens=self.start_tokens,
-            runtime_s=time.perf_counter() - self.run_start,
-            tokens_per_s=steps * step_tokens / seconds if steps else None, peak_mem_bytes=peak_memory_bytes(p.device),
-            n_params=sum(x.numel() for x in p.model.parameters()), device=p.device, final=final)
+            runtime_s=time.perf_counter() - self.run_start, tokens_per_s=self.throughput.steady,
+            peak_mem_bytes=peak_memory_bytes(p.device), n_params=sum(x.numel() for x in p.model.parameters()),
+            device=p.device, final=final)
         self.metrics.message("\n" + summary)
 
 

@@ -79,6 +79,31 @@ class PendingSteps:
         return records, votes > 0
 
 
+class Throughput:
+    """Input tokens per second over each read-back window, and over the run after the first window
+    (which pays for warm-up: compilation, allocator and cache growth)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.window_start = time.perf_counter()
+        self.windows = 0
+        self.steady_seconds, self.steady_steps = 0.0, 0
+
+    def window(self, n_steps: int) -> float:
+        """Tokens/s of the `n_steps` since the last call; starts the next window."""
+        now = time.perf_counter()
+        seconds, self.window_start = now - self.window_start, now
+        if self.windows:
+            self.steady_seconds += seconds
+            self.steady_steps += n_steps
+        self.windows += 1
+        return n_steps * self.tokens_per_step / max(seconds, 1e-9)
+
+    @property
+    def steady(self) -> float | None:
+        return self.steady_steps * self.tokens_per_step / self.steady_seconds if self.steady_steps else None
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, *, enabled: bool, progress: str, max_steps: int, start_step: int,
                  log_every: int, tensorboard: bool):
