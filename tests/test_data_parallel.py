@@ -170,3 +170,33 @@ def test_split_guarantee_applies_across_pieces(tmp_path, monkeypatch):
         assert data.meta["splits"]["val"]["documents"] == 1 and data.meta["build"]["pieces"] > 5
     assert np.array_equal(np.asarray(results[0].val), np.asarray(results[1].val))
     assert np.array_equal(np.asarray(results[0].train), np.asarray(results[1].train))
+
+
+def test_progress_lines_off_a_terminal(corpus, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from trainer.data import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "LINE_EVERY_S", 0.0)  # a line at every update
+    caplog.set_level(logging.INFO, logger="trainer.data")
+    run(corpus, tmp_path / "cache", 2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenizing: ")]
+    assert lines and lines[-1].startswith("tokenizing: 100% (")
+    assert all("/s, " in line and " docs/s, " in line and line.endswith(" left") for line in lines)
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenized ")]
+    assert "880 documents" in summary and "2 worker(s)" in summary
+
+
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    from trainer.data import progress as progress_mod
+
+    screen = io.StringIO()
+    screen.isatty = lambda: True
+    monkeypatch.setattr(progress_mod.sys, "stderr", screen)
+    bar = progress_mod.TokenizeProgress(total_bytes=4_000_000, done_bytes=1_000_000)
+    bar.update(1_000_000, 500)
+    bar.close()
+    shown = screen.getvalue()
+    assert "tokenizing" in shown and "2.00M/4.00M" in shown and "docs/s" in shown and "<" in shown  # ETA

@@ -95,7 +95,8 @@ def test_parquet_binary_text_column(tmp_path):
     raw = [t.encode("utf-8") for t in texts[:2]] + [b"bad \xff byte"]
     pq.write_table(pa.table({"text": pa.array(raw, pa.binary())}), tmp_path / "b.parquet")
     data = prepare(tmp_path / "b.parquet", tmp_path)
-    decoded = [r.decode("utf-8", errors="replace") for r in pq.read_table(tmp_path / "b.parquet").column("text").to_pylist()]
+    stored = pq.read_table(tmp_path / "b.parquet").column("text").to_pylist()
+    decoded = [r.decode("utf-8", errors="replace") for r in stored]
     assert data.train.tolist() == byte_stream(decoded)
     assert data.meta["hygiene"]["replaced"] == 1
 

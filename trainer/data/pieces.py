@@ -1,17 +1,29 @@
 """Cut a corpus into pieces that tokenize independently, in corpus order.
 
-A piece is a run of spans of about PIECE_BYTES of input: several small files, one byte range of
-a large .jsonl file (starting at a line), a run of parquet row groups or Arrow record batches, or
+A piece is a run of spans of about piece_size() bytes of input: several small files, one byte range
+of a large .jsonl file (starting at a line), a run of parquet row groups or Arrow record batches, or
 one whole compressed file (gzip and zstd streams cannot be entered in the middle). The cuts depend
 only on the corpus, never on the number of workers, and documents never straddle two pieces, so
-concatenating the pieces' tokens in order gives the same stream however many processes made them.
+concatenating the pieces' tokens in order gives the same stream however many processes made them,
+and a run resumed with another worker count still finds its finished pieces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PIECE_BYTES = 16 << 20
+# About TARGET_PIECES pieces per corpus, each between MIN and MAX bytes: many pieces keep every core
+# busy to the end; the bounds keep per-piece overhead small and the number of files sane.
+TARGET_PIECES = 1024
+MIN_PIECE_BYTES = 1 << 20
+MAX_PIECE_BYTES = 64 << 20
+PIECE_BYTES: int | None = None  # a fixed size instead (tests use tiny pieces)
+
+
+def piece_size(total_bytes: int) -> int:
+    if PIECE_BYTES:
+        return PIECE_BYTES
+    return min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total_bytes // TARGET_PIECES))
 
 
 @dataclass(frozen=True)
@@ -62,18 +74,18 @@ def _merge(spans: list[Span]) -> tuple[Span, ...]:
     return tuple(out)
 
 
-def plan_pieces(corpus, piece_bytes: int | None = None) -> list[Piece]:
-    limit = piece_bytes or PIECE_BYTES
+def plan_pieces(corpus) -> list[Piece]:
+    spans = [span for index, source in enumerate(corpus.sources) for span in source_spans(index, source)]
+    limit = piece_size(sum(s.n_bytes for s in spans))
     pieces: list[Piece] = []
     current: list[Span] = []
     size = 0
-    for index, source in enumerate(corpus.sources):
-        for span in source_spans(index, source):
-            current.append(span)
-            size += span.n_bytes
-            if size >= limit:
-                pieces.append(Piece(len(pieces), _merge(current)))
-                current, size = [], 0
+    for span in spans:
+        current.append(span)
+        size += span.n_bytes
+        if size >= limit:
+            pieces.append(Piece(len(pieces), _merge(current)))
+            current, size = [], 0
     if current:
         pieces.append(Piece(len(pieces), _merge(current)))
     return pieces

@@ -120,7 +120,7 @@ def prepare_corpus(corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_di
     if not from_cache:
         parent = writable_subdir(cache_dir, "datasets")
         try:
-            meta = _build(folder, parent, key, corpus, tok, val_fraction, workers)
+            meta, from_cache = _build(folder, parent, key, corpus, tok, val_fraction, workers)
         except OSError as e:
             raise cache_write_error(parent, e) from None
 
@@ -214,12 +214,13 @@ def _build_lock(parent: str, key: str):
 
 
 def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, val_fraction: float,
-           workers: int) -> dict:
+           workers: int) -> tuple[dict, bool]:
+    """(meta, whether another process built it while this one waited)."""
     remove_stale(parent)
     with _build_lock(parent, key):
         meta = _read_valid_meta(folder, key)
         if meta is not None:  # built by the process we waited for
-            return meta
+            return meta, True
         partial = os.path.join(parent, f".partial-{key[:32]}")
         pieces = plan_pieces(corpus)
         dtype = token_dtype(tok.vocab_size)
@@ -260,7 +261,7 @@ def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, v
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(partial, ignore_errors=True)
-        return meta
+        return meta, False
 
 
 def _open_partial(partial: str, key: str, pieces: list) -> None:

@@ -42,8 +42,10 @@ ACCEPTED = (
 SNIFF_BYTES = 8192
 BINARY_RULE = "nul-or-third-nontext-in-8192"
 HASH_CHUNK = 1 << 20
-# A .jsonl file is cut into byte ranges of about this size, each starting at a line.
-JSONL_SPLIT_BYTES = 16 << 20
+# A .jsonl file is cut into byte ranges, each starting at a line, of at least this size and about a
+# 64th of the file (at most 64 MiB), so a huge file has a bounded number of cuts; pieces.py joins
+# neighbouring ranges into pieces.
+JSONL_SPLIT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -252,12 +254,16 @@ def _hash(path: str, find_line_splits: bool) -> tuple[str, int, bytes, tuple]:
     size, lines, first = 0, 0, b""
     splits = [(0, 1)]
     try:
+        split_bytes = max(JSONL_SPLIT_BYTES, min(64 << 20, os.path.getsize(path) // 64))
+    except OSError:
+        split_bytes = JSONL_SPLIT_BYTES
+    try:
         with open(path, "rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
                 first = first or chunk[:SNIFF_BYTES]
                 if find_line_splits:
-                    if size + len(chunk) - splits[-1][0] >= JSONL_SPLIT_BYTES:
+                    if size + len(chunk) - splits[-1][0] >= split_bytes:
                         cut = chunk.rfind(b"\n") + 1  # 0: no line ends in this chunk, try the next
                         if cut > 0 and size + cut > splits[-1][0]:
                             splits.append((size + cut, lines + chunk.count(b"\n", 0, cut) + 1))
