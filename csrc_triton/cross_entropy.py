@@ -51,7 +51,10 @@ def _cross_entropy_kernel(LOGITS, stride_row, LABELS, BIAS, LOSS, ROW_SCALE,
     row_ptr = LOGITS + row * stride_row
     label = tl.load(LABELS + row).to(tl.int64)
     valid = label != ignore_index
-    target = tl.where(valid, label, 0)  # an ignored row still reads a real column, then is zeroed
+    # A label outside the vocabulary (and not ignore_index) must not read past the row: it reads column
+    # 0 like an ignored row, and its loss and gradient become NaN so that the step shows it.
+    bad = valid & ((label < 0) | (label >= n_cols))
+    target = tl.where(valid & ~bad, label, 0)
     cols0 = tl.arange(0, BLOCK)
 
     m = tl.full([], float("-inf"), tl.float32)
@@ -72,20 +75,20 @@ def _cross_entropy_kernel(LOGITS, stride_row, LABELS, BIAS, LOSS, ROW_SCALE,
     lse = m + tl.log(s)
 
     if WRITE_LOSS:
-        z_target = _logits(row_ptr, BIAS, target, valid, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z_target = _logits(row_ptr, BIAS, target, valid & ~bad, softcap, HAS_BIAS, HAS_SOFTCAP)
         loss = lse - z_target
         if HAS_SMOOTHING:
             # (1 - eps) * CE(one-hot) + eps * CE(uniform)
             loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_sum / n_cols)
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
-        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+        tl.store(LOSS + row, tl.where(bad, float("nan"), tl.where(valid, loss, 0.0)))
 
     if WRITE_GRAD:
         scale = 1.0
         if HAS_ROW_SCALE:
             scale = tl.load(ROW_SCALE + row).to(tl.float32)
-        scale = tl.where(valid, scale, 0.0)
+        scale = tl.where(bad, float("nan"), tl.where(valid, scale, 0.0))
         # z-loss adds 2 * z_loss * lse * softmax to the gradient.
         p_scale = 1.0
         if HAS_Z_LOSS:
@@ -116,11 +119,11 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: tor
                         softcap: float | None = None, compute_grad: bool = True, block: int | None = None):
     """Per-row cross-entropy of logits (rows, vocab) (+ bias) against labels (rows,).
 
-    Writes the fp32 per-row loss (0 where the label is ignore_index) into loss_out when given, and,
-    when compute_grad, overwrites logits with d loss / d logits (times row_scale[row] if given; 0 on
-    ignored rows). The loss is (1 - label_smoothing) * CE + label_smoothing * CE against the uniform
-    distribution, + z_loss * lse^2, with logits soft-capped to softcap * tanh(logits / softcap) first.
-    Returns logits.
+    Writes the fp32 per-row loss (0 where the label is ignore_index, NaN where it is outside
+    [0, vocab)) into loss_out when given, and, when compute_grad, overwrites logits with d loss /
+    d logits (times row_scale[row] if given; 0 on ignored rows, NaN on out-of-vocabulary ones). The
+    loss is (1 - label_smoothing) * CE + label_smoothing * CE against the uniform distribution,
+    + z_loss * lse^2, with logits soft-capped to softcap * tanh(logits / softcap) first. Returns logits.
     """
     if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError(f"logits must be (rows, vocab) with unit stride along vocab, got {tuple(logits.shape)} "

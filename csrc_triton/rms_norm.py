@@ -7,8 +7,8 @@ wider rows are streamed twice.
 Backward: a fixed number of programs each walks a contiguous range of rows and keeps its own fp32
 partial sum of dW, written once per program into a (programs, cols) buffer that torch reduces.
 That keeps dW free of atomics (one contended row of atomics serialises every program) and makes
-it deterministic. Rows up to MAX_ONE_BLOCK_BACKWARD elements stay in registers; wider ones are
-streamed, with the dW partial row in that global buffer.
+it deterministic. Rows wider than MAX_ONE_BLOCK are streamed, with the dW partial row kept in that
+global buffer.
 """
 
 import torch
@@ -17,14 +17,11 @@ import triton.language as tl
 
 from csrc_triton._common import launch, num_warps_for, persistent_programs
 
-# Widest row kept whole in registers (16384 fp32 over 16 warps is 32 registers a thread per
-# tensor); wider rows are processed in LOOP_BLOCK slices.
-MAX_ONE_BLOCK = 16384
+# Widest row kept whole in registers (8192 fp32 over 16 warps is 16 registers a thread per tensor);
+# wider rows are processed in LOOP_BLOCK slices. Kept whole, a 16384 row spilled (ptxas, sm_80 and
+# sm_90a): the backward 96-136 bytes a thread over 32 warps, the forward 4-8 bytes with triton 3.3-3.5.
+MAX_ONE_BLOCK = 8192
 LOOP_BLOCK = 4096
-# The one-block backward keeps w and the dW partial sum live across rows besides the row's dy, x and
-# dx: at 16384 columns it spilled 96-136 bytes a thread (ptxas, sm_80 and sm_90, 32 warps, so at most
-# 64 registers; 16 warps spilled about twice that), so from there on the backward streams the row.
-MAX_ONE_BLOCK_BACKWARD = 8192
 
 
 @triton.jit
@@ -153,7 +150,13 @@ def forward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
 
 def backward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
     """BLOCK, ONE_BLOCK and num_warps of the backward kernel."""
-    return forward_config(n_cols, min(max_block, MAX_ONE_BLOCK_BACKWARD))
+    config = forward_config(n_cols, max_block)
+    if not config["ONE_BLOCK"] and config["BLOCK"] == LOOP_BLOCK:
+        # The streamed loop, 4 elements of a 4096-column slice a thread: over 8 or 16 warps ptxas
+        # spilled 4 bytes in one configuration or another (triton 3.3 or 3.4; fp16/fp32; sm_80/sm_90a),
+        # over 32 warps none with triton 3.2 to 3.9. Two programs an SM then fill it.
+        config["num_warps"] = 32
+    return config
 
 
 def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:

@@ -2,10 +2,15 @@
 CPU), the Triton path of the op, and the chunked reference path, against a float64 oracle that
 materialises the logits from the same inputs."""
 
+import collections
+
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer.ops as ops
+from trainer.errors import ConfigError
 from trainer.ops import cross_entropy as ce_module
 from trainer.ops.cross_entropy import linear_cross_entropy_reference
 from trainer.ops.testing import kernel_test_device, poisoned_allocations, rel_err
@@ -299,3 +304,91 @@ def test_rejects_bad_arguments():
         ops.linear_cross_entropy(hidden, weight, labels[:3])
     with pytest.raises(ValueError):
         ops.linear_cross_entropy(hidden, weight, labels, softcap=0.0)
+
+
+# ---- labels outside the vocabulary ----
+
+def test_check_labels_names_the_offending_label():
+    labels = torch.randint(0, 32000, (2, 20))
+    labels[0, 3] = IGNORE
+    ops.check_labels(labels, 32000)  # in range, or ignored: nothing to say
+    labels[1, 17] = 70000
+    with pytest.raises(ConfigError) as info:
+        ops.check_labels(labels, 32000)
+    assert str(info.value) == ("label 70000 at position (1, 17) is outside the vocabulary [0, 32000) and is not "
+                               "ignore_index -100; the tokenizer and model.vocab_size disagree")
+    flat = torch.tensor([5, -1, 7])  # negative, and not ignore_index
+    with pytest.raises(ConfigError, match=r"label -1 at position 1 is outside the vocabulary \[0, 10\)"):
+        ops.check_labels(flat, 10)
+    ops.check_labels(torch.tensor([5, -1, 7]), 10, ignore_index=-1)
+
+
+def test_check_labels_refuses_device_tensors():
+    # On a GPU the check would cost a sync per batch: it is for the host copy only.
+    with pytest.raises(ValueError, match="on the host"):
+        ops.check_labels(torch.empty(4, dtype=torch.int64, device="meta"), 10)
+
+
+@pytest.mark.parametrize("force", [pytest.param("triton", marks=needs_triton), "reference"])
+def test_out_of_vocabulary_label_gives_nan_not_a_plausible_loss(force):
+    # Without check_labels a bad label must not read past the logits row nor yield a finite loss.
+    hidden, weight, _, labels = make((9,), 16, 50, torch.float32, seed=12, n_ignored=2)
+    good = labels.clone()
+    bad_rows = [i for i in range(9) if labels[i] != IGNORE][:2]
+    labels[bad_rows[0]], labels[bad_rows[1]] = 50, -3
+    hidden.requires_grad_()
+    losses = ops.linear_cross_entropy(hidden, weight, labels, reduction="none", force=force)
+    (gh,) = torch.autograd.grad(losses.sum(), (hidden,))
+    ref_losses, (ref_gh, _) = oracle(hidden, weight, good, reduction="none")
+    others = [i for i in range(9) if i not in bad_rows]
+    assert torch.isnan(losses[bad_rows]).all() and torch.isnan(gh[bad_rows]).all()
+    assert rel_err(losses[others], ref_losses[others]) <= 1e-4
+    assert rel_err(gh[others], ref_gh[others]) <= 1e-4
+    assert torch.isnan(ops.linear_cross_entropy(hidden, weight, labels, force=force))
+
+
+# ---- memory of the backward: the fp32 weight gradient is scaled in place, cast once ----
+
+class _WeightShapedAllocations(TorchDispatchMode):
+    """Counts, per dtype, the fresh tensors of `shape` that ops return (in-place results and views of
+    an input are not fresh)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.shape == self.shape
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.counts[t.dtype] += 1
+        return out
+
+
+@pytest.mark.parametrize("force", [pytest.param("triton", marks=needs_triton), "reference"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_backward_adds_no_second_fp32_weight_gradient(force, weight_dtype):
+    hidden, weight, _, labels = make((4, 6), 16, 96, weight_dtype, seed=13)
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force=force)
+    with _WeightShapedAllocations(weight.shape) as seen:
+        (gw,) = torch.autograd.grad(loss, (weight,))
+    # fp32 weights: the forward's fp32 buffer, scaled in place, is the gradient; bf16: one cast of it.
+    assert seen.counts[torch.float32] == 0
+    assert seen.counts[torch.bfloat16] == (1 if weight_dtype == torch.bfloat16 else 0)
+    assert gw.dtype == weight_dtype
+    assert rel_err(gw, oracle(hidden, weight, labels)[1][1]) <= LOSS_TOL[weight_dtype]
+
+
+def test_second_backward_through_the_fused_loss_is_refused():
+    # Its gradient buffers were consumed in place by the first backward: autograd says so.
+    hidden, weight, _, labels = make((5,), 8, 30, torch.float32, seed=14)
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+    torch.autograd.grad(loss, (weight,), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, (weight,))

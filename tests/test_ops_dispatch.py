@@ -13,11 +13,15 @@ import torch
 
 import trainer.ops as ops
 from trainer.ops.dispatch import HAS_TRITON
-from trainer.ops.testing import rel_err
+from trainer.ops.testing import compiled_gpu_skip_reason, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA with compiled (not interpreted) Triton")
+GPU_SKIP_REASON = compiled_gpu_skip_reason()
+ON_GPU = GPU_SKIP_REASON is None
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(GPU_SKIP_REASON is not None, reason=GPU_SKIP_REASON or "")(test))
 
 
 def small_block_inputs(device="cpu", dtype=torch.float32, seed=0):

@@ -3,9 +3,9 @@
 Every op takes force="triton" | "reference" to choose explicitly.
 """
 
-from trainer.ops.cross_entropy import linear_cross_entropy
+from trainer.ops.cross_entropy import check_labels, linear_cross_entropy
 from trainer.ops.rms_norm import add_rms_norm, rms_norm
 from trainer.ops.rope import rope
 from trainer.ops.swiglu import swiglu
 
-__all__ = ["add_rms_norm", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = ["add_rms_norm", "check_labels", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]

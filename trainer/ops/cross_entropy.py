@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from trainer.errors import ConfigError
 from trainer.ops.dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -60,14 +61,17 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
     if softcap is not None:
         z = torch.tanh(z / softcap).mul_(softcap)
     valid = y != ignore_index
-    y_safe = torch.where(valid, y, 0)
+    # A label outside the vocabulary gives NaN (loss and gradient), as the Triton kernel does, instead
+    # of an out-of-bounds gather: check_labels names it on the host before a batch gets here.
+    bad = valid & ((y < 0) | (y >= z.shape[1]))
+    y_safe = torch.where(valid & ~bad, y, 0)
     lse = torch.logsumexp(z, dim=-1)
     loss = lse - z.gather(1, y_safe[:, None]).squeeze(1)
     if label_smoothing:
         loss = (1 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse.square()
-    loss = torch.where(valid, loss, 0.0)
+    loss = torch.where(bad, math.nan, torch.where(valid, loss, 0.0))
     if not want_grad:
         return loss, None
 
@@ -80,7 +84,7 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
     d.scatter_add_(1, y_safe[:, None], torch.full_like(lse, -(1 - label_smoothing))[:, None])
     if cap_slope is not None:
         d.mul_(cap_slope)
-    d.mul_(valid[:, None])
+    d.mul_(torch.where(bad, math.nan, valid.to(d.dtype))[:, None])
     return loss, d
 
 
@@ -213,9 +217,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             del ctx.grads
             g = grad_out * scale
             w_dtype, b_dtype = ctx.dtypes
-            grad_h = grad_h * g.to(grad_h.dtype)
-            grad_w = (grad_w * g).to(w_dtype)
-            grad_b = None if grad_b is None else (grad_b * g).to(b_dtype)
+            # In place, then cast once: these buffers are this backward's own (see _backward below).
+            grad_h = grad_h.mul_(g.to(grad_h.dtype))
+            grad_w = grad_w.mul_(g).to(w_dtype)
+            grad_b = None if grad_b is None else grad_b.mul_(g).to(b_dtype)
         else:
             hidden, weight, bias, labels = ctx.saved_tensors
             _, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, labels, *ctx.args, triton=False,
@@ -325,9 +330,13 @@ def _backward(ctx, grad_loss, *_stashed_grads):
     if ctx.reduction == "sum":
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        grad_h = grad_h * grad_loss if want_h else None
-        grad_w = (grad_w * grad_loss).to(w_dtype) if want_w else None
-        grad_b = (grad_b * grad_loss).to(b_dtype) if want_b else None
+        # The forward's gradient buffers are scaled in place and cast once: an out-of-place product
+        # would be a second fp32 (vocab x hidden) tensor, the largest of the step. They are this
+        # graph's own, so a second backward through it (retain_graph) is refused by autograd's
+        # in-place check rather than served scaled twice.
+        grad_h = grad_h.mul_(grad_loss) if want_h else None
+        grad_w = grad_w.mul_(grad_loss).to(w_dtype) if want_w else None
+        grad_b = grad_b.mul_(grad_loss).to(b_dtype) if want_b else None
     else:
         hidden, weight, bias, labels = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, triton = ctx.args
@@ -348,6 +357,23 @@ def _autocast_inputs(hidden, weight, bias):
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raises ConfigError naming the first label outside [0, vocab_size) that is not ignore_index.
+
+    Meant for the host copy of a batch, before it moves to the GPU: there the check costs no device
+    sync, while inside the loss an out-of-vocabulary label only shows as a NaN loss.
+    """
+    if labels.device.type != "cpu":
+        raise ValueError("check_labels reads labels on the host; call it before the batch moves to the GPU")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(labels[position])
+        where = position[0] if len(position) == 1 else position
+        raise ConfigError(f"label {value} at position {where} is outside the vocabulary [0, {vocab_size}) and is "
+                          f"not ignore_index {ignore_index}; the tokenizer and model.vocab_size disagree")
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

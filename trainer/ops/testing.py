@@ -16,6 +16,16 @@ def kernel_test_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not interpreting else "cpu")
 
 
+def compiled_gpu_skip_reason() -> str | None:
+    """Why the GPU tests cannot run here (None when they can): they need a CUDA device and Triton
+    compiling for it rather than interpreting."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU with compiled Triton; this machine has no CUDA device"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "needs compiled Triton; TRITON_INTERPRET is set, so kernels would be interpreted"
+    return None
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| over the whole tensor, in fp64: the project's tolerance measure.
 
