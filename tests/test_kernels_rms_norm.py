@@ -76,8 +76,7 @@ def test_kernel_forward_backward(dtype, rows, cols, max_block, with_residual):
 
 
 @needs_triton
-# 8192: the widest row the backward keeps in registers; 16384: the widest the forward keeps (the
-# backward streams it); 16411: a prime past both, streamed by both.
+# The widest row kept in registers, the next width (streamed in slices), and a prime past it.
 @pytest.mark.parametrize("cols", [8192, 16384, 16411])
 def test_kernel_wide_rows(cols):
     x, r, w, dy, ds = make((2, cols), torch.float32)
