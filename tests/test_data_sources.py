@@ -290,3 +290,19 @@ def test_non_utf8_line_is_replaced_and_counted(tmp_path, caplog):
     assert n_replaced == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("replaced 4 invalid UTF-8 sequence(s) with U+FFFD in 2 document(s)" in w for w in warnings)
+
+
+def test_long_text_file_is_read_in_parts(tmp_path, monkeypatch):
+    from trainer.data import readers
+
+    monkeypatch.setattr(readers, "TEXT_CHUNK_BYTES", 100)
+    lines = "".join(f"line {i}: ünïcödé 🙂\n" for i in range(60))
+    no_newlines = "ü🙂é" * 200  # cut points must fall between characters, never inside one
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(lines)
+    (tmp_path / "c" / "b.txt").write_text(no_newlines)
+    (tmp_path / "c" / "c.txt").write_bytes(b"x" * 300)  # a multiple of the part size
+    data = prepare(tmp_path / "c", tmp_path, num_workers=2)
+    # The byte tokenizer is blind to the cuts: the file's bytes, one EOS per file, nothing replaced.
+    assert data.train.tolist() == byte_stream([lines, no_newlines, "x" * 300])
+    assert data.n_documents == 3 and data.meta["hygiene"]["replaced"] == 0
