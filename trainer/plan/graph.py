@@ -182,6 +182,7 @@ class Graph:
         tape = self.tape
         incoming = [self.grad_of[ns[o]] for o in op.outputs if o not in op.nondiff and ns.get(o) in self.grad_of]
         made: list[tuple[str, str]] = []
+        contributions: list[tuple[str, str]] = []
         if incoming:
             for name, nbytes in op.grads.items():
                 grad = tape.alloc(tape.fresh(f"d.{name}"), nbytes, ACT_GRADS, what=f"{op.name} backward")
@@ -194,8 +195,7 @@ class Graph:
             for name in op.alias_grads:
                 self.grad_refs[incoming[0]] += 1
                 made.append((name, incoming[0]))
-            for param in op.weights:
-                self._weight_grad(param, op)
+            contributions = [(param, self._weight_grad(param, op)) for param in op.weights]
             tape.spike(op.bwd_extra, TEMPORARIES, f"{op.name} backward")
             for o in op.outputs:
                 storage = ns.get(o)
@@ -211,6 +211,9 @@ class Graph:
             self._drop_copy_if_unused(copy)
         for name, grad in made:
             self._deliver(ns[name], grad, op.name)
+        # AccumulateGrad nodes run right after (autograd gives them the highest priority).
+        for param, grad in contributions:
+            self._accumulate(param, grad)
 
     def _release_grad(self, grad: str) -> None:
         self.grad_refs[grad] -= 1
@@ -236,7 +239,8 @@ class Graph:
         self.grad_refs[grad] = 1
         self.grad_of[storage] = grad
 
-    def _weight_grad(self, param: str, op: Op) -> None:
+    def _weight_grad(self, param: str, op: Op) -> str:
+        """Allocates the gradient `op` makes for `param` (in the parameter's dtype)."""
         tape = self.tape
         nbytes = self.grad_bytes(param)
         if param in op.weight_copies and op.weight_copies[param] != nbytes:
@@ -247,6 +251,11 @@ class Graph:
             tape.free(low)
         else:
             grad = tape.alloc(tape.fresh(f"dw.{param}"), nbytes, GRADIENTS, what=f"{op.name} backward")
+        return grad
+
+    def _accumulate(self, param: str, grad: str) -> None:
+        """The parameter's AccumulateGrad: buffered until every use has sent its part (tied weights)."""
+        tape = self.tape
         pending = self.param_pending.get(param, self.param_uses.get(param, 1)) - 1
         self.param_pending[param] = pending
         buffered = self.param_buffer.pop(param, None)

@@ -8,11 +8,13 @@ States (kept between steps):
 - adafactor (galore-torch's): an fp32 first moment (optim.betas[0] > 0) and, for a matrix, fp32
   row and column second-moment factors, else a full fp32 second moment;
 - galore_*: for each targeted matrix, the projector (rank x its shorter side, std projection) in
-  the weight's dtype plus the base optimizer's state over the rank-sized projected gradient.
+  the weight's dtype plus the base optimizer's state over the rank-sized projected gradient;
+- apollo_adamw (trainer/optim/apollo.py): AdamW moments in the weight's dtype, for a targeted matrix
+  of its rank x longer-side projected gradient, plus the rank x shorter-side random projection and
+  a scalar norm.
 
 Step temporaries, read off the code that runs:
-- torch AdamW on CPU (foreach): sqrt of the second moments of a whole param group at once; the
-  fused CUDA kernel: none;
+- torch AdamW: fused (trainer/optim builds it with fused=True on CPU and CUDA): none;
 - bitsandbytes on CPU (`backends/cpu/ops.py`): per tensor, both moments dequantized to fp32, the
   fp32 gradient, sqrt and the denominator (5 fp32 copies; 6 with bf16 weights, whose fp32 copy is
   made too); on CUDA a fused kernel: none;
@@ -20,12 +22,15 @@ Step temporaries, read off the code that runs:
 - GaLore (trainer/optim/galore.py): each targeted matrix's zeroed low-rank stand-in and its
   projected gradient, all of them alive during the inner step; every update_proj_gap steps
   (always on the first) an SVD of each gradient: fp32 U, S, Vh plus the copy LAPACK overwrites;
+- APOLLO, per tensor: sqrt of the second moment and the normalized update; for a targeted matrix
+  the projected gradient, its sqrt and normalized update, then the full-size scaled gradient (and,
+  every update_proj_gap steps, the new projection drawn in fp32);
 - layer-wise: the same per parameter inside backward, with only that parameter's gradient alive.
 """
 
 from __future__ import annotations
 
-from trainer.optim import parse_name
+from trainer.optim import APOLLO, parse_name
 from trainer.optim.galore import projection_side
 from trainer.plan.graph import GRADIENTS, TEMPORARIES, GradSink
 from trainer.plan.setting import Setting
@@ -53,12 +58,20 @@ class OptimizerModel(GradSink):
 
     # ---------------------------------------------------------------- shapes
 
+    @property
+    def apollo(self) -> bool:
+        return self.base == APOLLO
+
     def projected(self, p: Param) -> bool:
-        return self.galore and p.galore
+        """A GaLore matrix (trained through a low-rank stand-in)."""
+        return self.galore and p.targeted
 
     def low_rank(self, p: Param) -> tuple[int, tuple[int, int], tuple[int, int]]:
-        """(rank, projector shape, projected-gradient shape) of a GaLore matrix."""
+        """(rank, projector shape, projected-gradient shape) of a GaLore or APOLLO matrix."""
         rows, cols = p.shape
+        if self.apollo:  # always the shorter side (apollo.py)
+            rank = min(self.s.optim.apollo_rank, rows, cols)
+            return (rank, (rank, cols), (rows, rank)) if rows >= cols else (rank, (rows, rank), (rank, cols))
         rank = min(self.s.optim.galore_rank, rows, cols)
         side = projection_side(p.shape, self.s.optim.galore_proj_type)
         if side == "left":
@@ -82,11 +95,16 @@ class OptimizerModel(GradSink):
             first = n * F32 if self.s.optim.betas[0] else 0
             second = (shape[0] + shape[1]) * F32 if len(shape) == 2 else n * F32
             return first + second
+        if self.base == APOLLO:
+            return 2 * n * self.p_bytes
         raise ValueError(f"no memory model for optimizer base {self.base!r}")
 
     def state_bytes(self, p: Param) -> int:
         if self.shard > 1:  # FSDP accepts adamw only (trainer/config.py)
             return self._base_state(p.shape) // self.shard
+        if self.apollo and p.targeted:
+            _, projection, low = self.low_rank(p)
+            return self._base_state(low) + projection[0] * projection[1] * self.p_bytes + F32
         if not self.projected(p):
             return self._base_state(p.shape)
         _, projector, low = self.low_rank(p)
@@ -103,8 +121,8 @@ class OptimizerModel(GradSink):
     def _base_temp(self, n: int, two_dim: bool) -> int:
         """Temporaries of one base-optimizer update of an n-value tensor (bytes, at their peak)."""
         cpu = self.s.device == "cpu"
-        if self.base == "adamw":
-            return n * self.p_bytes if cpu else 0
+        if self.base == "adamw":  # torch's fused kernel updates in place
+            return 0
         if self.base in ("adamw8bit", "paged_adamw8bit"):
             if not cpu:
                 return 0
@@ -114,7 +132,17 @@ class OptimizerModel(GradSink):
         if self.base == "adafactor":
             copies = 2 * n * F32 if self.p_bytes != F32 else 0
             return 2 * n * F32 + copies
+        if self.base == APOLLO:  # sqrt(v), then m / (sqrt(v) + eps)
+            return 2 * n * self.p_bytes
         raise ValueError(self.base)
+
+    def _apollo_temp(self, p: Param) -> int:
+        """An APOLLO matrix's update: the projected gradient, sqrt(v) and the normalized update, then
+        the scaled full gradient; or, at a projection refresh, the new fp32 draw and its scaled copy."""
+        _, projection, low = self.low_rank(p)
+        low_bytes = low[0] * low[1] * self.p_bytes
+        draw = projection[0] * projection[1] * (2 * F32 + (self.p_bytes if self.p_bytes != F32 else 0))
+        return max(draw, 3 * low_bytes, 2 * low_bytes + p.numel * self.p_bytes)
 
     def _svd_temp(self, p: Param) -> int:
         rows, cols = p.shape
@@ -130,6 +158,8 @@ class OptimizerModel(GradSink):
 
     def param_step_temp(self, p: Param) -> int:
         """Layer-wise: the temporaries of updating parameter p alone (inside backward)."""
+        if self.apollo and p.targeted:
+            return self._apollo_temp(p)
         if not self.projected(p):
             return self._base_temp(p.numel, len(p.shape) == 2)
         low = self._low_rank_bytes(p)
@@ -141,7 +171,6 @@ class OptimizerModel(GradSink):
         """The optimizer step after backward (not layer-wise): temporaries over the gradients and states."""
         if self.layerwise:
             return
-        cpu = self.s.device == "cpu"
         proxies = []
         if self.galore:
             for p in self.s.params:
@@ -156,16 +185,14 @@ class OptimizerModel(GradSink):
         for p in self.s.params:
             if self.projected(p):
                 _, _, low = self.low_rank(p)
-                groups.setdefault("galore", []).append((low[0] * low[1], True))
+                groups.setdefault("targeted", []).append((low[0] * low[1], True))
             else:
                 groups.setdefault(p.group, []).append((p.numel, len(p.shape) == 2))
-        if self.base == "adamw":
-            if cpu:  # foreach: one temporary per tensor of the group, all at once
-                temp = max(sum(n for n, _ in members) * self.p_bytes for members in groups.values()) // self.shard
-                tape.spike(temp, TEMPORARIES, "AdamW step (foreach sqrt of a param group)")
-        else:  # one tensor at a time
-            temp = max(self._base_temp(n, two_dim) for members in groups.values() for n, two_dim in members)
-            tape.spike(temp, TEMPORARIES, f"{self.s.optim.name} step")
+        # one tensor at a time
+        temp = max(self._base_temp(n, two_dim) for members in groups.values() for n, two_dim in members)
+        if self.apollo:
+            temp = max([temp] + [self._apollo_temp(p) for p in self.s.params if p.targeted])
+        tape.spike(temp, TEMPORARIES, f"{self.s.optim.name} step")
         for name in proxies:
             tape.free(name)
 

@@ -56,7 +56,8 @@ def make_setting(config, device: str, world_size: int = 1, threads: int | None =
     if t.seq_len > args.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model allows (max_seq_len "
                           f"{args.max_seq_len}); lower train.seq_len")
-    galore_target = config.optim.galore_target if config.optim.name.startswith("galore_") else None
+    o = config.optim
+    target = {"galore": o.galore_target, "apollo": o.apollo_target}.get(o.name.split("_")[0])
     on_gpu = device == "cuda"
     triton = {op: on_gpu and k.enabled and getattr(k, op) for op in ("rms_norm", "rope", "swiglu", "fused_ce")}
     if threads is None:
@@ -64,7 +65,7 @@ def make_setting(config, device: str, world_size: int = 1, threads: int | None =
 
         threads = t.threads or torch.get_num_threads()
     return Setting(
-        args=args, params=parameters(args, galore_target),
+        args=args, params=parameters(args, target),
         micro_batch=micro_batch if micro_batch is not None else t.micro_batch_size, seq_len=t.seq_len,
         grad_accum=t.grad_accum_steps, world_size=world_size, device=device, threads=threads,
         param_bytes=DTYPE_BYTES[t.param_dtype], compute_bytes=resolve_compute_bytes(t.dtype, device),

@@ -21,8 +21,8 @@ from trainer.models.config import PRESETS, ModelArgs, resolve_args
 class Param:
     name: str
     shape: tuple[int, ...]
-    galore: bool  # trained through GaLore when optim.name is galore_* (a targeted nn.Linear weight)
-    group: str  # "decay", "no_decay" or "galore": the optimizer param group (trainer.optim.param_groups)
+    targeted: bool  # an nn.Linear weight optim.galore_target / optim.apollo_target matches
+    group: str  # "decay", "no_decay" or "targeted": the optimizer param group (trainer.optim.param_groups)
 
     @property
     def numel(self) -> int:
@@ -68,15 +68,15 @@ def model_args(config) -> ModelArgs:
         raise ConfigError(f"model: {e}") from None
 
 
-def parameters(args: ModelArgs, galore_target: str | None = None) -> list[Param]:
+def parameters(args: ModelArgs, target: str | None = None) -> list[Param]:
     """Every trained parameter once (tied weights once), in the model's order, with its optimizer group."""
     from trainer.models.llama import Transformer
 
     with torch.device("meta"):
         model = Transformer(args)
     targeted = set()
-    if galore_target is not None:
-        pattern = re.compile(galore_target)
+    if target is not None:
+        pattern = re.compile(target)
         targeted = {id(m.weight) for name, m in model.named_modules()
                     if isinstance(m, nn.Linear) and pattern.search(name)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -85,7 +85,7 @@ def parameters(args: ModelArgs, galore_target: str | None = None) -> list[Param]
         if p.dim() < 2 or id(p) in embeddings:
             group = "no_decay"
         else:
-            group = "galore" if id(p) in targeted else "decay"
+            group = "targeted" if id(p) in targeted else "decay"
         out.append(Param(name, tuple(p.shape), id(p) in targeted, group))
     return out
 
