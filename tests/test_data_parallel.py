@@ -184,7 +184,7 @@ def test_progress_lines_off_a_terminal(corpus, tmp_path, monkeypatch, caplog):
     assert lines and lines[-1].startswith("tokenizing: 100% (")
     assert all("/s, " in line and " docs/s, " in line and line.endswith(" left") for line in lines)
     (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenized ")]
-    assert "880 documents" in summary and "2 worker(s)" in summary
+    assert "880 documents" in summary and "2 process(es)" in summary
 
 
 def test_progress_bar_on_a_terminal(monkeypatch):

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from . import readers
 from .cache import cache_write_error, remove_stale, resolve_cache_dir, writable_subdir
 from .errors import DataError
 from .pieces import plan_pieces
-from .progress import TokenizeProgress, human_bytes
+from .progress import TokenizeProgress, emit, human_bytes
 from .shards import TokenShards, write_shards
 from .sources import BINARY_RULE, Corpus, resolve_corpus
 from .tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
@@ -134,8 +133,9 @@ def prepare_corpus(corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_di
     speed = ""
     if not from_cache:
         reused = f", {build['pieces_reused']} of {build['pieces']} pieces reused" if build.get("pieces_reused") else ""
-        speed = f" ({human_bytes(build['input_bytes'] / max(elapsed, 1e-9))}/s, {workers} worker(s){reused})"
-    _emit(
+        processes = build.get("processes", workers)
+        speed = f" ({human_bytes(build['input_bytes'] / max(elapsed, 1e-9))}/s, {processes} process(es){reused})"
+    emit(
         logging.WARNING if hygiene else logging.INFO,
         f"{'used cache' if from_cache else 'tokenized'} {corpus.spec!r}: {meta['n_documents']:,} documents, "
         f"{len(train):,} train + {n_val:,} val tokens ({dtype.name}, vocab {tok.vocab_size}) in {elapsed:.1f}s"
@@ -248,7 +248,8 @@ def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, v
             meta = _assemble(tmp, partial, pieces, records, corpus, tok, val_fraction, dtype)
             meta["key"] = key
             meta["build"] = {"pieces": len(pieces), "pieces_reused": reused,
-                             "input_bytes": sum(p.n_bytes for p in todo)}
+                             "input_bytes": sum(p.n_bytes for p in todo),
+                             "processes": max(1, min(workers, len(todo)))}
             tok.save(os.path.join(tmp, "tokenizer"))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
@@ -346,15 +347,3 @@ def _assemble(tmp: str, partial: str, pieces: list, records: dict, corpus: Corpu
         "hygiene": {"binary_files": [s.name for s in corpus.skipped], **read.as_dict()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _emit(level: int, message: str) -> None:
-    # The one line prepare_data promises. If the application configured no logging at all, give
-    # this logger a stderr handler so the line is not lost to Python's warning-only fallback.
-    if not log.hasHandlers():
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        log.addHandler(handler)
-        if log.level == logging.NOTSET:
-            log.setLevel(logging.INFO)
-    log.log(level, message)

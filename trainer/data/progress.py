@@ -51,7 +51,7 @@ class TokenizeProgress:
             self.bar.set_postfix_str(f"{self.docs / max(now - self.t0, 1e-9):,.0f} docs/s", refresh=False)
         elif now - self.last_line >= LINE_EVERY_S:
             self.last_line = now
-            log.info(self.line(now))
+            emit(logging.INFO, self.line(now))
 
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.time()) - self.t0, 1e-9)
@@ -65,3 +65,15 @@ class TokenizeProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def emit(level: int, message: str) -> None:
+    """Log a line of trainer.data. If the application configured no logging at all, give this logger a
+    stderr handler first, so the line is not lost to Python's warning-only fallback."""
+    if not log.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.INFO)
+    log.log(level, message)
