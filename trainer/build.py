@@ -21,6 +21,7 @@ from trainer.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dirs,
 from trainer.config import TrainConfig, to_toml
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation import Evaluator
+from trainer.lora import apply_lora, lora_summary
 from trainer.metrics import truncate_metrics
 from trainer.models import KernelChoice, build, load_hf
 from trainer.models.config import PRESETS, resolve_args
@@ -117,6 +118,10 @@ def load_run_data(config: TrainConfig, tokenizer: str | None = None):
 def check_pretrained_fit(config: TrainConfig) -> None:
     """With model.from_hf the checkpoint fixes the shape, and its embeddings only mean something with its tokenizer."""
     m = config.model
+    if config.lora.rank > 0 and not m.from_hf:
+        raise ConfigError(f"lora.rank={config.lora.rank} adapts a pretrained model: set model.from_hf to its Hugging "
+                          "Face folder (its final/ adapter names that folder as its base), or lora.rank=0 to train "
+                          "every weight")
     if not m.from_hf:
         return
     if not Path(m.from_hf).is_dir():
@@ -194,6 +199,10 @@ def build_run(config: TrainConfig) -> RunParts:
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, data.tokenizer.vocab_size).to(device, dtype=DTYPES[t.param_dtype])
+    if cfg.lora.rank > 0:  # on the device and in its dtype already: a 4-bit base cannot be moved or cast after
+        apply_lora(model, cfg.lora, compute_dtype)
+        messages.append(lora_summary(model))
+    model.model.neftune_alpha = t.neftune_alpha
     model.train()
     # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
     train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
@@ -234,7 +243,8 @@ def build_run(config: TrainConfig) -> RunParts:
         messages.append(f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "
                         f"{cfg.data.path} aside): the run will not be evaluated")
     checkpointer = Checkpointer(output.folder, keep_last=cfg.checkpoint.keep_last, config_toml=config_toml,
-                                tokenizer=data.tokenizer, sharded=is_sharded(model), is_main=env.is_main)
+                                tokenizer=data.tokenizer, sharded=is_sharded(model), is_main=env.is_main,
+                                lora_base=cfg.model.from_hf or None, save_merged=cfg.lora.save_merged)
     return RunParts(cfg, env, device, compute_dtype, output, data, model, train_model, optimizer, scheduler, scaler,
                     loader, evaluator, checkpointer, state, messages)
 

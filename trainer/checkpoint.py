@@ -20,8 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from trainer.errors import CheckpointError
+from trainer.lora import (
+    ADAPTER_WEIGHTS,
+    base_dtype,
+    check_checkpoint_kind,
+    is_adapter_folder,
+    load_adapter_weights,
+    merge_state_dict,
+    merged_model,
+    save_adapter,
+)
 from trainer.models.hf import args_from_hf_config, load_state_dict, load_weights, read_hf_config, save_hf, weight_files
 from trainer.parallel.distributed import barrier
 from trainer.parallel.sharded_checkpoint import full_model_state, load_full_state, load_sharded, save_sharded
@@ -78,11 +89,13 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
                     sampler_state: dict, config_toml: str, tokenizer, sharded: bool = False,
-                    is_main: bool = True) -> Path:
+                    is_main: bool = True, lora_base: str | None = None) -> Path:
     """Writes checkpoint-<step>; with `sharded` (an FSDP run) every rank must call it.
 
     A sharded checkpoint also holds the model and optimizer shards in `distributed/` (DCP), and
     its model.safetensors is the full model gathered on rank 0, so `eval` reads it like any other.
+    A LoRA run's checkpoint holds only what trains: the adapters in PEFT's format (of the base
+    model `lora_base`), and the optimizer state of those tensors.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -91,13 +104,12 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    export = model
     if sharded:
         barrier()  # the folder exists before any rank writes into it
-        save_sharded(tmp / SHARDED_DIR, model, optimizer)
-        export = GatheredModel(model.args, full_model_state(model))
+        save_sharded(tmp / SHARDED_DIR, model, optimizer, trainable_only=is_lora(model))
+    write_model = model_writer(model, sharded, lora_base)  # collective under FSDP: it gathers
     if is_main:
-        _write_checkpoint(tmp, final, export, optimizer=None if sharded else optimizer, scheduler=scheduler,
+        _write_checkpoint(tmp, final, write_model, optimizer=None if sharded else optimizer, scheduler=scheduler,
                           scaler=scaler, trainer_state=trainer_state, sampler_state=sampler_state,
                           config_toml=config_toml, tokenizer=tokenizer)
     if sharded:
@@ -115,9 +127,28 @@ class GatheredModel:
         return self._state
 
 
-def _write_checkpoint(tmp: Path, final: Path, model, *, optimizer, scheduler, scaler, trainer_state: dict,
+def is_lora(model) -> bool:
+    return getattr(model, "lora", None) is not None
+
+
+def model_writer(model, sharded: bool, lora_base: str | None):
+    """folder -> None writing the model as a checkpoint holds it: a Hugging Face folder, or a LoRA
+    run's adapters in PEFT's format. Under FSDP the tensors are gathered here, on every rank."""
+    if is_lora(model):
+        state = {name: gather(p) for name, p in model.named_parameters() if p.requires_grad} if sharded else None
+        return lambda folder: save_adapter(model, folder, lora_base, state=state)
+    export = GatheredModel(model.args, full_model_state(model)) if sharded else model
+    return lambda folder: save_hf(export, folder)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a DTensor), collective; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _write_checkpoint(tmp: Path, final: Path, write_model, *, optimizer, scheduler, scaler, trainer_state: dict,
                       sampler_state: dict, config_toml: str, tokenizer) -> None:
-    save_hf(model, tmp)
+    write_model(tmp)
     tokenizer.save(tmp)
     (tmp / "run_config.toml").write_text(config_toml)
     torch.save({
@@ -166,11 +197,16 @@ def verify_checkpoint(path: str | Path) -> None:
         raise _damaged(path / STATE_FILE, e) from None
     if not zipfile.is_zipfile(path / "training_state.pt"):
         raise DamagedCheckpoint(path / "training_state.pt", "not a complete torch.save archive")
-    try:
-        files = weight_files(path)
-    except CheckpointError:
-        raise DamagedCheckpoint(path / "model.safetensors", "missing") from None
+    if is_adapter_folder(path):
+        files = [path / ADAPTER_WEIGHTS]
+    else:
+        try:
+            files = weight_files(path)
+        except CheckpointError:
+            raise DamagedCheckpoint(path / "model.safetensors", "missing") from None
     for file in files:
+        if not file.is_file():
+            raise DamagedCheckpoint(file, "missing")
         _verify_safetensors(file)
 
 
@@ -209,8 +245,23 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
         except Exception as e:  # a corrupt archive fails in many ways (zip, pickle, storage errors)
             raise _damaged(path / "training_state.pt", e) from None
     try:
+        adapter = is_adapter_folder(path)
+        # A LoRA checkpoint into a full run or the reverse: one line saying which and what to do.
+        check_checkpoint_kind(_tensor_names(path / ADAPTER_WEIGHTS) if adapter else [], model, str(path))
         if (path / SHARDED_DIR).is_dir():
-            load_sharded(path / SHARDED_DIR, model, optimizer)
+            load_sharded(path / SHARDED_DIR, model, optimizer, trainable_only=adapter)
+        elif adapter and sharded:
+            raise CheckpointError(f"{path} is a one-process LoRA checkpoint; resume it in one process or under "
+                                  "parallel.strategy=ddp (FSDP resumes LoRA checkpoints that FSDP saved)")
+        elif adapter:
+            try:
+                load_adapter_weights(model, path)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise _damaged(path / ADAPTER_WEIGHTS, e) from None
+            if optimizer is not None:
+                optimizer.load_state_dict(extra["optimizer"])
         else:
             try:
                 state = load_state_dict(path)
@@ -233,6 +284,11 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
             scaler.load_state_dict(extra["scaler"])
         set_rng_state(extra["rng"])  # a sharded run restores rank 0's state on every rank
     return saved
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with safe_open(str(file), framework="pt") as f:
+        return list(f.keys())
 
 
 def _shape_difference(path: Path, model) -> str:
@@ -271,9 +327,11 @@ def _step_of(path: Path) -> int:
 class Checkpointer:
     """A run's checkpoints: saved into its folder and rotated; the final model written to final/."""
 
-    def __init__(self, folder: Path, *, keep_last: int, config_toml: str, tokenizer, sharded: bool, is_main: bool):
+    def __init__(self, folder: Path, *, keep_last: int, config_toml: str, tokenizer, sharded: bool, is_main: bool,
+                 lora_base: str | None = None, save_merged: bool = True):
         self.folder, self.keep_last, self.config_toml = Path(folder), keep_last, config_toml
         self.tokenizer, self.sharded, self.is_main = tokenizer, sharded, is_main
+        self.lora_base, self.save_merged = lora_base, save_merged  # LoRA runs: the base model's folder
 
     def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
              sampler_state: dict) -> Path | None:
@@ -283,21 +341,38 @@ class Checkpointer:
             path = save_checkpoint(self.folder, step, model=model, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, trainer_state=trainer_state, sampler_state=sampler_state,
                                    config_toml=self.config_toml, tokenizer=self.tokenizer, sharded=self.sharded,
-                                   is_main=self.is_main)
+                                   is_main=self.is_main, lora_base=self.lora_base)
         if self.is_main:
             rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
         return path
 
     def save_final(self, model) -> Path:
-        """final/: the model as a Hugging Face folder with the tokenizer; collective under FSDP."""
-        export = GatheredModel(model.args, full_model_state(model)) if self.sharded else model
+        """final/: the model as a Hugging Face folder with the tokenizer; collective under FSDP.
+
+        A LoRA run's final/ is its adapter in PEFT's format, with final/merged/ beside it: base
+        and adapters merged into one Hugging Face model (dequantized for QLoRA) unless
+        lora.save_merged=false.
+        """
+        write_model = model_writer(model, self.sharded, self.lora_base)
+        merged = None
+        if is_lora(model) and self.save_merged:
+            if self.sharded:
+                full = full_model_state(model)
+                merged = GatheredModel(model.args, merge_state_dict(full, model.lora.scaling, base_dtype(model)))
+            elif self.is_main:
+                merged = merged_model(model)
         final = self.folder / "final"
         if self.is_main:
             tmp = self.folder / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_hf(export, tmp)
-            self.tokenizer.save(tmp)
-            (tmp / "run_config.toml").write_text(self.config_toml)
+            write_model(tmp)
+            folders = [tmp]
+            if merged is not None:
+                save_hf(merged, tmp / "merged")
+                folders.append(tmp / "merged")
+            for folder in folders:
+                self.tokenizer.save(folder)
+                (folder / "run_config.toml").write_text(self.config_toml)
             _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)

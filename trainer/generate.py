@@ -15,16 +15,26 @@ from trainer.errors import CheckpointError, ConfigError
 
 
 def load_for_generation(path: str | Path, device: torch.device):
-    """(model, tokenizer) of a run's final/checkpoint-<step> folder or a Hugging Face folder with tokenizer.json."""
+    """(model, tokenizer) of a run's final/checkpoint-<step> folder (a LoRA run's adapter folder
+    too) or a Hugging Face folder with tokenizer.json."""
     from trainer.data import load_tokenizer
+    from trainer.lora import is_adapter_folder, load_adapter_model
     from trainer.models import load_hf
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    adapter = is_adapter_folder(path)
+    if not adapter and not (path / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} is not a model folder (no config.json); pass a run's final or "
                               "checkpoint-<step> folder, or a Hugging Face folder")
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no tokenizer.json to encode the prompt with")
+    if adapter:
+        quantize = "none"
+        if (path / "run_config.toml").is_file():  # a QLoRA run's base is rebuilt in 4-bit, as it trained
+            from trainer.config import load_config
+
+            quantize = load_config(path / "run_config.toml").lora.quantize
+        return load_adapter_model(path, quantize=quantize, device=device), load_tokenizer(str(path))
     return load_hf(path).to(device).eval(), load_tokenizer(str(path))
 
 

@@ -13,29 +13,42 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 
 
-def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Collective: every rank writes its shards of the model and optimizer into `folder`."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 trainable_only: bool = False) -> None:
+    """Collective: every rank writes its shards of the model and optimizer into `folder`.
+
+    trainable_only: leave the frozen parameters out (a LoRA run's base model is not checkpointed)."""
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=trainable_only))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 trainable_only: bool = False) -> None:
     """Loads a `save_sharded` folder into `model` (and `optimizer`), sharded or not, at any world size."""
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=options)}
         dcp.load(state, checkpoint_id=str(folder))
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
         return
     # The templates carry this run's layout; DCP fills them from the saved shards. An optimizer
     # that has not stepped yet gets its state tensors created by get_state_dict first.
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

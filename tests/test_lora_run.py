@@ -1,0 +1,149 @@
+"""LoRA inside a whole run: small checkpoints, exact resume, final/ in PEFT's format beside a merged
+model, eval and generate on an adapter, and the mistakes a user can make with them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.helpers import StopAt, tiny_config
+from tests.test_cli import run_cli
+from tests.test_parallel import REPO, _overrides, step_records, torchrun, train_one_process
+from trainer import Trainer
+from trainer.config import to_toml
+from trainer.errors import CheckpointError, ConfigError
+from trainer.metrics import read_metrics
+from trainer.models import build, save_hf
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A pretrained (random) tiny model as a Hugging Face folder, with the byte tokenizer's vocabulary."""
+    folder = tmp_path / "base"
+    save_hf(build("tiny", vocab_size=320, seed=3), folder)
+    return folder
+
+
+def lora_config(tmp_path, base, **overrides):
+    values = dict(model__from_hf=str(base), model__preset="small", model__allow_new_tokenizer=True,
+                  lora__rank=4, lora__alpha=8.0, train__max_steps=4, checkpoint__save_every=2, optim__lr=1e-2)
+    values.update(overrides)
+    return tiny_config(tmp_path, **values)
+
+
+def losses(run):
+    return [(r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_a_lora_run_writes_small_checkpoints_and_a_peft_final_with_a_merged_model(tmp_path, base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    Trainer(lora_config(tmp_path, base)).train()
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-4"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
+    full_bytes = (base / "model.safetensors").stat().st_size
+    assert (checkpoint / "adapter_model.safetensors").stat().st_size < full_bytes / 5
+    assert (checkpoint / "training_state.pt").stat().st_size < full_bytes / 2  # Adam states of the adapters only
+
+    final = run / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == str(base)
+    ids = torch.randint(0, 257, (2, 24))
+    with torch.no_grad():
+        base_model = AutoModelForCausalLM.from_pretrained(base)
+        base_logits = base_model(ids).logits
+        peft_logits = PeftModel.from_pretrained(base_model, final)(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(final / "merged")(ids).logits
+    assert ((peft_logits - merged_logits).norm() / merged_logits.norm()) <= 1e-5
+    assert ((merged_logits - base_logits).norm() / base_logits.norm()) > 1e-3  # the adapters learned something
+
+
+def test_a_lora_run_resumes_exactly(tmp_path, base):
+    common = dict(train__max_steps=6, train__eval_every=2, lora__dropout=0.1)
+    Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "a"), **common)).train()
+    Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "b"), **common), callbacks=[StopAt(2)]).train()
+    Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest",
+                        **common)).train()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_lora_and_full_checkpoints_do_not_mix(tmp_path, base):
+    Trainer(lora_config(tmp_path, base, train__max_steps=2)).train()
+    with pytest.raises(CheckpointError, match="holds LoRA adapters, but this run trains the full model"):
+        Trainer(lora_config(tmp_path, base, lora__rank=0, train__max_steps=4,
+                            checkpoint__resume_from="latest")).train()
+    Trainer(lora_config(tmp_path, base, lora__rank=0, train__max_steps=2,
+                        train__output_dir=str(tmp_path / "full"))).train()
+    with pytest.raises(CheckpointError, match="holds a full model, but this run trains LoRA adapters"):
+        Trainer(lora_config(tmp_path, base, train__max_steps=4, train__output_dir=str(tmp_path / "full"),
+                            checkpoint__resume_from="latest")).train()
+
+
+def test_lora_needs_a_pretrained_model(tmp_path):
+    with pytest.raises(ConfigError, match="lora.rank=4 adapts a pretrained model: set model.from_hf"):
+        Trainer(tiny_config(tmp_path, lora__rank=4)).train()
+
+
+def test_eval_and_generate_take_a_lora_final_and_name_a_missing_base(tmp_path, base):
+    Trainer(lora_config(tmp_path, base, train__max_steps=2)).train()
+    final = tmp_path / "run" / "final"
+    proc = run_cli("eval", str(final), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r][-1]
+    assert f"eval_loss {logged['eval_loss']:.4f}" in proc.stdout
+    proc = run_cli("generate", str(final), "--prompt", "the model", "--max-new-tokens", "4", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+    shutil.move(base, tmp_path / "moved")
+    proc = run_cli("eval", str(final), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a LoRA adapter of the base model" in lines[0] and "merged" in lines[0]
+
+
+def test_qlora_trains_on_cpu_and_writes_a_dequantized_merged_model(tmp_path, base):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    Trainer(lora_config(tmp_path, base, lora__quantize="nf4", train__max_steps=3)).train()
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 3 and all(r["loss"] is not None for r in steps)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "merged")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strategy):
+    from tests.helpers import write_corpus
+
+    write_corpus(tmp_path / "corpus")
+    extra = dict(model__from_hf=str(base), model__preset="small", model__allow_new_tokenizer=True, lora__rank=4,
+                 optim__lr=1e-2, checkpoint__save_every=2)
+    train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=4, **extra))
+    result = torchrun(["-m", "trainer", "train", *_overrides(tmp_path, "two", train__micro_batch_size=2,
+                                                              parallel__strategy=strategy, **extra)])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    for step in one:
+        assert abs(one[step]["loss"] - two[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), step
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "final" / "merged" / "model.safetensors").is_file()
+    # The 2-rank run's checkpoint resumes on 2 ranks for the last steps.
+    (tmp_path / "two" / "final").rename(tmp_path / "two-final")
+    result = torchrun(["-m", "trainer", "train", *_overrides(tmp_path, "two", train__micro_batch_size=2,
+                                                              parallel__strategy=strategy, train__max_steps=7,
+                                                              checkpoint__resume_from="latest", **extra)])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert sorted(step_records(tmp_path / "two")) == list(range(1, 8))
+
+
+def test_config_round_trip_keeps_the_lora_section(tmp_path, base):
+    cfg = lora_config(tmp_path, base, lora__target="q_proj|v_proj")
+    assert 'target = "q_proj|v_proj"' in to_toml(cfg) and REPO.is_dir()
