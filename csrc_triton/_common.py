@@ -55,8 +55,8 @@ def launch(kernel, grid, args: tuple, meta: dict, shape: str):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         raise KernelCompileError(
             f"Triton kernel {kernel_name(kernel)} cannot be compiled for {shape} on {arch_of(device)}: "
-            f"{first_line(error)}; run `python -m csrc_triton.compile_check --arch {arch_of(device)}` "
-            "to see every configuration's limits") from None
+            f"{first_line(error)}; `python -m csrc_triton.compile_check` lists the registers, spills and shared "
+            "memory of every configuration the launchers choose") from None
 
 
 def kernel_name(kernel) -> str:

@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     models = _csv(args.models, MODELS, "model")
     dtypes = _csv(args.dtypes, DTYPES, "dtype")
     kernels = _csv(args.kernels, KERNELS, "kernel")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("error: TRITON_INTERPRET is set, so triton would interpret the kernels rather than "
+                         "compile them; run the check without it")
 
     import triton
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from trainer.errors import ConfigError
-from trainer.ops.dispatch import use_triton
+from trainer.ops.dispatch import run_kernel, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -90,12 +90,10 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
 
 def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
     """The Triton version of one chunk: d loss / d logits, in the logits' own buffer and dtype."""
-    from csrc_triton.cross_entropy import cross_entropy_rows_
-
     logits = h @ weight.t()
-    return cross_entropy_rows_(logits, y, bias=bias, loss_out=loss_out, row_scale=row_scale,
-                               ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                               softcap=softcap, compute_grad=want_grad)
+    return run_kernel("cross_entropy", "cross_entropy_rows_", logits, y, bias=bias, loss_out=loss_out,
+                      row_scale=row_scale, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, compute_grad=want_grad)
 
 
 def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):

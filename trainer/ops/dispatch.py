@@ -1,8 +1,12 @@
 """Choosing between a Triton kernel and the pure-PyTorch reference of an op."""
 
+import importlib
 import importlib.util
 
 import torch
+
+from csrc_triton._common import KernelCompileError  # imports torch only, never triton
+from trainer.errors import TrainerError
 
 FORCE_CHOICES = (None, "triton", "reference")
 
@@ -34,3 +38,20 @@ def use_triton(force: str | None, x: torch.Tensor) -> bool:
             raise RuntimeError("force='triton' but triton is not installed (pip install triton, Linux only)")
         return True
     return HAS_TRITON and x.is_cuda
+
+
+class KernelError(TrainerError):
+    """A Triton kernel cannot be compiled for the problem and GPU it was asked for."""
+
+
+def run_kernel(module: str, name: str, *args, **kwargs):
+    """csrc_triton.<module>.<name>(*args, **kwargs), imported when first wanted (triton is Linux-only).
+
+    A kernel that cannot be compiled for this shape and GPU raises KernelError, a TrainerError, so
+    that the command line prints its one line (kernel, shape, architecture) instead of a traceback.
+    """
+    fn = getattr(importlib.import_module(f"csrc_triton.{module}"), name)
+    try:
+        return fn(*args, **kwargs)
+    except KernelCompileError as error:
+        raise KernelError(str(error)) from None

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from trainer.ops.dispatch import use_triton
+from trainer.ops.dispatch import run_kernel, use_triton
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,9 +62,8 @@ def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: flo
     if residual is not None and residual.shape != x.shape:
         x, residual = torch.broadcast_tensors(x, residual)
     if triton:
-        from csrc_triton.rms_norm import rms_norm_forward
-
-        y, total, rstd = rms_norm_forward(_rows(x), weight, eps, None if residual is None else _rows(residual))
+        y, total, rstd = run_kernel("rms_norm", "rms_norm_forward", _rows(x), weight, eps,
+                                    None if residual is None else _rows(residual))
         total = x.new_empty(0) if total is None else total.view(x.shape)
         return total, y.view(x.shape), rstd.view(x.shape[:-1])
     total = x if residual is None else x + residual
@@ -86,10 +85,8 @@ def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, d
     """(dx, dweight) given what was normalised (x, or the stored sum) and the gradient dsum that
     reached the stored sum directly."""
     if triton:
-        from csrc_triton.rms_norm import rms_norm_backward
-
-        dx, dw = rms_norm_backward(_rows(dy), _rows(x), weight, rstd.reshape(-1),
-                                   None if dsum is None else _rows(dsum))
+        dx, dw = run_kernel("rms_norm", "rms_norm_backward", _rows(dy), _rows(x), weight, rstd.reshape(-1),
+                            None if dsum is None else _rows(dsum))
         return dx.view(x.shape), dw.to(weight.dtype)
     return _rms_norm_backward_reference(dy, x, weight, rstd, dsum)
 

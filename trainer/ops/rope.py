@@ -8,7 +8,7 @@ sin are position tables, not learned: they receive no gradient.
 import torch
 from torch import Tensor
 
-from trainer.ops.dispatch import use_triton
+from trainer.ops.dispatch import run_kernel, use_triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +40,7 @@ def _rope_inverse_reference(dq, dk, cos, sin):
 @torch.library.custom_op("trainer::rope", mutates_args=())
 def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool, triton: bool) -> tuple[Tensor, Tensor]:
     if triton:
-        from csrc_triton.rope import rope_rotate
-
-        return rope_rotate(q, k, cos, sin, inverse)
+        return run_kernel("rope", "rope_rotate", q, k, cos, sin, inverse)
     if inverse:
         return _rope_inverse_reference(q, k, cos, sin)
     return rope_reference(q, k, cos, sin)

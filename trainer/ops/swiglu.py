@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.ops.dispatch import use_triton
+from trainer.ops.dispatch import run_kernel, use_triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,7 @@ def _swiglu_backward_reference(grad_out: Tensor, gate: Tensor, up: Tensor):
 @torch.library.custom_op("trainer::swiglu", mutates_args=())
 def _swiglu_op(gate: Tensor, up: Tensor, triton: bool) -> Tensor:
     if triton:
-        from csrc_triton.swiglu import swiglu_forward
-
-        return swiglu_forward(gate, up)
+        return run_kernel("swiglu", "swiglu_forward", gate, up)
     return swiglu_reference(gate, up)
 
 
@@ -41,9 +39,7 @@ def _(gate, up, triton):
 @torch.library.custom_op("trainer::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, triton: bool) -> tuple[Tensor, Tensor]:
     if triton:
-        from csrc_triton.swiglu import swiglu_backward
-
-        return swiglu_backward(grad_out, gate, up)
+        return run_kernel("swiglu", "swiglu_backward", grad_out, gate, up)
     return _swiglu_backward_reference(grad_out, gate, up)
 
 
