@@ -18,9 +18,10 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _swiglu_backward_reference(grad_out: Tensor, gate: Tensor, up: Tensor):
     acc = torch.promote_types(gate.dtype, torch.float32)
     g, u, do = gate.to(acc), up.to(acc), grad_out.to(acc)
-    sig = torch.sigmoid(g)
-    silu = g * sig
-    return (do * u * (sig + silu * (1 - sig))).to(gate.dtype), (do * silu).to(up.dtype)
+    # ATen's fused silu_backward computes d silu(g) = sigmoid(g) (1 + g (1 - sigmoid(g))) in one pass:
+    # four passes over the (tokens x intermediate) tensors instead of eight, half the CPU time.
+    d_gate = torch.ops.aten.silu_backward(do * u, g)
+    return d_gate.to(gate.dtype), (do * F.silu(g)).to(up.dtype)
 
 
 @torch.library.custom_op("trainer::swiglu", mutates_args=())
