@@ -203,18 +203,33 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:
-    """The attention mask of packed documents: a flex-attention block mask on CUDA (it skips the
-    blocks no query of a document can see), the exact boolean SDPA mask elsewhere (flex attention
-    has no backward on CPU)."""
-    if document_ids.device.type != "cuda":
-        return document_causal_mask(document_ids)
+@functools.cache
+def compiled_create_block_mask():
+    # Eager create_block_mask evaluates the mask function over the whole (batch, seq, seq) grid in
+    # many small ops; compiled, that becomes a few fused kernels (torchtitan compiles it the same way,
+    # torchtitan/models/attention.py). Compiled once per process; a new batch of document ids
+    # reuses the compiled code (only a new shape recompiles).
+    return torch.compile(create_block_mask)
+
+
+def document_mask_mod(document_ids: torch.Tensor):
+    """Flex attention's mask function for packed documents: causal, and never across a document."""
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
+    return same_document_causal
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The attention mask of packed documents, built once per forward and shared by every layer: a
+    flex-attention block mask on CUDA (it skips the blocks no query of a document can see), the exact
+    boolean SDPA mask elsewhere (flex attention has no backward on CPU)."""
+    if document_ids.device.type != "cuda":
+        return document_causal_mask(document_ids)
     batch, seq_len = document_ids.shape
-    return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=document_ids.device)
+    return compiled_create_block_mask()(document_mask_mod(document_ids), batch, None, seq_len, seq_len,
+                                        device=document_ids.device)
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:

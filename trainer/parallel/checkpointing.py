@@ -3,11 +3,11 @@
 - full: a block keeps only its input; backward runs its forward again. Activation memory falls to
   one tensor per block, at the price of a second forward (about a third more compute).
 - selective (op-level): inside each block the outputs of the matmuls (q/k/v/o and the three MLP
-  projections) and of the attention kernel are saved; everything else (RMSNorm, RoPE, SwiGLU,
-  residual adds, dtype casts) is recomputed in backward. Those ops are cheap, memory-bound
-  elementwise work, but their outputs are as large as the matmuls' (SwiGLU's alone is
-  intermediate_size wide), so most of the recompute cost of `full` goes away while a good part of
-  its memory saving stays.
+  projections) and of the attention kernel (SDPA, or flex attention for packed documents) are
+  saved; everything else (RMSNorm, RoPE, SwiGLU, residual adds, dtype casts) is recomputed in
+  backward. Those ops are cheap, memory-bound elementwise work, but their outputs are as large as
+  the matmuls' (SwiGLU's alone is intermediate_size wide), so most of the recompute cost of `full`
+  goes away while a good part of its memory saving stays.
 
 The block's forward is replaced in place (not wrapped in a new module), so parameter names, and
 with them checkpoints and FSDP's view of the model, do not change.
@@ -32,10 +32,17 @@ _SAVED_OPS = frozenset(
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"))
     if op is not None
 )
+# Higher-order operators reach the policy as themselves, not as an overload: flex attention (packed
+# documents on CUDA) inside a compiled block, and the compiled flex attention call of an eager block,
+# which runs as inductor_compiled_code (the same pair torchtitan saves).
+_SAVED_HIGHER_ORDER_OPS = frozenset(
+    op for op in (getattr(torch._higher_order_ops, name, None) for name in ("flex_attention", "inductor_compiled_code"))
+    if op is not None
+)
 
 
 def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if getattr(op, "overloadpacket", None) in _SAVED_OPS:
+    if op in _SAVED_HIGHER_ORDER_OPS or getattr(op, "overloadpacket", None) in _SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
