@@ -112,7 +112,8 @@ def load_run_data(config: TrainConfig, tokenizer: str | None = None):
                               "tokenizer.json, or data.tokenizer to such a folder (or to byte)")
         return prepare_sft(d.path, build_tokenizer(tokenizer), config.train.seq_len, d.val_fraction)
     return prepare_data(d.path, tokenizer=tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-                        cache_dir=d.cache_dir or None, text_field=d.text_field)
+                        cache_dir=d.cache_dir or None, text_field=d.text_field, weights=d.weights or None,
+                        num_workers=d.num_workers)
 
 
 def check_pretrained_fit(config: TrainConfig) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -187,7 +189,8 @@ class ParallelConfig:
     # none: one process; ddp: replicate the model; fsdp: FSDP2 shards each block and the root.
     # ddp/fsdp take rank and world size from the environment that torchrun / accelerate launch set.
     strategy: str = choice("none", "none", "ddp", "fsdp")
-    fsdp_reshard_after_forward: bool = True  # false: keep blocks gathered from forward to backward (faster, more memory)
+    # false: keep blocks gathered from forward to backward (faster, more memory)
+    fsdp_reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False  # parameters, gradients and optimizer states live in CPU memory
 
 
@@ -214,7 +217,7 @@ class TrainConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         for section in dataclasses.fields(self):
             sec = getattr(self, section.name)
             for f in dataclasses.fields(sec):
@@ -277,14 +280,37 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(f"data.num_workers must be >= 0 (0: one per CPU), got {d.num_workers}")
     if not d.weights.strip():
         return
-    from trainer.data import DataError, parse_weights, split_path
-
     if d.format != "text":
         raise ConfigError(f"data.weights mixes pretraining sources; it does not apply to data.format={d.format}")
-    try:
-        parse_weights(d.weights, split_path(d.path))
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    parse_data_weights(d.weights, split_data_path(d.path))
+
+
+def split_data_path(spec: str) -> list[str]:
+    """The comma-separated entries of a data path (a real file whose name holds a comma is one entry)."""
+    if os.path.exists(os.path.expanduser(spec)):
+        return [spec]
+    return [e.strip() for e in spec.split(",") if e.strip()]
+
+
+def parse_data_weights(weights, entries: list[str]) -> list[float]:
+    """data.weights ("0.7,0.3" or a list of numbers) checked against data.path's entries; normalised to sum 1."""
+    items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(weights)
+    if len(items) != len(entries):
+        raise ConfigError(f"data.weights has {len(items)} value(s) but data.path has {len(entries)} comma-separated "
+                          f"source(s) ({', '.join(repr(e) for e in entries)}); give one positive weight per source")
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.weights: {item!r} is not a number; give positive numbers such as 0.7,0.3") \
+                from None
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"data.weights must all be positive numbers, got {item!r}; leave a source out of "
+                              "data.path instead of giving it weight 0")
+        values.append(value)
+    total = sum(values)
+    return [v / total for v in values]
 
 
 def _check_optim(cfg: TrainConfig) -> None:

@@ -226,8 +226,11 @@ class Trainer:
         records, stop_voted = self.pending.read(stop_vote=self.stop_signal is not None)
         self.stop_requested = self.stop_requested or stop_voted
         tokens_per_s, peak = self.throughput.window(len(records)), peak_memory_bytes(p.device)
+        by_source = self.loader_state.get("tokens_by_source")  # a mixture's tokens drawn per source, to date
         for record in records:
             record.update(tokens_per_s=tokens_per_s, peak_mem_bytes=peak)
+            if by_source and record is records[-1]:
+                record["tokens_by_source"] = by_source
             if record["step"] == self.start_step + 1:
                 steps_in_backward = getattr(p.optimizer, "steps_in_backward", False)
                 record.update(param_bytes=tensor_bytes(p.params), optim_state_bytes=state_bytes(p.optimizer),

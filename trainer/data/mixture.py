@@ -15,11 +15,13 @@ permutation seeded by (train.seed, source, epoch). The whole state is a few inte
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
 import numpy as np
+
+from trainer.config import parse_data_weights
+from trainer.errors import ConfigError
 
 from .errors import DataError
 from .shards import TokenShards
@@ -30,24 +32,10 @@ log = logging.getLogger("trainer.data")
 
 def parse_weights(weights, entries: list[str]) -> list[float]:
     """data.weights ("0.7,0.3" or a list of numbers) checked against data.path's entries; normalised to sum 1."""
-    items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(weights)
-    if len(items) != len(entries):
-        raise DataError(
-            f"data.weights has {len(items)} value(s) but data.path has {len(entries)} comma-separated source(s) "
-            f"({', '.join(repr(e) for e in entries)}); give one positive weight per source"
-        )
-    values = []
-    for item in items:
-        try:
-            value = float(item)
-        except (TypeError, ValueError):
-            raise DataError(f"data.weights: {item!r} is not a number; give positive numbers such as 0.7,0.3") from None
-        if not math.isfinite(value) or value <= 0:
-            raise DataError(f"data.weights must all be positive numbers, got {item!r}; leave a source out of "
-                            "data.path instead of giving it weight 0")
-        values.append(value)
-    total = sum(values)
-    return [v / total for v in values]
+    try:
+        return parse_data_weights(weights, entries)
+    except ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 class TokenMixture:

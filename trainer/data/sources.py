@@ -17,6 +17,8 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from trainer.config import split_data_path
+
 from .errors import DataError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py")
@@ -116,9 +118,7 @@ def source_kind(path: str) -> str:
 
 def split_path(spec: str) -> list[str]:
     """The comma-separated entries of a data path (a real file whose name holds a comma is one entry)."""
-    if os.path.exists(os.path.expanduser(spec)):
-        return [spec]
-    return [e.strip() for e in spec.split(",") if e.strip()]
+    return split_data_path(spec)
 
 
 def resolve_corpus(spec: str, text_field: str = "text") -> Corpus:
