@@ -195,3 +195,21 @@ def test_weight_errors(tmp_path):
     data = prepare_data(f"{a},{tiny}", tokenizer="byte", weights="1,1", val_fraction=0, cache_dir=cache)
     with pytest.raises(DataError, match=rf"the train split of '{tiny}' has 41 tokens, too few for one block"):
         BlockLoader(data.train, 64, 1, 1)
+
+
+def test_a_mixture_run_logs_tokens_per_source(tmp_path):
+    from tests.helpers import tiny_config, write_corpus
+    from trainer import Trainer
+    from trainer.metrics import read_metrics
+
+    a = write_corpus(tmp_path / "a", n_docs=12, seed=1)
+    b = write_corpus(tmp_path / "b", n_docs=12, seed=2)
+    cfg = tiny_config(tmp_path, data__path=f"{a},{b}", data__weights="3,1", train__max_steps=8, train__log_every=4,
+                      train__micro_batch_size=4)
+    Trainer(cfg).train()
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "tokens_by_source" in r]
+    assert [r["step"] for r in logged] == [4, 8]
+    for record in logged:
+        drawn = record["tokens_by_source"]
+        assert sum(drawn.values()) == record["step"] * 4 * 32  # every block's input tokens, all sources together
+        assert list(drawn) == [str(a), str(b)] and drawn[str(a)] == 3 * drawn[str(b)]  # 3:1 within each step
