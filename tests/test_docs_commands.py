@@ -65,7 +65,8 @@ def world(tmp_path_factory) -> dict:
                            for i in range(40)))
     config = tmp / "my_run.toml"
     config.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{corpus}"\ntokenizer = "byte"\n'
-                      f'cache_dir = "{tmp / "cache"}"\n[train]\nmax_steps = 2\noutput_dir = "{tmp / "runs" / "my_run"}"\n')
+                      f'cache_dir = "{tmp / "cache"}"\n[train]\nmax_steps = 2\n'
+                      f'output_dir = "{tmp / "runs" / "my_run"}"\n')
     finished = tmp / "runs" / "finished"
     args = ["train", str(config), f"--train.output_dir={finished}", *shrink_args(tmp, "finished")]
     done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=tmp, capture_output=True, text=True)
