@@ -68,7 +68,9 @@ class DataConfig:
 
 
 @dataclass
-class LoopConfig:
+class TrainingConfig:
+    """[train]: the run's length, batch, precision, device, output folder and its cadences."""
+
     max_steps: int = 800
     micro_batch_size: int = 8  # per rank
     grad_accum_steps: int = 1
@@ -206,9 +208,11 @@ class PlanConfig:
 
 @dataclass
 class TrainConfig:
+    """The whole run's config: one section per [table] of the TOML file."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
