@@ -41,6 +41,10 @@ DEVICE_NAMES = (*GPUS, "cpu")
 # so this is a conservative figure.
 CUDA_CONTEXT_BYTES = 781 * MIB
 
+# A CPU run's process also holds the interpreter and torch's libraries, which are not tensors:
+# 271 MiB resident after importing torch 2.13 and the trainer (measured, ru_maxrss, on the CPU build).
+CPU_RUNTIME_BYTES = 271 * MIB
+
 # The caching allocator holds freed blocks for reuse and rounds sizes up (to 512 bytes, large
 # blocks to 2 MiB segments), so the memory it reserves exceeds its allocated peak. PyTorch
 # documents when fragmentation happens but gives no typical size; this 5 % margin is our

@@ -101,9 +101,14 @@ def attention_op(s: Setting) -> Op:
         bwd = n * a.n_heads * d * F32 + lse  # fp32 dq accumulator and softmax_d
         if a.n_kv_heads != a.n_heads:
             bwd += 2 * q_bytes  # dk, dv expanded to every query head
-    return Op("attention", inputs=("q2", "k2", "v"), outputs={"attn": q_bytes, "lse": lse},
-              saves=("q2", "k2", "v", "attn", "lse"), grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes},
-              nondiff=("lse",), fwd_extra=fwd, bwd_extra=bwd, must_save=True)
+    outputs, saves, nondiff = {"attn": q_bytes, "lse": lse}, ("q2", "k2", "v", "attn", "lse"), ("lse",)
+    if s.document_mask and s.device == "cpu":
+        # SDPA turns the boolean document mask into an additive one in q's dtype, per call, and keeps it
+        outputs["float_mask"] = s.micro_batch * s.seq_len * s.seq_len * c
+        saves, nondiff = (*saves, "float_mask"), (*nondiff, "float_mask")
+    return Op("attention", inputs=("q2", "k2", "v"), outputs=outputs, saves=saves,
+              grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes}, nondiff=nondiff, fwd_extra=fwd, bwd_extra=bwd,
+              must_save=True)
 
 
 def rope_op(s: Setting) -> Op:
@@ -125,9 +130,10 @@ def swiglu_op(s: Setting) -> Op:
     fwd = bwd = 0
     if not s.triton["swiglu"]:
         fwd = e * c  # silu(gate), then the product
-        # silu's derivative in fp32: sigmoid, silu, do * up, 1 - sigmoid, their product (and fp32
-        # copies of gate, up and the gradient when they are not fp32)
-        bwd = 3 * e * F32 if c == F32 else 8 * e * F32
+        # in fp32 (copies of gate, up and the gradient when they are not fp32): d_gate from ATen's
+        # silu_backward(do * up, gate), then silu(gate) and do * silu; the fp32 d_gate is kept while
+        # the up gradient is made, and each result is cast to its input's dtype
+        bwd = e * F32 if c == F32 else 6 * e * F32 - e * c
     return Op("swiglu", inputs=("gate", "up"), outputs={"act": e * c}, saves=("gate", "up"),
               grads={"gate": e * c, "up": e * c}, fwd_extra=fwd, bwd_extra=bwd)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trainer.plan.devices import CUDA_CONTEXT_BYTES, allocator_slack, library_workspace_bytes
+from trainer.plan.devices import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, allocator_slack, library_workspace_bytes
 from trainer.plan.graph import ACTIVATIONS, Graph
 from trainer.plan.model import (
     batch_bytes,
@@ -52,6 +52,7 @@ class Plan:
     grad_accum_steps: int = 1
     world_size: int = 1
     parameters: int = 0
+    compute_dtype: str = ""  # train.dtype as resolved for the device (auto -> bf16 on a GPU)
 
     @property
     def required_bytes(self) -> int:
@@ -64,24 +65,25 @@ class Plan:
     def to_dict(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "required_bytes": self.required_bytes, "breakdown": self.breakdown,
                 "overheads": self.overheads, "peak_phase": self.phase, "peak_at": self.at,
-                "phase_peaks": self.phase_peaks, "device": self.device, "micro_batch_size": self.micro_batch_size,
+                "phase_peaks": self.phase_peaks, "device": self.device, "compute_dtype": self.compute_dtype,
+                "micro_batch_size": self.micro_batch_size,
                 "grad_accum_steps": self.grad_accum_steps, "world_size": self.world_size,
                 "parameters": self.parameters}
 
 
-def predict_peak(config, world_size: int = 1, device: str | None = None, micro_batch_size: int | None = None,
-                 device_name: str | None = None) -> Plan:
+def predict_peak(config, world_size: int = 1, *, micro_batch_size: int | None = None,
+                 device: str | None = None) -> Plan:
     """The predicted peak memory of one training step of `config`, per rank with `world_size` ranks.
 
-    device: "cpu" or "cuda" (which kernels run, what the allocator counts); default: from
-    plan.device / train.device. micro_batch_size overrides train.micro_batch_size (for `auto`).
+    device: a device name (trainer.plan.devices.DEVICE_NAMES) instead of plan.device; it decides
+    which kernels run (Triton on CUDA) and what is counted. micro_batch_size replaces
+    train.micro_batch_size (for `auto`).
     """
     from trainer.plan.devices import resolve_device
 
-    dev = resolve_device(config, device_name)
-    kind = device or dev.kind
-    s = make_setting(config, kind, world_size=world_size, micro_batch=micro_batch_size)
-    return simulate(s, dev.name if device is None else kind)
+    dev = resolve_device(config, device)
+    s = make_setting(config, dev.kind, world_size=world_size, micro_batch=micro_batch_size)
+    return simulate(s, dev.name)
 
 
 def simulate(s: Setting, device_name: str = "") -> Plan:
@@ -115,15 +117,16 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
     opt.step(tape)
     opt.zero_grad(tape)
     peak = tape.peak
-    overheads = {}
     if s.device == "cuda":
         overheads = {"CUDA context (outside the allocator)": CUDA_CONTEXT_BYTES,
                      "allocator slack (assumed)": allocator_slack(peak.bytes)}
+    else:
+        overheads = {"Python and torch runtime": CPU_RUNTIME_BYTES}
     return Plan(peak_bytes=peak.bytes, breakdown=dict(sorted(peak.breakdown.items(), key=lambda kv: -kv[1])),
                 phase=peak.phase, at=peak.what, phase_peaks={k: v.bytes for k, v in tape.phase_peaks.items()},
                 overheads=overheads, device=device_name or s.device, micro_batch_size=s.micro_batch,
                 grad_accum_steps=s.grad_accum, world_size=s.world_size,
-                parameters=sum(p.numel for p in s.params))
+                parameters=sum(p.numel for p in s.params), compute_dtype=s.compute_dtype)
 
 
 def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:

@@ -22,7 +22,7 @@ class Setting:
     device: str  # "cpu" or "cuda": which kernels run (Triton on CUDA), which allocator counts
     threads: int  # CPU threads (the CPU attention kernel keeps per-thread buffers)
     param_bytes: int  # bytes per weight (train.param_dtype)
-    compute_bytes: int  # bytes per activation element (train.dtype; the weights' own when fp32)
+    compute_dtype: str  # train.dtype resolved for the device: fp32, bf16 or fp16
     triton: dict[str, bool]  # op -> runs its Triton kernel (CUDA, kernel switched on)
     fused_ce: bool  # the chunked linear cross-entropy; False: logits materialised
     checkpointing: str
@@ -35,6 +35,10 @@ class Setting:
     max_grad_norm: float
 
     @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.compute_dtype]
+
+    @property
     def autocast(self) -> bool:
         return self.compute_bytes != 4
 
@@ -43,10 +47,10 @@ class Setting:
         return self.micro_batch * self.seq_len
 
 
-def resolve_compute_bytes(dtype: str, device: str) -> int:
+def resolve_compute_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":  # the loop picks bf16 on a GPU that has it: every GPU in the device table does
-        return 2 if device == "cuda" else 4
-    return DTYPE_BYTES[dtype]
+        return "bf16" if device == "cuda" else "fp32"
+    return dtype
 
 
 def make_setting(config, device: str, world_size: int = 1, threads: int | None = None,
@@ -68,7 +72,7 @@ def make_setting(config, device: str, world_size: int = 1, threads: int | None =
         args=args, params=parameters(args, target),
         micro_batch=micro_batch if micro_batch is not None else t.micro_batch_size, seq_len=t.seq_len,
         grad_accum=t.grad_accum_steps, world_size=world_size, device=device, threads=threads,
-        param_bytes=DTYPE_BYTES[t.param_dtype], compute_bytes=resolve_compute_bytes(t.dtype, device),
+        param_bytes=DTYPE_BYTES[t.param_dtype], compute_dtype=resolve_compute_dtype(t.dtype, device),
         triton=triton, fused_ce=k.enabled and k.fused_ce, checkpointing=p.activation_checkpointing,
         compile=p.compile, document_mask=config.data.document_mask or config.data.format == "sft",
         strategy=p.strategy if world_size > 1 else "none", fsdp_reshard=p.fsdp_reshard_after_forward,

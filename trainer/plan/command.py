@@ -1,0 +1,129 @@
+"""`python -m trainer plan [CONFIG] [--section.key=value ...] [--plan.device=NAME] [--json]`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from trainer.errors import ConfigError
+from trainer.plan.choose import choose_micro_batch, is_auto, suggest_changes
+from trainer.plan.devices import DEVICE_NAMES, budget_bytes, resolve_device
+from trainer.plan.predict import Plan, predict_peak
+from trainer.plan.units import human_bytes
+
+USAGE = f"""usage: python -m trainer plan [CONFIG.toml] [--section.key=value ...] [--plan.device=NAME] [--json]
+                              [--world-size N]
+
+Predicts the peak memory of one training step of the configured run, without building the model,
+says whether it fits the device and, if not, the cheapest changes that make it fit. Exits 1 when
+it does not fit.
+
+  --plan.device=NAME   {", ".join(DEVICE_NAMES)}, or auto (the device the run would train on)
+  --plan.budget=BYTES  the memory to plan for instead of the device's
+  --world-size N       ranks under parallel.strategy=ddp|fsdp (default: $WORLD_SIZE, else 1); figures are per rank
+  --json               one JSON object instead of the table
+  --train.micro_batch_size=auto  the largest micro-batch that fits (with --train.global_batch_size)
+
+How the planner counts: docs/memory.md."""
+
+
+def _parse(argv: list[str]) -> tuple[str | None, list[str], bool, int | None]:
+    """[CONFIG] then --section.key=value (or --section.key value) overrides, --json, --world-size N."""
+    path, overrides, as_json, world = None, [], False, None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--json":
+            as_json = True
+        elif arg.startswith("--world-size"):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 0 if "=" in arg else 1
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size takes a positive integer, got {value!r}")
+            world = int(value)
+        elif arg.startswith("--"):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key=value")
+        i += 1
+    return path, overrides, as_json, world
+
+
+def plan_command(argv: list[str]) -> int:
+    """Prints the plan; returns 0 when the run fits the budget, 1 when it does not."""
+    from trainer.config import load_config
+
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+    path, overrides, as_json, world = _parse(argv)
+    auto = any(o.removeprefix("--").replace(" ", "") == "train.micro_batch_size=auto" for o in overrides)
+    overrides = [o for o in overrides if o.removeprefix("--").partition("=")[0] != "train.micro_batch_size"
+                 or not auto]
+    config = load_config(path, overrides)
+    auto = auto or is_auto(config.train.micro_batch_size)
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(config)
+    budget = budget_bytes(config, device)
+    note = ""
+    if auto:
+        micro, accum, note = choose_micro_batch(config, budget, world)
+        config.train.micro_batch_size, config.train.grad_accum_steps = micro, accum
+    plan = predict_peak(config, world_size=world)
+    fits = plan.fits(budget)
+    suggestions = [] if fits else suggest_changes(config, budget, world)
+    if as_json:
+        out = {**plan.to_dict(), "budget_bytes": budget, "fits": fits, "device_memory_bytes": device.memory_bytes,
+               "suggestions": [{"changes": s.changes, "why": s.why, "peak_bytes": s.plan.peak_bytes,
+                                "required_bytes": s.plan.required_bytes} for s in suggestions]}
+        if note:
+            out["auto"] = note
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_plan(config, plan, budget, device.name, suggestions, note))
+    return 0 if fits else 1
+
+
+def describe_run(config, plan: Plan) -> str:
+    t, o, p = config.train, config.optim, config.parallel
+    model = config.model.from_hf or config.model.preset
+    lines = [f"{model} ({plan.parameters / 1e9:.2f} B parameters)" if plan.parameters >= 1e8
+             else f"{model} ({plan.parameters / 1e6:.1f} M parameters)",
+             f"micro-batch {plan.micro_batch_size} x {t.seq_len} tokens, accumulation {plan.grad_accum_steps}",
+             f"weights {t.param_dtype}, compute {plan.compute_dtype}", f"optim {o.name}",
+             f"checkpointing {p.activation_checkpointing}"]
+    if plan.world_size > 1:
+        lines.append(f"{p.strategy} over {plan.world_size} ranks (per rank)")
+    return ", ".join(lines)
+
+
+def format_plan(config, plan: Plan, budget: int, device: str, suggestions: list, note: str = "") -> str:
+    width = max([len(k) for k in list(plan.breakdown) + list(plan.overheads)] + [10]) + 2
+    out = [f"plan: {describe_run(config, plan)}, on {device}"]
+    if note:
+        out.append(note)
+    out.append(f"peak of one step: {human_bytes(plan.peak_bytes)}, in the {plan.phase} ({plan.at})")
+    for name, nbytes in plan.breakdown.items():
+        out.append(f"  {name:<{width}}{human_bytes(nbytes):>12}")
+    for name, nbytes in plan.overheads.items():
+        out.append(f"+ {name:<{width}}{human_bytes(nbytes):>12}")
+    phases = ", ".join(f"{name} {human_bytes(v)}" for name, v in plan.phase_peaks.items() if name != "between steps")
+    out.append(f"peak by phase: {phases}")
+    need = plan.required_bytes
+    if plan.fits(budget):
+        out.append(f"fits: needs {human_bytes(need)} of {human_bytes(budget)} ({human_bytes(budget - need)} to spare)")
+        return "\n".join(out)
+    out.append(f"does not fit: needs {human_bytes(need)} of {human_bytes(budget)}")
+    if suggestions:
+        out.append("changes that make it fit, cheapest first:")
+        for s in suggestions:
+            out.append(f"  {s.flags}  -> {human_bytes(s.plan.required_bytes)}  ({s.why})")
+    else:
+        out.append("no change the planner tries makes it fit; use more devices (parallel.strategy=fsdp) or a "
+                   "smaller model")
+    return "\n".join(out)
