@@ -1,10 +1,14 @@
 """Kernel benchmarks (pytest-benchmark). Named bench_*, so `pytest tests/` never collects them.
 
 GPU (skipped with a reason when CUDA is absent or Triton is interpreted): each op's forward +
-backward, ours (Triton) against eager PyTorch, torch.compile of that eager code and Liger-Kernel
-where installed. Reported per case: time (pytest-benchmark's table), and in extra_info the achieved
-GB/s (the bytes the op must read and write once, over the median time), TFLOP/s for the fused loss,
-and the peak memory above the inputs.
+backward, ours (Triton) against eager PyTorch, torch.compile of that eager code, Liger-Kernel where
+installed and, for the fused loss, torch's own chunked `F.linear_cross_entropy` where this torch has
+it. Reported per case: time (pytest-benchmark's table), and in extra_info the achieved GB/s (the
+bytes the op must read and write once, over the median time), TFLOP/s for the fused loss, and the
+peak memory above the inputs.
+
+BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs the same cases on CPU at tiny sizes, one
+round each and without torch.compile: the plumbing only (benchmarks/gpu_suite.py --dry-run).
 
 CPU: the fused loss's chunked reference path against materialised logits + F.cross_entropy at 8192
 tokens, hidden 256, vocab 32768, fp32: time in-process, extra peak memory (ru_maxrss) measured in a
@@ -20,9 +24,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -38,17 +42,26 @@ from trainer.ops.rope import rope_reference  # noqa: E402
 from trainer.ops.swiglu import swiglu_reference  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ON_GPU = torch.cuda.is_available() and not INTERPRETED
+DRY_RUN = os.environ.get("BENCH_KERNELS_DRY_RUN") == "1" and not ON_GPU
+DEVICE = "cuda" if ON_GPU else "cpu"
 needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETED,
-    reason="GPU kernel benchmarks need CUDA and compiled Triton (TRITON_INTERPRET unset)")
+    not ON_GPU and not (DRY_RUN and INTERPRETED),
+    reason="GPU kernel benchmarks need CUDA and compiled Triton (TRITON_INTERPRET unset); "
+           "BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs their plumbing on CPU")
 
 try:
     import liger_kernel.transformers.functional as liger
 except Exception:  # not installed, or no GPU triton backend
     liger = None
 
-PROVIDERS = ("ours", "eager", "compile", "liger")
+PROVIDERS = ("ours", "ours_reference", "eager", "compile", "liger", "torch")
 EPS = 1e-6
+# Full sizes: Llama-3-8B's hidden, intermediate, heads and vocabulary at 8192 tokens. Tiny: the dry run.
+SIZES = dict(tokens=8192, hidden=4096, wide=16384, inter=14336, vocab=128256, batch=4, seq=2048, heads=32, kv=8,
+             dim=128)
+if DRY_RUN:
+    SIZES = dict(tokens=64, hidden=96, wide=160, inter=200, vocab=500, batch=1, seq=16, heads=4, kv=2, dim=16)
 
 
 @dataclass
@@ -60,26 +73,31 @@ class Case:
 
 
 def _rand(*shape, dtype=torch.bfloat16, grad=True, scale=1.0):
-    return (scale * torch.randn(*shape, device="cuda", dtype=dtype)).requires_grad_(grad)
+    return (scale * torch.randn(*shape, device=DEVICE, dtype=dtype)).requires_grad_(grad)
 
 
 def _compiled(fn):
-    return torch.compile(fn, fullgraph=True)
+    # The dry run leaves torch.compile out: on CPU it alone would take minutes.
+    return None if DRY_RUN else torch.compile(fn, fullgraph=True)
 
 
-def case_rms_norm(tokens=8192, hidden=4096, dtype=torch.bfloat16):
+def _providers(**fns):
+    return {name: fn for name, fn in fns.items() if fn is not None}
+
+
+def case_rms_norm(tokens=SIZES["tokens"], hidden=SIZES["hidden"], dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
     inputs = dict(x=_rand(tokens, hidden, dtype=dtype), weight=_rand(hidden, dtype=dtype))
     eager = lambda x, weight: rms_norm_reference(x, weight, EPS)  # noqa: E731
-    providers = dict(ours=lambda x, weight: ops.rms_norm(x, weight, EPS, force="triton"),
-                     eager=eager, compile=_compiled(eager))
+    providers = _providers(ours=lambda x, weight: ops.rms_norm(x, weight, EPS, force="triton"),
+                           eager=eager, compile=_compiled(eager))
     if liger is not None:
         providers["liger"] = lambda x, weight: liger.liger_rms_norm(x, weight, EPS)
     # forward: read x, write y; backward: read dy, x, write dx (weight-sized traffic ignored)
     return Case(inputs, 5 * tokens * hidden * e, providers)
 
 
-def case_add_rms_norm(tokens=8192, hidden=4096, dtype=torch.bfloat16):
+def case_add_rms_norm(tokens=SIZES["tokens"], hidden=SIZES["hidden"], dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
     inputs = dict(x=_rand(tokens, hidden, dtype=dtype), residual=_rand(tokens, hidden, dtype=dtype),
                   weight=_rand(hidden, dtype=dtype))
@@ -88,33 +106,34 @@ def case_add_rms_norm(tokens=8192, hidden=4096, dtype=torch.bfloat16):
         total = x + residual
         return total, rms_norm_reference(total, weight, EPS)
 
-    providers = dict(ours=lambda x, residual, weight: ops.add_rms_norm(x, residual, weight, EPS, force="triton"),
-                     eager=eager, compile=_compiled(eager))
+    providers = _providers(ours=lambda x, residual, weight: ops.add_rms_norm(x, residual, weight, EPS, force="triton"),
+                           eager=eager, compile=_compiled(eager))
     if liger is not None:
         providers["liger"] = lambda x, residual, weight: liger.liger_fused_add_rms_norm(x, residual, weight, EPS)
     # forward: read x, residual, write sum, y; backward: read dy, d_sum, sum, write one gradient
     return Case(inputs, 8 * tokens * hidden * e, providers)
 
 
-def case_rope(batch=4, q_heads=32, k_heads=8, seq=2048, dim=128, dtype=torch.bfloat16):
+def case_rope(batch=SIZES["batch"], q_heads=SIZES["heads"], k_heads=SIZES["kv"], seq=SIZES["seq"], dim=SIZES["dim"],
+              dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
-    angles = torch.arange(seq, device="cuda")[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2, device="cuda") / dim))
+    angles = torch.arange(seq, device=DEVICE)[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2, device=DEVICE) / dim))
     emb = torch.cat((angles, angles), -1)
     inputs = dict(q=_rand(batch, q_heads, seq, dim, dtype=dtype), k=_rand(batch, k_heads, seq, dim, dtype=dtype),
                   cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
-    providers = dict(ours=lambda q, k, cos, sin: ops.rope(q, k, cos, sin, force="triton"),
-                     eager=rope_reference, compile=_compiled(rope_reference))
+    providers = _providers(ours=lambda q, k, cos, sin: ops.rope(q, k, cos, sin, force="triton"),
+                           eager=rope_reference, compile=_compiled(rope_reference))
     if liger is not None:
         providers["liger"] = lambda q, k, cos, sin: liger.liger_rope(q, k, cos[None], sin[None])
     # forward: read q, k, write both; backward the same again
     return Case(inputs, 4 * batch * (q_heads + k_heads) * seq * dim * e, providers)
 
 
-def case_swiglu(tokens=8192, inter=14336, dtype=torch.bfloat16):
+def case_swiglu(tokens=SIZES["tokens"], inter=SIZES["inter"], dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
     inputs = dict(gate=_rand(tokens, inter, dtype=dtype), up=_rand(tokens, inter, dtype=dtype))
-    providers = dict(ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
-                     eager=swiglu_reference, compile=_compiled(swiglu_reference))
+    providers = _providers(ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
+                           eager=swiglu_reference, compile=_compiled(swiglu_reference))
     if liger is not None:
         providers["liger"] = lambda gate, up: liger.liger_swiglu(gate, up)
     # forward: read gate, up, write out; backward: read d_out, gate, up, write d_gate, d_up
@@ -125,18 +144,24 @@ def _materialised_loss(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.t()).float(), labels)
 
 
-def case_fused_linear_cross_entropy(tokens=8192, hidden=4096, vocab=128256, dtype=torch.bfloat16):
+def case_fused_linear_cross_entropy(tokens=SIZES["tokens"], hidden=SIZES["hidden"], vocab=SIZES["vocab"],
+                                    dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
     inputs = dict(hidden=_rand(tokens, hidden, dtype=dtype), weight=_rand(vocab, hidden, dtype=dtype, scale=0.02),
-                  labels=torch.randint(0, vocab, (tokens,), device="cuda"))
+                  labels=torch.randint(0, vocab, (tokens,), device=DEVICE))
+
     def ours(hidden, weight, labels):
         return ops.linear_cross_entropy(hidden, weight, labels, force="triton")
 
     def ours_reference(hidden, weight, labels):  # the chunked PyTorch path, on the GPU
         return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
 
-    providers = dict(ours=ours, ours_reference=ours_reference, eager=_materialised_loss,
-                     compile=_compiled(_materialised_loss))
+    providers = _providers(ours=ours, ours_reference=ours_reference, eager=_materialised_loss,
+                           compile=_compiled(_materialised_loss))
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        # torch's own chunked fused loss (options=None would be its materialising reference path).
+        providers["torch"] = lambda hidden, weight, labels: F.linear_cross_entropy(
+            hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
     if liger is not None:
         providers["liger"] = lambda hidden, weight, labels: liger.liger_fused_linear_cross_entropy(
             hidden, weight, labels)
@@ -146,7 +171,7 @@ def case_fused_linear_cross_entropy(tokens=8192, hidden=4096, vocab=128256, dtyp
 
 CASES: dict[str, Callable[[], Case]] = {
     "rms_norm": case_rms_norm,
-    "rms_norm_h16384": lambda: case_rms_norm(tokens=4096, hidden=16384),
+    "rms_norm_wide": lambda: case_rms_norm(tokens=SIZES["tokens"] // 2, hidden=SIZES["wide"]),
     "add_rms_norm": case_add_rms_norm,
     "rope": case_rope,
     "swiglu": case_swiglu,
@@ -166,11 +191,14 @@ def _forward_backward(fn, inputs):
 def _step(fn, inputs):
     def step():
         _forward_backward(fn, inputs)
-        torch.cuda.synchronize()
+        if ON_GPU:
+            torch.cuda.synchronize()
     return step
 
 
-def _extra_peak_bytes(step) -> int:
+def _extra_peak_bytes(step) -> int | None:
+    if not ON_GPU:
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -179,22 +207,22 @@ def _extra_peak_bytes(step) -> int:
 
 
 @needs_gpu
-@pytest.mark.parametrize("provider", PROVIDERS + ("ours_reference",))
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_gpu_kernel(benchmark, case_name, provider):
     case = CASES[case_name]()
     if provider not in case.providers:
-        pytest.skip(f"{provider} has no {case_name} (not installed, or not a provider of this case)")
+        pytest.skip(f"{provider} has no {case_name} (not installed, not in a dry run, or not a provider of this case)")
     step = _step(case.providers[provider], case.inputs)
-    for _ in range(2):  # compile / autotune outside the measurement
+    for _ in range(1 if DRY_RUN else 2):  # compile / autotune outside the measurement
         step()
     peak = _extra_peak_bytes(step)
     benchmark.group = case_name
-    benchmark.pedantic(step, rounds=20, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(step, rounds=1 if DRY_RUN else 20, warmup_rounds=0 if DRY_RUN else 2, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name(), provider=provider, bytes=case.bytes,
-        gb_per_s=round(case.bytes / seconds / 1e9, 1), extra_peak_mib=round(peak / 2**20, 1))
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu (dry run)", provider=provider, bytes=case.bytes,
+        gb_per_s=round(case.bytes / seconds / 1e9, 1), extra_peak_mib=None if peak is None else round(peak / 2**20, 1))
     if case.flops:
         benchmark.extra_info["tflop_per_s"] = round(case.flops / seconds / 1e12, 1)
 

@@ -1,25 +1,36 @@
-"""The GPU suite: the benchmarks in benchmarks/ within one 10-minute call, into one results file.
+"""The GPU suite: the compiled kernels tested first, then measured, within one 10-minute call.
 
-    python3 benchmarks/gpu_suite.py [--budget 540]
+    python3 benchmarks/gpu_suite.py [--budget 540] [--out DIR]
+    python3 benchmarks/gpu_suite.py --dry-run      # every part's plumbing on CPU at tiny shapes (CI runs it)
 
-1. Installs the wheels carried in .whl/ (benchmarks/README.md: liger-kernel, bitsandbytes,
-   galore-torch; the GPU image has torch and triton) into /tmp/site, put on PYTHONPATH with the
-   repository for every part.
-2. Runs, each in its own process group under a time limit:
-   - kernels: pytest benchmarks/bench_kernels.py (pytest-benchmark);
+1. Installs the wheels carried in .whl/ (/work/shared/gpu/fetch_wheels.sh: liger-kernel, bitsandbytes,
+   galore-torch, apollo-torch; the GPU image has torch, triton, transformers) into /tmp/site, put on
+   PYTHONPATH with the repository for every part.
+2. Runs, each in its own process group under a time limit, in this order:
+   - tests: the tests marked gpu (pytest -m gpu tests), then tests/test_kernels_*.py and
+     tests/test_ops_*.py, all with TRITON_INTERPRET unset, so every kernel is compiled for the GPU;
+   - sync-debug: a short bf16 training run through the public API (Trainer, load_config) whose
+     callback sets torch.cuda.set_sync_debug_mode("error") before every step that should read
+     nothing back from the GPU (not a log step, not an eval or save step, not the last step) and
+     "default" before the others: a host sync in such a step raises, and the part reports it;
+   - kernels: benchmarks/bench_kernels.py (ours against eager, torch.compile, torch's own
+     F.linear_cross_entropy where this torch has it, and Liger-Kernel where installed);
    - bench-llama-1b: `python -m trainer bench` on the Llama-3.2-1B-shaped preset in bf16 against the
      eager fp32 reference and the Hugging Face peer (with Liger-Kernel when it is installed);
-   - e2e: benchmarks/bench_e2e.py on the small preset (each setting against the eager reference),
-     peers left out (the Llama run has them);
+   - e2e: benchmarks/bench_e2e.py on the small preset, peers left out (the Llama run has them);
    - parallel: benchmarks/bench_parallel.py (torch.compile x activation checkpointing);
-   - optim: benchmarks/bench_optim.py (memory and speed of every optimizer).
+   - optim: benchmarks/bench_optim.py (memory and speed of every optimizer, the 7B memory table).
    A part's limit is what is left of the budget minus the shares of the parts after it, so time a
    part does not use goes to the next. A part that fails or runs out of time is recorded as such and
    the others still run.
-3. Writes benchmarks/results/<device>-<date>.json (device name, date, torch, triton and the other
-   packages' versions, each part's command, status, seconds and figures) after every part, so a call
-   cut short keeps what finished; when $OUT is set (the lent GPU machine's return folder) a copy goes
-   there too.
+3. Writes benchmarks/results/<device>-<date>.json (device, date, versions of torch, triton and the
+   other packages, the packages missing, each part's commands, status, seconds, output tail and
+   figures) after every part, so a call cut short keeps what finished; when $OUT is set (the lent GPU
+   machine's return folder) a copy goes there too. Exits 1 when any part failed.
+
+--dry-run runs the same parts on CPU with tiny shapes (tiny preset, a few steps, kernel benchmarks
+at tiny sizes through the Triton interpreter, no torch.compile) into a temporary folder, so that a
+typo in any part's plumbing shows in CI rather than on the first GPU call.
 """
 
 from __future__ import annotations
@@ -34,14 +45,28 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/site")
-PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "bitsandbytes", "galore-torch", "safetensors",
-            "tokenizers", "numpy", "matplotlib", "pytest", "pytest-benchmark")
+PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "bitsandbytes", "galore-torch", "apollo-torch", "peft",
+            "accelerate", "safetensors", "tokenizers", "numpy", "matplotlib", "tqdm", "jinja2", "pyarrow", "datasets",
+            "zstandard", "pytest", "pytest-benchmark")
+
+
+@dataclass
+class Part:
+    name: str
+    share: float                        # seconds of the budget this part may count on
+    commands: list[list[str]]           # run one after another; the part fails at the first that fails
+    figures: Callable[[list[str]], object] = lambda outputs: None  # from its files, or its commands' outputs
+    env: dict = field(default_factory=dict)
 
 
 def install_wheels() -> str:
@@ -55,8 +80,10 @@ def install_wheels() -> str:
     return f"installed {len(wheels)} wheels into {SITE}"
 
 
-def child_env(work: Path) -> dict:
+def child_env(work: Path, dry_run: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled Triton on the GPU
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"  # no GPU: the kernels run in the interpreter
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(SITE), os.environ.get("PYTHONPATH")]))
     env["TRAINER_CACHE_DIR"] = str(work / "cache")  # one token cache shared by every part
     env["PYTHONUNBUFFERED"] = "1"
@@ -73,21 +100,42 @@ def versions() -> dict:
     return out
 
 
-def run_part(command: list[str], env: dict, limit: float) -> dict:
-    """Runs `command` in its own process group; on timeout the whole group (bench's sides too) is killed."""
-    start = time.perf_counter()
+def run_command(command: list[str], env: dict, limit: float) -> tuple[str, str]:
+    """(status, output) of one command in its own process group; on timeout the whole group is killed."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=limit)
+        output, _ = proc.communicate(timeout=max(1.0, limit))
         status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         status = f"timed out after {limit:.0f} s"
-    print(output[-4000:], flush=True)
-    return {"command": " ".join(command), "status": status, "seconds": round(time.perf_counter() - start, 1),
-            "output_tail": output[-3000:]}
+    return status, output
+
+
+def run_part(part: Part, env: dict, limit: float) -> tuple[dict, list[str]]:
+    """The part's record, and its commands' outputs."""
+    start = time.perf_counter()
+    status, outputs = "ok", []
+    for command in part.commands:
+        left = limit - (time.perf_counter() - start)
+        status, output = run_command(command, {**env, **part.env}, left)
+        print(output[-4000:], flush=True)
+        outputs.append(output)
+        if status != "ok":
+            break
+    record = {"commands": [" ".join(c) for c in part.commands], "status": status,
+              "seconds": round(time.perf_counter() - start, 1),
+              "output_tail": "\n".join(o[-3000:] for o in outputs)[-6000:]}
+    return record, outputs
+
+
+# ---- reading each part's figures ----
+
+def pytest_summary(output: str) -> str | None:
+    lines = [line.strip("= ") for line in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return lines[-1] if lines else None
 
 
 def kernel_figures(path: Path) -> list[dict] | None:
@@ -106,7 +154,7 @@ def bench_figures(path: Path) -> dict | None:
     report.pop("config", None)
     report.pop("rel_loss_diffs", None)
     for side in ("reference", "optimized", "peer"):
-        if side in report:
+        if isinstance(report.get(side), dict):
             report[side].pop("step_seconds", None)
     return report
 
@@ -121,77 +169,194 @@ def json_lines(path: Path) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
-    suite_start = time.perf_counter()
+# ---- the parts ----
 
-    wheels = install_wheels()
+def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
+    py = sys.executable
+    pytest = [py, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider"]
+    kernel_and_op_tests = sorted(str(Path(p).relative_to(ROOT)) for pattern in ("test_kernels_*.py", "test_ops_*.py")
+                                 for p in glob.glob(str(ROOT / "tests" / pattern)))
+    if dry_run:  # the interpreter is slow: one file shows the command works
+        kernel_and_op_tests = ["tests/test_kernels_swiglu.py"]
+
+    sync_dir = work / "sync-debug"
+    sync = [py, str(Path(__file__).resolve()), "--sync-debug-run", str(sync_dir)] + (["--dry-run"] if dry_run else [])
+
+    kernels_json = work / "kernels.json"
+    kernels = [*pytest, "benchmarks/bench_kernels.py", "-k", "gpu_kernel", f"--benchmark-json={kernels_json}"]
+
+    llama_dir = work / "bench-llama-1b"
+    if dry_run:
+        peer = "hf" if packages["transformers"] else "none"
+        bench = ["--model.preset=tiny", "--train.dtype=fp32", "--train.seq_len=64", "--train.micro_batch_size=2",
+                 "--train.max_steps=3", "--bench.warmup_steps=1"]
+    else:
+        peer = "hf-liger" if packages["liger-kernel"] else "hf" if packages["transformers"] else "none"
+        bench = ["--model.preset=llama-1b", "--train.dtype=bf16", "--train.seq_len=1024", "--train.micro_batch_size=4",
+                 "--train.max_steps=12", "--bench.warmup_steps=3"]
+    bench = [py, "-m", "trainer", "bench", *bench, "--data.tokenizer=byte", f"--bench.peer={peer}",
+             f"--train.output_dir={llama_dir}", "--train.progress=lines", "--train.log_every=4"]
+
+    e2e_record = work / "e2e.jsonl"
+    e2e_env = {"BENCH_E2E_RECORD": str(e2e_record), "BENCH_E2E_PRESET": "tiny" if dry_run else "small",
+               "BENCH_E2E_STEPS": "4" if dry_run else "12"}  # bench_e2e warms up 3 steps
+    if dry_run:
+        e2e_env.update(BENCH_E2E_SEQ_LEN="64", BENCH_E2E_BATCH="2")
+    e2e = [*pytest, "benchmarks/bench_e2e.py", "-k", "fp32-kernels and not peer" if dry_run else "not peer",
+           f"--benchmark-json={work / 'e2e.json'}"]
+
+    parallel_json = work / "parallel.json"
+    parallel = [py, "benchmarks/bench_parallel.py", f"--json={parallel_json}"]
+    if dry_run:
+        parallel += ["--preset=tiny", "--steps=1", "--warmup=0", "--seq-len=64", "--batch=2", "--device=cpu"]
+
+    optim_json = work / "optim.json"
+    optim = [py, "benchmarks/bench_optim.py"] + (["--predict-only"] if dry_run else [f"--json={optim_json}"])
+
+    gpu_tests = [*pytest, "-m", "gpu", "tests"]
+    other_tests = [*pytest, "-m", "not gpu", *kernel_and_op_tests]
+    return [
+        Part("tests", 150, [gpu_tests, other_tests],
+             lambda outputs: dict(zip(("gpu-marked", "kernels-and-ops"), map(pytest_summary, outputs), strict=False))),
+        Part("sync-debug", 40, [sync], lambda outputs: read_json(sync_dir / "sync_debug.json")),
+        Part("kernels", 80, [kernels], lambda outputs: kernel_figures(kernels_json),
+             {"BENCH_KERNELS_DRY_RUN": "1"} if dry_run else {}),
+        Part("bench-llama-1b", 120, [bench], lambda outputs: bench_figures(llama_dir / "bench.json")),
+        Part("e2e", 55, [e2e], lambda outputs: json_lines(e2e_record), e2e_env),
+        Part("parallel", 50, [parallel], lambda outputs: read_json(parallel_json)),
+        Part("optim", 45, [optim], lambda outputs: read_json(optim_json)),
+    ]
+
+
+# ---- the sync-debug run (a child process of the suite) ----
+
+def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
+    """Trains a few steps through the public API with host syncs made errors where none should happen."""
+    import torch
+
+    from trainer import Trainer, load_config
+    from trainer.callbacks import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class SyncDebug(TrainerCallback):
+        """Sync debug mode "error" for the steps between reads, "default" for the steps that read back."""
+
+        def __init__(self):
+            self.quiet_steps, self.current = [], 0
+
+        def on_step_begin(self, config, state, control, **kwargs):
+            t, step = config.train, state.step + 1
+            save_every = config.checkpoint.save_every
+            reads_back = (step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0)
+                          or (save_every and step % save_every == 0))
+            self.current = step
+            if not reads_back:
+                self.quiet_steps.append(step)
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default" if reads_back else "error")
+
+        def on_train_end(self, config, state, control, **kwargs):
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+
+    size = (["--model.preset=tiny", "--train.seq_len=32", "--train.micro_batch_size=2", "--train.max_steps=4",
+             "--train.log_every=2", "--train.dtype=fp32", "--train.device=cpu"] if dry_run else
+            ["--model.preset=small", "--train.seq_len=256", "--train.micro_batch_size=8", "--train.max_steps=12",
+             "--train.log_every=4", "--train.dtype=bf16"])
+    config = load_config(None, [*size, "--data.tokenizer=byte", "--train.grad_accum_steps=2", "--train.eval_every=0",
+                                "--checkpoint.save_every=0", "--train.progress=none", "--train.overwrite=true",
+                                f"--train.output_dir={out_dir / 'run'}"])
+    callback = SyncDebug()
+    report = {"sync_debug_mode": "error on quiet steps" if cuda else "not available without CUDA (dry run)",
+              "max_steps": config.train.max_steps, "log_every": config.train.log_every}
+    try:
+        state = Trainer(config, callbacks=[callback]).train()
+        report.update(passed=True, steps=state.step, quiet_steps=callback.quiet_steps)
+    except Exception as error:  # a sync in a quiet step, or the run failing for any other reason
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        report.update(passed=False, failed_in_step=callback.current, quiet_steps=callback.quiet_steps,
+                      error=f"{type(error).__name__}: {error}"[:2000], traceback=traceback.format_exc()[-3000:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sync_debug.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "traceback"}))
+    return 0 if report["passed"] else 1
+
+
+# ---- the suite ----
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 540; "
+                                                                   "900 with --dry-run)")
+    parser.add_argument("--out", help="results folder (default benchmarks/results; a temporary one with --dry-run)")
+    parser.add_argument("--dry-run", action="store_true", help="every part on CPU at tiny shapes")
+    parser.add_argument("--sync-debug-run", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sync_debug_run:
+        sys.path[:0] = [str(SITE), str(ROOT)]
+        return sync_debug_run(Path(args.sync_debug_run), args.dry_run)
+
+    suite_start = time.perf_counter()
+    budget = args.budget or (900.0 if args.dry_run else 540.0)
+    wheels = "dry run: .whl/ not installed" if args.dry_run else install_wheels()
     sys.path[:0] = [str(SITE), str(ROOT)]
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("gpu_suite.py needs a CUDA GPU; on CPU run the benchmark files one by one (benchmarks/README.md)")
-    device = torch.cuda.get_device_name(0)
+    if args.dry_run:
+        device = "cpu-dry-run"
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_suite.py needs a CUDA GPU; --dry-run runs its plumbing on CPU")
+    else:
+        device = torch.cuda.get_device_name(0)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    work = Path("/tmp/gpu_suite")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    env = child_env(work)
+    work = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
+    env = child_env(work, args.dry_run)
     packages = versions()
-    results = {"device": device, "date": date, "torch": torch.__version__, "triton": packages["triton"],
-               "cuda": torch.version.cuda, "python": sys.version.split()[0], "packages": packages, "wheels": wheels,
-               "budget_s": args.budget, "parts": {}}
+    results = {"device": device, "date": date, "dry_run": args.dry_run, "torch": torch.__version__,
+               "triton": packages["triton"], "cuda": torch.version.cuda, "python": sys.version.split()[0],
+               "packages": packages, "missing_packages": sorted(k for k, v in packages.items() if v is None),
+               "wheels": wheels, "budget_s": budget, "parts": {}}
 
-    peer = "hf-liger" if packages["liger-kernel"] else "hf" if packages["transformers"] else "none"
-    llama_dir = work / "bench-llama-1b"
-    # (name, share of the budget in seconds, command, how to read its figures)
-    parts = [
-        ("kernels", 110, [sys.executable, "-m", "pytest", "benchmarks/bench_kernels.py", "-q", "-p", "no:cacheprovider",
-                          f"--benchmark-json={work / 'kernels.json'}"],
-         lambda: kernel_figures(work / "kernels.json")),
-        ("bench-llama-1b", 190, [sys.executable, "-m", "trainer", "bench", "--model.preset=llama-1b",
-                                 "--data.tokenizer=byte", "--train.dtype=bf16", "--train.seq_len=1024",
-                                 "--train.micro_batch_size=4", "--train.max_steps=16", "--bench.warmup_steps=4",
-                                 f"--bench.peer={peer}", f"--train.output_dir={llama_dir}", "--train.progress=lines",
-                                 "--train.log_every=4"],
-         lambda: bench_figures(llama_dir / "bench.json")),
-        ("e2e", 100, [sys.executable, "-m", "pytest", "benchmarks/bench_e2e.py", "-q", "-p", "no:cacheprovider",
-                      "-k", "not peer", f"--benchmark-json={work / 'e2e.json'}"],
-         lambda: json_lines(work / "e2e.jsonl")),
-        ("parallel", 70, [sys.executable, "benchmarks/bench_parallel.py", f"--json={work / 'parallel.json'}"],
-         lambda: read_json(work / "parallel.json")),
-        ("optim", 70, [sys.executable, "benchmarks/bench_optim.py", f"--json={work / 'optim.json'}"],
-         lambda: read_json(work / "optim.json")),
-    ]
-    env_e2e = {**env, "BENCH_E2E_PRESET": "small", "BENCH_E2E_STEPS": "12", "BENCH_E2E_RECORD": str(work / "e2e.jsonl")}
-
-    out_dir = Path(args.out)
+    parts = build_parts(work, args.dry_run, packages)
+    if args.out:
+        out_dir = Path(args.out)
+    elif args.dry_run:
+        out_dir = work / "results"
+    else:
+        out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"{slug}-{date}.json"
-    for index, (name, _, command, read_figures) in enumerate(parts):
-        later = sum(share for _, share, _, _ in parts[index + 1:])
-        limit = args.budget - (time.perf_counter() - suite_start) - later
+    for index, part in enumerate(parts):
+        later = sum(p.share for p in parts[index + 1:])
+        limit = budget - (time.perf_counter() - suite_start) - later
         if limit < 20:
-            results["parts"][name] = {"status": "skipped: no time left in the budget"}
+            results["parts"][part.name] = {"status": "skipped: no time left in the budget"}
         else:
-            print(f"== {name} (limit {limit:.0f} s): {' '.join(command)}", flush=True)
-            record = run_part(command, env_e2e if name == "e2e" else env, limit)
-            record["figures"] = read_figures()
-            results["parts"][name] = record
+            print(f"== {part.name} (limit {limit:.0f} s): {' && '.join(' '.join(c) for c in part.commands)}",
+                  flush=True)
+            record, outputs = run_part(part, env, limit)
+            try:
+                record["figures"] = part.figures(outputs)
+            except (OSError, ValueError, KeyError) as error:  # a part that died mid-write
+                record["figures"] = f"unreadable: {error}"
+            results["parts"][part.name] = record
         results["suite_seconds"] = round(time.perf_counter() - suite_start, 1)
         results_file.write_text(json.dumps(results, indent=2) + "\n")
         if os.environ.get("OUT"):
             shutil.copy(results_file, Path(os.environ["OUT"]) / results_file.name)
-            if name == "bench-llama-1b" and (llama_dir / "bench.png").is_file():
-                shutil.copy(llama_dir / "bench.png", Path(os.environ["OUT"]) / f"{slug}-{date}-bench-llama-1b.png")
+            png = work / "bench-llama-1b" / "bench.png"
+            if part.name == "bench-llama-1b" and png.is_file():
+                shutil.copy(png, Path(os.environ["OUT"]) / f"{slug}-{date}-bench-llama-1b.png")
     print(f"results: {results_file}")
     for name, record in results["parts"].items():
         print(f"  {name}: {record['status']}" + (f" ({record['seconds']} s)" if "seconds" in record else ""))
+    if results["missing_packages"]:
+        print(f"  missing packages: {', '.join(results['missing_packages'])}")
+    return 0 if all(r["status"] == "ok" for r in results["parts"].values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
