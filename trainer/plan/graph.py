@@ -10,6 +10,8 @@ as the real step does:
   its inputs' gradients and its weights' gradients, then releases the gradients it received and
   the tensors it saved. A tensor reached by several gradients gets their sum, out of place (the
   gradients arriving through views cannot be summed in place);
+- autograd records an op only when an input requires grad or one of its weights trains: a frozen
+  weight (LoRA's base) needs no saved input, and ops before the first trained weight keep nothing;
 - a parameter used by several ops (tied embeddings) gets one AccumulateGrad: autograd keeps the
   first contributions in its input buffer and adds the rest in place, then hands the sum on;
 - activation checkpointing: `full` keeps only the block's input and re-runs the block's forward
@@ -39,6 +41,7 @@ class Op:
     inputs: tuple[str, ...] = ()  # tensors read (local names)
     outputs: dict[str, int] = field(default_factory=dict)  # tensors made: name -> bytes
     saves: tuple[str, ...] = ()  # tensors kept for backward (inputs or outputs)
+    saves_for_weights: tuple[str, ...] = ()  # kept only when a weight of the op trains (a matmul's input)
     grads: dict[str, int] = field(default_factory=dict)  # input -> bytes of the gradient backward makes for it
     alias_grads: tuple[str, ...] = ()  # inputs whose gradient is the incoming gradient itself (an add)
     shared_grads: dict[str, str] = field(default_factory=dict)  # input -> input whose made gradient it shares
@@ -63,7 +66,7 @@ class Graph:
     """The replay state: which tensors are alive, who still reads them, the gradients in flight."""
 
     def __init__(self, tape: Tape, sink: GradSink, param_uses: dict[str, int],
-                 grad_bytes: Callable[[str], int]):
+                 grad_bytes: Callable[[str], int], trainable: set[str]):
         self.tape = tape
         self.sink = sink
         self.param_uses = param_uses  # ops that use each parameter in one forward
@@ -77,6 +80,10 @@ class Graph:
         self.param_pending: dict[str, int] = {}
         self.copy_refs: dict[str, int] = defaultdict(int)  # autocast weight copy -> ops that saved it
         self.exported: dict[str, bool] = {}  # outputs held until the next region reads them
+        self.trainable = trainable  # parameters that get gradients
+        self.requires_grad: dict[str, bool] = {}  # activation storage -> whether autograd tracks it
+        self.kept: dict[tuple[str, str], tuple[str, ...]] = {}  # what each op run kept: (region prefix, op name)
+        self.copy_kept: dict[tuple[str, str], bool] = {}
 
     # ---------------------------------------------------------------- lifetimes
 
@@ -109,7 +116,7 @@ class Graph:
         reads: they stay alive until it does. Returns the ops that ran.
         """
         if stop_after_last_save:  # up to the op that makes the last tensor some op saves
-            saved = {name for op in ops for name in op.saves}
+            saved = {name for op in ops for name in op.saves + op.saves_for_weights}
             last = max((i for i, op in enumerate(ops) if saved & set(op.outputs)), default=-1)
             ops = ops[:last + 1]
         local_reads: dict[str, int] = defaultdict(int)
@@ -127,29 +134,37 @@ class Graph:
 
     def _forward_op(self, op, ns, prefix, keep_saves, keep_must_save, cached, local_reads, exports) -> None:
         tape = self.tape
+        input_grad = any(self.requires_grad.get(ns[name], False) for name in op.inputs)
+        weight_grad = any(w in self.trainable for w in op.weights)
+        recorded = input_grad or weight_grad  # else autograd keeps nothing for it
+        saves = (op.saves + (op.saves_for_weights if weight_grad else ())) if recorded and keep_saves else ()
         for param, nbytes in op.weight_copies.items():  # autocast casts a weight once per forward
             copy = f"copy.{param}"
             if not tape.alive(copy):
                 tape.alloc(copy, nbytes, WEIGHT_COPIES, what=f"{op.name} (weight cast)")
-            if keep_saves and op.copies_saved:
+            if keep_saves and op.copies_saved and input_grad:  # a cast weight is kept for the input's gradient
                 self.copy_refs[copy] += 1
         new = []
         for name, nbytes in op.outputs.items():
             if cached is not None and op.must_save and name in cached:
+                # The re-run takes the kept output over: from now on its readers keep it alive.
                 ns[name] = cached[name]
                 self.readers[ns[name]] += local_reads.get(name, 0)
+                self.release(ns[name])
                 continue
             storage = tape.alloc(tape.fresh(prefix + name), nbytes, ACTIVATIONS, what=op.name)
             ns[name] = storage
+            self.requires_grad[storage] = recorded and name not in op.nondiff
             self.readers[storage] += local_reads.get(name, 0)
             if name in exports:
                 self.exported[storage] = True
                 self.hold(storage)
             new.append(storage)
         tape.spike(op.fwd_extra, TEMPORARIES, op.name)
-        if keep_saves:
-            for name in op.saves:
-                self.saved[ns[name]] += 1
+        for name in saves:
+            self.saved[ns[name]] += 1
+        self.kept[(prefix, op.name)] = saves
+        self.copy_kept[(prefix, op.name)] = keep_saves and op.copies_saved and input_grad
         if keep_must_save is not None and op.must_save:
             for name in op.outputs:
                 self.hold(ns[name])
@@ -174,38 +189,47 @@ class Graph:
 
     # ---------------------------------------------------------------- backward
 
-    def backward(self, ops: list[Op], ns: dict[str, str]) -> None:
+    def backward(self, ops: list[Op], ns: dict[str, str], prefix: str) -> None:
+        """Backward through `ops`, run forward with `prefix` (for a re-run region, the re-run's)."""
         for op in reversed(ops):
-            self._backward_op(op, ns)
+            self._backward_op(op, ns, prefix)
 
-    def _backward_op(self, op: Op, ns: dict[str, str]) -> None:
+    def _backward_op(self, op: Op, ns: dict[str, str], prefix: str) -> None:
         tape = self.tape
         incoming = [self.grad_of[ns[o]] for o in op.outputs if o not in op.nondiff and ns.get(o) in self.grad_of]
+        kept = self.kept.pop((prefix, op.name), ())
+        copies_kept = self.copy_kept.pop((prefix, op.name), False)
         made: list[tuple[str, str]] = []
         contributions: list[tuple[str, str]] = []
         if incoming:
             for name, nbytes in op.grads.items():
+                if not self.requires_grad.get(ns.get(name), False):
+                    continue  # a tensor autograd does not track gets no gradient
                 grad = tape.alloc(tape.fresh(f"d.{name}"), nbytes, ACT_GRADS, what=f"{op.name} backward")
                 self.grad_refs[grad] = 1
                 made.append((name, grad))
             for name, source in op.shared_grads.items():
+                if source not in dict(made) or not self.requires_grad.get(ns.get(name), False):
+                    continue
                 grad = dict(made)[source]
                 self.grad_refs[grad] += 1
                 made.append((name, grad))
             for name in op.alias_grads:
+                if not self.requires_grad.get(ns.get(name), False):
+                    continue
                 self.grad_refs[incoming[0]] += 1
                 made.append((name, incoming[0]))
-            contributions = [(param, self._weight_grad(param, op)) for param in op.weights]
+            contributions = [(param, self._weight_grad(param, op)) for param in op.weights if param in self.trainable]
             tape.spike(op.bwd_extra, TEMPORARIES, f"{op.name} backward")
             for o in op.outputs:
                 storage = ns.get(o)
                 if storage in self.grad_of:
                     self._release_grad(self.grad_of.pop(storage))
-        for name in op.saves:
+        for name in kept:
             storage = ns[name]
             self.saved[storage] -= 1
             self._maybe_free(storage)
-        for param in op.weight_copies if op.copies_saved else ():
+        for param in op.weight_copies if copies_kept else ():
             copy = f"copy.{param}"
             self.copy_refs[copy] -= 1
             self._drop_copy_if_unused(copy)

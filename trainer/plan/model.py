@@ -62,21 +62,92 @@ def rms_op(s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residu
               fwd_extra=_rms_extra(s, n, triton, False), bwd_extra=_rms_extra(s, n, triton, True))
 
 
+def _cast(s: Setting, name: str, x: str, to: str, elems: int, from_bytes: int, to_bytes: int) -> Op:
+    return Op(name, inputs=(x,), outputs={to: elems * to_bytes}, grads={x: elems * from_bytes})
+
+
 def linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int,
                weight: str, bias: str | None = None) -> list[Op]:
-    """nn.Linear on x (x_bytes per element), with autocast's cast of x when it is not in the compute dtype."""
+    """nn.Linear on x (x_bytes per element), with autocast's cast of x when it is not in the compute
+    dtype; a layer with LoRA adapters (trainer/lora.py) is its frozen base plus the adapters' path."""
+    module = weight.removesuffix(".weight")
+    if module in s.lora_modules:
+        return lora_linear_ops(s, name, x, in_features, x_bytes, out, out_features, module)
     c, n = s.compute_bytes, s.tokens
     ops = []
     src, src_bytes = x, x_bytes
     if s.autocast and x_bytes != c:
         src, src_bytes = f"{x}@{name}", c
-        ops.append(Op(f"{name} input cast", inputs=(x,), outputs={src: n * in_features * c},
-                      grads={x: n * in_features * x_bytes}))
+        ops.append(_cast(s, f"{name} input cast", x, src, n * in_features, x_bytes, c))
     copies = {weight: in_features * out_features * c} if s.autocast and s.param_bytes != c else {}
     weights = (weight,) if bias is None else (weight, bias)
     out_bytes = c if s.autocast else s.param_bytes
-    ops.append(Op(name, inputs=(src,), outputs={out: n * out_features * out_bytes}, saves=(src,),
+    # A matmul keeps its input for its weight's gradient (and its weight for its input's).
+    ops.append(Op(name, inputs=(src,), outputs={out: n * out_features * out_bytes}, saves_for_weights=(src,),
                   grads={src: n * in_features * src_bytes}, weights=weights, weight_copies=copies, must_save=True))
+    return ops
+
+
+def lora_linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int,
+                    module: str) -> list[Op]:
+    """LoraLinear.forward: base_layer(x) + (lora_B(lora_A(dropout(x.to(fp32)))) * scaling).to(base's dtype).
+
+    The frozen base keeps no input (its weight gets no gradient); lora_A keeps its (cast) input and
+    lora_B the rank-r activation. Under autocast the adapters run in the compute dtype too. An nf4
+    base is dequantized to the compute dtype in forward and again in backward (bitsandbytes)."""
+    c, n, r = s.compute_bytes, s.tokens, s.lora.rank
+    ops = []
+    base_in, base_in_bytes = x, x_bytes
+    if s.autocast and x_bytes != c:
+        base_in, base_in_bytes = f"{x}@{name}", c
+        ops.append(_cast(s, f"{name} input cast", x, base_in, n * in_features, x_bytes, c))
+    base_w = f"{module}.base_layer.weight"
+    nf4 = s.lora.quantize == "nf4"
+    copies = {base_w: in_features * out_features * c} if s.autocast and s.param_bytes != c and not nf4 else {}
+    dense = in_features * out_features * c if nf4 else 0
+    out_bytes = c if s.autocast else s.param_bytes
+    base_out = f"{out}@base"
+    ops.append(Op(name, inputs=(base_in,), outputs={base_out: n * out_features * out_bytes},
+                  saves_for_weights=(base_in,), grads={base_in: n * in_features * base_in_bytes}, weights=(base_w,),
+                  weight_copies=copies, must_save=True, fwd_extra=dense, bwd_extra=dense))
+    src, src_bytes = x, x_bytes
+    if x_bytes != F32:  # x.to(lora_A's dtype, fp32)
+        src, src_bytes = f"{x}@{name}.lora32", F32
+        ops.append(_cast(s, f"{name} lora fp32 cast", x, src, n * in_features, x_bytes, F32))
+    act = c if s.autocast else F32  # the adapters' compute dtype
+    if s.autocast and src_bytes != c:
+        cast = f"{x}@{name}.lora_c"
+        ops.append(_cast(s, f"{name} lora input cast", src, cast, n * in_features, src_bytes, c))
+        src, src_bytes = cast, c
+    if s.lora.dropout > 0:
+        # The output and the mask backward keeps: boolean from CUDA's fused native_dropout, on CPU
+        # a scaled noise tensor in the input's dtype (input * noise)
+        dropped = f"{x}@{name}.dropout"
+        mask = f"{dropped}.mask"
+        mask_bytes = 1 if s.device == "cuda" else src_bytes
+        ops.append(Op(f"{name} lora dropout", inputs=(src,),
+                      outputs={dropped: n * in_features * src_bytes, mask: n * in_features * mask_bytes}, saves=(mask,),
+                      nondiff=(mask,), grads={src: n * in_features * src_bytes}))
+        src = dropped
+    a, b = f"{out}@lora_A", f"{out}@lora_B"
+
+    def adapter_copies(weight: str, elems: int) -> dict[str, int]:
+        return {weight: elems * c} if s.autocast else {}
+
+    ops.append(Op(f"{name}.lora_A", inputs=(src,), outputs={a: n * r * act}, saves_for_weights=(src,),
+                  grads={src: n * in_features * src_bytes}, weights=(f"{module}.lora_A.weight",),
+                  weight_copies=adapter_copies(f"{module}.lora_A.weight", r * in_features), must_save=True))
+    ops.append(Op(f"{name}.lora_B", inputs=(a,), outputs={b: n * out_features * act}, saves_for_weights=(a,),
+                  grads={a: n * r * act}, weights=(f"{module}.lora_B.weight",),
+                  weight_copies=adapter_copies(f"{module}.lora_B.weight", out_features * r), must_save=True))
+    scaled = f"{out}@lora_scaled"
+    ops.append(Op(f"{name} lora scaling", inputs=(b,), outputs={scaled: n * out_features * act},
+                  grads={b: n * out_features * act}))
+    if act != out_bytes:
+        ops.append(_cast(s, f"{name} lora output cast", scaled, f"{scaled}@out", n * out_features, act, out_bytes))
+        scaled = f"{scaled}@out"
+    ops.append(Op(f"{name} lora add", inputs=(base_out, scaled), outputs={out: n * out_features * out_bytes},
+                  alias_grads=(base_out, scaled)))
     return ops
 
 
@@ -169,7 +240,12 @@ def block_ops(s: Setting, i: int) -> list[Op]:
 
 def embedding_ops(s: Setting) -> list[Op]:
     n = s.tokens * s.args.hidden_size
-    return [Op("embed_tokens", outputs={"x": n * s.param_bytes}, weights=("model.embed_tokens.weight",))]
+    nbytes = n * s.param_bytes
+    if not s.neftune:
+        return [Op("embed_tokens", outputs={"x": nbytes}, weights=("model.embed_tokens.weight",))]
+    # NEFTune: the embeddings plus a uniform noise tensor of their size (trainer.models.llama.neftune_noise)
+    return [Op("embed_tokens", outputs={"x0": nbytes}, weights=("model.embed_tokens.weight",)),
+            Op("neftune noise", inputs=("x0",), outputs={"x": nbytes}, fwd_extra=nbytes, alias_grads=("x0",))]
 
 
 def ce_chunk_tokens(s: Setting, hidden_bytes: int) -> int:
@@ -213,7 +289,7 @@ def loss_ops(s: Setting) -> list[Op]:
                       fwd_extra=fwd, bwd_extra=bwd))
         return ops
     # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
-    ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves=(hidden,),
+    ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves_for_weights=(hidden,),
                   grads={hidden: n * h * hb}, weights=(head,), weight_copies=copies))
     logits = "logits"
     if c != F32:

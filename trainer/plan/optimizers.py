@@ -52,8 +52,8 @@ class OptimizerModel(GradSink):
         self.s = s
         self.shard = shard  # FSDP: each rank holds 1/shard of every parameter, gradient and state
         self.base, self.galore, self.layerwise = parse_name(s.optim.name)
-        self.p_bytes = s.param_bytes
         self.params = {p.name: p for p in s.params}
+        self.trained = [p for p in s.params if p.trainable]
         self.grads: dict[str, str] = {}  # parameter -> its .grad storage
 
     # ---------------------------------------------------------------- shapes
@@ -78,17 +78,22 @@ class OptimizerModel(GradSink):
             return rank, (rows, rank), (rank, cols)
         return rank, (rank, cols), (rows, rank)
 
+    def itemsize(self, p: Param) -> int:
+        """Bytes per value of p, its gradient and AdamW's moments (LoRA adapters are fp32)."""
+        return p.itemsize or self.s.param_bytes
+
     def grad_bytes(self, name: str) -> int:
-        return self.params[name].numel * self.p_bytes // self.shard
+        p = self.params[name]
+        return p.numel * self.itemsize(p) // self.shard
 
     # ---------------------------------------------------------------- states
 
-    def _base_state(self, shape: tuple[int, ...]) -> int:
+    def _base_state(self, shape: tuple[int, ...], itemsize: int) -> int:
         n = 1
         for d in shape:
             n *= d
         if self.base == "adamw":
-            return 2 * n * self.p_bytes + F32
+            return 2 * n * itemsize + F32
         if self.base in ("adamw8bit", "paged_adamw8bit"):
             return 2 * n + 2 * _ceil_div(n, BNB_BLOCK) * F32 if n >= BNB_MIN_8BIT else 2 * n * F32
         if self.base == "adafactor":
@@ -96,29 +101,30 @@ class OptimizerModel(GradSink):
             second = (shape[0] + shape[1]) * F32 if len(shape) == 2 else n * F32
             return first + second
         if self.base == APOLLO:
-            return 2 * n * self.p_bytes
+            return 2 * n * itemsize
         raise ValueError(f"no memory model for optimizer base {self.base!r}")
 
     def state_bytes(self, p: Param) -> int:
+        size = self.itemsize(p)
         if self.shard > 1:  # FSDP accepts adamw only (trainer/config.py)
-            return self._base_state(p.shape) // self.shard
+            return self._base_state(p.shape, size) // self.shard
         if self.apollo and p.targeted:
             _, projection, low = self.low_rank(p)
-            return self._base_state(low) + projection[0] * projection[1] * self.p_bytes + F32
+            return self._base_state(low, size) + projection[0] * projection[1] * size + F32
         if not self.projected(p):
-            return self._base_state(p.shape)
+            return self._base_state(p.shape, size)
         _, projector, low = self.low_rank(p)
-        return projector[0] * projector[1] * self.p_bytes + self._base_state(low)
+        return projector[0] * projector[1] * size + self._base_state(low, size)
 
     def allocate_states(self, tape: Tape) -> None:
-        for p in self.s.params:
+        for p in self.trained:
             tape.alloc(f"state.{p.name}", self.state_bytes(p), STATES)
         if self.base in ("adamw8bit", "paged_adamw8bit"):
             tape.alloc("state.qmaps", 2 * 256 * F32, STATES)
 
     # ---------------------------------------------------------------- step temporaries
 
-    def _base_temp(self, n: int, two_dim: bool) -> int:
+    def _base_temp(self, n: int, two_dim: bool, itemsize: int) -> int:
         """Temporaries of one base-optimizer update of an n-value tensor (bytes, at their peak)."""
         cpu = self.s.device == "cpu"
         if self.base == "adamw":  # torch's fused kernel updates in place
@@ -128,43 +134,45 @@ class OptimizerModel(GradSink):
                 return 0
             if n < BNB_MIN_8BIT:
                 return 4 * n * F32
-            return (5 if self.p_bytes == F32 else 6) * n * F32 + n
+            return (5 if itemsize == F32 else 6) * n * F32 + n
         if self.base == "adafactor":
-            copies = 2 * n * F32 if self.p_bytes != F32 else 0
+            copies = 2 * n * F32 if itemsize != F32 else 0
             return 2 * n * F32 + copies
         if self.base == APOLLO:  # sqrt(v), then m / (sqrt(v) + eps)
-            return 2 * n * self.p_bytes
+            return 2 * n * itemsize
         raise ValueError(self.base)
 
     def _apollo_temp(self, p: Param) -> int:
         """An APOLLO matrix's update: the projected gradient, sqrt(v) and the normalized update, then
         the scaled full gradient; or, at a projection refresh, the new fp32 draw and its scaled copy."""
         _, projection, low = self.low_rank(p)
-        low_bytes = low[0] * low[1] * self.p_bytes
-        draw = projection[0] * projection[1] * (2 * F32 + (self.p_bytes if self.p_bytes != F32 else 0))
-        return max(draw, 3 * low_bytes, 2 * low_bytes + p.numel * self.p_bytes)
+        size = self.itemsize(p)
+        low_bytes = low[0] * low[1] * size
+        draw = projection[0] * projection[1] * (2 * F32 + (size if size != F32 else 0))
+        return max(draw, 3 * low_bytes, 2 * low_bytes + p.numel * size)
 
     def _svd_temp(self, p: Param) -> int:
         rows, cols = p.shape
         k = min(rows, cols)
         rank, projector, _ = self.low_rank(p)
+        size = self.itemsize(p)
         outputs = (rows * k + k + k * cols) * F32
-        upcast = rows * cols * F32 if self.p_bytes != F32 else 0
-        return upcast + outputs + max(rows * cols * F32, projector[0] * projector[1] * self.p_bytes)
+        upcast = rows * cols * F32 if size != F32 else 0
+        return upcast + outputs + max(rows * cols * F32, projector[0] * projector[1] * size)
 
     def _low_rank_bytes(self, p: Param) -> int:
         _, _, low = self.low_rank(p)
-        return low[0] * low[1] * self.p_bytes
+        return low[0] * low[1] * self.itemsize(p)
 
     def param_step_temp(self, p: Param) -> int:
         """Layer-wise: the temporaries of updating parameter p alone (inside backward)."""
         if self.apollo and p.targeted:
             return self._apollo_temp(p)
         if not self.projected(p):
-            return self._base_temp(p.numel, len(p.shape) == 2)
+            return self._base_temp(p.numel, len(p.shape) == 2, self.itemsize(p))
         low = self._low_rank_bytes(p)
         _, _, shape = self.low_rank(p)
-        step = 2 * low + self._base_temp(shape[0] * shape[1], True)
+        step = 2 * low + self._base_temp(shape[0] * shape[1], True, self.itemsize(p))
         return max(self._svd_temp(p), step)
 
     def step(self, tape: Tape) -> None:
@@ -173,7 +181,7 @@ class OptimizerModel(GradSink):
             return
         proxies = []
         if self.galore:
-            for p in self.s.params:
+            for p in self.trained:
                 if not self.projected(p):
                     continue
                 tape.spike(self._svd_temp(p), TEMPORARIES, f"GaLore projector SVD of {p.name}")
@@ -181,17 +189,16 @@ class OptimizerModel(GradSink):
                     proxies.append(tape.alloc(tape.fresh(f"galore {kind}"), self._low_rank_bytes(p), TEMPORARIES,
                                               what="GaLore step"))
         # The base optimizer over its groups: the unprojected parameters' groups and the stand-ins.
-        groups: dict[str, list[tuple[int, bool]]] = {}
-        for p in self.s.params:
+        sizes = []  # (values, is a matrix, bytes per value) of what the base optimizer updates, one at a time
+        for p in self.trained:
             if self.projected(p):
                 _, _, low = self.low_rank(p)
-                groups.setdefault("targeted", []).append((low[0] * low[1], True))
+                sizes.append((low[0] * low[1], True, self.itemsize(p)))
             else:
-                groups.setdefault(p.group, []).append((p.numel, len(p.shape) == 2))
-        # one tensor at a time
-        temp = max(self._base_temp(n, two_dim) for members in groups.values() for n, two_dim in members)
+                sizes.append((p.numel, len(p.shape) == 2, self.itemsize(p)))
+        temp = max(self._base_temp(*size) for size in sizes)
         if self.apollo:
-            temp = max([temp] + [self._apollo_temp(p) for p in self.s.params if p.targeted])
+            temp = max([temp] + [self._apollo_temp(p) for p in self.trained if p.targeted])
         tape.spike(temp, TEMPORARIES, f"{self.s.optim.name} step")
         for name in proxies:
             tape.free(name)

@@ -94,7 +94,7 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
     tape.set_phase("between steps")
     if not (fsdp and s.fsdp_offload):
         for p in s.params:
-            tape.alloc(f"param.{p.name}", p.numel * s.param_bytes // shard, PARAMETERS)
+            tape.alloc(f"param.{p.name}", p.nbytes(s.param_bytes) // shard, PARAMETERS)
         opt.allocate_states(tape)
     tape.alloc("rotary tables", rotary_table_bytes(s), BUFFERS)
     if s.device == "cuda":
@@ -104,7 +104,7 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
         tape.alloc("ddp buckets", sum(p.numel for p in s.params) * s.param_bytes, DDP_BUCKETS)
     if fsdp:
         tape.alloc("fsdp gathered", _fsdp_gathered_bytes(s), FSDP_GATHERED)
-    graph = Graph(tape, opt, param_uses(s), opt.grad_bytes)
+    graph = Graph(tape, opt, param_uses(s), opt.grad_bytes, {p.name for p in s.params if p.trainable})
     if s.device == "cpu":  # the loop draws all micro-batches of the step at once, on the host
         tape.alloc("batches", s.grad_accum * batch_bytes(s), DATA)
     for micro in range(min(s.grad_accum, 2)):
@@ -160,11 +160,11 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
 
     tape.set_phase("backward")
     graph.seed_grad(ns_loss["loss"], 4)
-    graph.backward(loss_ops(s), ns_loss)
+    graph.backward(loss_ops(s), ns_loss, f"m{micro}.loss.")
     for i in reversed(range(s.args.n_layers)):
         ops, ns, cached = blocks[i]
         if mode == "none":
-            graph.backward(ops, ns)
+            graph.backward(ops, ns, f"m{micro}.L{i}.")
             continue
         # Backward reaches a checkpointed block: its forward runs again, keeping what backward needs.
         rerun = {"x": ns["x"], "out": ns["out"]}
@@ -172,15 +172,13 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
         replayed = {local for op in ran for local in op.outputs}
         for local, storage in ns.items():  # ops not re-run: their gradients still flow by these names
             rerun.setdefault(local, storage)
-        later = []
-        for local, storage in (cached or {}).items():  # the re-run takes the kept outputs it reached over
-            (graph.release(storage) if local in replayed else later.append(storage))
+        later = [storage for local, storage in (cached or {}).items() if local not in replayed]
         graph.end_autocast()
-        graph.backward(ops, rerun)
+        graph.backward(ops, rerun, f"m{micro}.L{i}r.")
         for storage in later:
             graph.release(storage)
         graph.release(ns["x"])
-    graph.backward(embedding_ops(s), ns_embed)
+    graph.backward(embedding_ops(s), ns_embed, f"m{micro}.embed.")
     if positions:
         tape.free(f"positions{micro}")
 

@@ -6,6 +6,7 @@ names, shapes and ties are exactly the ones the optimizer will see.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ class Param:
     shape: tuple[int, ...]
     targeted: bool  # an nn.Linear weight optim.galore_target / optim.apollo_target matches
     group: str  # "decay", "no_decay" or "targeted": the optimizer param group (trainer.optim.param_groups)
+    trainable: bool = True  # False: a base weight LoRA freezes (no gradient, no optimizer state)
+    itemsize: int = 0  # bytes per value; 0: train.param_dtype's (LoRA adapters are fp32); nf4: see nbytes
+    nf4: bool = False  # a frozen base weight lora.quantize=nf4 stores in 4 bits
 
     @property
     def numel(self) -> int:
@@ -30,6 +34,11 @@ class Param:
         for d in self.shape:
             n *= d
         return n
+
+    def nbytes(self, param_bytes: int) -> int:
+        if self.nf4:  # bitsandbytes nf4 with double quantization: 4 bits, an 8-bit absmax per 64 values,
+            return self.numel // 2 + self.numel // 64 + self.numel // (64 * 256) * 4  # an fp32 one per 256 of those
+        return self.numel * (self.itemsize or param_bytes)
 
 
 def tokenizer_vocab(config) -> int:
@@ -68,12 +77,22 @@ def model_args(config) -> ModelArgs:
         raise ConfigError(f"model: {e}") from None
 
 
-def parameters(args: ModelArgs, target: str | None = None) -> list[Param]:
-    """Every trained parameter once (tied weights once), in the model's order, with its optimizer group."""
+def parameters(args: ModelArgs, target: str | None = None, lora=None) -> list[Param]:
+    """Every parameter once (tied weights once), in the model's order, with its optimizer group;
+    with `lora` (the [lora] section, rank > 0) the adapters as trainer.lora adds them."""
     from trainer.models.llama import Transformer
 
     with torch.device("meta"):
         model = Transformer(args)
+    quantized = set()
+    if lora is not None and lora.rank > 0:
+        from trainer.lora import apply_lora
+
+        plain = copy.copy(lora)
+        plain.quantize = "none"  # the adapters and what trains are the same; only the base's storage differs
+        apply_lora(model, plain)
+        if lora.quantize == "nf4":
+            quantized = {id(m.base_layer.weight) for m in model.modules() if hasattr(m, "base_layer")}
     targeted = set()
     if target is not None:
         pattern = re.compile(target)
@@ -86,7 +105,11 @@ def parameters(args: ModelArgs, target: str | None = None) -> list[Param]:
             group = "no_decay"
         else:
             group = "targeted" if id(p) in targeted else "decay"
-        out.append(Param(name, tuple(p.shape), id(p) in targeted, group))
+        adapter = ".lora_A." in name or ".lora_B." in name
+        # trainer.lora keeps adapters and the modules it trains (embeddings, norms) in fp32
+        itemsize = 4 if lora is not None and lora.rank > 0 and p.requires_grad else 0
+        out.append(Param(name, tuple(p.shape), id(p) in targeted, group, trainable=p.requires_grad,
+                         itemsize=4 if adapter else itemsize, nf4=id(p) in quantized))
     return out
 
 
