@@ -24,13 +24,27 @@ def resolve_budget(config) -> int:
     return budget_bytes(config, resolve_device(config))
 
 
+def _accumulation(config, micro: int, world_size: int) -> int:
+    """The grad_accum_steps a micro-batch implies: what reaches the global batch, else as configured."""
+    if config.optim.name.endswith("_layerwise"):
+        return 1
+    wanted = config.train.global_batch_size
+    return max(1, -(-wanted // (micro * world_size))) if wanted else config.train.grad_accum_steps
+
+
 def _fits(config, micro: int, budget: int, world_size: int) -> tuple[bool, Plan]:
-    plan = predict_peak(config, world_size=world_size, micro_batch_size=micro)
+    # With accumulation, later micro-batches run with every gradient alive: plan with the real count.
+    plan = predict_peak(config, world_size=world_size, micro_batch_size=micro,
+                        grad_accum_steps=_accumulation(config, micro, world_size))
     return plan.fits(budget), plan
 
 
 def largest_fitting_micro_batch(config, budget: int, world_size: int = 1, limit: int = MAX_MICRO_BATCH) -> int:
-    """The largest micro-batch (sequences per rank) whose predicted step fits `budget`; 0 if none does."""
+    """The largest micro-batch (sequences per rank) whose predicted step fits `budget`; 0 if none does.
+    The peak grows with the micro-batch at a given accumulation, and going from no accumulation to
+    some adds the gradients: the search runs over each micro-batch with the accumulation it implies."""
+    if config.train.global_batch_size and limit > 1 and _fits(config, limit, budget, world_size)[0]:
+        return limit  # the whole per-rank batch at once: no accumulation
     if not _fits(config, 1, budget, world_size)[0]:
         return 0
     low, high = 1, 2  # low fits; grow high until it does not

@@ -11,7 +11,7 @@ tensors and are not counted (unlike RSS).
 Only the allocations made inside training steps count towards the peak (from the callback's
 on_step_begin to its on_step_end; evaluation and checkpoint saving happen outside), but everything
 allocated earlier in the run and still alive (the model, the optimizer state) is part of the total.
-The run goes through the public API: `Trainer(config, callbacks=[...]).train()`.
+The run goes through the public API: `Trainer(config, callbacks=[...]).train()` and a callback.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def measure_training_peak(config, callbacks=()) -> Measurement:
     The Trainer is built inside the recording, so the model, the optimizer and the data batches
     are all counted from their first byte.
     """
-    from trainer import Trainer
+    from trainer.loop import Trainer  # what `from trainer import Trainer` gives, from below the package
 
     if config.train.device == "cuda":
         raise ValueError("measure_training_peak records the CPU allocator; on a GPU read "

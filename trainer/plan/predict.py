@@ -72,17 +72,19 @@ class Plan:
 
 
 def predict_peak(config, world_size: int = 1, *, micro_batch_size: int | None = None,
-                 device: str | None = None) -> Plan:
+                 grad_accum_steps: int | None = None, device: str | None = None) -> Plan:
     """The predicted peak memory of one training step of `config`, per rank with `world_size` ranks.
 
     device: a device name (trainer.plan.devices.DEVICE_NAMES) instead of plan.device; it decides
     which kernels run (Triton on CUDA) and what is counted. micro_batch_size replaces
-    train.micro_batch_size (for `auto`).
+    train.micro_batch_size and grad_accum_steps train.grad_accum_steps (for `auto`).
     """
     from trainer.plan.devices import resolve_device
 
     dev = resolve_device(config, device)
     s = make_setting(config, dev.kind, world_size=world_size, micro_batch=micro_batch_size)
+    if grad_accum_steps is not None:
+        s.grad_accum = grad_accum_steps
     return simulate(s, dev.name)
 
 
