@@ -174,3 +174,38 @@ def test_a_stop_asked_for_in_on_evaluate_stops_at_that_step(tmp_path):
     results = json.loads((run / "train_results.json").read_text())
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
     assert results["steps"] == 4 and evals[-1]["step"] == 4 and results["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_a_label_outside_the_vocabulary_stops_the_run_with_one_line(tmp_path):
+    from trainer import build_run
+
+    cfg = tiny_config(tmp_path, train__max_steps=4)
+    parts = build_run(cfg)
+
+    class BadLabelOnStepTwo:
+        def __init__(self, loader):
+            self.loader, self.steps = loader, 0
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+        def next_step(self):
+            micro_batches, self.steps = self.loader.next_step(), self.steps + 1
+            if self.steps == 2:
+                micro_batches[0]["labels"][1, 17] = 70000
+            return micro_batches
+
+    parts.loader = BadLabelOnStepTwo(parts.loader)
+    with pytest.raises(ConfigError) as error:
+        Trainer(cfg, parts=parts).train()
+    message = str(error.value)
+    assert message.startswith("label 70000 at position (1, 17) is outside the vocabulary [0, ")
+    assert "\n" not in message and not (tmp_path / "run" / "final").exists()
+
+
+def test_from_hf_without_config_json_is_refused_before_the_data_is_read(tmp_path, caplog):
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        Trainer(tiny_config(tmp_path, model__from_hf=str(tmp_path / "not_a_model"), model__preset="small",
+                            model__allow_new_tokenizer=True)).train()
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized

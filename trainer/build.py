@@ -128,6 +128,9 @@ def check_pretrained_fit(config: TrainConfig) -> None:
     if not Path(m.from_hf).is_dir():
         raise ConfigError(f"model.from_hf={m.from_hf!r} is not a folder; pass a local Hugging Face model folder "
                           "(config.json + *.safetensors)")
+    if not (Path(m.from_hf) / "config.json").is_file():
+        raise ConfigError(f"model.from_hf={m.from_hf!r} has no config.json; pass a local Hugging Face model folder "
+                          "(config.json + *.safetensors)")
     given = [f"model.{k}" for k in MODEL_SHAPE_KEYS if getattr(m, k) is not None]
     if m.preset != "small":
         given.insert(0, "model.preset")

@@ -7,6 +7,7 @@ import math
 import torch
 
 from trainer.constants import IGNORE_INDEX
+from trainer.ops import check_labels
 from trainer.parallel import all_reduce_sum
 from trainer.runtime import autocast
 
@@ -42,7 +43,8 @@ class Evaluator:
         count = 0
         for batch in eval_batches(self.val_tokens, self.seq_len, self.batch_size, max_batches=self.max_batches,
                                   world_size=self.world_size, rank=self.rank, document_ids=self.document_ids):
-            count += int((batch["labels"] != IGNORE_INDEX).sum())  # CPU batch: no device read
+            check_labels(batch["labels"], model.args.vocab_size, IGNORE_INDEX)  # on the host: no device read
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with autocast(self.device, self.compute_dtype):
                 total += model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),

@@ -159,7 +159,7 @@ class Trainer:
         self.metrics = MetricsLogger(p.output.folder, enabled=p.env.is_main, progress=t.progress,
                                      max_steps=t.max_steps, start_step=p.state.step, log_every=t.log_every,
                                      tensorboard=t.tensorboard)
-        self.prefetcher = StepPrefetcher(p.loader, pin=p.device.type == "cuda")
+        self.prefetcher = StepPrefetcher(p.loader, pin=p.device.type == "cuda", vocab_size=p.model.args.vocab_size)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -41,7 +41,8 @@ def plan_output(train, checkpoint) -> OutputPlan:
     if checkpoint.resume_from and checkpoint.resume_from != "latest":
         resume = Path(checkpoint.resume_from)
         if not resume.is_dir():
-            raise CheckpointError(f"checkpoint.resume_from={checkpoint.resume_from!r} does not exist; pass a "
+            what = "is not a folder" if resume.exists() else "does not exist"
+            raise CheckpointError(f"checkpoint.resume_from={checkpoint.resume_from!r} {what}; pass a "
                                   "checkpoint-<step> folder or latest")
         output_dir = output_dir or str(resume.parent)
     folder = Path(output_dir or default_output_dir())

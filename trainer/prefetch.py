@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.constants import IGNORE_INDEX
+from trainer.ops import check_labels
 
 
 @dataclass
@@ -23,7 +24,12 @@ class StepBatch:
         return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in self.micro_batches]
 
 
-def make_step_batch(micro_batches: list[dict], loader_state: dict, pin: bool = False) -> StepBatch:
+def make_step_batch(micro_batches: list[dict], loader_state: dict, pin: bool = False,
+                    vocab_size: int | None = None) -> StepBatch:
+    """`vocab_size`: refuse a label the model cannot score, here on the host where checking costs no sync."""
+    if vocab_size is not None:
+        for mb in micro_batches:
+            check_labels(mb["labels"], vocab_size, IGNORE_INDEX)
     label_tokens = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
     if pin:  # a pinned source lets the copy to the GPU run asynchronously
         micro_batches = [{k: v.pin_memory() for k, v in mb.items()} for mb in micro_batches]
@@ -38,8 +44,8 @@ class StepPrefetcher:
     right after each step is drawn, and travels with the batch.
     """
 
-    def __init__(self, loader, pin: bool, depth: int = 1):
-        self.loader, self.pin = loader, pin
+    def __init__(self, loader, pin: bool, vocab_size: int | None = None, depth: int = 1):
+        self.loader, self.pin, self.vocab_size = loader, pin, vocab_size
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
@@ -48,7 +54,7 @@ class StepPrefetcher:
         try:
             while not self.stopped.is_set():
                 micro_batches = self.loader.next_step()
-                item = make_step_batch(micro_batches, self.loader.state_dict(), self.pin)
+                item = make_step_batch(micro_batches, self.loader.state_dict(), self.pin, self.vocab_size)
                 while not self.stopped.is_set():
                     try:
                         self.ready.put(item, timeout=0.1)
