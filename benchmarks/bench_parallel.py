@@ -39,8 +39,10 @@ def measure(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from tests.helpers import write_corpus
-    from trainer import Trainer
+    from trainer import Trainer, build_run
     from trainer.config import load_config
+    from trainer.prefetch import make_step_batch
+    from trainer.runtime import autocast
 
     work = Path(args.workdir)
     corpus = work / "corpus"
@@ -54,28 +56,33 @@ def measure(args) -> dict:
         "train.max_steps": args.warmup + args.steps, "train.progress": "none",
         "parallel.compile": args.compile, "parallel.activation_checkpointing": args.checkpointing,
     })
-    trainer = Trainer(cfg)
-    trainer._setup()
-    cuda = trainer.device.type == "cuda"
+    parts = build_run(cfg)
+    trainer = Trainer(cfg, parts=parts)
+    cuda = parts.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def next_batch():
+        return make_step_batch(parts.loader.next_step(), loader_state={}, pin=cuda)
+
     for _ in range(args.warmup):  # compiles, when compile is on
-        trainer.train_step(trainer.loader.next_step())
+        trainer.train_step(next_batch())
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
-        trainer.train_step(trainer.loader.next_step())
+        trainer.train_step(next_batch())
     sync()
     tokens_per_s = args.steps * args.batch * args.seq_len / (time.perf_counter() - start)
 
-    batch = trainer._to_device(trainer.loader.next_step()[0])
+    batch = next_batch()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        trainer.train_step([batch])
+        trainer.train_step(batch)
         memory = torch.cuda.max_memory_allocated()
     else:
+        micro_batch = batch.to(parts.device)[0]
         before = resident_bytes()
-        with trainer.autocast():
-            loss = trainer.train_model(batch["input_ids"], labels=batch["labels"])
+        with autocast(parts.device, parts.compute_dtype):
+            loss = parts.train_model(micro_batch["input_ids"], labels=micro_batch["labels"])
         memory = resident_bytes() - before
         loss.backward()
     return {"compile": args.compile, "activation_checkpointing": args.checkpointing, "tokens_per_s": tokens_per_s,
