@@ -45,6 +45,8 @@ class Op:
     grads: dict[str, int] = field(default_factory=dict)  # input -> bytes of the gradient backward makes for it
     alias_grads: tuple[str, ...] = ()  # inputs whose gradient is the incoming gradient itself (an add)
     shared_grads: dict[str, str] = field(default_factory=dict)  # input -> input whose made gradient it shares
+    grads_from: dict[str, str] = field(default_factory=dict)  # input -> saved output that becomes its gradient
+    weight_grad_from: dict[str, str] = field(default_factory=dict)  # parameter -> saved output that becomes its grad
     weights: tuple[str, ...] = ()  # parameters whose gradient backward makes
     weight_copies: dict[str, int] = field(default_factory=dict)  # autocast casts of weights: param -> bytes
     copies_saved: bool = True  # False: the cast weights live only during the op
@@ -84,12 +86,13 @@ class Graph:
         self.requires_grad: dict[str, bool] = {}  # activation storage -> whether autograd tracks it
         self.kept: dict[tuple[str, str], tuple[str, ...]] = {}  # what each op run kept: (region prefix, op name)
         self.copy_kept: dict[tuple[str, str], bool] = {}
+        self.taken: dict[str, bool] = {}  # op buffers that became a weight's gradient
 
     # ---------------------------------------------------------------- lifetimes
 
     def _maybe_free(self, storage: str) -> None:
         if (self.tape.alive(storage) and self.readers[storage] <= 0 and self.saved[storage] <= 0
-                and self.held[storage] <= 0):
+                and self.held[storage] <= 0 and self.grad_refs.get(storage, 0) <= 0):
             self.tape.free(storage)
 
     def hold(self, storage: str) -> None:
@@ -208,6 +211,13 @@ class Graph:
                 grad = tape.alloc(tape.fresh(f"d.{name}"), nbytes, ACT_GRADS, what=f"{op.name} backward")
                 self.grad_refs[grad] = 1
                 made.append((name, grad))
+            for name, source in op.grads_from.items():  # scaled in place: the saved buffer is the gradient
+                if not self.requires_grad.get(ns.get(name), False):
+                    continue
+                grad = ns[source]
+                self.grad_refs[grad] = 1
+                tape.recategorize(grad, ACT_GRADS)
+                made.append((name, grad))
             for name, source in op.shared_grads.items():
                 if source not in dict(made) or not self.requires_grad.get(ns.get(name), False):
                     continue
@@ -219,7 +229,8 @@ class Graph:
                     continue
                 self.grad_refs[incoming[0]] += 1
                 made.append((name, incoming[0]))
-            contributions = [(param, self._weight_grad(param, op)) for param in op.weights if param in self.trainable]
+            contributions = [(param, self._weight_grad(param, op, ns)) for param in op.weights
+                             if param in self.trainable]
             tape.spike(op.bwd_extra, TEMPORARIES, f"{op.name} backward")
             for o in op.outputs:
                 storage = ns.get(o)
@@ -237,12 +248,13 @@ class Graph:
             self._deliver(ns[name], grad, op.name)
         # AccumulateGrad nodes run right after (autograd gives them the highest priority).
         for param, grad in contributions:
+            if self.taken.pop(grad, False):
+                self.grad_refs[grad] = 0  # from here on the parameter's gradient, not the op's buffer
             self._accumulate(param, grad)
 
     def _release_grad(self, grad: str) -> None:
         self.grad_refs[grad] -= 1
-        if self.grad_refs[grad] <= 0 and self.tape.alive(grad):
-            self.tape.free(grad)
+        self._maybe_free(grad)
 
     def _deliver(self, target: str, grad: str, what: str) -> None:
         """Hands `grad` (one reference of it) to the tensor `target`."""
@@ -263,10 +275,17 @@ class Graph:
         self.grad_refs[grad] = 1
         self.grad_of[storage] = grad
 
-    def _weight_grad(self, param: str, op: Op) -> str:
+    def _weight_grad(self, param: str, op: Op, ns: dict[str, str]) -> str:
         """Allocates the gradient `op` makes for `param` (in the parameter's dtype)."""
         tape = self.tape
         nbytes = self.grad_bytes(param)
+        source = op.weight_grad_from.get(param)
+        if source is not None and tape.size(ns[source]) == nbytes and param not in op.weight_copies:
+            grad = ns[source]  # the op's own buffer, scaled in place, is the gradient
+            self.grad_refs[grad] = 1  # kept from being freed with the op's saved tensors
+            tape.recategorize(grad, GRADIENTS)
+            self.taken[grad] = True
+            return grad
         if param in op.weight_copies and op.weight_copies[param] != nbytes:
             # The gradient of the autocast copy, then cast back to the parameter's dtype.
             low = tape.alloc(tape.fresh(f"dcopy.{param}"), op.weight_copies[param], TEMPORARIES,

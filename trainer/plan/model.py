@@ -267,7 +267,6 @@ def loss_ops(s: Setting) -> list[Op]:
     if s.autocast and r != c:  # the loss casts its inputs as a linear layer would
         ops.append(Op("hidden cast", inputs=("hidden",), outputs={"hidden_c": n * h * c}, grads={"hidden": n * h * r}))
         hidden, hb = "hidden_c", c
-    w_bytes = c if s.autocast else s.param_bytes  # the weight the loss multiplies by (cast under autocast)
     copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
     if s.fused_ce:
         cs = ce_chunk_tokens(s, hb)
@@ -280,13 +279,13 @@ def loss_ops(s: Setting) -> list[Op]:
             # matmul's own output before the fp32 cast when hidden is not fp32)
             chunks = 3 * cs * v * F32 + (2 * cs * v * hb if hb != F32 else 0)
         fwd = n * F32 + chunks + sum(copies.values())  # per-token losses, chunks, the cast weight
-        # backward: the fp32 weight gradient times the upstream gradient, before its cast to the weight's dtype
-        bwd = v * h * F32 if w_bytes != F32 else 0
+        # Backward scales the forward's gradient buffers in place: the hidden one is the hidden's
+        # gradient, the fp32 weight one is the weight's when the weight is fp32 (else cast once).
         ops.append(Op("fused cross-entropy", inputs=(hidden,),
                       outputs={"loss": F32, "grad_hidden_stash": n * h * hb, "grad_weight_stash": v * h * F32},
-                      saves=("grad_hidden_stash", "grad_weight_stash"), grads={hidden: n * h * hb}, weights=(head,),
-                      weight_copies=copies, copies_saved=False, nondiff=("grad_hidden_stash", "grad_weight_stash"),
-                      fwd_extra=fwd, bwd_extra=bwd))
+                      saves=("grad_hidden_stash", "grad_weight_stash"), grads_from={hidden: "grad_hidden_stash"},
+                      weights=(head,), weight_grad_from={head: "grad_weight_stash"}, weight_copies=copies,
+                      copies_saved=False, nondiff=("grad_hidden_stash", "grad_weight_stash"), fwd_extra=fwd))
         return ops
     # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
     ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves_for_weights=(hidden,),

@@ -134,7 +134,7 @@ class OptimizerModel(GradSink):
                 return 0
             if n < BNB_MIN_8BIT:
                 return 4 * n * F32
-            return (5 if itemsize == F32 else 6) * n * F32 + n
+            return (5 if itemsize == F32 else 6) * n * F32  # sqrt is freed before the requantization
         if self.base == "adafactor":
             copies = 2 * n * F32 if itemsize != F32 else 0
             return 2 * n * F32 + copies
