@@ -29,7 +29,7 @@ def tiny_args(tmp_path, **overrides):
     (["--optim.nme=adamw"], "did you mean optim.name?"),
     (["--train.dtype=bf32"], "train.dtype='bf32' is not allowed; choose one of: auto, fp32, bf16, fp16"),
     (["--train.max_steps=many"], "train.max_steps='many' is not valid: expected an integer"),
-    (["--data.path=/no/such/corpus"], "data path '/no/such/corpus' matched no files"),
+    (["--data.path=/no/such/corpus"], "data.path entry '/no/such/corpus' matched no files"),
     (["missing.toml"], "config file 'missing.toml' does not exist"),
     (["--train.seq_len=100000"], "train.seq_len=100000 is longer than the model allows"),
     (["--model.preset=huge"], "model.preset='huge' is unknown; choose one of: tiny, small"),
