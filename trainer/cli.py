@@ -13,6 +13,7 @@ commands:
   eval CHECKPOINT_DIR [--section.key=value ...]   loss and perplexity on the validation split
   generate CHECKPOINT_DIR --prompt TEXT           continue a prompt (--max-new-tokens, --temperature, --top-p, --seed)
   bench [CONFIG.toml] [--section.key=value ...]   the run against its eager reference: loss, tokens/s, memory
+  plan [CONFIG.toml] [--section.key=value ...]    predicted peak memory of a step, and whether it fits (--json)
 
 `python -m trainer train --help` lists every config key with its default.
 """
@@ -95,6 +96,12 @@ def cmd_generate(argv: list[str]) -> int:
     return generate_command(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from trainer.plan import plan_command
+
+    return plan_command(argv)
+
+
 _interrupted: dict = {}  # the running Trainer, for what a second Ctrl-C says
 
 
@@ -118,7 +125,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=file or sys.stderr)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
