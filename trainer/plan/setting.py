@@ -41,9 +41,6 @@ class Setting:
         """Linear layers that carry LoRA adapters."""
         return {p.name.removesuffix(".lora_A.weight") for p in self.params if p.name.endswith(".lora_A.weight")}
 
-    def trains(self, param: str) -> bool:
-        return any(p.name == param and p.trainable for p in self.params)
-
     @property
     def compute_bytes(self) -> int:
         return DTYPE_BYTES[self.compute_dtype]
