@@ -9,8 +9,8 @@ LoRA and QLoRA of rank 16 on every attention and MLP matrix.
 
 Measured (CPU, fp32): one randomly initialised ~100M-parameter Llama-3-shaped model (preset
 `small` with hidden 768, 12 layers, 12 query / 4 key-value heads, MLP 2048, untied embeddings,
-vocabulary a 16384-token BPE trained on the corpus) is saved once with `save_hf`, its tokenizer
-beside it, and every option trains that folder (`model.from_hf`) on the same batches, each in a
+vocabulary a 16384-token BPE trained on the corpus) is saved once in bf16 with `save_hf`, its
+tokenizer beside it, and every option trains that folder (`model.from_hf`) on the same batches, each in a
 process of its own so its peak is its own. Reported: trainable parameters; bytes of all weights
 as stored (4-bit ones included), of the trainable weights, of their gradients (layer-wise: the
 largest single gradient) and of the optimizer state, from metrics.jsonl; the process's peak
@@ -151,6 +151,8 @@ def llama_8b_config(name: str, checkpointing: str = "full"):
 def make_base(settings: dict, folder: Path, data: dict, seed: int = 0) -> dict:
     """Saves the randomly initialised model and its tokenizer into `folder`, and tokenizes the corpus
     with that folder's tokenizer as the runs will, so that no run pays for it."""
+    import torch
+
     from trainer.data import prepare_data
     from trainer.models import build, save_hf
     from trainer.models.config import resolve_args
@@ -160,7 +162,10 @@ def make_base(settings: dict, folder: Path, data: dict, seed: int = 0) -> dict:
                             **common)
     shape = {k: v for k, v in settings["model"].items() if k != "preset"}
     args = resolve_args(settings["model"]["preset"], prepared.tokenizer.vocab_size, **shape)
-    model = build(args, seed=seed)
+    # Saved in bf16, as released checkpoints are; every run upcasts it to fp32 when loading. (Loaded from an
+    # fp32 folder on CPU, the weights would be views of one buffer holding the whole file, which the
+    # embeddings a QLoRA run leaves unquantized keep alive: its fp32 base would stay beside the 4-bit one.)
+    model = build(args, seed=seed).to(torch.bfloat16)
     save_hf(model, folder)
     prepared.tokenizer.save(str(folder))
     prepare_data(data["path"], tokenizer=str(folder), vocab_size=settings["vocab_size"], **common)
