@@ -209,3 +209,25 @@ def test_from_hf_without_config_json_is_refused_before_the_data_is_read(tmp_path
         Trainer(tiny_config(tmp_path, model__from_hf=str(tmp_path / "not_a_model"), model__preset="small",
                             model__allow_new_tokenizer=True)).train()
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+def test_micro_batch_size_auto_picks_what_the_planner_fits_and_saves_it(tmp_path, capsys):
+    from trainer.config import load_config
+    from trainer.plan import choose_micro_batch, predict_peak
+
+    budget = 400 * 2**20
+    cfg = tiny_config(tmp_path, train__micro_batch_size="auto", train__global_batch_size=12,
+                      train__memory_budget=budget, train__max_steps=2)
+    expected = choose_micro_batch(cfg, budget, 1)
+    Trainer(cfg).train()
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert (saved.train.micro_batch_size, saved.train.grad_accum_steps) == expected[:2]
+    assert saved.train.micro_batch_size * saved.train.grad_accum_steps >= 12
+    assert predict_peak(saved).required_bytes <= budget
+    assert "micro_batch_size=auto" in capsys.readouterr().out
+
+
+def test_micro_batch_size_takes_auto_or_a_positive_integer(tmp_path):
+    assert tiny_config(tmp_path, train__micro_batch_size="auto").train.micro_batch_size == "auto"
+    with pytest.raises(ConfigError, match="train.micro_batch_size='many' is not valid: expected an integer"):
+        tiny_config(tmp_path, train__micro_batch_size="many")

@@ -181,8 +181,9 @@ def effective_warmup(config: TrainConfig, messages: list[str]) -> None:
     o, t = config.optim, config.train
     if o.warmup_steps >= t.max_steps:
         shorter = t.max_steps // 10
-        messages.append(f"optim.warmup_steps={o.warmup_steps} is not below train.max_steps={t.max_steps}; warming up "
-                        f"over {shorter} steps (a tenth of the run) instead")
+        instead = f"warming up over {shorter} steps (a tenth of the run)" if shorter else "no warm-up"
+        messages.append(f"optim.warmup_steps={o.warmup_steps} is not below train.max_steps={t.max_steps}; "
+                        f"{instead} instead")
         o.warmup_steps = shorter
 
 
@@ -196,6 +197,11 @@ def build_run(config: TrainConfig) -> RunParts:
     effective_warmup(cfg, messages)
     env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
     compute_dtype = resolve_dtype(t.dtype, device)
+    if t.micro_batch_size == "auto":  # the largest micro-batch the planner predicts to fit; saved in config.toml
+        from trainer.plan import choose_micro_batch, resolve_budget
+
+        t.micro_batch_size, t.grad_accum_steps, note = choose_micro_batch(cfg, resolve_budget(cfg), env.world_size)
+        messages.append(note)
     if t.threads:
         torch.set_num_threads(t.threads)
     with main_process_first(env):  # rank 0 fills the token cache first; the others read it

@@ -28,6 +28,11 @@ def choice(default, *choices, help: str = ""):
     return field(default=default, metadata={"choices": choices, "help": help})
 
 
+def int_or_auto(default: int):
+    """An integer field that also takes the word `auto` (chosen when the run is built)."""
+    return field(default=default, metadata={"auto": True})
+
+
 @dataclass
 class ModelConfig:
     # tiny: ~1M parameters for tests; small: the embedded default run; llama-1b/7b/8b: real shapes.
@@ -72,7 +77,7 @@ class TrainingConfig:
     """[train]: the run's length, batch, precision, device, output folder and its cadences."""
 
     max_steps: int = 800
-    micro_batch_size: int = 8  # per rank
+    micro_batch_size: int | str = int_or_auto(8)  # per rank; auto: the largest that fits (trainer/plan)
     grad_accum_steps: int = 1
     seq_len: int = 256
     seed: int = 0
@@ -232,7 +237,8 @@ class TrainConfig:
                                       + ", ".join(map(str, allowed)))
         t = self.train
         _positive("train.max_steps", t.max_steps)
-        _positive("train.micro_batch_size", t.micro_batch_size)
+        if t.micro_batch_size != "auto":
+            _positive("train.micro_batch_size", t.micro_batch_size)
         _positive("train.grad_accum_steps", t.grad_accum_steps)
         _positive("train.seq_len", t.seq_len)
         _positive("train.log_every", t.log_every)
@@ -461,6 +467,9 @@ def set_value(cfg: TrainConfig, key: str, value) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     if name not in fields:
         raise _unknown_key(key, cfg)
+    if fields[name].metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+        setattr(section, name, "auto")
+        return
     setattr(section, name, _parse_value(key, value, fields[name].type, getattr(section, name)))
 
 
@@ -523,7 +532,7 @@ def describe_keys() -> str:
         for f in dataclasses.fields(getattr(cfg, section.name)):
             allowed = f.metadata.get("choices")
             default = getattr(getattr(cfg, section.name), f.name)
-            extra = f" (one of {', '.join(allowed)})" if allowed else ""
+            extra = f" (one of {', '.join(allowed)})" if allowed else " (or auto)" if f.metadata.get("auto") else ""
             out.append(f"  --{section.name}.{f.name}={default}{extra}")
     return "\n".join(out)
 
