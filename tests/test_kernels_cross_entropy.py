@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import trainer.ops as ops
 from trainer.errors import ConfigError
 from trainer.ops import cross_entropy as ce_module
-from trainer.ops.cross_entropy import linear_cross_entropy_reference
 from trainer.ops.testing import kernel_test_device, poisoned_allocations, rel_err
 
 try:
@@ -264,22 +263,6 @@ def test_reference_low_precision(dtype):
     assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
     for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= LOSS_TOL[dtype]
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_reference_autograd_function_agrees_with_op(reduction):
-    # linear_cross_entropy_reference (the plain autograd.Function) and the custom op's reference path.
-    hidden, weight, bias, labels = make((3, 4), 10, 60, torch.float64, seed=10, with_bias=True)
-    for t in (hidden, weight, bias):
-        t.requires_grad_()
-    a = linear_cross_entropy_reference(hidden, weight, labels, IGNORE, reduction, bias=bias, label_smoothing=0.1)
-    b = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, bias=bias, label_smoothing=0.1,
-                                 force="reference")
-    ga = torch.autograd.grad(a.sum(), (hidden, weight, bias))
-    gb = torch.autograd.grad(b.sum(), (hidden, weight, bias))
-    assert rel_err(a, b) <= 1e-14
-    for x, y in zip(ga, gb, strict=True):
-        assert rel_err(x, y) <= 1e-14
 
 
 def test_gradient_accumulation_with_normalizer_is_exact():

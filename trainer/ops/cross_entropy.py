@@ -182,63 +182,6 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss
     return losses, grad_h, grad_w, grad_b
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """The reference path as a plain autograd.Function (kept for callers that use it directly)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, normalizer,
-                label_smoothing, z_loss, softcap):
-        eager = any(ctx.needs_input_grad[:3]) and reduction != "none"
-        losses, grad_h, grad_w, grad_b = _chunked(
-            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=False,
-            want_loss=True, need_h=eager, need_w=eager, need_b=eager)
-
-        if reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
-            return losses
-        if reduction == "sum":
-            scale = 1.0
-        else:  # an all-ignored batch gives zero loss and zero gradients, not 0/0
-            count = (labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer
-            scale = 1.0 / torch.as_tensor(count, dtype=losses.dtype, device=losses.device)
-        loss = losses.sum() * scale
-        if eager:
-            ctx.grads = (grad_h, grad_w, grad_b, scale)
-            ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if hasattr(ctx, "grads"):
-            grad_h, grad_w, grad_b, scale = ctx.grads
-            del ctx.grads
-            g = grad_out * scale
-            w_dtype, b_dtype = ctx.dtypes
-            # In place, then cast once: these buffers are this backward's own (see _backward below).
-            grad_h = grad_h.mul_(g.to(grad_h.dtype))
-            grad_w = grad_w.mul_(g).to(w_dtype)
-            grad_b = None if grad_b is None else grad_b.mul_(g).to(b_dtype)
-        else:
-            hidden, weight, bias, labels = ctx.saved_tensors
-            _, grad_h, grad_w, grad_b = _chunked(hidden, weight, bias, labels, *ctx.args, triton=False,
-                                                 want_loss=False, need_h=True, need_w=True, need_b=True,
-                                                 row_scale=grad_out)
-            grad_w = grad_w.to(weight.dtype)
-            grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
-
-
-def linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-100, reduction="mean", *, bias=None,
-                                   normalizer=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
-    """Chunked pure-PyTorch path: same results as materialised logits, a fraction of the memory."""
-    lead_shape = labels.shape
-    loss = ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), ignore_index, reduction,
-        normalizer, label_smoothing, z_loss, softcap)
-    return loss.view(lead_shape) if reduction == "none" else loss
-
-
 # ---- custom ops: what the public function (and torch.compile) sees ----
 
 def _empty(like: Tensor) -> Tensor:
@@ -254,14 +197,15 @@ def _lce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     """reduction "sum": (summed loss, grad_hidden, grad_weight fp32, grad_bias fp32) for an upstream
     gradient of 1, the gradients computed along the way (empty where not asked for).
     reduction "none": (per-token losses, three empty tensors); the backward recomputes."""
-    eager = reduction == "sum"
+    grads_in_forward = reduction == "sum"  # with a scalar loss the gradients come out of the forward pass
     # The op fixes its own precision (chunk matmuls in the inputs' dtype, softmax in fp32); an
     # enclosing autocast region has already chosen that dtype in linear_cross_entropy.
     with torch.autocast(hidden.device.type, enabled=False):
         losses, grad_h, grad_w, grad_b = _chunked(
             hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=triton,
-            want_loss=True, need_h=eager and grad_hidden, need_w=eager and grad_weight, need_b=eager and grad_bias)
-    loss = losses.sum() if eager else losses
+            want_loss=True, need_h=grads_in_forward and grad_hidden, need_w=grads_in_forward and grad_weight,
+            need_b=grads_in_forward and grad_bias)
+    loss = losses.sum() if grads_in_forward else losses
     return (loss, _empty(hidden) if grad_h is None else grad_h, _empty(hidden) if grad_w is None else grad_w,
             _empty(hidden) if grad_b is None else grad_b)
 
@@ -269,12 +213,12 @@ def _lce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
 @_lce_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
       grad_hidden, grad_weight, grad_bias, triton):
-    eager = reduction == "sum"
+    grads_in_forward = reduction == "sum"
     acc = torch.promote_types(weight.dtype, torch.float32)
-    loss = hidden.new_empty(() if eager else (hidden.shape[0],), dtype=_loss_dtype(hidden.dtype, triton))
-    grad_h = hidden.new_empty(hidden.shape) if eager and grad_hidden else _empty(hidden)
-    grad_w = hidden.new_empty(weight.shape, dtype=acc) if eager and grad_weight else _empty(hidden)
-    has_b = eager and grad_bias and bias is not None
+    loss = hidden.new_empty(() if grads_in_forward else (hidden.shape[0],), dtype=_loss_dtype(hidden.dtype, triton))
+    grad_h = hidden.new_empty(hidden.shape) if grads_in_forward and grad_hidden else _empty(hidden)
+    grad_w = hidden.new_empty(weight.shape, dtype=acc) if grads_in_forward and grad_weight else _empty(hidden)
+    has_b = grads_in_forward and grad_bias and bias is not None
     grad_b = hidden.new_empty((weight.shape[0],), dtype=acc) if has_b else _empty(hidden)
     return loss, grad_h, grad_w, grad_b
 
