@@ -425,8 +425,8 @@ def main(argv=None) -> int:
                     if not args.no_live_peak:
                         live = {**spec, "live": True, "steps": min(steps, LIVE_STEPS),
                                 "out": str(work / "live" / name)}
-                        figures, wall, _ = run_child(live)
-                        row.update(figures, live_wall_seconds=wall)
+                        figures, live_wall, _ = run_child(live)
+                        row.update(figures, live_wall_seconds=live_wall)
                 except RuntimeError as e:
                     print(f"error: {e}", file=sys.stderr)
                     return 1
@@ -435,15 +435,19 @@ def main(argv=None) -> int:
                 print(f"{name}: {steps} steps in {wall:.0f} s{busy}", file=sys.stderr, flush=True)
                 if others is not None and others > 0.1:
                     print(f"warning: {name}'s tokens/s is not a quiet machine's figure", file=sys.stderr)
-            shape = {k: model[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
-                                           "n_kv_heads", "tie_embeddings")}
+            keys = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
+                    "tie_embeddings")
+            shape = {k: model[k] for k in keys}
             report["cpu"] = {"model": {**shape, "parameters": model["parameters"]}, "steps": steps,
                              "settings": {**RUN, **settings["run"], **COMMON, "data.path": args.data},
                              "results": rows}
         tokens = settings["run"]["train.micro_batch_size"] * settings["run"]["train.seq_len"]
+        described = (f"hidden {shape['hidden_size']}, {shape['n_layers']} layers, {shape['n_heads']}/"
+                     f"{shape['n_kv_heads']} heads, MLP {shape['intermediate_size']}, vocabulary {shape['vocab_size']}"
+                     f"{', tied' if shape['tie_embeddings'] else ''}")
         print(f"Measured on {report['env']['cpu']} ({report['env']['threads']} threads): "
-              f"{model['parameters'] / 1e6:.1f}M parameters ({shape}), fp32, {tokens} tokens a step, {steps} steps:\n"
-              + cpu_table(rows, steps))
+              f"{model['parameters'] / 1e6:.1f}M parameters ({described}), fp32, {tokens} tokens a step, "
+              f"{steps} steps:\n" + cpu_table(rows, steps))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
