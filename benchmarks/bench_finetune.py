@@ -392,7 +392,16 @@ def main(argv=None) -> int:
     if args.child:
         child_main(args)
         return 0
+    from trainer.errors import TrainerError
 
+    try:
+        return run(args)
+    except TrainerError as e:  # a bad --data, --cache-dir, ...: one line, as the trainer's own commands print
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     import torch
 
     report = {"env": {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -42,6 +42,13 @@ def test_bad_arguments_exit_with_one_line(tmp_path, args, says):
     assert proc.stdout == ""
 
 
+def test_data_that_does_not_exist_is_one_line(tmp_path):
+    proc = bench("--quick", "--data", str(tmp_path / "missing"), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.path entry") and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_llama_8b_predictions(tmp_path):
     out = tmp_path / "pred.json"
     proc = bench("--predict-only", "--json", str(out), cwd=tmp_path)
