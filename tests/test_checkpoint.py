@@ -5,12 +5,12 @@ import textwrap
 
 import pytest
 
+from tests.helpers import StopAt, tiny_config
 from trainer import Trainer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, rotate_checkpoints
 from trainer.errors import CheckpointError, TrainerError
 from trainer.metrics import read_metrics
 from trainer.models import build
-from tests.helpers import StopAt, tiny_config
 
 
 def losses(run_dir):

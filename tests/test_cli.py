@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from tests.helpers import tiny_config
 from trainer.config import to_toml
 from trainer.metrics import read_metrics
-from tests.helpers import tiny_config
 
 
 def run_cli(*args, cwd=None, timeout=120):
@@ -58,6 +58,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert f"eval_loss {logged['eval_loss']:.4f}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     args = tiny_args(tmp_path, train__max_steps=100000, train__seq_len=64)
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path,

@@ -103,8 +103,13 @@ def prepared(command: str, world: dict, index: int) -> list[str]:
     return argv
 
 
+def launches_processes(command: str) -> list:
+    return [pytest.mark.distributed] if command.startswith(("torchrun", "accelerate")) else []
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
+@pytest.mark.parametrize("doc, command", [pytest.param(d, c, marks=launches_processes(c)) for d, c in COMMANDS],
+                         ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_documented_command_runs(world, doc, command):
     needs = [why for flag, why in MACHINES_NEEDED.items() if flag in command]
     if needs:

@@ -23,9 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import tiny_config, write_corpus
 from trainer import Trainer, load_config
+from trainer.errors import ConfigError
 from trainer.metrics import read_metrics
 from trainer.models import build
-from trainer.errors import ConfigError
 from trainer.parallel import apply_activation_checkpointing, init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +87,7 @@ def runs(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.distributed
 def test_fsdp_two_ranks_match_one_process_and_checkpoint_resumes_in_one_process(runs):
     train_two_ranks(_overrides(runs, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
                                checkpoint__save_every=2))
@@ -112,12 +113,14 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoint_resumes_in_one_process(
     assert_same_steps(runs / "fsdp-resumed", runs / "one", range(3, STEPS + 1))
 
 
+@pytest.mark.distributed
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
     train_two_ranks(_overrides(runs, "one-resumed-fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
                                checkpoint__resume_from=str(runs / "one" / "checkpoint-2")))
     assert_same_steps(runs / "one-resumed-fsdp", runs / "one", range(3, STEPS + 1))
 
 
+@pytest.mark.distributed
 def test_ddp_two_ranks_with_accumulation_match_one_process(runs):
     # 2 ranks x 2 micro-batches of 1 (no_sync on the first) against 1 x 4.
     train_two_ranks(_overrides(runs, "ddp", train__micro_batch_size=1, train__grad_accum_steps=2,
@@ -142,6 +145,7 @@ Trainer(tiny_config(Path(sys.argv[1]), parallel__strategy="fsdp", train__max_ste
 """
 
 
+@pytest.mark.distributed
 def test_failure_on_one_rank_stops_every_rank_with_the_error_shown(tmp_path):
     write_corpus(tmp_path / "corpus")  # before the ranks start, so no rank reads a file another is writing
     script = tmp_path / "fail_on_rank_one.py"
@@ -243,6 +247,7 @@ def test_several_processes_without_a_strategy_are_refused(monkeypatch):
         init_distributed("none", torch.device("cpu"))
 
 
+@pytest.mark.distributed
 def test_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
     """Preemption often reaches one process first: every rank must still save the same step."""
     write_corpus(tmp_path / "corpus")

@@ -19,34 +19,15 @@ commands:
 """
 
 
-def _split_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """[CONFIG_FILE] then --section.key=value or --section.key value overrides."""
-    positional, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                arg = f"{arg}={argv[i + 1]}"
-                i += 1
-            overrides.append(arg)
-        elif positional is None:
-            positional = arg
-        else:
-            from trainer.errors import ConfigError
-            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key=value")
-        i += 1
-    return positional, overrides
-
-
 def cmd_train(argv: list[str]) -> int:
-    from trainer.config import describe_keys, load_config
+    from trainer.config import describe_keys, load_config, split_command_line
     from trainer.loop import Trainer
 
     if "-h" in argv or "--help" in argv:
         print("usage: python -m trainer train [CONFIG.toml] [--section.key=value ...]\n\nkeys (defaults):")
         print(describe_keys())
         return 0
-    path, overrides = _split_args(argv)
+    path, overrides = split_command_line(argv)
     trainer = Trainer(load_config(path, overrides))
     _interrupted["trainer"] = trainer
     trainer.train()
@@ -56,6 +37,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from trainer.config import split_command_line
     from trainer.errors import ConfigError
     from trainer.eval_command import evaluate_checkpoint
 
@@ -64,7 +46,7 @@ def cmd_eval(argv: list[str]) -> int:
               "Evaluates a checkpoint-<step> or final folder on its run's validation split; overrides such as "
               "--data.path=... or --train.eval_batches=0 (the whole split) apply to the run's saved config.")
         return 0 if argv else 2
-    path, overrides = _split_args(argv)
+    path, overrides = split_command_line(argv)
     if path is None:
         raise ConfigError("eval needs a checkpoint folder: python -m trainer eval runs/<run>/final")
     metrics = evaluate_checkpoint(path, overrides)
@@ -75,7 +57,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     from trainer.bench import format_report, run_bench
-    from trainer.config import describe_keys, load_config
+    from trainer.config import describe_keys, load_config, split_command_line
 
     if "-h" in argv or "--help" in argv:
         print("usage: python -m trainer bench [CONFIG.toml] [--section.key=value ...]\n"
@@ -84,7 +66,7 @@ def cmd_bench(argv: list[str]) -> int:
               "beyond the tolerance. The bench.* keys are its own.\n\nkeys (defaults):")
         print(describe_keys())
         return 0
-    path, overrides = _split_args(argv)
+    path, overrides = split_command_line(argv)
     report = run_bench(load_config(path, overrides))
     print(format_report(report))
     return 1 if report["passed"] is False else 0

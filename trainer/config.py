@@ -473,6 +473,24 @@ def set_value(cfg: TrainConfig, key: str, value) -> None:
     setattr(section, name, _parse_value(key, value, fields[name].type, getattr(section, name)))
 
 
+def split_command_line(argv: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG_FILE] then --section.key=value (or --section.key value) overrides."""
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                arg = f"{arg}={argv[i + 1]}"
+                i += 1
+            overrides.append(arg)
+        elif path is None:
+            path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key=value")
+        i += 1
+    return path, overrides
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Defaults, then the TOML file, then overrides ("section.key=value" strings or a dict)."""
     cfg = TrainConfig()

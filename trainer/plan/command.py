@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from trainer.config import split_command_line
 from trainer.errors import ConfigError
 from trainer.plan.choose import choose_micro_batch, is_auto, suggest_changes
 from trainer.plan.devices import DEVICE_NAMES, budget_bytes, resolve_device
@@ -28,9 +29,8 @@ How the planner counts: docs/memory.md."""
 
 
 def _parse(argv: list[str]) -> tuple[str | None, list[str], bool, int | None]:
-    """[CONFIG] then --section.key=value (or --section.key value) overrides, --json, --world-size N."""
-    path, overrides, as_json, world = None, [], False, None
-    i = 0
+    """The plan's own --json and --world-size N, then [CONFIG] and --section.key=value overrides."""
+    rest, as_json, world, i = [], False, None, 0
     while i < len(argv):
         arg = argv[i]
         if arg == "--json":
@@ -41,16 +41,10 @@ def _parse(argv: list[str]) -> tuple[str | None, list[str], bool, int | None]:
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"--world-size takes a positive integer, got {value!r}")
             world = int(value)
-        elif arg.startswith("--"):
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                arg = f"{arg}={argv[i + 1]}"
-                i += 1
-            overrides.append(arg)
-        elif path is None:
-            path = arg
         else:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key=value")
+            rest.append(arg)
         i += 1
+    path, overrides = split_command_line(rest)
     return path, overrides, as_json, world
 
 
@@ -62,11 +56,8 @@ def plan_command(argv: list[str]) -> int:
         print(USAGE)
         return 0
     path, overrides, as_json, world = _parse(argv)
-    auto = any(o.removeprefix("--").replace(" ", "") == "train.micro_batch_size=auto" for o in overrides)
-    overrides = [o for o in overrides if o.removeprefix("--").partition("=")[0] != "train.micro_batch_size"
-                 or not auto]
     config = load_config(path, overrides)
-    auto = auto or is_auto(config.train.micro_batch_size)
+    auto = is_auto(config.train.micro_batch_size)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(config)
     budget = budget_bytes(config, device)
