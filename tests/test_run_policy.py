@@ -231,3 +231,12 @@ def test_micro_batch_size_takes_auto_or_a_positive_integer(tmp_path):
     assert tiny_config(tmp_path, train__micro_batch_size="auto").train.micro_batch_size == "auto"
     with pytest.raises(ConfigError, match="train.micro_batch_size='many' is not valid: expected an integer"):
         tiny_config(tmp_path, train__micro_batch_size="many")
+
+
+def test_a_tokenizer_that_maps_text_to_the_models_own_ids_is_the_models_own(tmp_path, pretrained):
+    from trainer.data import ByteTokenizer
+
+    ByteTokenizer().save(str(pretrained))  # the pretrained folder's own tokenizer is the byte tokenizer
+    state = Trainer(tiny_config(tmp_path, model__from_hf=str(pretrained), model__preset="small",
+                                data__tokenizer="byte", train__max_steps=1)).train()
+    assert state.step == 1

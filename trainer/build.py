@@ -138,13 +138,24 @@ def check_pretrained_fit(config: TrainConfig) -> None:
         raise ConfigError(f"{', '.join(given)} do not apply with model.from_hf (the checkpoint's config.json fixes "
                           "the shape); remove them")
     own = (Path(m.from_hf) / "tokenizer.json").is_file()
-    spec = tokenizer_spec(config)
-    if not (Path(spec).is_dir() and Path(spec).resolve() == Path(m.from_hf).resolve()) and not m.allow_new_tokenizer:
+    if not own_tokenizer(config) and not m.allow_new_tokenizer:
         what = (f"data.tokenizer={config.data.tokenizer}" if own or config.data.tokenizer != "bpe"
                 else f"{m.from_hf} has no tokenizer.json, so a new BPE tokenizer would be trained and")
         raise ConfigError(f"{what} pairs the pretrained embeddings of {m.from_hf} with another tokenizer's ids; "
                           "point data.tokenizer at the model's own tokenizer folder, or pass "
                           "--model.allow_new_tokenizer=true if that is what you want")
+
+
+def own_tokenizer(config: TrainConfig) -> bool:
+    """Whether the run's tokenizer is model.from_hf's own: that folder, or one mapping text to the same ids."""
+    from trainer.data import build_tokenizer
+
+    folder, spec = Path(config.model.from_hf), tokenizer_spec(config)
+    if spec == "bpe" or not (folder / "tokenizer.json").is_file():
+        return False  # a new BPE tokenizer would be trained on the corpus
+    if Path(spec).is_dir() and Path(spec).resolve() == folder.resolve():
+        return True
+    return build_tokenizer(spec).fingerprint == build_tokenizer(str(folder)).fingerprint
 
 
 def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:

@@ -281,11 +281,13 @@ def loss_ops(s: Setting) -> list[Op]:
         fwd = n * F32 + chunks + sum(copies.values())  # per-token losses, chunks, the cast weight
         # Backward scales the forward's gradient buffers in place: the hidden one is the hidden's
         # gradient, the fp32 weight one is the weight's when the weight is fp32 (else cast once).
-        ops.append(Op("fused cross-entropy", inputs=(hidden,),
-                      outputs={"loss": F32, "grad_hidden_stash": n * h * hb, "grad_weight_stash": v * h * F32},
-                      saves=("grad_hidden_stash", "grad_weight_stash"), grads_from={hidden: "grad_hidden_stash"},
-                      weights=(head,), weight_grad_from={head: "grad_weight_stash"}, weight_copies=copies,
-                      copies_saved=False, nondiff=("grad_hidden_stash", "grad_weight_stash"), fwd_extra=fwd))
+        # A frozen head (LoRA) gets no weight-gradient buffer: the op only computes what trains.
+        head_trains = any(p.name == head and p.trainable for p in s.params)
+        stash = {"grad_hidden_stash": n * h * hb} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
+        ops.append(Op("fused cross-entropy", inputs=(hidden,), outputs={"loss": F32, **stash},
+                      saves=tuple(stash), grads_from={hidden: "grad_hidden_stash"}, weights=(head,),
+                      weight_grad_from={head: "grad_weight_stash"} if head_trains else {}, weight_copies=copies,
+                      copies_saved=False, nondiff=tuple(stash), fwd_extra=fwd))
         return ops
     # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
     ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves_for_weights=(hidden,),
