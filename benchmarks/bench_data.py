@@ -83,8 +83,11 @@ def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> int:
             text = " ".join(words[rng.choice(len(words), size=n_words, p=p)])
             docs.append(text)
             shard_bytes += len(text.encode())
-        pq.write_table(pa.table({"text": docs, "id": np.arange(len(docs)) + shard * 10**7}),
-                       folder / f"shard-{shard:05d}.parquet", row_group_size=1000)
+        pq.write_table(
+            pa.table({"text": docs, "id": np.arange(len(docs)) + shard * 10**7}),
+            folder / f"shard-{shard:05d}.parquet",
+            row_group_size=1000,
+        )
         total += shard_bytes
         shard += 1
     done.write_text(json.dumps({"megabytes": megabytes, "seed": seed, "text_bytes": total}))
@@ -132,12 +135,10 @@ def _import_data_pipeline() -> dict:
 def run_ours(corpus: str, tokenizer: str, workers: int, cache: str) -> dict:
     data = _import_data_pipeline()
     t0 = time.perf_counter()
-    prepared = data["prepare_data"](corpus, tokenizer=tokenizer, val_fraction=0.0, cache_dir=cache,
-                                    num_workers=workers)
+    prepared = data["prepare_data"](corpus, tokenizer=tokenizer, val_fraction=0.0, cache_dir=cache, num_workers=workers)
     seconds = time.perf_counter() - t0
     # Tokens without the EOS after each document, to compare with datasets' count.
-    return {"seconds": seconds, "tokens": len(prepared.train) - prepared.n_documents,
-            "documents": prepared.n_documents}
+    return {"seconds": seconds, "tokens": len(prepared.train) - prepared.n_documents, "documents": prepared.n_documents}
 
 
 def run_datasets(corpus: str, tokenizer: str, workers: int, cache: str) -> dict:
@@ -197,8 +198,20 @@ def measure(side: str, workers: int, corpus: Path, tokenizer: Path, work: Path) 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if workers == 1:
         env["RAYON_NUM_THREADS"] = "1"  # the single-core figure: no tokenizer threads either
-    cmd = [sys.executable, __file__, "--child", side, "--workers", str(workers), "--corpus", str(corpus),
-           "--tokenizer", str(tokenizer), "--cache", str(cache)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--workers",
+        str(workers),
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+        "--cache",
+        str(cache),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     peak = [0, 0]
     stop = threading.Event()
@@ -226,8 +239,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mb", type=float, default=300, help="corpus size in MB of text (default 300)")
     parser.add_argument("--workers", type=int, default=0, help="N (default: the CPUs this process may use)")
     parser.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary size")
-    parser.add_argument("--work", default="", help="folder for the corpus, tokenizer and caches (default: a temp "
-                                                   "folder, removed after); reused when given")
+    parser.add_argument(
+        "--work",
+        default="",
+        help="folder for the corpus, tokenizer and caches (default: a temp folder, removed after); reused when given",
+    )
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--skip-datasets", action="store_true", help="only our pipeline")
     parser.add_argument("--child", choices=["ours", "datasets"], help=argparse.SUPPRESS)
@@ -247,9 +263,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         text_bytes = write_corpus(work / "corpus", args.mb)
         tokenizer = train_tokenizer(work / "corpus", work / f"tokenizer-{args.vocab}", args.vocab)
-        print(f"corpus: {text_bytes / 1e6:.0f} MB of text in {len(list((work / 'corpus').glob('*.parquet')))} "
-              f"parquet shards; BPE vocab {args.vocab}; {n} worker(s); setup {time.perf_counter() - t0:.0f}s",
-              flush=True)
+        print(
+            f"corpus: {text_bytes / 1e6:.0f} MB of text in {len(list((work / 'corpus').glob('*.parquet')))} "
+            f"parquet shards; BPE vocab {args.vocab}; {n} worker(s); setup {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
         plan = [("ours", 1), ("ours", n)] + ([] if args.skip_datasets else [("datasets", n)])
         results = []
         for side, workers in plan:
@@ -257,9 +275,12 @@ def main(argv=None) -> int:
             r["mb_per_s"] = text_bytes / 1e6 / r["seconds"]
             results.append(r)
             extra = f", map alone {r['map_seconds']:.1f}s" if "map_seconds" in r else ""
-            print(f"{side + '-' + str(workers):>12}: {r['seconds']:7.1f}s  {r['mb_per_s']:6.2f} MB/s  peak PSS "
-                  f"{r['peak_pss_bytes'] / 2**20:6.0f} MiB  largest RSS {r['peak_rss_bytes'] / 2**20:6.0f} MiB  "
-                  f"{r['tokens']:,} tokens{extra}", flush=True)
+            print(
+                f"{side + '-' + str(workers):>12}: {r['seconds']:7.1f}s  {r['mb_per_s']:6.2f} MB/s  peak PSS "
+                f"{r['peak_pss_bytes'] / 2**20:6.0f} MiB  largest RSS {r['peak_rss_bytes'] / 2**20:6.0f} MiB  "
+                f"{r['tokens']:,} tokens{extra}",
+                flush=True,
+            )
         ours1, oursn = results[0], results[1]
         checks = {
             f"ours-{n} / ours-1 >= 1.7 (2 cores)": oursn["mb_per_s"] / ours1["mb_per_s"],
@@ -273,9 +294,19 @@ def main(argv=None) -> int:
         for name, value in checks.items():
             print(f"{name}: {value:.2f}")
         if args.json:
-            Path(args.json).write_text(json.dumps({"text_bytes": text_bytes, "workers": n, "vocab": args.vocab,
-                                                   "cpu_count": os.cpu_count(), "results": results,
-                                                   "checks": checks}, indent=1))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "text_bytes": text_bytes,
+                        "workers": n,
+                        "vocab": args.vocab,
+                        "cpu_count": os.cpu_count(),
+                        "results": results,
+                        "checks": checks,
+                    },
+                    indent=1,
+                )
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -49,8 +49,7 @@ CASES = [
     ("fp32-kernels-peer-hf", ["--train.dtype=fp32", "--bench.peer=hf"], needs("transformers", gpu=False)),
     ("bf16-kernels", ["--train.dtype=bf16"], needs()),
     ("bf16-compile", ["--train.dtype=bf16", "--parallel.compile=true"], needs()),
-    ("bf16-selective-checkpointing", ["--train.dtype=bf16", "--parallel.activation_checkpointing=selective"],
-     needs()),
+    ("bf16-selective-checkpointing", ["--train.dtype=bf16", "--parallel.activation_checkpointing=selective"], needs()),
     ("bf16-adamw8bit", ["--train.dtype=bf16", "--optim.name=adamw8bit"], needs("bitsandbytes")),
     ("bf16-galore", ["--train.dtype=bf16", "--optim.name=galore_adamw"], needs()),
     ("bf16-peer-hf-liger", ["--train.dtype=bf16", "--bench.peer=hf-liger"], needs("transformers", "liger_kernel")),
@@ -58,9 +57,21 @@ CASES = [
 
 
 def run_bench_command(output_dir: Path, overrides: list[str]) -> tuple[int, dict]:
-    args = [sys.executable, "-m", "trainer", "bench", f"--model.preset={PRESET}", "--data.tokenizer=byte",
-            f"--train.max_steps={STEPS}", f"--train.seq_len={SEQ_LEN}", f"--train.micro_batch_size={BATCH}",
-            f"--train.output_dir={output_dir}", "--train.progress=none", "--bench.warmup_steps=3", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "bench",
+        f"--model.preset={PRESET}",
+        "--data.tokenizer=byte",
+        f"--train.max_steps={STEPS}",
+        f"--train.seq_len={SEQ_LEN}",
+        f"--train.micro_batch_size={BATCH}",
+        f"--train.output_dir={output_dir}",
+        "--train.progress=none",
+        "--bench.warmup_steps=3",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(args, cwd=ROOT, env=env)
     report_file = output_dir / "bench.json"
@@ -69,12 +80,36 @@ def run_bench_command(output_dir: Path, overrides: list[str]) -> tuple[int, dict
 
 def figures(report: dict) -> dict:
     """The numbers a reader compares, from bench.json, without the per-step lists."""
-    keep = ("tokens_per_s", "peak_mem_bytes", "mfu", "dtype", "optimized_speedup", "optimized_memory_ratio",
-            "max_rel_loss_diff")
-    out = {side: {k: v for k, v in report[side].items() if k in keep}
-           for side in ("reference", "optimized", "peer") if side in report}
-    out.update({k: report.get(k) for k in ("speedup", "memory_ratio", "max_rel_loss_diff", "tolerance", "passed",
-                                           "env", "model", "steps", "tokens_per_step")})
+    keep = (
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "mfu",
+        "dtype",
+        "optimized_speedup",
+        "optimized_memory_ratio",
+        "max_rel_loss_diff",
+    )
+    out = {
+        side: {k: v for k, v in report[side].items() if k in keep}
+        for side in ("reference", "optimized", "peer")
+        if side in report
+    }
+    out.update(
+        {
+            k: report.get(k)
+            for k in (
+                "speedup",
+                "memory_ratio",
+                "max_rel_loss_diff",
+                "tolerance",
+                "passed",
+                "env",
+                "model",
+                "steps",
+                "tokens_per_step",
+            )
+        }
+    )
     return out
 
 

@@ -59,27 +59,51 @@ COMMON = {"train.max_grad_norm": 0, "train.grad_accum_steps": 1, "lora.alpha": 1
 # The measured model: the `small` preset widened to ~100M parameters, Llama-3's shape otherwise
 # (grouped-query attention with 3 query heads per key-value head, untied embeddings).
 FULL = {
-    "model": {"preset": "small", "hidden_size": 768, "intermediate_size": 2048, "n_layers": 12, "n_heads": 12,
-              "n_kv_heads": 4, "tie_embeddings": False},
-    "tokenizer": "bpe", "vocab_size": 16384,
+    "model": {
+        "preset": "small",
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "n_layers": 12,
+        "n_heads": 12,
+        "n_kv_heads": 4,
+        "tie_embeddings": False,
+    },
+    "tokenizer": "bpe",
+    "vocab_size": 16384,
     "run": {"train.micro_batch_size": 2, "train.seq_len": 256, "optim.galore_rank": 128, "optim.apollo_rank": 128},
     "steps": 10,
 }
 QUICK = {
     "model": {"preset": "tiny"},  # hidden 128, 2 layers, vocabulary 320 (the byte tokenizer, padded)
-    "tokenizer": "byte", "vocab_size": 257,
+    "tokenizer": "byte",
+    "vocab_size": 257,
     "run": {"train.micro_batch_size": 2, "train.seq_len": 32, "optim.galore_rank": 16, "optim.apollo_rank": 16},
     "steps": 3,
 }
-RUN = {"train.device": "cpu", "train.dtype": "fp32", "train.param_dtype": "fp32", "train.log_every": 1,
-       "train.progress": "none", "train.eval_batches": 1, "train.overwrite": True, "optim.warmup_steps": 1,
-       "lora.save_merged": False}
+RUN = {
+    "train.device": "cpu",
+    "train.dtype": "fp32",
+    "train.param_dtype": "fp32",
+    "train.log_every": 1,
+    "train.progress": "none",
+    "train.eval_batches": 1,
+    "train.overwrite": True,
+    "optim.warmup_steps": 1,
+    "lora.save_merged": False,
+}
 LIVE_STEPS = 2  # steps recorded for the live-tensor peak (the second has every optimizer state from the start)
 
 # Llama-3-8B as one would fine-tune it on one 24 GB card.
-LLAMA_8B = {"model.preset": "llama-8b", "train.seq_len": 2048, "train.micro_batch_size": 1,
-            "train.dtype": "bf16", "train.param_dtype": "bf16", "parallel.activation_checkpointing": "full",
-            "optim.galore_rank": 128, "optim.apollo_rank": 128}
+LLAMA_8B = {
+    "model.preset": "llama-8b",
+    "train.seq_len": 2048,
+    "train.micro_batch_size": 1,
+    "train.dtype": "bf16",
+    "train.param_dtype": "bf16",
+    "parallel.activation_checkpointing": "full",
+    "optim.galore_rank": 128,
+    "optim.apollo_rank": 128,
+}
 CARDS = ("rtx4090-24gb", "l4-24gb")
 
 GIB, MIB = 2**30, 2**20
@@ -103,8 +127,11 @@ def stored_weight_bytes(model) -> int:
         total += p.numel() * p.element_size()
         state = getattr(p, "quant_state", None)
         if state is not None:  # bitsandbytes nf4: absmax per block, double-quantized (its own absmax and offset)
-            for t in (state.absmax, getattr(state, "offset", None),
-                      getattr(getattr(state, "state2", None), "absmax", None)):
+            for t in (
+                state.absmax,
+                getattr(state, "offset", None),
+                getattr(getattr(state, "state2", None), "absmax", None),
+            ):
                 if t is not None:
                     total += t.numel() * t.element_size()
     return total
@@ -132,17 +159,27 @@ def trainable_parameters_of_shape(config) -> int:
 def run_config(name: str, settings: dict, base: Path, out: Path, data: dict, steps: int, threads: int):
     from trainer import load_config
 
-    values = {**RUN, **settings["run"], **COMMON, **OPTIONS[name][1], "model.from_hf": str(base),
-              "data.path": data["path"], "data.cache_dir": data["cache_dir"], "train.output_dir": str(out),
-              "train.max_steps": steps, "train.threads": threads}
+    values = {
+        **RUN,
+        **settings["run"],
+        **COMMON,
+        **OPTIONS[name][1],
+        "model.from_hf": str(base),
+        "data.path": data["path"],
+        "data.cache_dir": data["cache_dir"],
+        "train.output_dir": str(out),
+        "train.max_steps": steps,
+        "train.threads": threads,
+    }
     return load_config(None, values)
 
 
 def llama_8b_config(name: str, checkpointing: str = "full"):
     from trainer import load_config
 
-    return load_config(None, {**LLAMA_8B, **COMMON, **OPTIONS[name][1],
-                              "parallel.activation_checkpointing": checkpointing})
+    return load_config(
+        None, {**LLAMA_8B, **COMMON, **OPTIONS[name][1], "parallel.activation_checkpointing": checkpointing}
+    )
 
 
 # ---------------------------------------------------------------- the base model
@@ -158,8 +195,7 @@ def make_base(settings: dict, folder: Path, data: dict, seed: int = 0) -> dict:
     from trainer.models.config import resolve_args
 
     common = {"val_fraction": 0.01, "cache_dir": data["cache_dir"] or None}
-    prepared = prepare_data(data["path"], tokenizer=settings["tokenizer"], vocab_size=settings["vocab_size"],
-                            **common)
+    prepared = prepare_data(data["path"], tokenizer=settings["tokenizer"], vocab_size=settings["vocab_size"], **common)
     shape = {k: v for k, v in settings["model"].items() if k != "preset"}
     args = resolve_args(settings["model"]["preset"], prepared.tokenizer.vocab_size, **shape)
     # Saved in bf16, as released checkpoints are; every run upcasts it to fp32 when loading. (Loaded from an
@@ -193,10 +229,18 @@ def measure_option(name: str, config) -> dict:
     records = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
     summary = json.loads((folder / "train_results.json").read_text())
     first = records[0]
-    return {**figures, "param_bytes": first["param_bytes"], "grad_bytes": first["grad_bytes"],
-            "optim_state_bytes": first["optim_state_bytes"], "peak_rss_bytes": records[-1]["peak_mem_bytes"],
-            "tokens_per_s": summary["tokens_per_s"], "first_loss": first["loss"], "final_loss": records[-1]["loss"],
-            "losses": [r["loss"] for r in records], "train_seconds": seconds}
+    return {
+        **figures,
+        "param_bytes": first["param_bytes"],
+        "grad_bytes": first["grad_bytes"],
+        "optim_state_bytes": first["optim_state_bytes"],
+        "peak_rss_bytes": records[-1]["peak_mem_bytes"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "first_loss": first["loss"],
+        "final_loss": records[-1]["loss"],
+        "losses": [r["loss"] for r in records],
+        "train_seconds": seconds,
+    }
 
 
 def measure_live_peak(config) -> dict:
@@ -208,8 +252,15 @@ def measure_live_peak(config) -> dict:
 
 def child_main(args) -> None:
     spec = json.loads(args.child)
-    config = run_config(spec["name"], spec["settings"], Path(spec["base"]), Path(spec["out"]), spec["data"],
-                        spec["steps"], spec["threads"])
+    config = run_config(
+        spec["name"],
+        spec["settings"],
+        Path(spec["base"]),
+        Path(spec["out"]),
+        spec["data"],
+        spec["steps"],
+        spec["threads"],
+    )
     figures = measure_live_peak(config) if spec["live"] else measure_option(spec["name"], config)
     print("RESULT " + json.dumps(figures))
 
@@ -233,8 +284,9 @@ def run_child(spec: dict) -> tuple[dict, float, float | None]:
     """Runs one option in a fresh process; returns (its figures, wall seconds, the share of the CPUs
     that other processes used meanwhile)."""
     busy0, ours0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+    )
     wall = time.perf_counter() - t0
     busy1, ours1 = cpu_busy_seconds(), children_cpu_seconds()
     if proc.returncode != 0:
@@ -267,22 +319,32 @@ def predict_llama_8b(names: list[str]) -> dict:
         plans = {card: predict_peak(config, device=card) for card in CARDS}
         plan = plans[CARDS[0]]
         parts = plan.breakdown
-        main = {"weights": parts.get("parameters", 0), "gradients": parts.get("gradients", 0),
-                "optimizer_states": parts.get("optimizer states", 0)}
+        main = {
+            "weights": parts.get("parameters", 0),
+            "gradients": parts.get("gradients", 0),
+            "optimizer_states": parts.get("optimizer states", 0),
+        }
         main["activations_and_temporaries"] = plan.peak_bytes - sum(main.values())
         no_ckpt = predict_peak(llama_8b_config(name, "none"), device=CARDS[0])
-        rows.append({
-            "name": name, "label": OPTIONS[name][0], "trainable_params": trainable_parameters_of_shape(config),
-            "parameters": plan.parameters, "peak_bytes": plan.peak_bytes, "peak_phase": plan.phase,
-            "peak_at": plan.at, "breakdown_at_peak": parts, **{f"{k}_bytes": v for k, v in main.items()},
-            "overheads": plan.overheads,
-            "required_bytes": {card: p.required_bytes for card, p in plans.items()},
-            "fits": {card: p.fits(DEVICES[card].memory_bytes) for card, p in plans.items()},
-            "required_bytes_without_checkpointing": no_ckpt.required_bytes,
-            "fits_without_checkpointing": no_ckpt.fits(DEVICES[CARDS[0]].memory_bytes),
-        })
-    return {"settings": {**LLAMA_8B, **COMMON}, "cards": {c: DEVICES[c].memory_bytes for c in CARDS},
-            "results": rows}
+        rows.append(
+            {
+                "name": name,
+                "label": OPTIONS[name][0],
+                "trainable_params": trainable_parameters_of_shape(config),
+                "parameters": plan.parameters,
+                "peak_bytes": plan.peak_bytes,
+                "peak_phase": plan.phase,
+                "peak_at": plan.at,
+                "breakdown_at_peak": parts,
+                **{f"{k}_bytes": v for k, v in main.items()},
+                "overheads": plan.overheads,
+                "required_bytes": {card: p.required_bytes for card, p in plans.items()},
+                "fits": {card: p.fits(DEVICES[card].memory_bytes) for card, p in plans.items()},
+                "required_bytes_without_checkpointing": no_ckpt.required_bytes,
+                "fits_without_checkpointing": no_ckpt.fits(DEVICES[CARDS[0]].memory_bytes),
+            }
+        )
+    return {"settings": {**LLAMA_8B, **COMMON}, "cards": {c: DEVICES[c].memory_bytes for c in CARDS}, "results": rows}
 
 
 # ---------------------------------------------------------------- tables
@@ -301,15 +363,23 @@ def millions(n: int) -> str:
 
 
 def cpu_table(rows: list[dict], steps: int) -> str:
-    out = ["| option | trainable | weights | trainable weights | gradients | optimizer state | peak RSS (planner) "
-           f"| live-tensor peak (planner) | tokens/s | loss step 1 -> {steps} |", "|" + "---|" * 10]
+    out = [
+        "| option | trainable | weights | trainable weights | gradients | optimizer state | peak RSS (planner) "
+        f"| live-tensor peak (planner) | tokens/s | loss step 1 -> {steps} |",
+        "|" + "---|" * 10,
+    ]
     for r in rows:
-        live = f"{mib(r['live_peak_bytes'])} ({mib(r['predicted_peak_bytes'])})" if "live_peak_bytes" in r else \
-            f"- ({mib(r['predicted_peak_bytes'])})"
-        out.append(f"| {r['label']} | {millions(r['trainable_params'])} | {mib(r['weight_bytes'])} "
-                   f"| {mib(r['param_bytes'])} | {mib(r['grad_bytes'])} | {mib(r['optim_state_bytes'])} "
-                   f"| {mib(r['peak_rss_bytes'])} ({mib(r['predicted_rss_bytes'])}) | {live} "
-                   f"| {r['tokens_per_s']:,.0f} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} |")
+        live = (
+            f"{mib(r['live_peak_bytes'])} ({mib(r['predicted_peak_bytes'])})"
+            if "live_peak_bytes" in r
+            else f"- ({mib(r['predicted_peak_bytes'])})"
+        )
+        out.append(
+            f"| {r['label']} | {millions(r['trainable_params'])} | {mib(r['weight_bytes'])} "
+            f"| {mib(r['param_bytes'])} | {mib(r['grad_bytes'])} | {mib(r['optim_state_bytes'])} "
+            f"| {mib(r['peak_rss_bytes'])} ({mib(r['predicted_rss_bytes'])}) | {live} "
+            f"| {r['tokens_per_s']:,.0f} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} |"
+        )
     return "\n".join(out)
 
 
@@ -319,15 +389,19 @@ def fit(row: dict, pred: dict, card: str) -> str:
 
 
 def llama_table(pred: dict) -> str:
-    head = ("| option | trainable | weights | gradients | optimizer states | activations + temporaries | peak "
-            "| card needs | RTX 4090 (24 GiB) | L4 (22.5 GiB) | needs, no checkpointing |")
+    head = (
+        "| option | trainable | weights | gradients | optimizer states | activations + temporaries | peak "
+        "| card needs | RTX 4090 (24 GiB) | L4 (22.5 GiB) | needs, no checkpointing |"
+    )
     out = [head, "|" + "---|" * 11]
     for r in pred["results"]:
-        out.append(f"| {r['label']} | {millions(r['trainable_params'])} | {gib(r['weights_bytes'])} "
-                   f"| {gib(r['gradients_bytes'])} | {gib(r['optimizer_states_bytes'])} "
-                   f"| {gib(r['activations_and_temporaries_bytes'])} | {gib(r['peak_bytes'])} "
-                   f"| {gib(r['required_bytes'][CARDS[0]])} | {fit(r, pred, CARDS[0])} | {fit(r, pred, CARDS[1])} "
-                   f"| {gib(r['required_bytes_without_checkpointing'])} |")
+        out.append(
+            f"| {r['label']} | {millions(r['trainable_params'])} | {gib(r['weights_bytes'])} "
+            f"| {gib(r['gradients_bytes'])} | {gib(r['optimizer_states_bytes'])} "
+            f"| {gib(r['activations_and_temporaries_bytes'])} | {gib(r['peak_bytes'])} "
+            f"| {gib(r['required_bytes'][CARDS[0]])} | {fit(r, pred, CARDS[0])} | {fit(r, pred, CARDS[1])} "
+            f"| {gib(r['required_bytes_without_checkpointing'])} |"
+        )
     return "\n".join(out)
 
 
@@ -348,18 +422,23 @@ def cpu_name() -> str:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--options", default=",".join(OPTIONS),
-                        help=f"comma-separated, from: {', '.join(OPTIONS)} (default: all)")
+    parser.add_argument(
+        "--options", default=",".join(OPTIONS), help=f"comma-separated, from: {', '.join(OPTIONS)} (default: all)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per option (default 10; --quick 3)")
     parser.add_argument("--quick", action="store_true", help="the tiny model and the byte tokenizer, a few steps")
     parser.add_argument("--predict-only", action="store_true", help="only the Llama-3-8B predictions")
-    parser.add_argument("--no-live-peak", action="store_true",
-                        help="skip the second, recorded run that measures the live-tensor peak")
+    parser.add_argument(
+        "--no-live-peak", action="store_true", help="skip the second, recorded run that measures the live-tensor peak"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per run (0: torch's default)")
     parser.add_argument("--data", default="builtin:python-stdlib", help="data.path (default: the stdlib corpus)")
     parser.add_argument("--cache-dir", default="", help="data.cache_dir (default: the trainer's cache)")
-    parser.add_argument("--workdir", default="", help="keep the model folder and the runs here (default: a "
-                                                      "temporary folder, removed at the end)")
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="keep the model folder and the runs here (default: a temporary folder, removed at the end)",
+    )
     parser.add_argument("--json", help="also write every figure here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one option in this process
     parser.error = lambda message: (_ for _ in ()).throw(UsageError(message))  # one line, not argparse's usage
@@ -369,8 +448,9 @@ def parse_args(argv):
     names = [n.strip() for n in args.options.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIONS]
     if unknown or not names:
-        raise UsageError(f"--options: unknown option {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(OPTIONS)}")
+        raise UsageError(
+            f"--options: unknown option {', '.join(unknown) or '(none given)'}; choose from {', '.join(OPTIONS)}"
+        )
     args.names = list(dict.fromkeys(names))
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -404,13 +484,21 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch
 
-    report = {"env": {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                      "threads": args.threads or torch.get_num_threads()}}
+    report = {
+        "env": {
+            "cpu": cpu_name(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+        }
+    }
     prediction = predict_llama_8b(args.names)
     report["llama_8b"] = prediction
-    print("Predicted, Llama-3-8B, 1 x 2048 tokens a step, bf16 weights and compute, full activation "
-          "checkpointing, GaLore/APOLLO rank 128 (the planner; nothing allocated):\n" + llama_table(prediction) + "\n",
-          flush=True)
+    print(
+        "Predicted, Llama-3-8B, 1 x 2048 tokens a step, bf16 weights and compute, full activation "
+        "checkpointing, GaLore/APOLLO rank 128 (the planner; nothing allocated):\n" + llama_table(prediction) + "\n",
+        flush=True,
+    )
 
     if not args.predict_only:
         settings = QUICK if args.quick else FULL
@@ -424,16 +512,23 @@ def run(args) -> int:
             model = make_base(settings, base, data)
             rows = []
             for name in args.names:
-                spec = {"name": name, "settings": settings, "base": str(base), "data": data, "steps": steps,
-                        "threads": args.threads, "live": False, "out": str(work / "runs" / name)}
+                spec = {
+                    "name": name,
+                    "settings": settings,
+                    "base": str(base),
+                    "data": data,
+                    "steps": steps,
+                    "threads": args.threads,
+                    "live": False,
+                    "out": str(work / "runs" / name),
+                }
                 config = run_config(name, settings, base, Path(spec["out"]), data, steps, args.threads)
                 row = {"name": name, "label": OPTIONS[name][0], **predict_cpu(config)}
                 try:
                     figures, wall, others = run_child(spec)
                     row.update(figures, wall_seconds=wall, other_cpu_share=others)
                     if not args.no_live_peak:
-                        live = {**spec, "live": True, "steps": min(steps, LIVE_STEPS),
-                                "out": str(work / "live" / name)}
+                        live = {**spec, "live": True, "steps": min(steps, LIVE_STEPS), "out": str(work / "live" / name)}
                         figures, live_wall, _ = run_child(live)
                         row.update(figures, live_wall_seconds=live_wall)
                 except RuntimeError as e:
@@ -444,19 +539,33 @@ def run(args) -> int:
                 print(f"{name}: {steps} steps in {wall:.0f} s{busy}", file=sys.stderr, flush=True)
                 if others is not None and others > 0.1:
                     print(f"warning: {name}'s tokens/s is not a quiet machine's figure", file=sys.stderr)
-            keys = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
-                    "tie_embeddings")
+            keys = (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "tie_embeddings",
+            )
             shape = {k: model[k] for k in keys}
-            report["cpu"] = {"model": {**shape, "parameters": model["parameters"]}, "steps": steps,
-                             "settings": {**RUN, **settings["run"], **COMMON, "data.path": args.data},
-                             "results": rows}
+            report["cpu"] = {
+                "model": {**shape, "parameters": model["parameters"]},
+                "steps": steps,
+                "settings": {**RUN, **settings["run"], **COMMON, "data.path": args.data},
+                "results": rows,
+            }
         tokens = settings["run"]["train.micro_batch_size"] * settings["run"]["train.seq_len"]
-        described = (f"hidden {shape['hidden_size']}, {shape['n_layers']} layers, {shape['n_heads']}/"
-                     f"{shape['n_kv_heads']} heads, MLP {shape['intermediate_size']}, vocabulary {shape['vocab_size']}"
-                     f"{', tied' if shape['tie_embeddings'] else ''}")
-        print(f"Measured on {report['env']['cpu']} ({report['env']['threads']} threads): "
-              f"{model['parameters'] / 1e6:.1f}M parameters ({described}), fp32, {tokens} tokens a step, "
-              f"{steps} steps:\n" + cpu_table(rows, steps))
+        described = (
+            f"hidden {shape['hidden_size']}, {shape['n_layers']} layers, {shape['n_heads']}/"
+            f"{shape['n_kv_heads']} heads, MLP {shape['intermediate_size']}, vocabulary {shape['vocab_size']}"
+            f"{', tied' if shape['tie_embeddings'] else ''}"
+        )
+        print(
+            f"Measured on {report['env']['cpu']} ({report['env']['threads']} threads): "
+            f"{model['parameters'] / 1e6:.1f}M parameters ({described}), fp32, {tokens} tokens a step, "
+            f"{steps} steps:\n" + cpu_table(rows, steps)
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0

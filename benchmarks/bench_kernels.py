@@ -48,7 +48,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 needs_gpu = pytest.mark.skipif(
     not ON_GPU and not (DRY_RUN and INTERPRETED),
     reason="GPU kernel benchmarks need CUDA and compiled Triton (TRITON_INTERPRET unset); "
-           "BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs their plumbing on CPU")
+    "BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs their plumbing on CPU",
+)
 
 try:
     import liger_kernel.transformers.functional as liger
@@ -58,17 +59,18 @@ except Exception:  # not installed, or no GPU triton backend
 PROVIDERS = ("ours", "ours_reference", "eager", "compile", "liger", "torch")
 EPS = 1e-6
 # Full sizes: Llama-3-8B's hidden, intermediate, heads and vocabulary at 8192 tokens. Tiny: the dry run.
-SIZES = dict(tokens=8192, hidden=4096, wide=16384, inter=14336, vocab=128256, batch=4, seq=2048, heads=32, kv=8,
-             dim=128)
+SIZES = dict(
+    tokens=8192, hidden=4096, wide=16384, inter=14336, vocab=128256, batch=4, seq=2048, heads=32, kv=8, dim=128
+)
 if DRY_RUN:
     SIZES = dict(tokens=64, hidden=96, wide=160, inter=200, vocab=500, batch=1, seq=16, heads=4, kv=2, dim=16)
 
 
 @dataclass
 class Case:
-    inputs: dict               # tensors; those with requires_grad get gradients
-    bytes: int                 # bytes the forward + backward must move, each tensor read/written once
-    providers: dict            # name -> forward function of **inputs, returning a tensor or tuple
+    inputs: dict  # tensors; those with requires_grad get gradients
+    bytes: int  # bytes the forward + backward must move, each tensor read/written once
+    providers: dict  # name -> forward function of **inputs, returning a tensor or tuple
     flops: int = 0
 
 
@@ -89,8 +91,9 @@ def case_rms_norm(tokens=SIZES["tokens"], hidden=SIZES["hidden"], dtype=torch.bf
     e = torch.finfo(dtype).bits // 8
     inputs = dict(x=_rand(tokens, hidden, dtype=dtype), weight=_rand(hidden, dtype=dtype))
     eager = lambda x, weight: rms_norm_reference(x, weight, EPS)  # noqa: E731
-    providers = _providers(ours=lambda x, weight: ops.rms_norm(x, weight, EPS, force="triton"),
-                           eager=eager, compile=_compiled(eager))
+    providers = _providers(
+        ours=lambda x, weight: ops.rms_norm(x, weight, EPS, force="triton"), eager=eager, compile=_compiled(eager)
+    )
     if liger is not None:
         providers["liger"] = lambda x, weight: liger.liger_rms_norm(x, weight, EPS)
     # forward: read x, write y; backward: read dy, x, write dx (weight-sized traffic ignored)
@@ -99,30 +102,49 @@ def case_rms_norm(tokens=SIZES["tokens"], hidden=SIZES["hidden"], dtype=torch.bf
 
 def case_add_rms_norm(tokens=SIZES["tokens"], hidden=SIZES["hidden"], dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
-    inputs = dict(x=_rand(tokens, hidden, dtype=dtype), residual=_rand(tokens, hidden, dtype=dtype),
-                  weight=_rand(hidden, dtype=dtype))
+    inputs = dict(
+        x=_rand(tokens, hidden, dtype=dtype),
+        residual=_rand(tokens, hidden, dtype=dtype),
+        weight=_rand(hidden, dtype=dtype),
+    )
 
     def eager(x, residual, weight):
         total = x + residual
         return total, rms_norm_reference(total, weight, EPS)
 
-    providers = _providers(ours=lambda x, residual, weight: ops.add_rms_norm(x, residual, weight, EPS, force="triton"),
-                           eager=eager, compile=_compiled(eager))
+    providers = _providers(
+        ours=lambda x, residual, weight: ops.add_rms_norm(x, residual, weight, EPS, force="triton"),
+        eager=eager,
+        compile=_compiled(eager),
+    )
     if liger is not None:
         providers["liger"] = lambda x, residual, weight: liger.liger_fused_add_rms_norm(x, residual, weight, EPS)
     # forward: read x, residual, write sum, y; backward: read dy, d_sum, sum, write one gradient
     return Case(inputs, 8 * tokens * hidden * e, providers)
 
 
-def case_rope(batch=SIZES["batch"], q_heads=SIZES["heads"], k_heads=SIZES["kv"], seq=SIZES["seq"], dim=SIZES["dim"],
-              dtype=torch.bfloat16):
+def case_rope(
+    batch=SIZES["batch"],
+    q_heads=SIZES["heads"],
+    k_heads=SIZES["kv"],
+    seq=SIZES["seq"],
+    dim=SIZES["dim"],
+    dtype=torch.bfloat16,
+):
     e = torch.finfo(dtype).bits // 8
     angles = torch.arange(seq, device=DEVICE)[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2, device=DEVICE) / dim))
     emb = torch.cat((angles, angles), -1)
-    inputs = dict(q=_rand(batch, q_heads, seq, dim, dtype=dtype), k=_rand(batch, k_heads, seq, dim, dtype=dtype),
-                  cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
-    providers = _providers(ours=lambda q, k, cos, sin: ops.rope(q, k, cos, sin, force="triton"),
-                           eager=rope_reference, compile=_compiled(rope_reference))
+    inputs = dict(
+        q=_rand(batch, q_heads, seq, dim, dtype=dtype),
+        k=_rand(batch, k_heads, seq, dim, dtype=dtype),
+        cos=emb.cos().to(dtype),
+        sin=emb.sin().to(dtype),
+    )
+    providers = _providers(
+        ours=lambda q, k, cos, sin: ops.rope(q, k, cos, sin, force="triton"),
+        eager=rope_reference,
+        compile=_compiled(rope_reference),
+    )
     if liger is not None:
         providers["liger"] = lambda q, k, cos, sin: liger.liger_rope(q, k, cos[None], sin[None])
     # forward: read q, k, write both; backward the same again
@@ -132,8 +154,11 @@ def case_rope(batch=SIZES["batch"], q_heads=SIZES["heads"], k_heads=SIZES["kv"],
 def case_swiglu(tokens=SIZES["tokens"], inter=SIZES["inter"], dtype=torch.bfloat16):
     e = torch.finfo(dtype).bits // 8
     inputs = dict(gate=_rand(tokens, inter, dtype=dtype), up=_rand(tokens, inter, dtype=dtype))
-    providers = _providers(ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
-                           eager=swiglu_reference, compile=_compiled(swiglu_reference))
+    providers = _providers(
+        ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
+        eager=swiglu_reference,
+        compile=_compiled(swiglu_reference),
+    )
     if liger is not None:
         providers["liger"] = lambda gate, up: liger.liger_swiglu(gate, up)
     # forward: read gate, up, write out; backward: read d_out, gate, up, write d_gate, d_up
@@ -144,11 +169,15 @@ def _materialised_loss(hidden, weight, labels):
     return F.cross_entropy((hidden @ weight.t()).float(), labels)
 
 
-def case_fused_linear_cross_entropy(tokens=SIZES["tokens"], hidden=SIZES["hidden"], vocab=SIZES["vocab"],
-                                    dtype=torch.bfloat16):
+def case_fused_linear_cross_entropy(
+    tokens=SIZES["tokens"], hidden=SIZES["hidden"], vocab=SIZES["vocab"], dtype=torch.bfloat16
+):
     e = torch.finfo(dtype).bits // 8
-    inputs = dict(hidden=_rand(tokens, hidden, dtype=dtype), weight=_rand(vocab, hidden, dtype=dtype, scale=0.02),
-                  labels=torch.randint(0, vocab, (tokens,), device=DEVICE))
+    inputs = dict(
+        hidden=_rand(tokens, hidden, dtype=dtype),
+        weight=_rand(vocab, hidden, dtype=dtype, scale=0.02),
+        labels=torch.randint(0, vocab, (tokens,), device=DEVICE),
+    )
 
     def ours(hidden, weight, labels):
         return ops.linear_cross_entropy(hidden, weight, labels, force="triton")
@@ -156,15 +185,18 @@ def case_fused_linear_cross_entropy(tokens=SIZES["tokens"], hidden=SIZES["hidden
     def ours_reference(hidden, weight, labels):  # the chunked PyTorch path, on the GPU
         return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
 
-    providers = _providers(ours=ours, ours_reference=ours_reference, eager=_materialised_loss,
-                           compile=_compiled(_materialised_loss))
+    providers = _providers(
+        ours=ours, ours_reference=ours_reference, eager=_materialised_loss, compile=_compiled(_materialised_loss)
+    )
     if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
         # torch's own chunked fused loss (options=None would be its materialising reference path).
         providers["torch"] = lambda hidden, weight, labels: F.linear_cross_entropy(
-            hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
+            hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions()
+        )
     if liger is not None:
         providers["liger"] = lambda hidden, weight, labels: liger.liger_fused_linear_cross_entropy(
-            hidden, weight, labels)
+            hidden, weight, labels
+        )
     # read hidden and weight, write their gradients; the logits are never supposed to reach memory
     return Case(inputs, 2 * (tokens + vocab) * hidden * e, providers, flops=6 * tokens * hidden * vocab)
 
@@ -193,6 +225,7 @@ def _step(fn, inputs):
         _forward_backward(fn, inputs)
         if ON_GPU:
             torch.cuda.synchronize()
+
     return step
 
 
@@ -221,8 +254,12 @@ def test_gpu_kernel(benchmark, case_name, provider):
     benchmark.pedantic(step, rounds=1 if DRY_RUN else 20, warmup_rounds=0 if DRY_RUN else 2, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if ON_GPU else "cpu (dry run)", provider=provider, bytes=case.bytes,
-        gb_per_s=round(case.bytes / seconds / 1e9, 1), extra_peak_mib=None if peak is None else round(peak / 2**20, 1))
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu (dry run)",
+        provider=provider,
+        bytes=case.bytes,
+        gb_per_s=round(case.bytes / seconds / 1e9, 1),
+        extra_peak_mib=None if peak is None else round(peak / 2**20, 1),
+    )
     if case.flops:
         benchmark.extra_info["tflop_per_s"] = round(case.flops / seconds / 1e12, 1)
 
@@ -267,14 +304,26 @@ def _child(side: str, repeats: int) -> dict:
         loss = _cpu_step(side, hidden, weight, labels)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    return dict(side=side, loss=float(loss), extra_peak_bytes=_maxrss_bytes() - base, seconds=times,
-                cpu_seconds=cpu_times, threads=torch.get_num_threads())
+    return dict(
+        side=side,
+        loss=float(loss),
+        extra_peak_bytes=_maxrss_bytes() - base,
+        seconds=times,
+        cpu_seconds=cpu_times,
+        threads=torch.get_num_threads(),
+    )
 
 
 def run_cpu_side(side: str, repeats: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, __file__, "--child", side, str(repeats)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", side, str(repeats)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -284,9 +333,15 @@ def test_cpu_fused_loss(benchmark, side):
     inputs = _cpu_inputs()
     benchmark.group = "cpu_fused_linear_cross_entropy"
     benchmark.pedantic(_cpu_step, args=(side, *inputs), rounds=3, warmup_rounds=1, iterations=1)
-    benchmark.extra_info.update(side=side, tokens=CPU_TOKENS, hidden=CPU_HIDDEN, vocab=CPU_VOCAB, dtype="fp32",
-                                extra_peak_mib=round(memory["extra_peak_bytes"] / 2**20, 1),
-                                loss=memory["loss"])
+    benchmark.extra_info.update(
+        side=side,
+        tokens=CPU_TOKENS,
+        hidden=CPU_HIDDEN,
+        vocab=CPU_VOCAB,
+        dtype="fp32",
+        extra_peak_mib=round(memory["extra_peak_bytes"] / 2**20, 1),
+        loss=memory["loss"],
+    )
 
 
 def main():
@@ -294,13 +349,17 @@ def main():
         torch.set_grad_enabled(True)
         print(json.dumps(_child(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)))
         return
-    print(f"CPU fused linear cross-entropy, {CPU_TOKENS} tokens x hidden {CPU_HIDDEN} x vocab {CPU_VOCAB}, fp32, "
-          f"forward + backward, each side in its own process")
+    print(
+        f"CPU fused linear cross-entropy, {CPU_TOKENS} tokens x hidden {CPU_HIDDEN} x vocab {CPU_VOCAB}, fp32, "
+        f"forward + backward, each side in its own process"
+    )
     for side in CPU_SIDES:
         r = run_cpu_side(side, repeats=3)
-        print(f"  {side:16s} loss {r['loss']:.6f}  wall s {', '.join(f'{s:.2f}' for s in r['seconds'])}  "
-              f"cpu s {', '.join(f'{s:.2f}' for s in r['cpu_seconds'])}  ({r['threads']} threads)  "
-              f"extra peak {r['extra_peak_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"  {side:16s} loss {r['loss']:.6f}  wall s {', '.join(f'{s:.2f}' for s in r['seconds'])}  "
+            f"cpu s {', '.join(f'{s:.2f}' for s in r['cpu_seconds'])}  ({r['threads']} threads)  "
+            f"extra peak {r['extra_peak_bytes'] / 2**20:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODEL = {"model.preset": "small", "model.hidden_size": 768, "model.intermediate_size": 2048, "model.n_layers": 12,
-         "model.n_heads": 12, "model.n_kv_heads": 12, "model.vocab_size": 32000, "model.tie_embeddings": True}
+MODEL = {
+    "model.preset": "small",
+    "model.hidden_size": 768,
+    "model.intermediate_size": 2048,
+    "model.n_layers": 12,
+    "model.n_heads": 12,
+    "model.n_kv_heads": 12,
+    "model.vocab_size": 32000,
+    "model.tie_embeddings": True,
+}
 GALORE_RANK_7B = 1024  # the GaLore paper's rank for its 7B runs
 # APOLLO's rank for 7B: 2 x 256 x the longer side of every attention and MLP matrix in bf16 is the 1.6 GB of
 # optimizer state the APOLLO paper reports for LLaMA-7B (arXiv:2412.05270).
@@ -37,19 +45,37 @@ def measure(name: str, steps: int, threads: int, out: Path) -> dict:
     from trainer.config import load_config
     from trainer.metrics import read_metrics
 
-    cfg = load_config(None, {**MODEL, "optim.name": name, "optim.galore_rank": MEASURED_RANK,
-                             "optim.apollo_rank": MEASURED_RANK, "data.tokenizer": "byte",
-                             "train.output_dir": str(out), "train.max_steps": steps, "train.micro_batch_size": 2,
-                             "train.seq_len": 128, "train.dtype": "fp32", "train.max_grad_norm": 0,
-                             "train.eval_batches": 1, "train.progress": "none", "optim.warmup_steps": 1,
-                             "train.threads": threads})
+    cfg = load_config(
+        None,
+        {
+            **MODEL,
+            "optim.name": name,
+            "optim.galore_rank": MEASURED_RANK,
+            "optim.apollo_rank": MEASURED_RANK,
+            "data.tokenizer": "byte",
+            "train.output_dir": str(out),
+            "train.max_steps": steps,
+            "train.micro_batch_size": 2,
+            "train.seq_len": 128,
+            "train.dtype": "fp32",
+            "train.max_grad_norm": 0,
+            "train.eval_batches": 1,
+            "train.progress": "none",
+            "optim.warmup_steps": 1,
+            "train.threads": threads,
+        },
+    )
     Trainer(cfg).train()
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     steady = records[1:] or records  # the first step pays for warm-up
     keys = ("param_bytes", "grad_bytes", "optim_state_bytes")
-    return {"name": name, **{k: records[0][k] for k in keys}, "peak_mem_bytes": records[-1]["peak_mem_bytes"],
-            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
-            "final_loss": records[-1]["loss"]}
+    return {
+        "name": name,
+        **{k: records[0][k] for k in keys},
+        "peak_mem_bytes": records[-1]["peak_mem_bytes"],
+        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+        "final_loss": records[-1]["loss"],
+    }
 
 
 def predict(name: str, args, rank: int, param_bytes: int) -> dict:
@@ -107,13 +133,17 @@ def measured_table(results: list[dict]) -> str:
 
     shape = {k.split(".")[1]: v for k, v in MODEL.items() if k != "model.preset"}
     args = resolve_args(MODEL["model.preset"], 257, **shape)
-    rows = ["| optim.name | param_bytes | grad_bytes | optim_state_bytes (predicted) | peak | tokens/s | loss after |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| optim.name | param_bytes | grad_bytes | optim_state_bytes (predicted) | peak | tokens/s | loss after |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         predicted = predict(r["name"], args, MEASURED_RANK, param_bytes=4)["state"]
-        rows.append(f"| `{r['name']}` | {mb(r['param_bytes'])} | {mb(r['grad_bytes'])} | {mb(r['optim_state_bytes'])} "
-                    f"({mb(predicted)}) | {mb(r['peak_mem_bytes'])} | {r['tokens_per_s']:.0f} "
-                    f"| {r['final_loss']:.3f} |")
+        rows.append(
+            f"| `{r['name']}` | {mb(r['param_bytes'])} | {mb(r['grad_bytes'])} | {mb(r['optim_state_bytes'])} "
+            f"({mb(predicted)}) | {mb(r['peak_mem_bytes'])} | {r['tokens_per_s']:.0f} "
+            f"| {r['final_loss']:.3f} |"
+        )
     return "\n".join(rows)
 
 
@@ -138,17 +168,23 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(measure(args.one, args.steps, args.threads, Path(tmp) / "run")))
         return
-    print(f"Predicted, Llama-7B shape, bf16 weights, GaLore rank {GALORE_RANK_7B}, APOLLO rank {APOLLO_RANK_7B}:\n"
-          + prediction_table() + "\n")
+    print(
+        f"Predicted, Llama-7B shape, bf16 weights, GaLore rank {GALORE_RANK_7B}, APOLLO rank {APOLLO_RANK_7B}:\n"
+        + prediction_table()
+        + "\n"
+    )
     if args.predict_only:
         return
     from trainer.optim import optimizer_names
 
     results = []
     for name in args.names.split(",") if args.names else optimizer_names():
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps),
-                               "--threads", str(args.threads)],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         if proc.returncode != 0:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -48,14 +48,25 @@ def measure(args) -> dict:
     corpus = work / "corpus"
     if not corpus.exists():
         write_corpus(corpus, n_docs=64, words_per_doc=2000)
-    cfg = load_config(None, {
-        "model.preset": args.preset, "data.path": str(corpus), "data.tokenizer": "byte",
-        "data.cache_dir": str(work / "cache"), "data.val_fraction": 0.0,
-        "train.output_dir": str(work / f"run-{args.compile}-{args.checkpointing}"), "train.overwrite": True,
-        "train.seq_len": args.seq_len, "train.micro_batch_size": args.batch, "train.device": args.device,
-        "train.max_steps": args.warmup + args.steps, "train.progress": "none",
-        "parallel.compile": args.compile, "parallel.activation_checkpointing": args.checkpointing,
-    })
+    cfg = load_config(
+        None,
+        {
+            "model.preset": args.preset,
+            "data.path": str(corpus),
+            "data.tokenizer": "byte",
+            "data.cache_dir": str(work / "cache"),
+            "data.val_fraction": 0.0,
+            "train.output_dir": str(work / f"run-{args.compile}-{args.checkpointing}"),
+            "train.overwrite": True,
+            "train.seq_len": args.seq_len,
+            "train.micro_batch_size": args.batch,
+            "train.device": args.device,
+            "train.max_steps": args.warmup + args.steps,
+            "train.progress": "none",
+            "parallel.compile": args.compile,
+            "parallel.activation_checkpointing": args.checkpointing,
+        },
+    )
     parts = build_run(cfg)
     trainer = Trainer(cfg, parts=parts)
     cuda = parts.device.type == "cuda"
@@ -85,10 +96,17 @@ def measure(args) -> dict:
             loss = parts.train_model(micro_batch["input_ids"], labels=micro_batch["labels"])
         memory = resident_bytes() - before
         loss.backward()
-    return {"compile": args.compile, "activation_checkpointing": args.checkpointing, "tokens_per_s": tokens_per_s,
-            "memory_bytes": memory, "memory_kind": "peak allocated" if cuda else "activations (RSS growth)",
-            "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-            "preset": args.preset, "seq_len": args.seq_len, "micro_batch_size": args.batch}
+    return {
+        "compile": args.compile,
+        "activation_checkpointing": args.checkpointing,
+        "tokens_per_s": tokens_per_s,
+        "memory_bytes": memory,
+        "memory_kind": "peak allocated" if cuda else "activations (RSS growth)",
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "micro_batch_size": args.batch,
+    }
 
 
 def main() -> None:
@@ -113,17 +131,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         for compile_, checkpointing in SETTINGS:
-            command = [sys.executable, __file__, "--child", f"--compile={compile_}", f"--checkpointing={checkpointing}",
-                       f"--workdir={workdir}", f"--preset={args.preset}", f"--seq-len={args.seq_len}",
-                       f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-                       f"--device={args.device}"]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                f"--compile={compile_}",
+                f"--checkpointing={checkpointing}",
+                f"--workdir={workdir}",
+                f"--preset={args.preset}",
+                f"--seq-len={args.seq_len}",
+                f"--batch={args.batch}",
+                f"--steps={args.steps}",
+                f"--warmup={args.warmup}",
+                f"--device={args.device}",
+            ]
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"setting compile={compile_} checkpointing={checkpointing} failed:\n{done.stderr[-3000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"compile={str(compile_):5} checkpointing={checkpointing:9} {r['tokens_per_s']:10,.0f} tokens/s  "
-                  f"{r['memory_bytes'] / 2**20:8.1f} MiB {r['memory_kind']}", flush=True)
+            print(
+                f"compile={str(compile_):5} checkpointing={checkpointing:9} {r['tokens_per_s']:10,.0f} tokens/s  "
+                f"{r['memory_bytes'] / 2**20:8.1f} MiB {r['memory_kind']}",
+                flush=True,
+            )
     print(f"device: {results[0]['device']}; model {args.preset}, seq_len {args.seq_len}, micro-batch {args.batch}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

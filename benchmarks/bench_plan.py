@@ -26,19 +26,48 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TWO_STEPS = {"train.max_steps": 2, "train.eval_every": 0, "train.eval_batches": 1, "train.threads": 1,
-             "train.dtype": "fp32", "train.device": "cpu", "train.progress": "none", "data.tokenizer": "byte",
-             "data.val_fraction": 0.1, "optim.warmup_steps": 1}
+TWO_STEPS = {
+    "train.max_steps": 2,
+    "train.eval_every": 0,
+    "train.eval_batches": 1,
+    "train.threads": 1,
+    "train.dtype": "fp32",
+    "train.device": "cpu",
+    "train.progress": "none",
+    "data.tokenizer": "byte",
+    "data.val_fraction": 0.1,
+    "optim.warmup_steps": 1,
+}
 PROJECTIONS = {"optim.galore_update_proj_gap": 1, "optim.apollo_update_proj_gap": 1, "train.max_grad_norm": 0}
 TINY = {"model.preset": "tiny", "train.micro_batch_size": 4, "train.seq_len": 128}
 SMALL = {"model.preset": "small", "train.micro_batch_size": 4, "train.seq_len": 256}
 # ~110M parameters: 12 layers, width 768, vocabulary 32000 (tied), as benchmarks/bench_optim.py.
-M110 = {"model.preset": "small", "model.hidden_size": 768, "model.intermediate_size": 2048, "model.n_layers": 12,
-        "model.n_heads": 12, "model.n_kv_heads": 12, "model.vocab_size": 32000, "model.tie_embeddings": True,
-        "model.max_seq_len": 1024, "train.micro_batch_size": 2, "train.seq_len": 256}
-OPTIMIZERS = ("adamw8bit", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw_layerwise",
-              "adamw8bit_layerwise", "galore_adamw_layerwise", "galore_adamw8bit_layerwise",
-              "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise")
+M110 = {
+    "model.preset": "small",
+    "model.hidden_size": 768,
+    "model.intermediate_size": 2048,
+    "model.n_layers": 12,
+    "model.n_heads": 12,
+    "model.n_kv_heads": 12,
+    "model.vocab_size": 32000,
+    "model.tie_embeddings": True,
+    "model.max_seq_len": 1024,
+    "train.micro_batch_size": 2,
+    "train.seq_len": 256,
+}
+OPTIMIZERS = (
+    "adamw8bit",
+    "galore_adamw",
+    "galore_adamw8bit",
+    "galore_adafactor",
+    "adamw_layerwise",
+    "adamw8bit_layerwise",
+    "galore_adamw_layerwise",
+    "galore_adamw8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
+)
 
 
 def cases(quick: bool) -> list[tuple[str, dict]]:
@@ -50,8 +79,10 @@ def cases(quick: bool) -> list[tuple[str, dict]]:
     for label, model in models:
         for mode in ("none", "full", "selective"):
             out.append((f"{label}, adamw, checkpointing {mode}", {**model, "parallel.activation_checkpointing": mode}))
-    optim_model = ("tiny", {**TINY, "train.micro_batch_size": 2, "train.seq_len": 32, "optim.galore_rank": 32,
-                            "optim.apollo_rank": 16})
+    optim_model = (
+        "tiny",
+        {**TINY, "train.micro_batch_size": 2, "train.seq_len": 32, "optim.galore_rank": 32, "optim.apollo_rank": 16},
+    )
     big = optim_model if quick else ("110M, 2 x 256", {**M110, "optim.galore_rank": 128, "optim.apollo_rank": 128})
     for label, model in (optim_model, big) if not quick else (optim_model,):
         for name in OPTIMIZERS:
@@ -73,12 +104,24 @@ def one_case(overrides: dict, folder: Path) -> dict:
     from trainer.plan.measure import measure_training_peak
 
     corpus = write_corpus(folder / "corpus")
-    config = load_config(None, {**TWO_STEPS, "data.path": str(corpus), "data.cache_dir": str(folder / "cache"),
-                                "train.output_dir": str(folder / "run"), **overrides})
+    config = load_config(
+        None,
+        {
+            **TWO_STEPS,
+            "data.path": str(corpus),
+            "data.cache_dir": str(folder / "cache"),
+            "train.output_dir": str(folder / "run"),
+            **overrides,
+        },
+    )
     plan = predict_peak(config, device="cpu")
     measured = measure_training_peak(config)
-    return {"predicted": plan.peak_bytes, "measured": measured.peak_bytes, "phase": plan.phase,
-            "parameters": plan.parameters}
+    return {
+        "predicted": plan.peak_bytes,
+        "measured": measured.peak_bytes,
+        "phase": plan.phase,
+        "parameters": plan.parameters,
+    }
 
 
 def small_hf_folder(folder: Path) -> Path:
@@ -122,21 +165,36 @@ def cuda_table() -> str:
     from trainer.config import load_config
     from trainer.plan import predict_peak
 
-    rows = ["| case | predicted | measured (max_memory_allocated) | predicted / measured | max_memory_reserved |",
-            "|---|---:|---:|---:|---:|"]
+    rows = [
+        "| case | predicted | measured (max_memory_allocated) | predicted / measured | max_memory_reserved |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for mode in ("none", "selective", "full"):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            config = load_config(None, {
-                **TWO_STEPS, "train.device": "cuda", "train.dtype": "bf16", "train.param_dtype": "bf16",
-                "model.preset": "llama-1b", "train.seq_len": 2048, "train.micro_batch_size": 1,
-                "parallel.activation_checkpointing": mode, "plan.device": "auto",
-                "data.path": str(write_corpus(tmp / "corpus", n_docs=200, words_per_doc=2000)),
-                "data.cache_dir": str(tmp / "cache"), "train.output_dir": str(tmp / "run")})
+            config = load_config(
+                None,
+                {
+                    **TWO_STEPS,
+                    "train.device": "cuda",
+                    "train.dtype": "bf16",
+                    "train.param_dtype": "bf16",
+                    "model.preset": "llama-1b",
+                    "train.seq_len": 2048,
+                    "train.micro_batch_size": 1,
+                    "parallel.activation_checkpointing": mode,
+                    "plan.device": "auto",
+                    "data.path": str(write_corpus(tmp / "corpus", n_docs=200, words_per_doc=2000)),
+                    "data.cache_dir": str(tmp / "cache"),
+                    "train.output_dir": str(tmp / "run"),
+                },
+            )
             predicted = predict_peak(config).peak_bytes
             measured = measure_cuda(config)
-            rows.append(f"| llama-1b bf16, 1 x 2048, checkpointing {mode} | {mib(predicted)} | {mib(measured)} | "
-                        f"{predicted / measured:.3f} | {mib(measure_cuda.reserved)} |")
+            rows.append(
+                f"| llama-1b bf16, 1 x 2048, checkpointing {mode} | {mib(predicted)} | {mib(measured)} | "
+                f"{predicted / measured:.3f} | {mib(measure_cuda.reserved)} |"
+            )
             print(rows[-1], file=sys.stderr, flush=True)
     return "\n".join(rows)
 
@@ -166,19 +224,28 @@ def main():
             if "<small-hf>" in overrides.values():
                 hf = hf or small_hf_folder(Path(tmp) / "small-hf")
                 overrides = {k: str(hf) if v == "<small-hf>" else v for k, v in overrides.items()}
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(overrides)], capture_output=True,
-                                  text=True, cwd=ROOT)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(overrides)], capture_output=True, text=True, cwd=ROOT
+            )
             if proc.returncode != 0:
                 sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
             result = {"case": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(result)
-            print(f"{label}: predicted {result['predicted']:,} measured {result['measured']:,} "
-                  f"({result['predicted'] / result['measured']:.4f})", file=sys.stderr, flush=True)
-    rows = ["| case | parameters | predicted | measured | predicted / measured | peak in |",
-            "|---|---:|---:|---:|---:|---|"]
+            print(
+                f"{label}: predicted {result['predicted']:,} measured {result['measured']:,} "
+                f"({result['predicted'] / result['measured']:.4f})",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = [
+        "| case | parameters | predicted | measured | predicted / measured | peak in |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
-        rows.append(f"| {r['case']} | {r['parameters'] / 1e6:.2f} M | {mib(r['predicted'])} | {mib(r['measured'])} | "
-                    f"{r['predicted'] / r['measured']:.3f} | {r['phase']} |")
+        rows.append(
+            f"| {r['case']} | {r['parameters'] / 1e6:.2f} M | {mib(r['predicted'])} | {mib(r['measured'])} | "
+            f"{r['predicted'] / r['measured']:.3f} | {r['phase']} |"
+        )
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

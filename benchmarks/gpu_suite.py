@@ -55,16 +55,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = Path("/tmp/site")
-PACKAGES = ("torch", "triton", "transformers", "liger-kernel", "bitsandbytes", "galore-torch", "apollo-torch", "peft",
-            "accelerate", "safetensors", "tokenizers", "numpy", "matplotlib", "tqdm", "jinja2", "pyarrow", "datasets",
-            "zstandard", "pytest", "pytest-benchmark")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "liger-kernel",
+    "bitsandbytes",
+    "galore-torch",
+    "apollo-torch",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "matplotlib",
+    "tqdm",
+    "jinja2",
+    "pyarrow",
+    "datasets",
+    "zstandard",
+    "pytest",
+    "pytest-benchmark",
+)
 
 
 @dataclass
 class Part:
     name: str
-    share: float                        # seconds of the budget this part may count on
-    commands: list[list[str]]           # run one after another; the part fails at the first that fails
+    share: float  # seconds of the budget this part may count on
+    commands: list[list[str]]  # run one after another; the part fails at the first that fails
     figures: Callable[[list[str]], object] = lambda outputs: None  # from its files, or its commands' outputs
     env: dict = field(default_factory=dict)
 
@@ -73,8 +92,11 @@ def install_wheels() -> str:
     wheels = sorted(glob.glob(str(ROOT / ".whl" / "*.whl")))
     if not wheels:
         return "no wheels in .whl/"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                           str(SITE), *wheels], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(SITE), *wheels],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         return f"pip install failed: {done.stderr.strip()[-500:]}"
     return f"installed {len(wheels)} wheels into {SITE}"
@@ -102,8 +124,9 @@ def versions() -> dict:
 
 def run_command(command: list[str], env: dict, limit: float) -> tuple[str, str]:
     """(status, output) of one command in its own process group; on timeout the whole group is killed."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=max(1.0, limit))
         status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
@@ -125,13 +148,17 @@ def run_part(part: Part, env: dict, limit: float) -> tuple[dict, list[str]]:
         outputs.append(output)
         if status != "ok":
             break
-    record = {"commands": [" ".join(c) for c in part.commands], "status": status,
-              "seconds": round(time.perf_counter() - start, 1),
-              "output_tail": "\n".join(o[-3000:] for o in outputs)[-6000:]}
+    record = {
+        "commands": [" ".join(c) for c in part.commands],
+        "status": status,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_tail": "\n".join(o[-3000:] for o in outputs)[-6000:],
+    }
     return record, outputs
 
 
 # ---- reading each part's figures ----
+
 
 def pytest_summary(output: str) -> str | None:
     lines = [line.strip("= ") for line in output.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
@@ -142,8 +169,10 @@ def kernel_figures(path: Path) -> list[dict] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    return [{"name": b["name"], "median_s": b["stats"]["median"], "extra_info": b.get("extra_info", {})}
-            for b in data.get("benchmarks", [])]
+    return [
+        {"name": b["name"], "median_s": b["stats"]["median"], "extra_info": b.get("extra_info", {})}
+        for b in data.get("benchmarks", [])
+    ]
 
 
 def bench_figures(path: Path) -> dict | None:
@@ -171,11 +200,15 @@ def json_lines(path: Path) -> list[dict] | None:
 
 # ---- the parts ----
 
+
 def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
     py = sys.executable
     pytest = [py, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider"]
-    kernel_and_op_tests = sorted(str(Path(p).relative_to(ROOT)) for pattern in ("test_kernels_*.py", "test_ops_*.py")
-                                 for p in glob.glob(str(ROOT / "tests" / pattern)))
+    kernel_and_op_tests = sorted(
+        str(Path(p).relative_to(ROOT))
+        for pattern in ("test_kernels_*.py", "test_ops_*.py")
+        for p in glob.glob(str(ROOT / "tests" / pattern))
+    )
     if dry_run:  # the interpreter is slow: one file shows the command works
         kernel_and_op_tests = ["tests/test_kernels_swiglu.py"]
 
@@ -188,22 +221,52 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
     llama_dir = work / "bench-llama-1b"
     if dry_run:
         peer = "hf" if packages["transformers"] else "none"
-        bench = ["--model.preset=tiny", "--train.dtype=fp32", "--train.seq_len=64", "--train.micro_batch_size=2",
-                 "--train.max_steps=3", "--bench.warmup_steps=1"]
+        bench = [
+            "--model.preset=tiny",
+            "--train.dtype=fp32",
+            "--train.seq_len=64",
+            "--train.micro_batch_size=2",
+            "--train.max_steps=3",
+            "--bench.warmup_steps=1",
+        ]
     else:
         peer = "hf-liger" if packages["liger-kernel"] else "hf" if packages["transformers"] else "none"
-        bench = ["--model.preset=llama-1b", "--train.dtype=bf16", "--train.seq_len=1024", "--train.micro_batch_size=4",
-                 "--train.max_steps=12", "--bench.warmup_steps=3"]
-    bench = [py, "-m", "trainer", "bench", *bench, "--data.tokenizer=byte", f"--bench.peer={peer}",
-             f"--train.output_dir={llama_dir}", "--train.progress=lines", "--train.log_every=4"]
+        bench = [
+            "--model.preset=llama-1b",
+            "--train.dtype=bf16",
+            "--train.seq_len=1024",
+            "--train.micro_batch_size=4",
+            "--train.max_steps=12",
+            "--bench.warmup_steps=3",
+        ]
+    bench = [
+        py,
+        "-m",
+        "trainer",
+        "bench",
+        *bench,
+        "--data.tokenizer=byte",
+        f"--bench.peer={peer}",
+        f"--train.output_dir={llama_dir}",
+        "--train.progress=lines",
+        "--train.log_every=4",
+    ]
 
     e2e_record = work / "e2e.jsonl"
-    e2e_env = {"BENCH_E2E_RECORD": str(e2e_record), "BENCH_E2E_PRESET": "tiny" if dry_run else "small",
-               "BENCH_E2E_STEPS": "4" if dry_run else "12"}  # bench_e2e warms up 3 steps
+    e2e_env = {
+        "BENCH_E2E_RECORD": str(e2e_record),
+        "BENCH_E2E_PRESET": "tiny" if dry_run else "small",
+        "BENCH_E2E_STEPS": "4" if dry_run else "12",
+    }  # bench_e2e warms up 3 steps
     if dry_run:
         e2e_env.update(BENCH_E2E_SEQ_LEN="64", BENCH_E2E_BATCH="2")
-    e2e = [*pytest, "benchmarks/bench_e2e.py", "-k", "fp32-kernels and not peer" if dry_run else "not peer",
-           f"--benchmark-json={work / 'e2e.json'}"]
+    e2e = [
+        *pytest,
+        "benchmarks/bench_e2e.py",
+        "-k",
+        "fp32-kernels and not peer" if dry_run else "not peer",
+        f"--benchmark-json={work / 'e2e.json'}",
+    ]
 
     parallel_json = work / "parallel.json"
     parallel = [py, "benchmarks/bench_parallel.py", f"--json={parallel_json}"]
@@ -216,11 +279,20 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
     gpu_tests = [*pytest, "-m", "gpu", "tests"]
     other_tests = [*pytest, "-m", "not gpu", *kernel_and_op_tests]
     return [
-        Part("tests", 150, [gpu_tests, other_tests],
-             lambda outputs: dict(zip(("gpu-marked", "kernels-and-ops"), map(pytest_summary, outputs), strict=False))),
+        Part(
+            "tests",
+            150,
+            [gpu_tests, other_tests],
+            lambda outputs: dict(zip(("gpu-marked", "kernels-and-ops"), map(pytest_summary, outputs), strict=False)),
+        ),
         Part("sync-debug", 40, [sync], lambda outputs: read_json(sync_dir / "sync_debug.json")),
-        Part("kernels", 80, [kernels], lambda outputs: kernel_figures(kernels_json),
-             {"BENCH_KERNELS_DRY_RUN": "1"} if dry_run else {}),
+        Part(
+            "kernels",
+            80,
+            [kernels],
+            lambda outputs: kernel_figures(kernels_json),
+            {"BENCH_KERNELS_DRY_RUN": "1"} if dry_run else {},
+        ),
         Part("bench-llama-1b", 120, [bench], lambda outputs: bench_figures(llama_dir / "bench.json")),
         Part("e2e", 55, [e2e], lambda outputs: json_lines(e2e_record), e2e_env),
         Part("parallel", 50, [parallel], lambda outputs: read_json(parallel_json)),
@@ -229,6 +301,7 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
 
 
 # ---- the sync-debug run (a child process of the suite) ----
+
 
 def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
     """Trains a few steps through the public API with host syncs made errors where none should happen."""
@@ -248,8 +321,12 @@ def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
         def on_step_begin(self, config, state, control, **kwargs):
             t, step = config.train, state.step + 1
             save_every = config.checkpoint.save_every
-            reads_back = (step % t.log_every == 0 or step == t.max_steps or (t.eval_every and step % t.eval_every == 0)
-                          or (save_every and step % save_every == 0))
+            reads_back = (
+                step % t.log_every == 0
+                or step == t.max_steps
+                or (t.eval_every and step % t.eval_every == 0)
+                or (save_every and step % save_every == 0)
+            )
             self.current = step
             if not reads_back:
                 self.quiet_steps.append(step)
@@ -260,24 +337,58 @@ def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
 
-    size = (["--model.preset=tiny", "--train.seq_len=32", "--train.micro_batch_size=2", "--train.max_steps=4",
-             "--train.log_every=2", "--train.dtype=fp32", "--train.device=cpu"] if dry_run else
-            ["--model.preset=small", "--train.seq_len=256", "--train.micro_batch_size=8", "--train.max_steps=12",
-             "--train.log_every=4", "--train.dtype=bf16"])
-    config = load_config(None, [*size, "--data.tokenizer=byte", "--train.grad_accum_steps=2", "--train.eval_every=0",
-                                "--checkpoint.save_every=0", "--train.progress=none", "--train.overwrite=true",
-                                f"--train.output_dir={out_dir / 'run'}"])
+    size = (
+        [
+            "--model.preset=tiny",
+            "--train.seq_len=32",
+            "--train.micro_batch_size=2",
+            "--train.max_steps=4",
+            "--train.log_every=2",
+            "--train.dtype=fp32",
+            "--train.device=cpu",
+        ]
+        if dry_run
+        else [
+            "--model.preset=small",
+            "--train.seq_len=256",
+            "--train.micro_batch_size=8",
+            "--train.max_steps=12",
+            "--train.log_every=4",
+            "--train.dtype=bf16",
+        ]
+    )
+    config = load_config(
+        None,
+        [
+            *size,
+            "--data.tokenizer=byte",
+            "--train.grad_accum_steps=2",
+            "--train.eval_every=0",
+            "--checkpoint.save_every=0",
+            "--train.progress=none",
+            "--train.overwrite=true",
+            f"--train.output_dir={out_dir / 'run'}",
+        ],
+    )
     callback = SyncDebug()
-    report = {"sync_debug_mode": "error on quiet steps" if cuda else "not available without CUDA (dry run)",
-              "max_steps": config.train.max_steps, "log_every": config.train.log_every}
+    report = {
+        "sync_debug_mode": "error on quiet steps" if cuda else "not available without CUDA (dry run)",
+        "max_steps": config.train.max_steps,
+        "log_every": config.train.log_every,
+    }
     try:
         state = Trainer(config, callbacks=[callback]).train()
         report.update(passed=True, steps=state.step, quiet_steps=callback.quiet_steps)
     except Exception as error:  # a sync in a quiet step, or the run failing for any other reason
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
-        report.update(passed=False, failed_in_step=callback.current, quiet_steps=callback.quiet_steps,
-                      error=f"{type(error).__name__}: {error}"[:2000], traceback=traceback.format_exc()[-3000:])
+        report.update(
+            passed=False,
+            failed_in_step=callback.current,
+            quiet_steps=callback.quiet_steps,
+            error=f"{type(error).__name__}: {error}"[:2000],
+            traceback=traceback.format_exc()[-3000:],
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sync_debug.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "traceback"}))
@@ -286,10 +397,12 @@ def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
 
 # ---- the suite ----
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 540; "
-                                                                   "900 with --dry-run)")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds for all parts together (default 540; 900 with --dry-run)"
+    )
     parser.add_argument("--out", help="results folder (default benchmarks/results; a temporary one with --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU at tiny shapes")
     parser.add_argument("--sync-debug-run", metavar="DIR", help=argparse.SUPPRESS)
@@ -315,10 +428,20 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_suite-"))
     env = child_env(work, args.dry_run)
     packages = versions()
-    results = {"device": device, "date": date, "dry_run": args.dry_run, "torch": torch.__version__,
-               "triton": packages["triton"], "cuda": torch.version.cuda, "python": sys.version.split()[0],
-               "packages": packages, "missing_packages": sorted(k for k, v in packages.items() if v is None),
-               "wheels": wheels, "budget_s": budget, "parts": {}}
+    results = {
+        "device": device,
+        "date": date,
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "triton": packages["triton"],
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "packages": packages,
+        "missing_packages": sorted(k for k, v in packages.items() if v is None),
+        "wheels": wheels,
+        "budget_s": budget,
+        "parts": {},
+    }
 
     parts = build_parts(work, args.dry_run, packages)
     if args.out:
@@ -330,13 +453,14 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / f"{slug}-{date}.json"
     for index, part in enumerate(parts):
-        later = sum(p.share for p in parts[index + 1:])
+        later = sum(p.share for p in parts[index + 1 :])
         limit = budget - (time.perf_counter() - suite_start) - later
         if limit < 20:
             results["parts"][part.name] = {"status": "skipped: no time left in the budget"}
         else:
-            print(f"== {part.name} (limit {limit:.0f} s): {' && '.join(' '.join(c) for c in part.commands)}",
-                  flush=True)
+            print(
+                f"== {part.name} (limit {limit:.0f} s): {' && '.join(' '.join(c) for c in part.commands)}", flush=True
+            )
             record, outputs = run_part(part, env, limit)
             try:
                 record["figures"] = part.figures(outputs)

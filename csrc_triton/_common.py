@@ -56,7 +56,8 @@ def launch(kernel, grid, args: tuple, meta: dict, shape: str):
         raise KernelCompileError(
             f"Triton kernel {kernel_name(kernel)} cannot be compiled for {shape} on {arch_of(device)}: "
             f"{first_line(error)}; `python -m csrc_triton.compile_check` lists the registers, spills and shared "
-            "memory of every configuration the launchers choose") from None
+            "memory of every configuration the launchers choose"
+        ) from None
 
 
 def kernel_name(kernel) -> str:

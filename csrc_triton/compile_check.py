@@ -59,8 +59,8 @@ MODELS: dict[str, ModelShape] = {
     "llama-405b": ModelShape(16384, 53248, 128, 8, 128, 128256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BATCH, SEQ = 4, 2048          # 8192 tokens through the row-wise kernels
-CE_ROWS = 1024                # tokens in one chunk of the fused loss
+BATCH, SEQ = 4, 2048  # 8192 tokens through the row-wise kernels
+CE_ROWS = 1024  # tokens in one chunk of the fused loss
 KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy")
 
 # Largest dynamic shared memory one block may use, by compute capability (CUDA programming guide,
@@ -69,30 +69,47 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100:
 MAX_REGISTERS_PER_THREAD = 255
 REGISTERS_PER_BLOCK = 65536
 MAX_THREADS_PER_BLOCK = 1024
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-                torch.bool: "i1"}
+TRITON_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 @dataclasses.dataclass
 class Launch:
     """One recorded launch: what to compile, and what it was for."""
 
-    kernel: str                # the op and direction, e.g. "rms_norm.backward"
+    kernel: str  # the op and direction, e.g. "rms_norm.backward"
     model: str
     dtype: str
-    shape: str                 # the launcher's own description of the problem
+    shape: str  # the launcher's own description of the problem
     module: str
     function: str
     signature: dict
     constexprs: dict
-    divisible: tuple           # indices of the arguments Triton would mark divisible by 16
+    divisible: tuple  # indices of the arguments Triton would mark divisible by 16
     num_warps: int
     num_stages: int | None
 
     def compile_key(self, arch: str) -> tuple:
-        return (self.module, self.function, tuple(self.signature.items()), tuple(self.constexprs.items()),
-                self.divisible, self.num_warps, self.num_stages, arch)
+        return (
+            self.module,
+            self.function,
+            tuple(self.signature.items()),
+            tuple(self.constexprs.items()),
+            self.divisible,
+            self.num_warps,
+            self.num_stages,
+            arch,
+        )
 
 
 def _specialize(kernel, args: tuple, meta: dict):
@@ -119,7 +136,7 @@ def _specialize(kernel, args: tuple, meta: dict):
                 signature[name] = "constexpr"
                 constexprs[name] = 1
                 continue
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0:
                 divisible.append(index)
         elif isinstance(value, float):
@@ -140,8 +157,21 @@ def _recording(into: list, kernel_label: str, model: str, dtype: str):
         meta = dict(meta)
         num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", None)
         signature, constexprs, divisible = _specialize(kernel, args, meta)
-        into.append(Launch(kernel_label, model, dtype, shape, kernel.fn.__module__, kernel.fn.__name__,
-                           signature, constexprs, divisible, num_warps, num_stages))
+        into.append(
+            Launch(
+                kernel_label,
+                model,
+                dtype,
+                shape,
+                kernel.fn.__module__,
+                kernel.fn.__name__,
+                signature,
+                constexprs,
+                divisible,
+                num_warps,
+                num_stages,
+            )
+        )
 
     previous, _common.launch_hook = _common.launch_hook, record
     try:
@@ -209,8 +239,15 @@ def launches(models=tuple(MODELS), dtypes=tuple(DTYPES), kernels=KERNELS) -> lis
                 with rec("cross_entropy.grad_scaled"):  # reduction none: the backward's recompute
                     cross_entropy_rows_(logits, labels, row_scale=losses)
                 with rec("cross_entropy.all_options"):
-                    cross_entropy_rows_(logits, labels, bias=_meta(m.vocab, dtype=dt), loss_out=losses,
-                                        label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+                    cross_entropy_rows_(
+                        logits,
+                        labels,
+                        bias=_meta(m.vocab, dtype=dt),
+                        loss_out=losses,
+                        label_smoothing=0.1,
+                        z_loss=1e-4,
+                        softcap=30.0,
+                    )
     return out
 
 
@@ -243,8 +280,7 @@ def _ast_source(kernel, launch: Launch, target):
         def data_ptr(self):
             return 0 if self.divisible else 8
 
-    values = [launch.constexprs.get(name, _Aligned(i in launch.divisible))
-              for i, name in enumerate(kernel.arg_names)]
+    values = [launch.constexprs.get(name, _Aligned(i in launch.divisible)) for i, name in enumerate(kernel.arg_names)]
     for i, name in enumerate(kernel.arg_names):
         if launch.signature[name] in ("i32", "i64"):
             values[i] = 16 if i in launch.divisible else 17
@@ -269,8 +305,11 @@ def _ptxas_report(ptx: str, arch: int, log: str) -> tuple[int, int]:
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "k.ptx"
             src.write_text(ptx)
-            done = subprocess.run([ptxas, "-v", "-lineinfo", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o",
-                                   str(Path(tmp) / "k.o")], capture_output=True, text=True)
+            done = subprocess.run(
+                [ptxas, "-v", "-lineinfo", f"--gpu-name=sm_{arch}{suffix}", str(src), "-o", str(Path(tmp) / "k.o")],
+                capture_output=True,
+                text=True,
+            )
             log = done.stdout + done.stderr
     registers = PTXAS_REGISTERS.search(log)
     spills = PTXAS_SPILLS.search(log)
@@ -306,8 +345,14 @@ def compile_one(launch: Launch, arch: int) -> dict:
         message = " ".join(str(error).split())[:400]
         return {"ok": False, "error": f"{type(error).__name__}: {message}"}
     metadata = compiled.metadata
-    return {"ok": True, "registers": registers, "spill_bytes": spill_bytes, "shared_bytes": int(metadata.shared),
-            "num_stages": int(metadata.num_stages), "num_warps": int(metadata.num_warps)}
+    return {
+        "ok": True,
+        "registers": registers,
+        "spill_bytes": spill_bytes,
+        "shared_bytes": int(metadata.shared),
+        "num_stages": int(metadata.num_stages),
+        "num_warps": int(metadata.num_warps),
+    }
 
 
 def check_limits(result: dict, arch: int) -> str | None:
@@ -356,11 +401,22 @@ def run(launch_list: list[Launch], archs: list[int], jobs: int) -> tuple[list[di
             label = arch_label(arch)
             blocks = {k: v for k, v in launch.constexprs.items() if k.startswith(("BLOCK", "ONE_BLOCK"))}
             flags = {k: v for k, v in launch.constexprs.items() if k.isupper() and k not in blocks}
-            record = {"kernel": launch.kernel, "function": launch.function, "arch": label,
-                      "dtype": launch.dtype, "model": launch.model, "shape": launch.shape, "blocks": blocks,
-                      "flags": flags, "num_warps": launch.num_warps, "num_stages": result.get("num_stages"),
-                      "registers": result.get("registers"), "spill_bytes": result.get("spill_bytes"),
-                      "shared_bytes": result.get("shared_bytes"), "ok": result["ok"]}
+            record = {
+                "kernel": launch.kernel,
+                "function": launch.function,
+                "arch": label,
+                "dtype": launch.dtype,
+                "model": launch.model,
+                "shape": launch.shape,
+                "blocks": blocks,
+                "flags": flags,
+                "num_warps": launch.num_warps,
+                "num_stages": result.get("num_stages"),
+                "registers": result.get("registers"),
+                "spill_bytes": result.get("spill_bytes"),
+                "shared_bytes": result.get("shared_bytes"),
+                "ok": result["ok"],
+            }
             if not result["ok"]:
                 record["error"] = f"{launch.function} for {launch.model} ({launch.shape}) on {label}: {result['error']}"
             else:
@@ -381,8 +437,7 @@ def _csv(text: str, allowed, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csrc_triton.compile_check",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m csrc_triton.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="sm_80,sm_90a", help="comma list, e.g. sm_80,sm_90a")
     parser.add_argument("--json", help="write every record and the summary to this file")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
@@ -398,8 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = _csv(args.dtypes, DTYPES, "dtype")
     kernels = _csv(args.kernels, KERNELS, "kernel")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("error: TRITON_INTERPRET is set, so triton would interpret the kernels rather than "
-                         "compile them; run the check without it")
+        raise SystemExit(
+            "error: TRITON_INTERPRET is set, so triton would interpret the kernels rather than "
+            "compile them; run the check without it"
+        )
 
     import triton
 
@@ -413,23 +470,30 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = [r for r in records if not r["ok"]]
     ok = [r for r in records if r["ok"]]
-    summary = {"triton": triton.__version__, "torch": torch.__version__, "archs": [arch_label(a) for a in archs],
-               "configurations": len(records), "distinct_compiles": compiled, "failed": len(failed),
-               "seconds": round(seconds, 1)}
+    summary = {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "archs": [arch_label(a) for a in archs],
+        "configurations": len(records),
+        "distinct_compiles": compiled,
+        "failed": len(failed),
+        "seconds": round(seconds, 1),
+    }
     if ok:
         worst = max(ok, key=lambda r: r["registers"])
         summary["max_registers"] = {k: worst[k] for k in ("registers", "kernel", "model", "dtype", "arch", "num_warps")}
         summary["max_shared_bytes"] = max(r["shared_bytes"] for r in ok)
-    print(f"triton {triton.__version__}: {len(records)} configurations ({compiled} distinct compiles) for "
-          f"{', '.join(summary['archs'])} in {seconds:.1f} s")
+    print(
+        f"triton {triton.__version__}: {len(records)} configurations ({compiled} distinct compiles) for "
+        f"{', '.join(summary['archs'])} in {seconds:.1f} s"
+    )
     by_kernel: dict[str, list[dict]] = {}
     for r in records:
         by_kernel.setdefault(r["kernel"], []).append(r)
     for name, rows in by_kernel.items():
         good = [r for r in rows if r["ok"]]
         regs = max((r["registers"] for r in good), default=0)
-        print(f"  {name:28s} {len(rows):4d} configs  max {regs:3d} registers  "
-              f"{len(rows) - len(good)} failed")
+        print(f"  {name:28s} {len(rows):4d} configs  max {regs:3d} registers  {len(rows) - len(good)} failed")
     for r in failed[:20]:
         print(f"FAILED {r['error']}")
     if len(failed) > 20:

@@ -42,11 +42,27 @@ def _logits(row_ptr, BIAS, cols, mask, softcap, HAS_BIAS: tl.constexpr, HAS_SOFT
 
 
 @triton.jit
-def _cross_entropy_kernel(LOGITS, stride_row, LABELS, BIAS, LOSS, ROW_SCALE,
-                          n_cols, ignore_index, label_smoothing, z_loss, softcap,
-                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                          HAS_Z_LOSS: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                          WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _cross_entropy_kernel(
+    LOGITS,
+    stride_row,
+    LABELS,
+    BIAS,
+    LOSS,
+    ROW_SCALE,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride_row
     label = tl.load(LABELS + row).to(tl.int64)
@@ -113,10 +129,20 @@ def launch_config(n_cols: int) -> dict:
     return dict(BLOCK=block, num_warps=num_warps_for(block))
 
 
-def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-                        loss_out: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
-                        ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                        softcap: float | None = None, compute_grad: bool = True, block: int | None = None):
+def cross_entropy_rows_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    loss_out: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    compute_grad: bool = True,
+    block: int | None = None,
+):
     """Per-row cross-entropy of logits (rows, vocab) (+ bias) against labels (rows,).
 
     Writes the fp32 per-row loss (0 where the label is ignore_index, NaN where it is outside
@@ -126,13 +152,16 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: tor
     + z_loss * lse^2, with logits soft-capped to softcap * tanh(logits / softcap) first. Returns logits.
     """
     if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
-        raise ValueError(f"logits must be (rows, vocab) with unit stride along vocab, got {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
+        raise ValueError(
+            f"logits must be (rows, vocab) with unit stride along vocab, got {tuple(logits.shape)} "
+            f"strides {logits.stride()}"
+        )
     n_rows, n_cols = logits.shape
     if labels.shape != (n_rows,):
         raise ValueError(f"labels must be ({n_rows},), got {tuple(labels.shape)}")
-    if loss_out is not None and (loss_out.shape != (n_rows,) or loss_out.dtype != torch.float32
-                                 or (n_rows > 1 and loss_out.stride(0) != 1)):
+    if loss_out is not None and (
+        loss_out.shape != (n_rows,) or loss_out.dtype != torch.float32 or (n_rows > 1 and loss_out.stride(0) != 1)
+    ):
         raise ValueError("loss_out must be a contiguous fp32 (rows,) tensor")
     if row_scale is not None:
         row_scale = row_scale.contiguous()
@@ -142,11 +171,28 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, *, bias: tor
     if n_rows == 0 or (loss_out is None and not compute_grad):
         return logits
     config = launch_config(n_cols) if block is None else dict(BLOCK=block, num_warps=num_warps_for(block))
-    args = (logits, logits.stride(0), labels, bias if bias is not None else logits,
-            loss_out if loss_out is not None else logits, row_scale if row_scale is not None else logits,
-            n_cols, ignore_index, float(label_smoothing), float(z_loss), 1.0 if softcap is None else float(softcap))
-    meta = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-                HAS_Z_LOSS=z_loss != 0.0, HAS_ROW_SCALE=row_scale is not None,
-                WRITE_LOSS=loss_out is not None, WRITE_GRAD=compute_grad, **config)
+    args = (
+        logits,
+        logits.stride(0),
+        labels,
+        bias if bias is not None else logits,
+        loss_out if loss_out is not None else logits,
+        row_scale if row_scale is not None else logits,
+        n_cols,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        1.0 if softcap is None else float(softcap),
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=label_smoothing != 0.0,
+        HAS_Z_LOSS=z_loss != 0.0,
+        HAS_ROW_SCALE=row_scale is not None,
+        WRITE_LOSS=loss_out is not None,
+        WRITE_GRAD=compute_grad,
+        **config,
+    )
     launch(_cross_entropy_kernel, (n_rows,), args, meta, f"rows={n_rows} vocab={n_cols} {logits.dtype}")
     return logits

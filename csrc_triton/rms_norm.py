@@ -25,10 +25,23 @@ LOOP_BLOCK = 4096
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD,
-                         stride_x, stride_r, stride_y, stride_s,
-                         n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(
+    X,
+    R,
+    W,
+    Y,
+    S,
+    RSTD,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     r_row = R + row * stride_r
@@ -80,10 +93,25 @@ def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD,
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DS, DX, DW_PARTIAL,
-                         stride_dy, stride_x, stride_ds, stride_dx,
-                         n_rows, n_cols, rows_per_program,
-                         HAS_DS: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    RSTD,
+    DS,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_x,
+    stride_ds,
+    stride_dx,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_DS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
     # y = w * n with n = x * rstd:  dx = rstd * (g - n * mean(g * n)) with g = dy * w,  dw = sum dy * n.
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
@@ -161,12 +189,20 @@ def backward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
 
 def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
     if t.dim() != 2 or t.shape[1] != n_cols or (n_cols > 1 and t.stride(1) != 1):
-        raise ValueError(f"{name} must be (rows, {n_cols}) with unit stride along the row, "
-                         f"got shape {tuple(t.shape)} strides {t.stride()}")
+        raise ValueError(
+            f"{name} must be (rows, {n_cols}) with unit stride along the row, "
+            f"got shape {tuple(t.shape)} strides {t.stride()}"
+        )
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                     *, max_block: int = MAX_ONE_BLOCK):
+def rms_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    max_block: int = MAX_ONE_BLOCK,
+):
     """RMSNorm over the rows of x (rows, cols), optionally of x + residual first.
 
     Returns (y, s, rstd): y in promote(input, weight) dtype; s the stored sum x + residual (None
@@ -186,16 +222,39 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     if n_rows == 0:
         return y, s, rstd
     has_res = residual is not None
-    args = (x, residual if has_res else x, weight, y, s if has_res else y, rstd,
-            x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0) if has_res else 0,
-            n_cols, eps)
-    launch(_rms_norm_fwd_kernel, (n_rows,), args, dict(HAS_RESIDUAL=has_res, **forward_config(n_cols, max_block)),
-           f"rows={n_rows} cols={n_cols} {x.dtype}")
+    args = (
+        x,
+        residual if has_res else x,
+        weight,
+        y,
+        s if has_res else y,
+        rstd,
+        x.stride(0),
+        residual.stride(0) if has_res else 0,
+        y.stride(0),
+        s.stride(0) if has_res else 0,
+        n_cols,
+        eps,
+    )
+    launch(
+        _rms_norm_fwd_kernel,
+        (n_rows,),
+        args,
+        dict(HAS_RESIDUAL=has_res, **forward_config(n_cols, max_block)),
+        f"rows={n_rows} cols={n_cols} {x.dtype}",
+    )
     return y, s, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      dsum: torch.Tensor | None = None, *, max_block: int = MAX_ONE_BLOCK):
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dsum: torch.Tensor | None = None,
+    *,
+    max_block: int = MAX_ONE_BLOCK,
+):
     """Gradients of rms_norm_forward. x is what was normalised (the stored sum with a residual).
 
     dsum, the gradient reaching the stored sum directly, is added to dx. Returns (dx in x's dtype,
@@ -217,9 +276,27 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     # The one-block kernel writes every partial row; the streamed one accumulates into it.
     alloc = torch.empty if config["ONE_BLOCK"] else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=x.device)
-    args = (dy, x, weight, rstd, dsum if dsum is not None else dy, dx, dw_partial,
-            dy.stride(0), x.stride(0), dsum.stride(0) if dsum is not None else 0, dx.stride(0),
-            n_rows, n_cols, rows_per_program)
-    launch(_rms_norm_bwd_kernel, (programs,), args, dict(HAS_DS=dsum is not None, **config),
-           f"rows={n_rows} cols={n_cols} {x.dtype}")
+    args = (
+        dy,
+        x,
+        weight,
+        rstd,
+        dsum if dsum is not None else dy,
+        dx,
+        dw_partial,
+        dy.stride(0),
+        x.stride(0),
+        dsum.stride(0) if dsum is not None else 0,
+        dx.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+    )
+    launch(
+        _rms_norm_bwd_kernel,
+        (programs,),
+        args,
+        dict(HAS_DS=dsum is not None, **config),
+        f"rows={n_rows} cols={n_cols} {x.dtype}",
+    )
     return dx, dw_partial.sum(0)

@@ -17,8 +17,9 @@ MAX_TILE = 2048
 
 
 @triton.jit
-def _rotate_heads(X, OUT, x_base, o_base, n_heads, stride_xh, stride_oh, half, d, d_mask,
-                  c1, c2, s1, s2, BLOCK_H: tl.constexpr):
+def _rotate_heads(
+    X, OUT, x_base, o_base, n_heads, stride_xh, stride_oh, half, d, d_mask, c1, c2, s1, s2, BLOCK_H: tl.constexpr
+):
     for h0 in range(0, n_heads, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < n_heads)[:, None] & d_mask[None, :]
@@ -33,12 +34,37 @@ def _rotate_heads(X, OUT, x_base, o_base, n_heads, stride_xh, stride_oh, half, d
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN,
-                 seq_len, n_q_heads, n_k_heads, half,
-                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                 stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
-                 stride_cb, stride_cs, stride_sb, stride_ss,
-                 INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    half,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_qob,
+    stride_qoh,
+    stride_qos,
+    stride_kob,
+    stride_koh,
+    stride_kos,
+    stride_cb,
+    stride_cs,
+    stride_sb,
+    stride_ss,
+    INVERSE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # out = x * cos + rotate_half(x) * sin, per half:  o1 = x1 c1 - x2 s1,  o2 = x2 c2 + x1 s2.
     # The backward applies the transpose of that 2x2 rotation (the inverse when c1 = c2 and
     # s1 = s2, as in every Llama table), which is the same form with s1 -> -s2, s2 -> -s1.
@@ -57,10 +83,40 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN,
         s_first = s1
         s1 = -s2
         s2 = -s_first
-    _rotate_heads(Q, QO, b * stride_qb + s * stride_qs, b * stride_qob + s * stride_qos, n_q_heads,
-                  stride_qh, stride_qoh, half, d, d_mask, c1, c2, s1, s2, BLOCK_H)
-    _rotate_heads(K, KO, b * stride_kb + s * stride_ks, b * stride_kob + s * stride_kos, n_k_heads,
-                  stride_kh, stride_koh, half, d, d_mask, c1, c2, s1, s2, BLOCK_H)
+    _rotate_heads(
+        Q,
+        QO,
+        b * stride_qb + s * stride_qs,
+        b * stride_qob + s * stride_qos,
+        n_q_heads,
+        stride_qh,
+        stride_qoh,
+        half,
+        d,
+        d_mask,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_H,
+    )
+    _rotate_heads(
+        K,
+        KO,
+        b * stride_kb + s * stride_ks,
+        b * stride_kob + s * stride_kos,
+        n_k_heads,
+        stride_kh,
+        stride_koh,
+        half,
+        d,
+        d_mask,
+        c1,
+        c2,
+        s1,
+        s2,
+        BLOCK_H,
+    )
 
 
 def launch_config(n_q_heads: int, n_k_heads: int, head_dim: int) -> dict:
@@ -74,8 +130,9 @@ def _table(t: torch.Tensor, batch: int, seq: int, dim: int) -> torch.Tensor:
     if t.dim() == 2:
         t = t[None]
     if t.dim() != 3 or t.shape[1:] != (seq, dim) or t.shape[0] not in (1, batch):
-        raise ValueError(f"cos/sin must be (seq, head_dim) or (batch, seq, head_dim) = (.., {seq}, {dim}), "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"cos/sin must be (seq, head_dim) or (batch, seq, head_dim) = (.., {seq}, {dim}), got {tuple(t.shape)}"
+        )
     t = t.expand(batch, seq, dim)  # a shared table gets batch stride 0, no copy
     return t if t.stride(2) == 1 else t.contiguous()
 
@@ -102,11 +159,39 @@ def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if batch * seq == 0:
         return q_out, k_out
-    args = (q, k, q_out, k_out, cos, sin,
-            seq, n_q, k.shape[1], dim // 2,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    launch(_rope_kernel, (batch * seq,), args, dict(INVERSE=inverse, **launch_config(n_q, k.shape[1], dim)),
-           f"q={tuple(q.shape)} k={tuple(k.shape)} {q.dtype}")
+    args = (
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        seq,
+        n_q,
+        k.shape[1],
+        dim // 2,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        cos.stride(0),
+        cos.stride(1),
+        sin.stride(0),
+        sin.stride(1),
+    )
+    launch(
+        _rope_kernel,
+        (batch * seq,),
+        args,
+        dict(INVERSE=inverse, **launch_config(n_q, k.shape[1], dim)),
+        f"q={tuple(q.shape)} k={tuple(k.shape)} {q.dtype}",
+    )
     return q_out, k_out

@@ -27,8 +27,9 @@ def _swiglu_fwd_kernel(G, U, OUT, stride_g, stride_u, stride_o, n_cols, BLOCK: t
 
 
 @triton.jit
-def _swiglu_bwd_kernel(DO, G, U, DG, DU, stride_do, stride_g, stride_u, stride_dg, stride_du, n_cols,
-                       BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(
+    DO, G, U, DG, DU, stride_do, stride_g, stride_u, stride_dg, stride_du, n_cols, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -73,24 +74,34 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel():
         config = launch_config(n_cols)
-        launch(_swiglu_fwd_kernel, _grid(n_rows, n_cols, config["BLOCK"]),
-               (g, u, out, g.stride(0), u.stride(0), out.stride(0), n_cols), config,
-               f"rows={n_rows} cols={n_cols} {gate.dtype}")
+        launch(
+            _swiglu_fwd_kernel,
+            _grid(n_rows, n_cols, config["BLOCK"]),
+            (g, u, out, g.stride(0), u.stride(0), out.stride(0), n_cols),
+            config,
+            f"rows={n_rows} cols={n_cols} {gate.dtype}",
+        )
     return out.view(gate.shape)
 
 
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     """Returns (d gate, d up) in the dtypes of gate and up."""
     if not (gate.shape == up.shape == grad_out.shape):
-        raise ValueError(f"grad_out {tuple(grad_out.shape)}, gate {tuple(gate.shape)} and up "
-                         f"{tuple(up.shape)} must have the same shape")
+        raise ValueError(
+            f"grad_out {tuple(grad_out.shape)}, gate {tuple(gate.shape)} and up "
+            f"{tuple(up.shape)} must have the same shape"
+        )
     do, g, u = as_rows(grad_out), as_rows(gate), as_rows(up)
     n_rows, n_cols = g.shape
     dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     du = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device)
     if dg.numel():
         config = launch_config(n_cols)
-        launch(_swiglu_bwd_kernel, _grid(n_rows, n_cols, config["BLOCK"]),
-               (do, g, u, dg, du, do.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols),
-               config, f"rows={n_rows} cols={n_cols} {gate.dtype}")
+        launch(
+            _swiglu_bwd_kernel,
+            _grid(n_rows, n_cols, config["BLOCK"]),
+            (do, g, u, dg, du, do.stride(0), g.stride(0), u.stride(0), dg.stride(0), du.stride(0), n_cols),
+            config,
+            f"rows={n_rows} cols={n_cols} {gate.dtype}",
+        )
     return dg.view(gate.shape), du.view(up.shape)

@@ -12,18 +12,35 @@ ROOT = Path(__file__).resolve().parents[1]
 # Layer of each top-level module or package; a module may import only strictly lower layers (and
 # its own package). Lazy imports inside functions count too.
 LAYERS = {
-    "trainer.constants": 0, "trainer.errors": 0,
-    "csrc_triton": 1, "trainer.config": 1, "trainer.callbacks": 1, "trainer.runtime": 1,
+    "trainer.constants": 0,
+    "trainer.errors": 0,
+    "csrc_triton": 1,
+    "trainer.config": 1,
+    "trainer.callbacks": 1,
+    "trainer.runtime": 1,
     "trainer.ops": 2,
     "trainer.models": 3,
-    "trainer.optim": 4, "trainer.data": 4, "trainer.parallel": 4, "trainer.lora": 4, "trainer.plot": 4,
-    "trainer.prefetch": 4, "trainer.hf_patch": 4,
-    "trainer.metrics": 5, "trainer.checkpoint": 5, "trainer.evaluation": 5,
-    "trainer.output_dir": 6, "trainer.summary": 6, "trainer.plan": 6,
+    "trainer.optim": 4,
+    "trainer.data": 4,
+    "trainer.parallel": 4,
+    "trainer.lora": 4,
+    "trainer.plot": 4,
+    "trainer.prefetch": 4,
+    "trainer.hf_patch": 4,
+    "trainer.metrics": 5,
+    "trainer.checkpoint": 5,
+    "trainer.evaluation": 5,
+    "trainer.output_dir": 6,
+    "trainer.summary": 6,
+    "trainer.plan": 6,
     "trainer.build": 7,
-    "trainer.loop": 8, "trainer.eval_command": 8, "trainer.generate": 8,
-    "trainer.bench": 9, "trainer.plan.measure": 9,  # both run whole training loops
-    "trainer.cli": 10, "trainer": 10,
+    "trainer.loop": 8,
+    "trainer.eval_command": 8,
+    "trainer.generate": 8,
+    "trainer.bench": 9,
+    "trainer.plan.measure": 9,  # both run whole training loops
+    "trainer.cli": 10,
+    "trainer": 10,
     "trainer.__main__": 11,
 }
 
@@ -75,9 +92,13 @@ SOURCES = sorted(p for folder in ("trainer", "csrc_triton") for p in (ROOT / fol
 def test_no_module_imports_a_layer_above_its_own(path):
     name = module_name(path)
     own = unit_of(name)
-    upward = [m for m in imports_of(path, name)
-              if unit_of(m) != own and not (name == "trainer" and m.startswith("trainer."))
-              and LAYERS[unit_of(m)] >= LAYERS[own]]
+    upward = [
+        m
+        for m in imports_of(path, name)
+        if unit_of(m) != own
+        and not (name == "trainer" and m.startswith("trainer."))
+        and LAYERS[unit_of(m)] >= LAYERS[own]
+    ]
     assert not upward, f"{name} (layer {LAYERS[own]}) imports {upward}"
 
 
@@ -85,8 +106,10 @@ def test_importing_the_ops_loads_neither_the_loop_nor_the_data_pipeline():
     import subprocess
     import sys
 
-    code = ("import sys, trainer.ops; "
-            "print(sorted(m for m in sys.modules if m.startswith(('trainer.loop', 'trainer.data', 'trainer.optim', "
-            "'torch.distributed.fsdp'))))")
+    code = (
+        "import sys, trainer.ops; "
+        "print(sorted(m for m in sys.modules if m.startswith(('trainer.loop', 'trainer.data', 'trainer.optim', "
+        "'torch.distributed.fsdp'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"

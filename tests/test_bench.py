@@ -22,8 +22,14 @@ def run_bench(tmp_path, *overrides, env=None, **config):
     cfg = tiny_config(tmp_path, train__max_steps=4, bench__warmup_steps=1, **config)
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))
-    proc = subprocess.run([sys.executable, "-m", "trainer", "bench", str(path), *overrides], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "bench", str(path), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     bench_json = tmp_path / "run" / "bench.json"
     return proc, json.loads(bench_json.read_text()) if bench_json.is_file() else None
 
@@ -94,13 +100,18 @@ def test_reference_none_reports_the_optimized_run_alone(tmp_path):
 
 # ---------------------------------------------------------------- without subprocesses
 
+
 def test_the_reference_turns_every_speed_up_off(tmp_path):
     cfg = tiny_config(tmp_path, train__dtype="bf16", train__param_dtype="bf16", kernels__enabled=True)
     if hasattr(cfg, "parallel"):
         cfg.parallel.compile = True
     ref = reference_config(cfg)
-    assert (ref.kernels.enabled, ref.train.dtype, ref.train.param_dtype, ref.optim.name) == (False, "fp32", "fp32",
-                                                                                            "adamw")
+    assert (ref.kernels.enabled, ref.train.dtype, ref.train.param_dtype, ref.optim.name) == (
+        False,
+        "fp32",
+        "fp32",
+        "adamw",
+    )
     if hasattr(ref, "parallel"):
         assert ref.parallel.compile is False and ref.parallel.activation_checkpointing == "none"
     assert cfg.kernels.enabled and cfg.train.dtype == "bf16"  # the configured run is left as it was
@@ -137,10 +148,13 @@ def test_throughput_and_mfu_arithmetic():
     assert peak_flops({**h100, "device": "Some GPU"}, 100.0)[0] == 100e12
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"bench__warmup_steps": 4}, "leaves no steady steps"),
-    ({"bench__peer": "hf-liger"}, "needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"bench__warmup_steps": 4}, "leaves no steady steps"),
+        ({"bench__peer": "hf-liger"}, "needs a CUDA GPU"),
+    ],
+)
 def test_bench_config_errors(tmp_path, overrides, message):
     cfg = tiny_config(tmp_path, train__max_steps=4, **overrides)
     with pytest.raises(ConfigError, match=message):

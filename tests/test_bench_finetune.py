@@ -24,16 +24,19 @@ def bench(*args, cwd):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--options", "adamw,sgd"], "unknown option sgd"),
-    (["--options", ","], "unknown option (none given)"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "many"], "invalid int value"),
-    (["--threads", "-1"], "--threads must be >= 0"),
-    (["--quick", "--predict-only"], "do not go together"),
-    (["--json", "/no/such/folder/out.json"], "does not exist"),
-    (["--frobnicate"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--options", "adamw,sgd"], "unknown option sgd"),
+        (["--options", ","], "unknown option (none given)"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "many"], "invalid int value"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--quick", "--predict-only"], "do not go together"),
+        (["--json", "/no/such/folder/out.json"], "does not exist"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
 def test_bad_arguments_exit_with_one_line(tmp_path, args, says):
     proc = bench(*args, cwd=tmp_path)
     assert proc.returncode == 2
@@ -87,8 +90,18 @@ def test_llama_8b_predictions(tmp_path):
 def test_quick_run_figures_agree(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "out.json"
-    proc = bench("--quick", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"),
-                 "--workdir", str(tmp_path / "work"), "--json", str(out), cwd=tmp_path)
+    proc = bench(
+        "--quick",
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     cpu = report["cpu"]

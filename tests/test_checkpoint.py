@@ -22,8 +22,9 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
     Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "a"), **common)).train()
     Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), **common), callbacks=[StopAt(4)]).train()
     assert latest_checkpoint(tmp_path / "b").name == "checkpoint-4"
-    state = Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest",
-                                **common)).train()
+    state = Trainer(
+        tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest", **common)
+    ).train()
     assert state.step == 7
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # exact, not approximate
 
@@ -41,10 +42,11 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
                 os._exit(9)  # the process dies half way through writing checkpoint-4
             real_save(obj, path, *a, **k)
         ck.torch.save = dying_save
-        Trainer(load_config({str(tmp_path / 'run' / 'config.toml')!r})).train()
+        Trainer(load_config({str(tmp_path / "run" / "config.toml")!r})).train()
     """)
     (tmp_path / "run").mkdir()
     from trainer.config import to_toml
+
     (tmp_path / "run" / "config.toml").write_text(to_toml(cfg))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 9, proc.stderr
@@ -65,8 +67,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight is \(\d+, \d+\) there but \(\d+, \d+\) here"):
         load_checkpoint(tmp_path / "run" / "checkpoint-2", model=wider)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        Trainer(tiny_config(tmp_path, train__max_steps=4, model__n_layers=3,
-                            checkpoint__resume_from="latest")).train()
+        Trainer(tiny_config(tmp_path, train__max_steps=4, model__n_layers=3, checkpoint__resume_from="latest")).train()
 
 
 def test_new_run_into_folder_with_checkpoints_is_refused_unless_overwrite(tmp_path):
@@ -99,15 +100,22 @@ def test_rotation_keeps_the_last_n_and_never_the_best(tmp_path):
     (tmp_path / "checkpoint-6").mkdir()  # incomplete: no trainer_state.json, ignored by rotation and resume
     rotate_checkpoints(tmp_path, keep_last=2, protect=str(tmp_path / "checkpoint-2"))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
-        "checkpoint-2", "checkpoint-4", "checkpoint-5", "checkpoint-6"]
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-5",
+        "checkpoint-6",
+    ]
     assert latest_checkpoint(tmp_path).name == "checkpoint-5"
     rotate_checkpoints(tmp_path, keep_last=0, protect=None)  # 0 keeps all
     assert latest_checkpoint(tmp_path).name == "checkpoint-5"
 
 
 def test_best_checkpoint_survives_rotation_in_a_run(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, train__max_steps=6, train__eval_every=2, checkpoint__save_every=2,
-                                  checkpoint__keep_last=1))
+    trainer = Trainer(
+        tiny_config(
+            tmp_path, train__max_steps=6, train__eval_every=2, checkpoint__save_every=2, checkpoint__keep_last=1
+        )
+    )
     real_evaluate = Trainer.evaluate
 
     def evaluate(self):  # fakes a rising eval loss after step 2

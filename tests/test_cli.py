@@ -13,8 +13,9 @@ from trainer.metrics import read_metrics
 
 def run_cli(*args, cwd=None, timeout=120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
+    )
 
 
 def tiny_args(tmp_path, **overrides):
@@ -24,16 +25,19 @@ def tiny_args(tmp_path, **overrides):
     return [str(path)]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.max_step=3"], "unknown config key 'train.max_step'; did you mean train.max_steps?"),
-    (["--optim.nme=adamw"], "did you mean optim.name?"),
-    (["--train.dtype=bf32"], "train.dtype='bf32' is not allowed; choose one of: auto, fp32, bf16, fp16"),
-    (["--train.max_steps=many"], "train.max_steps='many' is not valid: expected an integer"),
-    (["--data.path=/no/such/corpus"], "data.path entry '/no/such/corpus' matched no files"),
-    (["missing.toml"], "config file 'missing.toml' does not exist"),
-    (["--train.seq_len=100000"], "train.seq_len=100000 is longer than the model allows"),
-    (["--model.preset=huge"], "model.preset='huge' is unknown; choose one of: tiny, small"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.max_step=3"], "unknown config key 'train.max_step'; did you mean train.max_steps?"),
+        (["--optim.nme=adamw"], "did you mean optim.name?"),
+        (["--train.dtype=bf32"], "train.dtype='bf32' is not allowed; choose one of: auto, fp32, bf16, fp16"),
+        (["--train.max_steps=many"], "train.max_steps='many' is not valid: expected an integer"),
+        (["--data.path=/no/such/corpus"], "data.path entry '/no/such/corpus' matched no files"),
+        (["missing.toml"], "config file 'missing.toml' does not exist"),
+        (["--train.seq_len=100000"], "train.seq_len=100000 is longer than the model allows"),
+        (["--model.preset=huge"], "model.preset='huge' is unknown; choose one of: tiny, small"),
+    ],
+)
 def test_user_errors_give_one_line_and_exit_2(tmp_path, args, message):
     base = tiny_args(tmp_path)
     proc = run_cli("train", *(args if args[0].endswith(".toml") else base + args), cwd=tmp_path)
@@ -61,8 +65,13 @@ def test_train_then_eval_from_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
     args = tiny_args(tmp_path, train__max_steps=100000, train__seq_len=64)
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and len(read_metrics(metrics)) < 3:

@@ -36,25 +36,47 @@ def test_model_shapes_are_the_presets(preset):
     shape = compile_check.MODELS[preset]
     head_dim = p.get("head_dim") or p["hidden_size"] // p["n_heads"]
     assert (shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim, shape.vocab) == (
-        p["hidden_size"], p["intermediate_size"], p["n_heads"], p["n_kv_heads"], head_dim, p["vocab_size"])
+        p["hidden_size"],
+        p["intermediate_size"],
+        p["n_heads"],
+        p["n_kv_heads"],
+        head_dim,
+        p["vocab_size"],
+    )
 
 
 def test_every_kernel_is_recorded_in_every_direction():
-    kernels = {f"{m}.{name}" for m in ("cross_entropy", "rms_norm", "rope", "swiglu")
-               for name, obj in vars(__import__(f"csrc_triton.{m}", fromlist=["_"])).items()
-               if name.endswith("_kernel") and hasattr(obj, "arg_names")}
+    kernels = {
+        f"{m}.{name}"
+        for m in ("cross_entropy", "rms_norm", "rope", "swiglu")
+        for name, obj in vars(__import__(f"csrc_triton.{m}", fromlist=["_"])).items()
+        if name.endswith("_kernel") and hasattr(obj, "arg_names")
+    }
     launches = compile_check.launches()
     assert {f"{launch.module.split('.')[-1]}.{launch.function}" for launch in launches} == kernels
     labels = {launch.kernel for launch in launches}
-    assert {"rms_norm.forward", "rms_norm.backward", "add_rms_norm.forward", "add_rms_norm.backward",
-            "rope.forward", "rope.backward", "swiglu.forward", "swiglu.backward",
-            "cross_entropy.loss_and_grad", "cross_entropy.loss", "cross_entropy.grad_scaled"} <= labels
+    assert {
+        "rms_norm.forward",
+        "rms_norm.backward",
+        "add_rms_norm.forward",
+        "add_rms_norm.backward",
+        "rope.forward",
+        "rope.backward",
+        "swiglu.forward",
+        "swiglu.backward",
+        "cross_entropy.loss_and_grad",
+        "cross_entropy.loss",
+        "cross_entropy.grad_scaled",
+    } <= labels
     assert len(launches) == len(compile_check.MODELS) * len(compile_check.DTYPES) * len(labels)
 
 
 def test_recorded_launch_carries_triton_specialisations():
-    (launch,) = [x for x in compile_check.launches(["qwen2-7b"], ["fp16"], ["cross_entropy"])
-                 if x.kernel == "cross_entropy.loss_and_grad"]
+    (launch,) = [
+        x
+        for x in compile_check.launches(["qwen2-7b"], ["fp16"], ["cross_entropy"])
+        if x.kernel == "cross_entropy.loss_and_grad"
+    ]
     assert launch.signature["LOGITS"] == "*fp16" and launch.signature["LABELS"] == "*i64"
     assert launch.signature["n_cols"] == "i32" and launch.signature["label_smoothing"] == "fp32"
     arg_names = getattr(importlib.import_module(launch.module), launch.function).arg_names
@@ -65,10 +87,30 @@ def test_recorded_launch_carries_triton_specialisations():
 
 def test_fast_subset_compiles_without_spills(tmp_path):
     out = tmp_path / "check.json"
-    done = subprocess.run([sys.executable, "-m", "csrc_triton.compile_check", "--models", "llama-8b", "--dtypes",
-                           "bf16", "--arch", "sm_90a", "--kernels", "rms_norm,rope,cross_entropy", "--jobs", "1",
-                           "--json", str(out)], cwd=REPO, env=compiled_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csrc_triton.compile_check",
+            "--models",
+            "llama-8b",
+            "--dtypes",
+            "bf16",
+            "--arch",
+            "sm_90a",
+            "--kernels",
+            "rms_norm,rope,cross_entropy",
+            "--jobs",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=compiled_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     records = report["records"]
@@ -88,9 +130,11 @@ def test_a_configuration_that_cannot_compile_is_one_failed_record(tmp_path):
         "launch = next(x for x in cc.launches(['llama-8b'], ['bf16'], ['swiglu']) if x.kernel == 'swiglu.forward')\n"
         "launch.constexprs['BLOCK'] = 1000\n"
         "records, _ = cc.run([launch], [90], 1)\n"
-        "print(json.dumps(records))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=compiled_env(), capture_output=True, text=True,
-                          timeout=300)
+        "print(json.dumps(records))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=compiled_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     (record,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert not record["ok"]
@@ -105,7 +149,8 @@ def test_limits_name_what_is_exceeded():
     assert "spills 8 bytes" in compile_check.check_limits({**fine, "spill_bytes": 8}, 90)
     assert "256 registers a thread > 255" in compile_check.check_limits({**fine, "registers": 256}, 90)
     assert "128 registers x 1024 threads > 65536" in compile_check.check_limits(
-        {**fine, "registers": 128, "num_warps": 32}, 90)
+        {**fine, "registers": 128, "num_warps": 32}, 90
+    )
     # 200 KB of shared memory fits an H100 (227 KB a block) but not an RTX 4090 (99 KB).
     assert compile_check.check_limits({**fine, "shared_bytes": 200 * 1024}, 90) is None
     assert "shared memory > 101376" in compile_check.check_limits({**fine, "shared_bytes": 200 * 1024}, 89)
@@ -131,7 +176,9 @@ class _Refusing:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             from triton.runtime.errors import OutOfResources
+
             raise OutOfResources(300000, 232448, "shared memory")
+
         return run
 
 
@@ -141,8 +188,10 @@ def test_a_launch_that_cannot_compile_raises_one_line_naming_kernel_shape_arch()
         _common.launch(_Refusing(), (3,), (x,), {"BLOCK": 8}, "rows=3 cols=5 fp32")
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("Triton kernel _fake_kernel cannot be compiled for rows=3 cols=5 fp32 on cpu "
-                              "(interpreter): OutOfResources: out of resource: shared memory, Required: 300000")
+    assert message.startswith(
+        "Triton kernel _fake_kernel cannot be compiled for rows=3 cols=5 fp32 on cpu "
+        "(interpreter): OutOfResources: out of resource: shared memory, Required: 300000"
+    )
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no Triton traceback attached
 
 

@@ -16,23 +16,26 @@ def test_file_then_overrides(tmp_path):
 
 
 def test_effective_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, ["--model.n_layers=3", "--data.path=a b\\c\"d", "--optim.betas=0.8,0.9"])
+    cfg = load_config(None, ["--model.n_layers=3", '--data.path=a b\\c"d', "--optim.betas=0.8,0.9"])
     path = tmp_path / "config.toml"
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
     assert load_config(path) != TrainConfig()
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[train]\nmax_step = 3\n', "did you mean train.max_steps?"),
-    ('[trian]\nmax_steps = 3\n', "unknown config key 'trian.max_steps'; did you mean train.max_steps?"),
-    ('[train]\nmax_steps = "x"\n', "train.max_steps='x' is not valid: expected an integer"),
-    ('[train]\nmax_steps = 2.5\n', "expected an integer"),
-    ('[train]\ndtype = "float16"\n', "choose one of: auto, fp32, bf16, fp16"),
-    ('[train\n', "is not valid TOML"),
-    ('[train]\nmicro_batch_size = 0\n', "train.micro_batch_size must be > 0"),
-    ('[train]\nparam_dtype = "bf16"\ndtype = "fp16"\n', "train.param_dtype=bf16 needs train.dtype=bf16"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[train]\nmax_step = 3\n", "did you mean train.max_steps?"),
+        ("[trian]\nmax_steps = 3\n", "unknown config key 'trian.max_steps'; did you mean train.max_steps?"),
+        ('[train]\nmax_steps = "x"\n', "train.max_steps='x' is not valid: expected an integer"),
+        ("[train]\nmax_steps = 2.5\n", "expected an integer"),
+        ('[train]\ndtype = "float16"\n', "choose one of: auto, fp32, bf16, fp16"),
+        ("[train\n", "is not valid TOML"),
+        ("[train]\nmicro_batch_size = 0\n", "train.micro_batch_size must be > 0"),
+        ('[train]\nparam_dtype = "bf16"\ndtype = "fp16"\n', "train.param_dtype=bf16 needs train.dtype=bf16"),
+    ],
+)
 def test_bad_config_files(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)

@@ -100,7 +100,9 @@ def make_hf_folder(folder, special, config_eos=None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=290, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=290,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
@@ -162,8 +164,14 @@ def test_bpe_cached_by_corpus(tmp_path, monkeypatch):
 def test_sources_folder_glob_and_list(tmp_path):
     root = write_folder(
         tmp_path / "c",
-        {"b.txt": "B", "a.md": "A", "sub/c.py": "C", ".hidden/x.txt": "X", "skip.bin": "S",
-         "d.jsonl": '{"text": "D"}\n'},
+        {
+            "b.txt": "B",
+            "a.md": "A",
+            "sub/c.py": "C",
+            ".hidden/x.txt": "X",
+            "skip.bin": "S",
+            "d.jsonl": '{"text": "D"}\n',
+        },
     )
     names = [s.name for s in resolve_corpus(str(root)).sources]
     assert names == ["a.md", "b.txt", "d.jsonl", os.path.join("sub", "c.py")]

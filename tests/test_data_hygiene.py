@@ -76,8 +76,9 @@ def test_bpe_training_skips_binary_files(tmp_path):
     (root / "code.py").write_text("def add(a, b):\n    return a + b\n" * 20)
     data = prepare_data(str(root), tokenizer="bpe", vocab_size=300, val_fraction=0, cache_dir=str(tmp_path / "c1"))
     (root / "x.md").write_bytes(elf_bytes())
-    with_binary = prepare_data(str(root), tokenizer="bpe", vocab_size=300, val_fraction=0,
-                               cache_dir=str(tmp_path / "c2"))
+    with_binary = prepare_data(
+        str(root), tokenizer="bpe", vocab_size=300, val_fraction=0, cache_dir=str(tmp_path / "c2")
+    )
     # The same tokenizer learned: the binary file never reached the trainer.
     assert with_binary.tokenizer._tok.get_vocab() == data.tokenizer._tok.get_vocab()
     assert np.array_equal(np.asarray(with_binary.train), np.asarray(data.train))

@@ -66,8 +66,9 @@ def test_global_batch_is_layout_invariant():
     layouts = [(1, 4, 1), (2, 1, 2), (4, 1, 1), (1, 2, 2)]
     runs = []
     for mbs, accum, world in layouts:
-        loaders = [BlockLoader(coded_mixture([30, 11], [2, 1]), SEQ, mbs, accum, world, rank, seed=4)
-                   for rank in range(world)]
+        loaders = [
+            BlockLoader(coded_mixture([30, 11], [2, 1]), SEQ, mbs, accum, world, rank, seed=4) for rank in range(world)
+        ]
         runs.append([step_blocks(loaders) for _ in range(25)])
     assert all(r == runs[0] for r in runs)
     other_seed = BlockLoader(coded_mixture([30, 11], [2, 1]), SEQ, 4, 1, seed=5)
@@ -92,7 +93,10 @@ def test_resume_is_exact(stop):
         assert step_blocks(resumed) == step_blocks(reference)
     assert resumed[0].state_dict() == reference[0].state_dict()
     assert (resumed[0].epoch, resumed[0].position, resumed[0].steps) == (
-        reference[0].epoch, reference[0].position, reference[0].steps)
+        reference[0].epoch,
+        reference[0].position,
+        reference[0].steps,
+    )
 
 
 def test_incompatible_states_are_refused_clearly(caplog):
@@ -125,11 +129,22 @@ def test_version_1_state_still_loads():
     # of (seed, epoch) at the saved position.
     tokens = np.arange(20 * SEQ + 1)
     loader = BlockLoader(tokens, SEQ, 2, 2, seed=0)
-    loader.load_state_dict({"version": 1, "seed": 3, "shuffle": True, "epoch": 1, "position": 8, "steps": 7,
-                            "blocks_per_epoch": 20, "global_batch": 4})
+    loader.load_state_dict(
+        {
+            "version": 1,
+            "seed": 3,
+            "shuffle": True,
+            "epoch": 1,
+            "position": 8,
+            "steps": 7,
+            "blocks_per_epoch": 20,
+            "global_batch": 4,
+        }
+    )
     expected = np.random.default_rng([3, 1]).permutation(20)[8:12]
     assert [block for block in (int(r[0]) // SEQ for mb in loader.next_step() for r in mb["input_ids"])] == list(
-        expected)
+        expected
+    )
     assert loader.tokens_by_source() == {}
 
 
@@ -204,8 +219,14 @@ def test_a_mixture_run_logs_tokens_per_source(tmp_path):
 
     a = write_corpus(tmp_path / "a", n_docs=12, seed=1)
     b = write_corpus(tmp_path / "b", n_docs=12, seed=2)
-    cfg = tiny_config(tmp_path, data__path=f"{a},{b}", data__weights="3,1", train__max_steps=8, train__log_every=4,
-                      train__micro_batch_size=4)
+    cfg = tiny_config(
+        tmp_path,
+        data__path=f"{a},{b}",
+        data__weights="3,1",
+        train__max_steps=8,
+        train__log_every=4,
+        train__micro_batch_size=4,
+    )
     Trainer(cfg).train()
     logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "tokens_by_source" in r]
     assert [r["step"] for r in logged] == [4, 8]

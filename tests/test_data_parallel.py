@@ -48,8 +48,9 @@ def corpus(tmp_path):
 
 
 def run(corpus, cache, workers, tokenizer="byte", val_fraction=0.05):
-    return prepare_data(str(corpus), tokenizer=tokenizer, val_fraction=val_fraction, cache_dir=str(cache),
-                        num_workers=workers)
+    return prepare_data(
+        str(corpus), tokenizer=tokenizer, val_fraction=val_fraction, cache_dir=str(cache), num_workers=workers
+    )
 
 
 def test_same_tokens_whatever_the_worker_count(corpus, tmp_path):
@@ -119,14 +120,16 @@ def test_killed_run_resumes_finished_pieces(corpus, tmp_path, monkeypatch):
     assert [n for n in os.listdir(datasets_dir) if not n.startswith(".")] == []  # nothing a later run trusts
     (partial,) = [n for n in os.listdir(datasets_dir) if n.startswith(".partial-")]
     assert sorted(n for n in os.listdir(datasets_dir / partial) if n.endswith(".json") and n != "plan.json") == [
-        f"piece-{i:06d}.json" for i in range(5)]
+        f"piece-{i:06d}.json" for i in range(5)
+    ]
     # A piece whose token file was damaged after its record was written is not trusted either.
     damaged = datasets_dir / partial / "piece-000002.train.bin"
     damaged.write_bytes(damaged.read_bytes()[:-2])
 
     calls.clear()
-    monkeypatch.setattr(workers_mod, "tokenize_piece", lambda job, piece, **kw: calls.append(piece.index)
-                        or real(job, piece, **kw))
+    monkeypatch.setattr(
+        workers_mod, "tokenize_piece", lambda job, piece, **kw: calls.append(piece.index) or real(job, piece, **kw)
+    )
     again = run(corpus, cache, 1)
     assert sorted(calls) == [2] + list(range(5, n_pieces))
     assert again.meta["build"]["pieces_reused"] == 4

@@ -150,6 +150,7 @@ def test_parquet_corrupt_data_pages(tmp_path):
 
 def test_save_to_disk_folder_matches_datasets(tmp_path):
     import datasets
+
     texts = docs_of(500, seed=2)
     ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(500))})
     ds.shuffle(seed=0).save_to_disk(str(tmp_path / "ds"), max_shard_size="20KB")
@@ -167,6 +168,7 @@ def test_save_to_disk_folder_matches_datasets(tmp_path):
 
 def test_datasetdict_folder_names_its_splits(tmp_path):
     import datasets
+
     ds = datasets.Dataset.from_dict({"text": ["a", "b"]})
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"DatasetDict .*splits: train, test.*point data.path at one split's folder"):

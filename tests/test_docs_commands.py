@@ -30,12 +30,22 @@ from trainer.models import build, save_hf
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND = re.compile(r"^(python3? -m trainer|trainer |torchrun |accelerate launch )")
-MACHINES_NEEDED = {"--nnodes": "several machines (torchrun --nnodes)",
-                   "--num_machines": "several machines (accelerate --num_machines)",
-                   "--multi_gpu": "several GPUs (accelerate --multi_gpu)"}
-SHRINK = {"train.max_steps": 2, "train.seq_len": 32, "train.micro_batch_size": 2, "train.eval_batches": 1,
-          "train.device": "cpu", "train.progress": "none", "optim.warmup_steps": 0, "checkpoint.save_every": 0,
-          "bench.warmup_steps": 1}
+MACHINES_NEEDED = {
+    "--nnodes": "several machines (torchrun --nnodes)",
+    "--num_machines": "several machines (accelerate --num_machines)",
+    "--multi_gpu": "several GPUs (accelerate --multi_gpu)",
+}
+SHRINK = {
+    "train.max_steps": 2,
+    "train.seq_len": 32,
+    "train.micro_batch_size": 2,
+    "train.eval_batches": 1,
+    "train.device": "cpu",
+    "train.progress": "none",
+    "optim.warmup_steps": 0,
+    "checkpoint.save_every": 0,
+    "bench.warmup_steps": 1,
+}
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -61,12 +71,15 @@ def world(tmp_path_factory) -> dict:
     save_hf(build("tiny", vocab_size=320, seed=0), model)
     ByteTokenizer().save(str(model))
     sft = tmp / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"prompt": f"question {i}?", "completion": f" answer {i}."}) + "\n"
-                           for i in range(40)))
+    sft.write_text(
+        "".join(json.dumps({"prompt": f"question {i}?", "completion": f" answer {i}."}) + "\n" for i in range(40))
+    )
     config = tmp / "my_run.toml"
-    config.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{corpus}"\ntokenizer = "byte"\n'
-                      f'cache_dir = "{tmp / "cache"}"\n[train]\nmax_steps = 2\n'
-                      f'output_dir = "{tmp / "runs" / "my_run"}"\n')
+    config.write_text(
+        f'[model]\npreset = "tiny"\n[data]\npath = "{corpus}"\ntokenizer = "byte"\n'
+        f'cache_dir = "{tmp / "cache"}"\n[train]\nmax_steps = 2\n'
+        f'output_dir = "{tmp / "runs" / "my_run"}"\n'
+    )
     finished = tmp / "runs" / "finished"
     args = ["train", str(config), f"--train.output_dir={finished}", *shrink_args(tmp, "finished")]
     done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=tmp, capture_output=True, text=True)
@@ -108,8 +121,11 @@ def launches_processes(command: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc, command", [pytest.param(d, c, marks=launches_processes(c)) for d, c in COMMANDS],
-                         ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
+@pytest.mark.parametrize(
+    "doc, command",
+    [pytest.param(d, c, marks=launches_processes(c)) for d, c in COMMANDS],
+    ids=[f"{d}:{c[:60]}" for d, c in COMMANDS],
+)
 def test_documented_command_runs(world, doc, command):
     needs = [why for flag, why in MACHINES_NEEDED.items() if flag in command]
     if needs:

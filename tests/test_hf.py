@@ -12,8 +12,16 @@ transformers = pytest.importorskip("transformers")
 from trainer.errors import CheckpointError  # noqa: E402
 from trainer.models import load_hf, save_hf  # noqa: E402
 
-SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+SHAPE = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 32}),
@@ -61,6 +69,7 @@ def assert_same_logits(ours, hf, x=None, tol=1e-5):
 
 # ----------------------------------------------------------------------- checkpoints
 
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_against_hf(tmp_path, family):
     hf, folder = hf_folder(tmp_path, family)
@@ -70,8 +79,13 @@ def test_against_hf(tmp_path, family):
 
 
 def test_against_hf_llama_rope_scaling_llama3(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
     hf, folder = hf_folder(tmp_path, rope_scaling=scaling, rope_theta=500.0, head_dim=16)
     ours = load_hf(folder)
     assert ours.args.rope_scaling["rope_type"] == "llama3"
@@ -157,8 +171,10 @@ def test_unsupported_architecture_is_refused(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM, "
-                                              "MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        CheckpointError,
+        match="'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+    ):
         load_hf(folder)
 
 
@@ -178,8 +194,10 @@ def test_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------- tokenizer folders and SFT data
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 WORDS = "the cat sat on a mat and dog ran to red blue hat what is color say hello world yes no".split()
 
 
@@ -218,13 +236,13 @@ def test_sft_prompt_tokens_get_ignored_labels(tmp_path):
     batch = packed.batch([0])
     first, second = len(example.tokens), len(other.tokens)
     row = torch.cat([torch.from_numpy(example.tokens), torch.from_numpy(other.tokens)])
-    assert torch.equal(batch["input_ids"][0, :first + second], row[:first + second])
+    assert torch.equal(batch["input_ids"][0, : first + second], row[: first + second])
     trained = torch.cat([torch.from_numpy(example.targets), torch.from_numpy(other.targets)])[1:]
     expected = torch.where(trained, row[1:], torch.tensor(-100))
-    assert torch.equal(batch["labels"][0, :first + second - 1], expected)
-    assert (batch["labels"][0, first + second - 1:] == -100).all()  # padding is never trained
-    assert batch["position_ids"][0, :first + second].tolist() == list(range(first)) + list(range(second))
-    assert batch["document_ids"][0, :first + second].tolist() == [0] * first + [1] * second
+    assert torch.equal(batch["labels"][0, : first + second - 1], expected)
+    assert (batch["labels"][0, first + second - 1 :] == -100).all()  # padding is never trained
+    assert batch["position_ids"][0, : first + second].tolist() == list(range(first)) + list(range(second))
+    assert batch["document_ids"][0, : first + second].tolist() == [0] * first + [1] * second
 
 
 def test_sft_messages_train_only_the_assistant_turns(tmp_path):
@@ -232,9 +250,13 @@ def test_sft_messages_train_only_the_assistant_turns(tmp_path):
     from trainer.data.sft import encode_example, render_chat
 
     tok = load_tokenizer(str(tokenizer_folder(tmp_path / "tok")))
-    messages = [{"role": "system", "content": "say yes"}, {"role": "user", "content": "what is red ?"},
-                {"role": "assistant", "content": "a color"}, {"role": "user", "content": "and blue ?"},
-                {"role": "assistant", "content": "a color too"}]
+    messages = [
+        {"role": "system", "content": "say yes"},
+        {"role": "user", "content": "what is red ?"},
+        {"role": "assistant", "content": "a color"},
+        {"role": "user", "content": "and blue ?"},
+        {"role": "assistant", "content": "a color too"},
+    ]
     example = encode_example({"messages": messages}, tok, "test")
     assert tok.decode(example.tokens) == tok.decode(tok.encode_markup(render_chat(CHAT_TEMPLATE, messages, tok, False)))
     trained = example.tokens[example.targets].tolist()
@@ -242,6 +264,7 @@ def test_sft_messages_train_only_the_assistant_turns(tmp_path):
 
     plain = load_tokenizer(str(tokenizer_folder(tmp_path / "plain", chat_template=None)))
     from trainer.data import DataError
+
     with pytest.raises(DataError, match="'messages' needs a chat template"):
         encode_example({"messages": messages}, plain, "data.jsonl:1")
 
@@ -280,14 +303,18 @@ def test_sft_loader_resumes_exactly(tmp_path):
 
 # ----------------------------------------------------------------------- document masking
 
+
 def test_document_mask_equals_running_each_example_alone():
     """Packed SFT rows: logits and gradients equal those of each example run on its own."""
     from trainer.data.sft import Example, PackedExamples
     from trainer.models import ModelArgs, build
 
     torch.manual_seed(0)
-    model = build(ModelArgs(vocab_size=97, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                            max_seq_len=64)).double()
+    model = build(
+        ModelArgs(
+            vocab_size=97, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64
+        )
+    ).double()
     rng = torch.Generator().manual_seed(0)
     examples = []
     for length in (9, 6, 12):
@@ -300,8 +327,13 @@ def test_document_mask_equals_running_each_example_alone():
     batch = packed.batch([0])
     assert batch["labels"].ne(-100).sum() == sum(int(e.targets.sum()) for e in examples)
 
-    loss = model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                 document_ids=batch["document_ids"], reduction="sum")
+    loss = model(
+        batch["input_ids"],
+        labels=batch["labels"],
+        position_ids=batch["position_ids"],
+        document_ids=batch["document_ids"],
+        reduction="sum",
+    )
     loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     packed_logits = model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
@@ -323,6 +355,7 @@ def test_document_mask_equals_running_each_example_alone():
 
 
 # ----------------------------------------------------------------------- patch_hf
+
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patch_hf_keeps_losses_and_gradients(family):
@@ -351,8 +384,13 @@ def test_patch_hf_keeps_losses_and_gradients(family):
     model = hf_model(family, seed=4)
     patch_hf(model)
     with torch.no_grad():
-        assert rel(model(x, labels=labels, num_items_in_batch=100).loss,
-                   hf_model(family, seed=4)(x, labels=labels, num_items_in_batch=100).loss) < 1e-5
+        assert (
+            rel(
+                model(x, labels=labels, num_items_in_batch=100).loss,
+                hf_model(family, seed=4)(x, labels=labels, num_items_in_batch=100).loss,
+            )
+            < 1e-5
+        )
 
 
 def test_patch_hf_refuses_other_models():
@@ -360,12 +398,15 @@ def test_patch_hf_refuses_other_models():
     from trainer.errors import ConfigError
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ConfigError, match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                                          "not GPT2LMHeadModel"):
+    with pytest.raises(
+        ConfigError,
+        match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, not GPT2LMHeadModel",
+    ):
         patch_hf(gpt2)
 
 
 # ----------------------------------------------------------------------- fine-tuning and generation
+
 
 def model_folder(tmp_path, family="llama", name="model"):
     """A random transformers model saved with a tokenizer.json: what a downloaded checkpoint looks like."""
@@ -386,7 +427,7 @@ def test_generate_greedy_equals_argmax_decoding_with_transformers(tmp_path, caps
             ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     by_hand = ids[0, -6:].tolist()
     if tok.eos_id in by_hand:  # generation stops at EOS and leaves it out
-        by_hand = by_hand[:by_hand.index(tok.eos_id)]
+        by_hand = by_hand[: by_hand.index(tok.eos_id)]
     assert len(by_hand) >= 2
     assert main(["generate", str(folder), "--prompt", "the cat sat", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == tok.decode(by_hand) + "\n"
@@ -409,11 +450,26 @@ def test_fine_tune_from_hf_checkpoint_end_to_end(tmp_path, capsys):
     _, folder = model_folder(tmp_path, "qwen2")
     data = write_sft_jsonl(tmp_path / "sft.jsonl")
     out = tmp_path / "run"
-    cfg = load_config(None, {
-        "model.from_hf": str(folder), "data.path": str(data), "data.format": "sft", "data.val_fraction": 0.1,
-        "train.output_dir": str(out), "train.max_steps": 3, "train.micro_batch_size": 2, "train.seq_len": 32,
-        "train.dtype": "fp32", "train.device": "cpu", "train.progress": "none", "train.eval_batches": 1,
-        "optim.warmup_steps": 1, "optim.lr": 1e-3, "checkpoint.save_every": 2})
+    cfg = load_config(
+        None,
+        {
+            "model.from_hf": str(folder),
+            "data.path": str(data),
+            "data.format": "sft",
+            "data.val_fraction": 0.1,
+            "train.output_dir": str(out),
+            "train.max_steps": 3,
+            "train.micro_batch_size": 2,
+            "train.seq_len": 32,
+            "train.dtype": "fp32",
+            "train.device": "cpu",
+            "train.progress": "none",
+            "train.eval_batches": 1,
+            "optim.warmup_steps": 1,
+            "optim.lr": 1e-3,
+            "checkpoint.save_every": 2,
+        },
+    )
     state = Trainer(cfg).train()
     assert state.step == 3
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -434,8 +490,17 @@ def test_train_seq_len_beyond_the_sliding_window_is_refused(tmp_path):
 
     hf, folder = hf_folder(tmp_path, "mistral", sliding_window=16)
     tokenizer_folder(folder)
-    cfg = load_config(None, {"model.from_hf": str(folder), "data.path": str(write_sft_jsonl(tmp_path / "d.jsonl")),
-                             "data.format": "sft", "train.seq_len": 32, "train.device": "cpu",
-                             "train.output_dir": str(tmp_path / "run"), "train.progress": "none"})
+    cfg = load_config(
+        None,
+        {
+            "model.from_hf": str(folder),
+            "data.path": str(write_sft_jsonl(tmp_path / "d.jsonl")),
+            "data.format": "sft",
+            "train.seq_len": 32,
+            "train.device": "cpu",
+            "train.output_dir": str(tmp_path / "run"),
+            "train.progress": "none",
+        },
+    )
     with pytest.raises(ConfigError, match="longer than the model's sliding window"):
         Trainer(cfg).train()

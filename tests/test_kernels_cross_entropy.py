@@ -78,7 +78,7 @@ def make_labels(shape, vocab, n_ignored, seed):
 def make(lead, hidden_size, vocab, dtype, seed=0, with_bias=False, n_ignored=2, scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     hidden = (scale * torch.randn(*lead, hidden_size, generator=gen)).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype)
     bias = (0.5 * torch.randn(vocab, generator=gen)).to(dtype).to(DEVICE) if with_bias else None
     labels = make_labels(lead, vocab, n_ignored, seed)
     return hidden.to(DEVICE), weight.to(DEVICE), bias, labels
@@ -86,13 +86,17 @@ def make(lead, hidden_size, vocab, dtype, seed=0, with_bias=False, n_ignored=2, 
 
 # ---- the kernel alone: rows of logits -> per-row loss and d loss / d logits, in place ----
 
+
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,vocab,block", [
-    (1, 5, None),     # one row, vocab smaller than any block
-    (7, 1000, 256),   # vocab not a multiple of the block
-    (8, 512, 128),    # round
-])
+@pytest.mark.parametrize(
+    "rows,vocab,block",
+    [
+        (1, 5, None),  # one row, vocab smaller than any block
+        (7, 1000, 256),  # vocab not a multiple of the block
+        (8, 512, 128),  # round
+    ],
+)
 @pytest.mark.parametrize("option", ["plain", "all"])
 def test_kernel_loss_and_grad(dtype, rows, vocab, block, option):
     opts = OPTIONS[option]
@@ -103,8 +107,9 @@ def test_kernel_loss_and_grad(dtype, rows, vocab, block, option):
     row_scale = (torch.rand(rows, generator=gen) + 0.5).to(DEVICE)
     with poisoned_allocations():
         loss = torch.empty(rows, dtype=torch.float32, device=DEVICE)
-        d = kernels.cross_entropy_rows_(z.clone(), labels, bias=bias, loss_out=loss, row_scale=row_scale,
-                                        ignore_index=IGNORE, block=block, **opts)
+        d = kernels.cross_entropy_rows_(
+            z.clone(), labels, bias=bias, loss_out=loss, row_scale=row_scale, ignore_index=IGNORE, block=block, **opts
+        )
     zd = z.double().requires_grad_()
     ref_loss = logits_oracle(zd, labels, None if bias is None else bias.double(), **opts)
     (ref_d,) = torch.autograd.grad(ref_loss, zd, row_scale.double())
@@ -127,6 +132,7 @@ def test_kernel_extreme_logits_do_not_overflow():
 
 
 # ---- the op through the Triton path ----
+
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -156,8 +162,9 @@ def test_op_triton_options(option):
     normalizer = torch.tensor(40.0, device=DEVICE)  # e.g. the label count of a whole accumulation step
     params = [t.requires_grad_() for t in (hidden, weight, bias) if t is not None]
     with poisoned_allocations():
-        loss = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, "mean", bias=bias, normalizer=normalizer,
-                                        force="triton", **OPTIONS[option])
+        loss = ops.linear_cross_entropy(
+            hidden, weight, labels, IGNORE, "mean", bias=bias, normalizer=normalizer, force="triton", **OPTIONS[option]
+        )
         grads = torch.autograd.grad(loss, params)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "mean", normalizer, **OPTIONS[option])
     assert rel_err(loss, ref_loss) <= 1e-4
@@ -172,8 +179,9 @@ def test_op_triton_none_backward_with_options():
     grad_out = torch.randn(9, device=DEVICE)
     for t in (hidden, weight, bias):
         t.requires_grad_()
-    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction="none", bias=bias, force="triton",
-                                    **OPTIONS["all"])
+    loss = ops.linear_cross_entropy(
+        hidden, weight, labels, reduction="none", bias=bias, force="triton", **OPTIONS["all"]
+    )
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, "none", grad_out=grad_out, **OPTIONS["all"])
     assert rel_err(loss, ref_loss) <= 1e-4
@@ -235,6 +243,7 @@ def test_op_triton_weight_grad_accumulates_in_fp32(monkeypatch):
 
 # ---- the reference (chunked PyTorch) path ----
 
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_reference_fp64_matches_oracle(reduction, option):
@@ -243,8 +252,17 @@ def test_reference_fp64_matches_oracle(reduction, option):
     grad_out = (torch.randn(2, 9) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
     for t in (hidden, weight, bias):
         t.requires_grad_()
-    loss = ops.linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, bias=bias, normalizer=normalizer,
-                                    force="reference", **OPTIONS[option])
+    loss = ops.linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        IGNORE,
+        reduction,
+        bias=bias,
+        normalizer=normalizer,
+        force="reference",
+        **OPTIONS[option],
+    )
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, normalizer, grad_out, **OPTIONS[option])
     assert rel_err(loss, ref_loss) <= 1e-12
@@ -271,8 +289,9 @@ def test_gradient_accumulation_with_normalizer_is_exact():
     hidden, weight, _, labels = make((2, 8), 12, 40, torch.float64, seed=11, n_ignored=5)
     weight.requires_grad_()
     total = (labels != IGNORE).sum()
-    parts = [ops.linear_cross_entropy(hidden[i], weight, labels[i], normalizer=total, force="reference")
-             for i in range(2)]
+    parts = [
+        ops.linear_cross_entropy(hidden[i], weight, labels[i], normalizer=total, force="reference") for i in range(2)
+    ]
     (g_parts,) = torch.autograd.grad(sum(parts), (weight,))
     whole = ops.linear_cross_entropy(hidden, weight, labels, force="reference")
     (g_whole,) = torch.autograd.grad(whole, (weight,))
@@ -291,6 +310,7 @@ def test_rejects_bad_arguments():
 
 # ---- labels outside the vocabulary ----
 
+
 def test_check_labels_names_the_offending_label():
     labels = torch.randint(0, 32000, (2, 20))
     labels[0, 3] = IGNORE
@@ -298,8 +318,10 @@ def test_check_labels_names_the_offending_label():
     labels[1, 17] = 70000
     with pytest.raises(ConfigError) as info:
         ops.check_labels(labels, 32000)
-    assert str(info.value) == ("label 70000 at position (1, 17) is outside the vocabulary [0, 32000) and is not "
-                               "ignore_index -100; the tokenizer and model.vocab_size disagree")
+    assert str(info.value) == (
+        "label 70000 at position (1, 17) is outside the vocabulary [0, 32000) and is not "
+        "ignore_index -100; the tokenizer and model.vocab_size disagree"
+    )
     flat = torch.tensor([5, -1, 7])  # negative, and not ignore_index
     with pytest.raises(ConfigError, match=r"label -1 at position 1 is outside the vocabulary \[0, 10\)"):
         ops.check_labels(flat, 10)
@@ -332,6 +354,7 @@ def test_out_of_vocabulary_label_gives_nan_not_a_plausible_loss(force):
 
 # ---- memory of the backward: the fp32 weight gradient is scaled in place, cast once ----
 
+
 class _WeightShapedAllocations(TorchDispatchMode):
     """Counts, per dtype, the fresh tensors of `shape` that ops return (in-place results and views of
     an input are not fresh)."""
@@ -343,11 +366,11 @@ class _WeightShapedAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
-            if (isinstance(t, torch.Tensor) and t.shape == self.shape
-                    and t.untyped_storage().data_ptr() not in inputs):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape and t.untyped_storage().data_ptr() not in inputs:
                 self.counts[t.dtype] += 1
         return out
 

@@ -49,12 +49,15 @@ def make(shape, dtype, seed=0):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,cols,max_block", [
-    (1, 7, ONE_BLOCK),     # one row, prime width
-    (13, 257, ONE_BLOCK),  # prime rows, width just past a power of two
-    (8, 256, ONE_BLOCK),   # round
-    (5, 300, 64),                      # the streamed path for rows wider than one block
-])
+@pytest.mark.parametrize(
+    "rows,cols,max_block",
+    [
+        (1, 7, ONE_BLOCK),  # one row, prime width
+        (13, 257, ONE_BLOCK),  # prime rows, width just past a power of two
+        (8, 256, ONE_BLOCK),  # round
+        (5, 300, 64),  # the streamed path for rows wider than one block
+    ],
+)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_kernel_forward_backward(dtype, rows, cols, max_block, with_residual):
     x, r, w, dy, ds = make((rows, cols), dtype)
@@ -62,8 +65,9 @@ def test_kernel_forward_backward(dtype, rows, cols, max_block, with_residual):
     with poisoned_allocations():
         y, total, rstd = kernels.rms_norm_forward(x, w, EPS, res, max_block=max_block)
         normed_input = total if with_residual else x
-        dx, dw = kernels.rms_norm_backward(dy, normed_input, w, rstd, ds if with_residual else None,
-                                           max_block=max_block)
+        dx, dw = kernels.rms_norm_backward(
+            dy, normed_input, w, rstd, ds if with_residual else None, max_block=max_block
+        )
     ref_total, ref_y, ref_grads = oracle(x, w, res, dy, ds if with_residual else None)
     tol = TOL[dtype]
     assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == torch.float32

@@ -58,9 +58,9 @@ def make(batch, q_heads, k_heads, seq, dim, dtype, transposed, seed=0):
 
 
 SHAPES = [
-    (1, 1, 1, 1, 2),    # one position, one head, smallest head_dim
-    (2, 5, 3, 7, 12),   # GQA with prime counts, half head_dim 6 (not a power of two)
-    (2, 4, 2, 8, 16),   # round
+    (1, 1, 1, 1, 2),  # one position, one head, smallest head_dim
+    (2, 5, 3, 7, 12),  # GQA with prime counts, half head_dim 6 (not a power of two)
+    (2, 4, 2, 8, 16),  # round
 ]
 
 

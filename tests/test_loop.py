@@ -30,7 +30,7 @@ def test_grad_accumulation_matches_one_big_batch_with_ignored_labels(tmp_path):
     loss_big, n_big = trainer.forward_backward_step(make_step_batch([batch], loader_state={}))
     big = grads_of(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
-    micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(4)]
+    micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     loss_acc, n_acc = trainer.forward_backward_step(make_step_batch(micro, loader_state={}))
     acc = grads_of(trainer)
 
@@ -119,8 +119,9 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 def test_many_nonfinite_steps_in_a_row_stop_without_saving(tmp_path):
     cb = NaNOnSteps({3, 4, 5})
-    trainer = trainer_with_nan(tiny_config(tmp_path, train__max_steps=8, train__max_nonfinite_steps=3,
-                                           checkpoint__save_every=2), cb)
+    trainer = trainer_with_nan(
+        tiny_config(tmp_path, train__max_steps=8, train__max_nonfinite_steps=3, checkpoint__save_every=2), cb
+    )
     with pytest.raises(TrainerError, match="non-finite for 3 steps in a row"):
         trainer.train()
     run = tmp_path / "run"
@@ -154,8 +155,7 @@ def test_callback_can_stop_and_ask_for_save_and_eval(tmp_path):
 
 @pytest.mark.parametrize("dtype, param_dtype", [("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")])
 def test_mixed_precision_runs_train(tmp_path, dtype, param_dtype):
-    cfg = tiny_config(tmp_path, train__max_steps=12, train__dtype=dtype, train__param_dtype=param_dtype,
-                      optim__lr=3e-3)
+    cfg = tiny_config(tmp_path, train__max_steps=12, train__dtype=dtype, train__param_dtype=param_dtype, optim__lr=3e-3)
     trainer = Trainer(cfg)
     trainer.train()
     assert (trainer.scaler is not None) == (dtype == "fp16")

@@ -27,10 +27,17 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 # Odd sizes on purpose: 48 x 80 MLP matrices, head_dim 12, 2 key/value heads for 4 query heads.
-ARGS = dict(vocab_size=97, hidden_size=48, intermediate_size=80, n_layers=2, n_heads=4, n_kv_heads=2,
-            max_seq_len=64)
-HF_SHAPE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+ARGS = dict(vocab_size=97, hidden_size=48, intermediate_size=80, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+HF_SHAPE = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 TARGETED = 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
 
 
@@ -74,8 +81,10 @@ def perturb_adapters(model, seed=0):
 
 def hf_base(tmp_path, family="llama", tie=False, name="base"):
     """A base model made by transformers itself (norms and biases perturbed so every tensor shows), saved."""
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**HF_SHAPE, tie_word_embeddings=tie))
     with torch.no_grad():
@@ -105,8 +114,9 @@ def test_only_adapters_and_unfrozen_modules_train(tie, embeddings, norms):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
-    optimizer = build_optimizer(model, SimpleNamespace(name="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                                       weight_decay=0.1))
+    optimizer = build_optimizer(
+        model, SimpleNamespace(name="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    )
     for step in range(3):
         loss_of(model, step).backward()
         for n, p in model.named_parameters():
@@ -155,8 +165,9 @@ def test_lora_linear_matches_fp64_reference_forward_and_backward():
         grad_out = torch.randn_like(out)
         out.backward(grad_out)
 
-        w, a, b = (t.detach().double().requires_grad_() for t in (base.weight, layer.lora_A.weight,
-                                                                  layer.lora_B.weight))
+        w, a, b = (
+            t.detach().double().requires_grad_() for t in (base.weight, layer.lora_A.weight, layer.lora_B.weight)
+        )
         x64 = x.detach().double().requires_grad_()
         ref = x64 @ w.T + (12.0 / rank) * (x64 @ a.T) @ b.T
         if bias:
@@ -195,7 +206,7 @@ def test_initial_adapter_leaves_the_model_unchanged_and_a_follows_peft_init():
     with torch.no_grad():
         assert torch.equal(model(x), expected)  # B = 0
     a = model.model.layers[0].mlp.down_proj.lora_A.weight  # 4 x 80: Kaiming-uniform, bound 1 / sqrt(fan_in)
-    assert a.abs().max() <= 1 / 80 ** 0.5 and a.abs().max() > 0.8 / 80 ** 0.5
+    assert a.abs().max() <= 1 / 80**0.5 and a.abs().max() > 0.8 / 80**0.5
 
 
 # ---------------------------------------------------------------- kernels, precision, checkpointing
@@ -258,15 +269,19 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(mode):
 # ---------------------------------------------------------------- PEFT's format, against PEFT itself
 
 
-@pytest.mark.parametrize("family,tie,embeddings,norms", [
-    ("llama", False, False, False), ("llama", False, True, True), ("llama", True, True, False),
-    ("qwen2", False, False, True),  # q/k/v biases stay in the base layers
-])
+@pytest.mark.parametrize(
+    "family,tie,embeddings,norms",
+    [
+        ("llama", False, False, False),
+        ("llama", False, True, True),
+        ("llama", True, True, False),
+        ("qwen2", False, False, True),  # q/k/v biases stay in the base layers
+    ],
+)
 def test_peft_loads_our_adapter_and_merges_to_our_merged_model(tmp_path, family, tie, embeddings, norms):
     base = hf_base(tmp_path, family, tie)
     model = load_hf(base)
-    lora.apply_lora(model, settings(target="q_proj|v_proj|down_proj", train_embeddings=embeddings,
-                                    train_norms=norms))
+    lora.apply_lora(model, settings(target="q_proj|v_proj|down_proj", train_embeddings=embeddings, train_norms=norms))
     perturb_adapters(model)
     model.eval()
     x = tokens()
@@ -324,8 +339,9 @@ def test_nf4_base_trains_adapters_and_merges_dequantized():
     assert "nf4" in lora.lora_summary(model) and "4-bit" in lora.lora_summary(model)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     assert len(packed) == TARGETED
-    optimizer = build_optimizer(model, SimpleNamespace(name="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
-                                                       weight_decay=0.0))
+    optimizer = build_optimizer(
+        model, SimpleNamespace(name="adamw", lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    )
     losses = []
     for _ in range(4):
         loss = loss_of(model)
@@ -350,8 +366,13 @@ def test_nf4_base_trains_adapters_and_merges_dequantized():
         # ... and it is not the original dense model: the 4-bit rounding error is in it.
         w = dense.model.layers[0].self_attn.q_proj.weight
         assert rel(q_proj.dense_base_weight(), w) > 1e-2
-        assert rel(merged.model.layers[0].self_attn.q_proj.weight,
-                   w + q_proj.scaling * q_proj.lora_B.weight @ q_proj.lora_A.weight) > 1e-2
+        assert (
+            rel(
+                merged.model.layers[0].self_attn.q_proj.weight,
+                w + q_proj.scaling * q_proj.lora_B.weight @ q_proj.lora_A.weight,
+            )
+            > 1e-2
+        )
 
 
 def test_nf4_adapter_reloads_onto_the_same_4bit_base(tmp_path):
@@ -404,11 +425,17 @@ def test_an_adapter_folder_resumes_into_a_model_with_the_same_adapters(tmp_path,
 def test_checkpoints_of_the_other_kind_or_other_settings_are_refused():
     full = small_model()
     adapted = lora.apply_lora(small_model(), settings())
-    with pytest.raises(CheckpointError, match=r"checkpoint ck-3 holds a full model, but this run trains LoRA "
-                                              r"adapters \(lora.rank=4\).*lora.rank=0"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint ck-3 holds a full model, but this run trains LoRA "
+        r"adapters \(lora.rank=4\).*lora.rank=0",
+    ):
         lora.load_trainable_state_dict(adapted, full.state_dict(), "ck-3")
-    with pytest.raises(CheckpointError, match=r"checkpoint ck-3 holds LoRA adapters, but this run trains the "
-                                              r"full model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint ck-3 holds LoRA adapters, but this run trains the "
+        r"full model",
+    ):
         lora.check_checkpoint_kind(lora.trainable_state_dict(adapted).keys(), full, "ck-3")
     lora.check_checkpoint_kind(full.state_dict().keys(), full, "ck-3")  # the same kind passes
     other_rank = lora.apply_lora(small_model(), settings(rank=8))
@@ -423,24 +450,30 @@ def test_checkpoints_of_the_other_kind_or_other_settings_are_refused():
 
 
 def test_target_matching_nothing_or_the_head_is_refused():
-    with pytest.raises(ConfigError, match=r"lora.target='attention' matches no linear layer of this model; "
-                                          r"write a regex over module names such as model.layers.0.self_attn.q_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lora.target='attention' matches no linear layer of this model; "
+        r"write a regex over module names such as model.layers.0.self_attn.q_proj",
+    ):
         lora.apply_lora(small_model(), settings(target="attention"))
     with pytest.raises(ConfigError, match=r"matches lm_head, which cannot carry an adapter"):
         lora.apply_lora(small_model(), settings(target="proj|lm_head"))
 
 
-@pytest.mark.parametrize("overrides,pattern", [
-    (dict(lora__rank=-1), r"lora\.rank must be >= 0"),
-    (dict(lora__rank=4, lora__alpha=0), r"lora\.alpha must be > 0"),
-    (dict(lora__rank=4, lora__dropout=1.0), r"lora\.dropout must be in \[0, 1\)"),
-    (dict(lora__rank=4, lora__target="(q_proj"), r"lora\.target='\(q_proj' is not a valid regex"),
-    (dict(lora__rank=4, lora__quantize="nf8"), r"lora\.quantize='nf8' is not allowed; choose one of: none, nf4"),
-    (dict(lora__quantize="nf4"), r"lora\.quantize=nf4 .*set lora\.rank > 0"),
-    (dict(lora__rank=4, optim__name="galore_adamw"), r"galore_adamw with lora\.rank=4 is not supported: GaLore"),
-    (dict(lora__rank=4, optim__name="apollo_adamw"), r"apollo_adamw with lora\.rank=4 is not supported: APOLLO"),
-    (dict(lora__rank=4, lora__quantize="nf4", parallel__strategy="fsdp"), r"nf4 with parallel\.strategy=fsdp"),
-])
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (dict(lora__rank=-1), r"lora\.rank must be >= 0"),
+        (dict(lora__rank=4, lora__alpha=0), r"lora\.alpha must be > 0"),
+        (dict(lora__rank=4, lora__dropout=1.0), r"lora\.dropout must be in \[0, 1\)"),
+        (dict(lora__rank=4, lora__target="(q_proj"), r"lora\.target='\(q_proj' is not a valid regex"),
+        (dict(lora__rank=4, lora__quantize="nf8"), r"lora\.quantize='nf8' is not allowed; choose one of: none, nf4"),
+        (dict(lora__quantize="nf4"), r"lora\.quantize=nf4 .*set lora\.rank > 0"),
+        (dict(lora__rank=4, optim__name="galore_adamw"), r"galore_adamw with lora\.rank=4 is not supported: GaLore"),
+        (dict(lora__rank=4, optim__name="apollo_adamw"), r"apollo_adamw with lora\.rank=4 is not supported: APOLLO"),
+        (dict(lora__rank=4, lora__quantize="nf4", parallel__strategy="fsdp"), r"nf4 with parallel\.strategy=fsdp"),
+    ],
+)
 def test_bad_lora_values_are_refused_clearly(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         tiny_config(tmp_path, **overrides)
@@ -454,10 +487,13 @@ def test_nf4_without_bitsandbytes_support_is_refused_in_one_line(monkeypatch):
         raise RuntimeError("no kernel for this backend\nsecond line")
 
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", unsupported)
-    with pytest.raises(ConfigError, match=r"^lora\.quantize=nf4 needs bitsandbytes' 4-bit support on cpu with "
-                                          r"compute dtype float32, which bitsandbytes .* does not provide here "
-                                          r"\(RuntimeError: no kernel for this backend\); install .* or set "
-                                          r"lora\.quantize=none$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora\.quantize=nf4 needs bitsandbytes' 4-bit support on cpu with "
+        r"compute dtype float32, which bitsandbytes .* does not provide here "
+        r"\(RuntimeError: no kernel for this backend\); install .* or set "
+        r"lora\.quantize=none$",
+    ):
         lora.apply_lora(small_model(), settings(quantize="nf4"))
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ConfigError, match=r"lora\.quantize=nf4 needs the bitsandbytes package: pip install"):
@@ -511,7 +547,7 @@ def test_compiled_blocks_equal_eager_with_adapters(quantize):
         assert rel(grads[1][name], grad) < 1e-5, name
 
 
-DISTRIBUTED_CHECK = '''
+DISTRIBUTED_CHECK = """
 import copy, sys
 import torch, torch.distributed as dist
 from trainer import lora
@@ -552,7 +588,7 @@ for name, p in model.named_parameters():
 state = lora.trainable_state_dict(model)
 assert set(state) == {{n for n, p in reference.named_parameters() if p.requires_grad}}
 print("OK", rank, checked)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -568,7 +604,13 @@ def test_two_gloo_ranks_give_the_one_process_adapter_gradients(tmp_path, strateg
     script.write_text(DISTRIBUTED_CHECK.format(args=ARGS))
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), strategy], cwd=repo, env=env, capture_output=True, text=True, timeout=150)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), strategy],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.count("OK") == 2 and f"OK 0 {2 * TARGETED + 5}" in run.stdout

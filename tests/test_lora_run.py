@@ -28,8 +28,16 @@ def base(tmp_path):
 
 
 def lora_config(tmp_path, base, **overrides):
-    values = dict(model__from_hf=str(base), model__preset="small", model__allow_new_tokenizer=True,
-                  lora__rank=4, lora__alpha=8.0, train__max_steps=4, checkpoint__save_every=2, optim__lr=1e-2)
+    values = dict(
+        model__from_hf=str(base),
+        model__preset="small",
+        model__allow_new_tokenizer=True,
+        lora__rank=4,
+        lora__alpha=8.0,
+        train__max_steps=4,
+        checkpoint__save_every=2,
+        optim__lr=1e-2,
+    )
     values.update(overrides)
     return tiny_config(tmp_path, **values)
 
@@ -67,21 +75,29 @@ def test_a_lora_run_resumes_exactly(tmp_path, base):
     common = dict(train__max_steps=6, train__eval_every=2, lora__dropout=0.1)
     Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "a"), **common)).train()
     Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "b"), **common), callbacks=[StopAt(2)]).train()
-    Trainer(lora_config(tmp_path, base, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest",
-                        **common)).train()
+    Trainer(
+        lora_config(tmp_path, base, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest", **common)
+    ).train()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
 def test_lora_and_full_checkpoints_do_not_mix(tmp_path, base):
     Trainer(lora_config(tmp_path, base, train__max_steps=2)).train()
     with pytest.raises(CheckpointError, match="holds LoRA adapters, but this run trains the full model"):
-        Trainer(lora_config(tmp_path, base, lora__rank=0, train__max_steps=4,
-                            checkpoint__resume_from="latest")).train()
-    Trainer(lora_config(tmp_path, base, lora__rank=0, train__max_steps=2,
-                        train__output_dir=str(tmp_path / "full"))).train()
+        Trainer(lora_config(tmp_path, base, lora__rank=0, train__max_steps=4, checkpoint__resume_from="latest")).train()
+    Trainer(
+        lora_config(tmp_path, base, lora__rank=0, train__max_steps=2, train__output_dir=str(tmp_path / "full"))
+    ).train()
     with pytest.raises(CheckpointError, match="holds a full model, but this run trains LoRA adapters"):
-        Trainer(lora_config(tmp_path, base, train__max_steps=4, train__output_dir=str(tmp_path / "full"),
-                            checkpoint__resume_from="latest")).train()
+        Trainer(
+            lora_config(
+                tmp_path,
+                base,
+                train__max_steps=4,
+                train__output_dir=str(tmp_path / "full"),
+                checkpoint__resume_from="latest",
+            )
+        ).train()
 
 
 def test_lora_needs_a_pretrained_model(tmp_path):
@@ -124,11 +140,23 @@ def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strate
     from tests.helpers import write_corpus
 
     write_corpus(tmp_path / "corpus")
-    extra = dict(model__from_hf=str(base), model__preset="small", model__allow_new_tokenizer=True, lora__rank=4,
-                 optim__lr=1e-2, checkpoint__save_every=2)
+    extra = dict(
+        model__from_hf=str(base),
+        model__preset="small",
+        model__allow_new_tokenizer=True,
+        lora__rank=4,
+        optim__lr=1e-2,
+        checkpoint__save_every=2,
+    )
     train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=4, **extra))
-    result = torchrun(["-m", "trainer", "train", *_overrides(tmp_path, "two", train__micro_batch_size=2,
-                                                              parallel__strategy=strategy, **extra)])
+    result = torchrun(
+        [
+            "-m",
+            "trainer",
+            "train",
+            *_overrides(tmp_path, "two", train__micro_batch_size=2, parallel__strategy=strategy, **extra),
+        ]
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     for step in one:
@@ -137,9 +165,22 @@ def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strate
     assert (tmp_path / "two" / "final" / "merged" / "model.safetensors").is_file()
     # The 2-rank run's checkpoint resumes on 2 ranks for the last steps.
     (tmp_path / "two" / "final").rename(tmp_path / "two-final")
-    result = torchrun(["-m", "trainer", "train", *_overrides(tmp_path, "two", train__micro_batch_size=2,
-                                                              parallel__strategy=strategy, train__max_steps=7,
-                                                              checkpoint__resume_from="latest", **extra)])
+    result = torchrun(
+        [
+            "-m",
+            "trainer",
+            "train",
+            *_overrides(
+                tmp_path,
+                "two",
+                train__micro_batch_size=2,
+                parallel__strategy=strategy,
+                train__max_steps=7,
+                checkpoint__resume_from="latest",
+                **extra,
+            ),
+        ]
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert sorted(step_records(tmp_path / "two")) == list(range(1, 8))
 

@@ -5,8 +5,17 @@ import torch.nn.functional as F
 from trainer.models import KernelChoice, ModelArgs, build, load_hf, save_hf
 from trainer.models.config import resolve_args
 
-ARGS = dict(vocab_size=97, hidden_size=48, intermediate_size=80, n_layers=2, n_heads=6, n_kv_heads=2,
-            max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6)
+ARGS = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    n_layers=2,
+    n_heads=6,
+    n_kv_heads=2,
+    max_seq_len=64,
+    rope_theta=5000.0,
+    norm_eps=1e-6,
+)
 
 
 def make(seed=0, **changes):

@@ -11,8 +11,9 @@ from trainer.errors import ConfigError
 from trainer.models import build, save_hf
 from trainer.models.config import ModelArgs
 
-ARGS = ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=80, n_layers=2, n_heads=4, n_kv_heads=2,
-                 max_seq_len=64)
+ARGS = ModelArgs(
+    vocab_size=97, hidden_size=48, intermediate_size=80, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64
+)
 
 
 def tokens(n, t, seed=1):

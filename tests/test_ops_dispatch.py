@@ -105,6 +105,7 @@ def _counting(fn, name, calls):
     def spy(*args, **kwargs):
         calls[name] += 1
         return fn(*args, **kwargs)
+
     return spy
 
 
@@ -158,13 +159,19 @@ def test_custom_op_registrations(triton_path):
     cases = [
         (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), None, 1e-6, triton_path)),
         (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), rnd(3, 8), 1e-6, triton_path)),
-        (torch.ops.trainer.rope, (rnd(1, 2, 3, 4), rnd(1, 1, 3, 4), rnd(3, 4, grad=False), rnd(3, 4, grad=False),
-                                  False, triton_path)),
+        (
+            torch.ops.trainer.rope,
+            (rnd(1, 2, 3, 4), rnd(1, 1, 3, 4), rnd(3, 4, grad=False), rnd(3, 4, grad=False), False, triton_path),
+        ),
         (torch.ops.trainer.swiglu, (rnd(3, 5), rnd(3, 5), triton_path)),
-        (torch.ops.trainer.linear_cross_entropy, (rnd(5, 8), rnd(11, 8), rnd(11), labels, -100, "sum", 0.1, 1e-3,
-                                                  4.0, True, True, True, triton_path)),
-        (torch.ops.trainer.linear_cross_entropy, (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0,
-                                                  None, True, True, False, triton_path)),
+        (
+            torch.ops.trainer.linear_cross_entropy,
+            (rnd(5, 8), rnd(11, 8), rnd(11), labels, -100, "sum", 0.1, 1e-3, 4.0, True, True, True, triton_path),
+        ),
+        (
+            torch.ops.trainer.linear_cross_entropy,
+            (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0, None, True, True, False, triton_path),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
@@ -206,8 +213,9 @@ def test_import_and_reference_without_triton():
         print("ok")
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
 

@@ -85,8 +85,9 @@ def test_trains_and_resumes_exactly(tmp_path, name):
         assert first["grad_bytes"] < first["param_bytes"] / 4
 
     Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), **common), callbacks=[StopAt(3)]).train()
-    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest",
-                        **common)).train()
+    Trainer(
+        tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__resume_from="latest", **common)
+    ).train()
     resumed = step_records(tmp_path / "b")
     # Exact: a projector refresh (every 2 steps) and the 8-bit states all continue as if uninterrupted.
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
@@ -94,8 +95,16 @@ def test_trains_and_resumes_exactly(tmp_path, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_parameters(tmp_path, name):
-    Trainer(tiny_config(tmp_path, train__param_dtype="bf16", train__dtype="bf16", train__max_steps=3,
-                        train__eval_batches=1, **options(name))).train()
+    Trainer(
+        tiny_config(
+            tmp_path,
+            train__param_dtype="bf16",
+            train__dtype="bf16",
+            train__max_steps=3,
+            train__eval_batches=1,
+            **options(name),
+        )
+    ).train()
     losses = [r["loss"] for r in step_records(tmp_path / "run")]
     assert len(losses) == 3 and all(loss == loss and loss < 10 for loss in losses)
 
@@ -155,8 +164,9 @@ def _checkpointed(model):
     """Recomputes each block in backward, the non-reentrant way trainer/parallel does it."""
     for block in model.model.layers:
         forward = block.forward
-        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(_forward, *args, use_reentrant=False,
-                                                                             **kwargs)
+        block.forward = lambda *args, _forward=forward, **kwargs: checkpoint(
+            _forward, *args, use_reentrant=False, **kwargs
+        )
     return model
 
 
@@ -182,36 +192,54 @@ def test_layerwise_adamw_step_equals_adamw_step(activation_checkpointing):
 def test_layerwise_lr_follows_the_schedule_once_per_step(tmp_path):
     Trainer(tiny_config(tmp_path, train__max_steps=4, optim__warmup_steps=2, **options("adamw_layerwise"))).train()
     plain = tmp_path / "plain"
-    Trainer(tiny_config(tmp_path, train__output_dir=str(plain), train__max_steps=4, optim__warmup_steps=2,
-                        **options("adamw"))).train()
+    Trainer(
+        tiny_config(
+            tmp_path, train__output_dir=str(plain), train__max_steps=4, optim__warmup_steps=2, **options("adamw")
+        )
+    ).train()
     assert [r["lr"] for r in step_records(tmp_path / "run")] == [r["lr"] for r in step_records(plain)]
 
 
 def test_layerwise_nonfinite_step_stops_the_run(tmp_path):
     with pytest.raises(TrainerError, match="cannot be skipped"):
-        Trainer(tiny_config(tmp_path, train__max_steps=4, **options("adamw_layerwise", optim__lr=1e20,
-                                                                       optim__warmup_steps=0))).train()
+        Trainer(
+            tiny_config(
+                tmp_path, train__max_steps=4, **options("adamw_layerwise", optim__lr=1e20, optim__warmup_steps=0)
+            )
+        ).train()
 
 
-@pytest.mark.parametrize("overrides,pattern", [
-    (dict(optim__name="galore_sgd"), r"optim\.name='galore_sgd' is not allowed; choose one of: adamw, "),
-    (dict(optim__name="galore_adamw", optim__galore_rank=0), r"optim\.galore_rank must be > 0"),
-    (dict(optim__name="galore_adamw", optim__galore_update_proj_gap=0), r"galore_update_proj_gap must be > 0"),
-    (dict(optim__name="galore_adamw", optim__galore_scale=-1), r"galore_scale must be > 0"),
-    (dict(optim__name="galore_adamw", optim__galore_proj_type="diagonal"), r"galore_proj_type='diagonal' is not"),
-    (dict(optim__name="galore_adamw", optim__galore_target="(q_proj"),
-     r"galore_target='\(q_proj' is not a valid regex"),
-    (dict(optim__betas="1.0,0.9"), r"optim\.betas must both be in \[0, 1\)"),
-    (dict(optim__eps=0), r"optim\.eps must be > 0"),
-    (dict(optim__name="adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
-    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__grad_accum_steps=2),
-     r"cannot accumulate.*set train\.grad_accum_steps=1"),
-    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__dtype="fp16"), r"fp16.*use train\.dtype=bf16"),
-    (dict(optim__name="galore_adamw", parallel__strategy="ddp"), r"galore_adamw with parallel\.strategy=ddp"),
-    (dict(optim__name="adamw_layerwise", train__max_grad_norm=0, parallel__strategy="ddp"),
-     r"adamw_layerwise.*parallel\.strategy=ddp"),
-    (dict(optim__name="adamw8bit", parallel__strategy="fsdp"), r"parallel\.strategy=fsdp.*adamw8bit"),
-])
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (dict(optim__name="galore_sgd"), r"optim\.name='galore_sgd' is not allowed; choose one of: adamw, "),
+        (dict(optim__name="galore_adamw", optim__galore_rank=0), r"optim\.galore_rank must be > 0"),
+        (dict(optim__name="galore_adamw", optim__galore_update_proj_gap=0), r"galore_update_proj_gap must be > 0"),
+        (dict(optim__name="galore_adamw", optim__galore_scale=-1), r"galore_scale must be > 0"),
+        (dict(optim__name="galore_adamw", optim__galore_proj_type="diagonal"), r"galore_proj_type='diagonal' is not"),
+        (
+            dict(optim__name="galore_adamw", optim__galore_target="(q_proj"),
+            r"galore_target='\(q_proj' is not a valid regex",
+        ),
+        (dict(optim__betas="1.0,0.9"), r"optim\.betas must both be in \[0, 1\)"),
+        (dict(optim__eps=0), r"optim\.eps must be > 0"),
+        (dict(optim__name="adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
+        (
+            dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__grad_accum_steps=2),
+            r"cannot accumulate.*set train\.grad_accum_steps=1",
+        ),
+        (
+            dict(optim__name="adamw_layerwise", train__max_grad_norm=0, train__dtype="fp16"),
+            r"fp16.*use train\.dtype=bf16",
+        ),
+        (dict(optim__name="galore_adamw", parallel__strategy="ddp"), r"galore_adamw with parallel\.strategy=ddp"),
+        (
+            dict(optim__name="adamw_layerwise", train__max_grad_norm=0, parallel__strategy="ddp"),
+            r"adamw_layerwise.*parallel\.strategy=ddp",
+        ),
+        (dict(optim__name="adamw8bit", parallel__strategy="fsdp"), r"parallel\.strategy=fsdp.*adamw8bit"),
+    ],
+)
 def test_bad_values_are_refused_clearly(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         tiny_config(tmp_path, **overrides)
@@ -235,10 +263,12 @@ def test_rank_larger_than_a_matrix_is_clamped_with_a_warning():
 
 # ---------------------------------------------------------------- APOLLO
 
+
 def odd_model(dtype=torch.float64):
     """Matrices of both orientations, none square of a round size: 20 x 40 (k/v), 72 x 40 (gate/up), 40 x 72 (down)."""
-    args = ModelArgs(vocab_size=61, hidden_size=40, intermediate_size=72, n_layers=2, n_heads=4, n_kv_heads=2,
-                     max_seq_len=32)
+    args = ModelArgs(
+        vocab_size=61, hidden_size=40, intermediate_size=72, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32
+    )
     return build(args, seed=0).to(dtype)
 
 
@@ -248,18 +278,22 @@ def test_apollo_steps_equal_apollo_torch_steps(scale_type, scale):
     apollo_torch = pytest.importorskip("apollo_torch")
     model = odd_model()
     twin = copy.deepcopy(model)
-    cfg = optim_config("apollo_adamw", weight_decay=0.1, apollo_rank=6, apollo_scale_type=scale_type,
-                       apollo_scale=scale)
+    cfg = optim_config(
+        "apollo_adamw", weight_decay=0.1, apollo_rank=6, apollo_scale_type=scale_type, apollo_scale=scale
+    )
     ours = build_optimizer(model, cfg)
     twin_params = dict(twin.named_parameters())
     name_of = {p: n for n, p in model.named_parameters()}
     groups = []
     for group in ours.param_groups:
-        twin_group = {"params": [twin_params[name_of[p]] for p in group["params"]],
-                      "weight_decay": group["weight_decay"]}
+        twin_group = {
+            "params": [twin_params[name_of[p]] for p in group["params"]],
+            "weight_decay": group["weight_decay"],
+        }
         if "apollo_rank" in group:
-            twin_group.update(rank=6, proj="random", scale_type=scale_type, update_proj_gap=2, scale=scale,
-                              proj_type="std")
+            twin_group.update(
+                rank=6, proj="random", scale_type=scale_type, update_proj_gap=2, scale=scale, proj_type="std"
+            )
         groups.append(twin_group)
     assert len(groups) == 3 and len(groups[2]["params"]) == 14
     reference = apollo_torch.APOLLOAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -300,15 +334,21 @@ def test_apollo_state_is_far_smaller_than_adamw_state():
     assert sizes["adamw"] - sizes["apollo_adamw"] > 0.8 * 2 * 4 * matrices
 
 
-@pytest.mark.parametrize("overrides,pattern", [
-    (dict(optim__name="apollo_adamw", optim__apollo_rank=0), r"optim\.apollo_rank must be > 0"),
-    (dict(optim__name="apollo_adamw", optim__apollo_update_proj_gap=0), r"apollo_update_proj_gap must be > 0"),
-    (dict(optim__name="apollo_adamw", optim__apollo_scale=0), r"apollo_scale must be > 0"),
-    (dict(optim__name="apollo_adamw", optim__apollo_scale_type="row"), r"apollo_scale_type='row' is not allowed"),
-    (dict(optim__name="apollo_adamw", optim__apollo_target="(q_proj"), r"apollo_target='\(q_proj' is not a valid"),
-    (dict(optim__name="apollo_adamw", parallel__strategy="fsdp"), r"parallel\.strategy=fsdp needs optim\.name=adamw"),
-    (dict(optim__name="apollo_adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
-])
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (dict(optim__name="apollo_adamw", optim__apollo_rank=0), r"optim\.apollo_rank must be > 0"),
+        (dict(optim__name="apollo_adamw", optim__apollo_update_proj_gap=0), r"apollo_update_proj_gap must be > 0"),
+        (dict(optim__name="apollo_adamw", optim__apollo_scale=0), r"apollo_scale must be > 0"),
+        (dict(optim__name="apollo_adamw", optim__apollo_scale_type="row"), r"apollo_scale_type='row' is not allowed"),
+        (dict(optim__name="apollo_adamw", optim__apollo_target="(q_proj"), r"apollo_target='\(q_proj' is not a valid"),
+        (
+            dict(optim__name="apollo_adamw", parallel__strategy="fsdp"),
+            r"parallel\.strategy=fsdp needs optim\.name=adamw",
+        ),
+        (dict(optim__name="apollo_adamw_layerwise"), r"cannot clip; set train\.max_grad_norm=0"),
+    ],
+)
 def test_bad_apollo_values_are_refused_clearly(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         tiny_config(tmp_path, **overrides)
@@ -319,7 +359,7 @@ def test_apollo_target_matching_nothing_is_refused():
         build_optimizer(tiny_model(), optim_config("apollo_adamw", apollo_target="attention"))
 
 
-APOLLO_DDP_CHECK = '''
+APOLLO_DDP_CHECK = """
 import copy, dataclasses
 import torch, torch.distributed as dist
 from trainer.config import OptimConfig
@@ -351,7 +391,7 @@ for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict
     dist.broadcast(other, src=0)
     assert torch.equal(other, p), name  # every rank holds the same weights
 print("OK", rank)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -367,7 +407,13 @@ def test_apollo_under_ddp_equals_one_process(tmp_path):
     script.write_text(APOLLO_DDP_CHECK)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], cwd=repo, env=env, capture_output=True, text=True, timeout=150)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert run.stdout.count("OK") == 2

@@ -70,9 +70,11 @@ def test_selective_policy_saves_flex_attention():
 
 # ---- CUDA: the block mask ----
 
+
 def small_args():
-    return ModelArgs(vocab_size=512, hidden_size=128, intermediate_size=256, n_layers=2, n_heads=4, n_kv_heads=2,
-                     max_seq_len=512)
+    return ModelArgs(
+        vocab_size=512, hidden_size=128, intermediate_size=256, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512
+    )
 
 
 @needs_gpu

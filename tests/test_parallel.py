@@ -33,14 +33,29 @@ STEPS = 5
 RTOL = 1e-5
 RUN_TIMEOUT_S = 150  # a hang fails the test instead of stalling the suite
 
-BASE = {"model.preset": "tiny", "data.tokenizer": "byte", "data.val_fraction": 0.1, "train.max_steps": STEPS,
-        "train.seq_len": 32, "train.dtype": "fp32", "train.device": "cpu", "train.progress": "none",
-        "train.eval_batches": 2, "optim.warmup_steps": 1, "optim.lr": 1e-3}
+BASE = {
+    "model.preset": "tiny",
+    "data.tokenizer": "byte",
+    "data.val_fraction": 0.1,
+    "train.max_steps": STEPS,
+    "train.seq_len": 32,
+    "train.dtype": "fp32",
+    "train.device": "cpu",
+    "train.progress": "none",
+    "train.eval_batches": 2,
+    "optim.warmup_steps": 1,
+    "optim.lr": 1e-3,
+}
 
 
 def _overrides(tmp: Path, output: str, **extra) -> list[str]:
-    values = {**BASE, "data.path": str(tmp / "corpus"), "data.cache_dir": str(tmp / "cache"),
-              "train.output_dir": str(tmp / output), **{k.replace("__", "."): v for k, v in extra.items()}}
+    values = {
+        **BASE,
+        "data.path": str(tmp / "corpus"),
+        "data.cache_dir": str(tmp / "cache"),
+        "train.output_dir": str(tmp / output),
+        **{k.replace("__", "."): v for k, v in extra.items()},
+    }
     return [f"--{k}={v}" for k, v in values.items()]
 
 
@@ -89,15 +104,20 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.distributed
 def test_fsdp_two_ranks_match_one_process_and_checkpoint_resumes_in_one_process(runs):
-    train_two_ranks(_overrides(runs, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
-                               checkpoint__save_every=2))
+    train_two_ranks(
+        _overrides(runs, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp", checkpoint__save_every=2)
+    )
     assert_same_steps(runs / "fsdp", runs / "one", range(1, STEPS + 1))
 
     checkpoint = runs / "fsdp" / "checkpoint-2"
-    assert sorted(p.name for p in (checkpoint / "distributed").iterdir()) == [".metadata", "__0_0.distcp",
-                                                                               "__1_0.distcp"]
+    assert sorted(p.name for p in (checkpoint / "distributed").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     # The gathered export holds the full model: the same tensors as the one-process checkpoint of step 2.
     from safetensors.torch import load_file
+
     sharded_export = load_file(checkpoint / "model.safetensors")
     one_process = load_file(runs / "one" / "checkpoint-2" / "model.safetensors")
     assert sharded_export.keys() == one_process.keys()
@@ -108,23 +128,32 @@ def test_fsdp_two_ranks_match_one_process_and_checkpoint_resumes_in_one_process(
         assert ((sharded_export[name] - tensor).norm() / tensor.norm()).item() <= 1e-4, name
 
     # The 2-rank checkpoint, resumed without any process group, continues with the uninterrupted losses.
-    train_one_process(_overrides(runs, "fsdp-resumed", train__micro_batch_size=4,
-                                 checkpoint__resume_from=str(checkpoint)))
+    train_one_process(
+        _overrides(runs, "fsdp-resumed", train__micro_batch_size=4, checkpoint__resume_from=str(checkpoint))
+    )
     assert_same_steps(runs / "fsdp-resumed", runs / "one", range(3, STEPS + 1))
 
 
 @pytest.mark.distributed
 def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
-    train_two_ranks(_overrides(runs, "one-resumed-fsdp", train__micro_batch_size=2, parallel__strategy="fsdp",
-                               checkpoint__resume_from=str(runs / "one" / "checkpoint-2")))
+    train_two_ranks(
+        _overrides(
+            runs,
+            "one-resumed-fsdp",
+            train__micro_batch_size=2,
+            parallel__strategy="fsdp",
+            checkpoint__resume_from=str(runs / "one" / "checkpoint-2"),
+        )
+    )
     assert_same_steps(runs / "one-resumed-fsdp", runs / "one", range(3, STEPS + 1))
 
 
 @pytest.mark.distributed
 def test_ddp_two_ranks_with_accumulation_match_one_process(runs):
     # 2 ranks x 2 micro-batches of 1 (no_sync on the first) against 1 x 4.
-    train_two_ranks(_overrides(runs, "ddp", train__micro_batch_size=1, train__grad_accum_steps=2,
-                               parallel__strategy="ddp"))
+    train_two_ranks(
+        _overrides(runs, "ddp", train__micro_batch_size=1, train__grad_accum_steps=2, parallel__strategy="ddp")
+    )
     assert_same_steps(runs / "ddp", runs / "one", range(1, STEPS + 1))
 
 
@@ -164,6 +193,7 @@ def test_failure_on_one_rank_stops_every_rank_with_the_error_shown(tmp_path):
 
 
 # ---------------------------------------------------------------- compile and activation checkpointing
+
 
 def losses_of(tmp_path: Path, name: str, **overrides) -> list[tuple[float, float]]:
     cfg = tiny_config(tmp_path, train__output_dir=str(tmp_path / name), train__max_steps=3, **overrides)
@@ -228,13 +258,17 @@ def test_checkpointing_modes_recompute_what_they_say():
 
 # ---------------------------------------------------------------- refused settings
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"parallel__strategy": "fsdp", "train__dtype": "fp16"}, "does not support train.dtype=fp16"),
-    ({"parallel__fsdp_cpu_offload": True}, "needs parallel.strategy=fsdp"),
-    ({"parallel__strategy": "ddp", "optim__name": "adamw_layerwise"}, "inside backward"),
-    ({"parallel__strategy": "fsdp", "optim__name": "galore_adamw"}, "needs optim.name=adamw"),
-    ({"parallel__activation_checkpointing": "some"}, "choose one of: none, full, selective"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"parallel__strategy": "fsdp", "train__dtype": "fp16"}, "does not support train.dtype=fp16"),
+        ({"parallel__fsdp_cpu_offload": True}, "needs parallel.strategy=fsdp"),
+        ({"parallel__strategy": "ddp", "optim__name": "adamw_layerwise"}, "inside backward"),
+        ({"parallel__strategy": "fsdp", "optim__name": "galore_adamw"}, "needs optim.name=adamw"),
+        ({"parallel__activation_checkpointing": "some"}, "choose one of: none, full, selective"),
+    ],
+)
 def test_unsupported_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(tmp_path, **overrides)
@@ -252,10 +286,19 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_pa
     """Preemption often reaches one process first: every rank must still save the same step."""
     write_corpus(tmp_path / "corpus")
     args = _overrides(tmp_path, "run", train__max_steps=100000, parallel__strategy="fsdp", train__micro_batch_size=2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "trainer", "train", *args]
-    agent = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "train",
+        *args,
+    ]
+    agent = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "run"
     deadline = time.time() + RUN_TIMEOUT_S
     while time.time() < deadline and len(step_records(run)) < 3:
@@ -268,6 +311,12 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_pa
     checkpoint = run / f"checkpoint-{last}"
     assert (checkpoint / "trainer_state.json").is_file(), output[-3000:]
     assert "stopped at step" in output
-    state = Trainer(load_config(None, _overrides(tmp_path, "run", train__max_steps=last + 1,
-                                                 checkpoint__resume_from="latest", train__micro_batch_size=4))).train()
+    state = Trainer(
+        load_config(
+            None,
+            _overrides(
+                tmp_path, "run", train__max_steps=last + 1, checkpoint__resume_from="latest", train__micro_batch_size=4
+            ),
+        )
+    ).train()
     assert state.step == last + 1

@@ -42,39 +42,75 @@ def test_checkpointing_modes_tiny(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
 def test_checkpointing_modes_small(tmp_path, mode):
-    _check(_config(tmp_path, **{"model.preset": "small", "train.micro_batch_size": 4, "train.seq_len": 256,
-                                "parallel.activation_checkpointing": mode}))
+    _check(
+        _config(
+            tmp_path,
+            **{
+                "model.preset": "small",
+                "train.micro_batch_size": 4,
+                "train.seq_len": 256,
+                "parallel.activation_checkpointing": mode,
+            },
+        )
+    )
 
 
 def test_the_modes_differ_by_more_than_the_tolerance(tmp_path):
     """So the checkpointing cases above could fail: a planner blind to the mode would be off by over 10%."""
-    peaks = {mode: measure_training_peak(_config(tmp_path / mode, **ACTIVATIONS,
-                                                 **{"parallel.activation_checkpointing": mode})).peak_bytes
-             for mode in ("none", "full")}
+    peaks = {
+        mode: measure_training_peak(
+            _config(tmp_path / mode, **ACTIVATIONS, **{"parallel.activation_checkpointing": mode})
+        ).peak_bytes
+        for mode in ("none", "full")
+    }
     assert peaks["none"] > 1.2 * peaks["full"]
 
 
-OPTIMIZERS = ["adamw8bit", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "adamw_layerwise",
-              "adamw8bit_layerwise", "galore_adamw_layerwise", "galore_adamw8bit_layerwise",
-              "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise"]
+OPTIMIZERS = [
+    "adamw8bit",
+    "galore_adamw",
+    "galore_adamw8bit",
+    "galore_adafactor",
+    "adamw_layerwise",
+    "adamw8bit_layerwise",
+    "galore_adamw_layerwise",
+    "galore_adamw8bit_layerwise",
+    "galore_adafactor_layerwise",
+    "apollo_adamw",
+    "apollo_adamw_layerwise",
+]
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_families(tmp_path, name):
     # Small activations: the weights, gradients and optimizer states set the peak.
-    _check(_config(tmp_path, **{"optim.name": name, "train.max_grad_norm": 0, "optim.galore_rank": 32,
-                                "optim.galore_update_proj_gap": 1, "optim.apollo_rank": 16,
-                                "optim.apollo_update_proj_gap": 1}))
+    _check(
+        _config(
+            tmp_path,
+            **{
+                "optim.name": name,
+                "train.max_grad_norm": 0,
+                "optim.galore_rank": 32,
+                "optim.galore_update_proj_gap": 1,
+                "optim.apollo_rank": 16,
+                "optim.apollo_update_proj_gap": 1,
+            },
+        )
+    )
 
 
-@pytest.mark.parametrize("overrides", [
-    {"train.grad_accum_steps": 2},
-    {"train.dtype": "bf16"},
-    {"train.dtype": "bf16", "train.param_dtype": "bf16"},
-    {"kernels.enabled": False},
-    {"data.document_mask": True},
-    {"train.neftune_alpha": 5.0},
-], ids=["accumulation", "bf16-autocast", "bf16-weights", "logits-materialised", "document-mask", "neftune"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train.grad_accum_steps": 2},
+        {"train.dtype": "bf16"},
+        {"train.dtype": "bf16", "train.param_dtype": "bf16"},
+        {"kernels.enabled": False},
+        {"data.document_mask": True},
+        {"train.neftune_alpha": 5.0},
+    ],
+    ids=["accumulation", "bf16-autocast", "bf16-weights", "logits-materialised", "document-mask", "neftune"],
+)
 def test_run_settings(tmp_path, overrides):
     _check(_config(tmp_path, **ACTIVATIONS, **overrides))
 
@@ -90,16 +126,31 @@ def hf_folder(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"lora.dropout": 0.1},
-    {"parallel.activation_checkpointing": "selective"},
-    {"train.dtype": "bf16"},
-    {"lora.train_embeddings": True, "lora.train_norms": True},
-], ids=["plain", "dropout", "selective", "bf16", "embeddings-and-norms"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"lora.dropout": 0.1},
+        {"parallel.activation_checkpointing": "selective"},
+        {"train.dtype": "bf16"},
+        {"lora.train_embeddings": True, "lora.train_norms": True},
+    ],
+    ids=["plain", "dropout", "selective", "bf16", "embeddings-and-norms"],
+)
 def test_lora(tmp_path, hf_folder, overrides):
-    _check(_config(tmp_path, **ACTIVATIONS, **{"model.preset": "small", "model.from_hf": str(hf_folder),
-                                               "data.tokenizer": str(hf_folder), "lora.rank": 8, **overrides}))
+    _check(
+        _config(
+            tmp_path,
+            **ACTIVATIONS,
+            **{
+                "model.preset": "small",
+                "model.from_hf": str(hf_folder),
+                "data.tokenizer": str(hf_folder),
+                "lora.rank": 8,
+                **overrides,
+            },
+        )
+    )
 
 
 # ---------------------------------------------------------------- micro_batch_size=auto
@@ -109,9 +160,15 @@ def test_auto_micro_batch_is_the_largest_that_fits_measured(tmp_path):
     """A global batch of 12 and a budget halfway between the measured peaks of 3 x 4 and 4 x 3 (plus
     the CPU runtime the planner adds to tensor bytes): auto picks 3 x 4, whose measured peak fits,
     and 4 x 3 does go over it."""
-    at = {m: measure_training_peak(_config(tmp_path / str(m), **{"train.seq_len": 128, "train.micro_batch_size": m,
-                                                                 "train.grad_accum_steps": 12 // m})).peak_bytes
-          for m in (3, 4)}
+    at = {
+        m: measure_training_peak(
+            _config(
+                tmp_path / str(m),
+                **{"train.seq_len": 128, "train.micro_batch_size": m, "train.grad_accum_steps": 12 // m},
+            )
+        ).peak_bytes
+        for m in (3, 4)
+    }
     budget = (at[3] + at[4]) // 2 + CPU_RUNTIME_BYTES
     config = _config(tmp_path / "auto", **{"train.seq_len": 128, "train.global_batch_size": 12, "plan.device": "cpu"})
     micro, accum, note = choose_micro_batch(config, budget, world_size=1)
@@ -123,6 +180,7 @@ def test_auto_micro_batch_is_the_largest_that_fits_measured(tmp_path):
 def _budget_for(config, micro: int, world_size: int = 1) -> int:
     """A budget between the predicted need at `micro` and at micro + 1 sequences (each with the
     accumulation that reaches the global batch)."""
+
     def need(m):
         accum = max(1, -(-config.train.global_batch_size // (m * world_size)))
         return predict_peak(config, world_size, micro_batch_size=m, grad_accum_steps=accum).required_bytes
@@ -147,8 +205,16 @@ def test_auto_rounds_the_global_batch_and_says_how(tmp_path):
 
 
 def test_auto_layerwise_needs_the_whole_batch_to_fit(tmp_path):
-    config = _config(tmp_path, **{"train.seq_len": 128, "train.global_batch_size": 8, "plan.device": "cpu",
-                                  "optim.name": "adamw_layerwise", "train.max_grad_norm": 0})
+    config = _config(
+        tmp_path,
+        **{
+            "train.seq_len": 128,
+            "train.global_batch_size": 8,
+            "plan.device": "cpu",
+            "optim.name": "adamw_layerwise",
+            "train.max_grad_norm": 0,
+        },
+    )
     with pytest.raises(ConfigError, match="cannot accumulate.*only 2 fit.*train.global_batch_size=2"):
         choose_micro_batch(config, _budget_for(config, 2), world_size=1)
 
@@ -173,8 +239,13 @@ def test_plan_command_prints_the_breakdown(tmp_path, capsys):
 
 
 def test_plan_command_json_and_exit_status(capsys):
-    argv = ["--model.preset=llama-7b", "--train.seq_len=2048", "--train.micro_batch_size=1", "--plan.device=l4-24gb",
-            "--json"]
+    argv = [
+        "--model.preset=llama-7b",
+        "--train.seq_len=2048",
+        "--train.micro_batch_size=1",
+        "--plan.device=l4-24gb",
+        "--json",
+    ]
     assert plan_command(argv) == 1  # fp32 AdamW for 7B needs far more than 24 GB
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is False and out["budget_bytes"] == GPUS["l4-24gb"].memory_bytes
@@ -185,8 +256,15 @@ def test_plan_command_json_and_exit_status(capsys):
 
 
 def test_plan_command_budget_and_auto(capsys):
-    argv = ["--model.preset=llama-1b", "--train.seq_len=2048", "--train.micro_batch_size=auto",
-            "--train.global_batch_size=64", "--plan.budget=40000000000", "--plan.device=a100-40gb", "--json"]
+    argv = [
+        "--model.preset=llama-1b",
+        "--train.seq_len=2048",
+        "--train.micro_batch_size=auto",
+        "--train.global_batch_size=64",
+        "--plan.budget=40000000000",
+        "--plan.device=a100-40gb",
+        "--json",
+    ]
     assert plan_command(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["required_bytes"] <= 40_000_000_000
@@ -203,8 +281,10 @@ def test_predict_does_not_allocate_the_model():
     """llama-8b at 8k tokens is planned from its shape alone: no tensor the size of its weights appears."""
     from trainer.config import load_config
 
-    config = load_config(None, ["--model.preset=llama-8b", "--train.seq_len=8192", "--train.micro_batch_size=1",
-                                "--plan.device=h200-141gb"])
+    config = load_config(
+        None,
+        ["--model.preset=llama-8b", "--train.seq_len=8192", "--train.micro_batch_size=1", "--plan.device=h200-141gb"],
+    )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         plan = predict_peak(config)
     biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
@@ -216,9 +296,20 @@ def test_predict_does_not_allocate_the_model():
 def test_llama_1b_bf16_against_max_memory_allocated(tmp_path):
     from benchmarks.bench_plan import measure_cuda
 
-    config = _config(tmp_path, **{"model.preset": "llama-1b", "train.dtype": "bf16", "train.param_dtype": "bf16",
-                                  "train.seq_len": 2048, "train.micro_batch_size": 1, "train.device": "cuda",
-                                  "data.tokenizer": "byte", "optim.name": "adamw", "plan.device": "auto"})
+    config = _config(
+        tmp_path,
+        **{
+            "model.preset": "llama-1b",
+            "train.dtype": "bf16",
+            "train.param_dtype": "bf16",
+            "train.seq_len": 2048,
+            "train.micro_batch_size": 1,
+            "train.device": "cuda",
+            "data.tokenizer": "byte",
+            "optim.name": "adamw",
+            "plan.device": "auto",
+        },
+    )
     predicted = predict_peak(config).peak_bytes
     measured = measure_cuda(config)
     assert abs(predicted / measured - 1) <= TOLERANCE, f"predicted {predicted:,} vs measured {measured:,}"

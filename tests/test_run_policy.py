@@ -32,12 +32,16 @@ def snapshot(folder):
 
 # ---------------------------------------------------------------- nothing lost before the run is checked
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model__from_hf": "FILE"}, "is not a folder"),
-    ({"data__path": "/no/such/corpus"}, "matched no files"),
-    ({"train__seq_len": 100000}, "longer than the model allows"),
-    ({"model__vocab_size": 64}, "the tokenizer has 257 tokens"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model__from_hf": "FILE"}, "is not a folder"),
+        ({"data__path": "/no/such/corpus"}, "matched no files"),
+        ({"train__seq_len": 100000}, "longer than the model allows"),
+        ({"model__vocab_size": 64}, "the tokenizer has 257 tokens"),
+    ],
+)
 def test_a_run_that_cannot_start_leaves_the_previous_run_untouched(tmp_path, overrides, message):
     run = finished_run(tmp_path)
     before = snapshot(run)
@@ -65,6 +69,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- damaged checkpoints
 
+
 def test_a_damaged_checkpoint_named_explicitly_names_the_file_and_the_newest_loadable_one(tmp_path):
     run = finished_run(tmp_path)
     truncate(run / "checkpoint-4" / "model.safetensors")
@@ -89,14 +94,22 @@ def test_resume_latest_skips_a_damaged_newest_checkpoint(tmp_path, damage):
         (newest / "trainer_state.json").write_text("{not json")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state = Trainer(tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2,
-                                    checkpoint__keep_last=0, checkpoint__resume_from="latest")).train()
+        state = Trainer(
+            tiny_config(
+                tmp_path,
+                train__max_steps=6,
+                checkpoint__save_every=2,
+                checkpoint__keep_last=0,
+                checkpoint__resume_from="latest",
+            )
+        ).train()
     assert any("skipping" in str(w.message) and "checkpoint-4" in str(w.message) for w in caught)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert state.step == 6 and steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 trained again from checkpoint-2
 
 
 # ---------------------------------------------------------------- resume edges
+
 
 def test_resuming_at_or_past_max_steps_is_refused_and_rewrites_nothing(tmp_path):
     run = finished_run(tmp_path)
@@ -109,8 +122,9 @@ def test_resuming_at_or_past_max_steps_is_refused_and_rewrites_nothing(tmp_path)
 def test_a_resumed_run_summary_counts_its_own_steps_and_keeps_the_starting_eval(tmp_path, capsys):
     Trainer(tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2), callbacks=[StopAt(4)]).train()
     capsys.readouterr()
-    Trainer(tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2,
-                        checkpoint__resume_from="latest")).train()
+    Trainer(
+        tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2, checkpoint__resume_from="latest")
+    ).train()
     out = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "train_results.json").read_text())
     assert results["steps_this_run"] == 2 and results["tokens_this_run"] == 2 * 2 * 32
@@ -130,6 +144,7 @@ def test_a_warmup_longer_than_the_run_is_shortened_and_said(tmp_path, capsys):
 
 # ---------------------------------------------------------------- fine-tuning mismatches
 
+
 @pytest.fixture
 def pretrained(tmp_path):
     from trainer.models import build
@@ -139,12 +154,15 @@ def pretrained(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model__n_layers": 3}, "model.n_layers do not apply with model.from_hf"),
-    ({"model__preset": "tiny"}, "model.preset do not apply with model.from_hf"),
-    ({}, "a new BPE tokenizer would be trained"),
-    ({"data__tokenizer": "byte"}, "data.tokenizer=byte pairs the pretrained embeddings"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model__n_layers": 3}, "model.n_layers do not apply with model.from_hf"),
+        ({"model__preset": "tiny"}, "model.preset do not apply with model.from_hf"),
+        ({}, "a new BPE tokenizer would be trained"),
+        ({"data__tokenizer": "byte"}, "data.tokenizer=byte pairs the pretrained embeddings"),
+    ],
+)
 def test_fine_tuning_refuses_settings_that_would_be_ignored_or_mismatched(tmp_path, pretrained, overrides, message):
     values = {"model__from_hf": str(pretrained), "data__tokenizer": "bpe", "model__preset": "small", **overrides}
     with pytest.raises(ConfigError, match=message):
@@ -153,12 +171,20 @@ def test_fine_tuning_refuses_settings_that_would_be_ignored_or_mismatched(tmp_pa
 
 
 def test_a_new_tokenizer_for_a_pretrained_model_when_asked_explicitly(tmp_path, pretrained):
-    state = Trainer(tiny_config(tmp_path, model__from_hf=str(pretrained), model__preset="small",
-                                model__allow_new_tokenizer=True, train__max_steps=2)).train()
+    state = Trainer(
+        tiny_config(
+            tmp_path,
+            model__from_hf=str(pretrained),
+            model__preset="small",
+            model__allow_new_tokenizer=True,
+            train__max_steps=2,
+        )
+    ).train()
     assert state.step == 2
 
 
 # ---------------------------------------------------------------- callbacks take effect in the same step
+
 
 class StopWhenEvaluated(TrainerCallback):
     def on_evaluate(self, config, state, control, metrics=None, **kwargs):
@@ -166,8 +192,9 @@ class StopWhenEvaluated(TrainerCallback):
 
 
 def test_a_stop_asked_for_in_on_evaluate_stops_at_that_step(tmp_path):
-    state = Trainer(tiny_config(tmp_path, train__max_steps=20, train__eval_every=2),
-                    callbacks=[StopWhenEvaluated()]).train()
+    state = Trainer(
+        tiny_config(tmp_path, train__max_steps=20, train__eval_every=2), callbacks=[StopWhenEvaluated()]
+    ).train()
     run = tmp_path / "run"
     assert state.step == 4
     assert latest_checkpoint(run).name == "checkpoint-4"
@@ -206,8 +233,14 @@ def test_a_label_outside_the_vocabulary_stops_the_run_with_one_line(tmp_path):
 def test_from_hf_without_config_json_is_refused_before_the_data_is_read(tmp_path, caplog):
     (tmp_path / "not_a_model").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
-        Trainer(tiny_config(tmp_path, model__from_hf=str(tmp_path / "not_a_model"), model__preset="small",
-                            model__allow_new_tokenizer=True)).train()
+        Trainer(
+            tiny_config(
+                tmp_path,
+                model__from_hf=str(tmp_path / "not_a_model"),
+                model__preset="small",
+                model__allow_new_tokenizer=True,
+            )
+        ).train()
     assert not (tmp_path / "cache").exists()  # nothing was tokenized
 
 
@@ -216,8 +249,13 @@ def test_micro_batch_size_auto_picks_what_the_planner_fits_and_saves_it(tmp_path
     from trainer.plan import choose_micro_batch, predict_peak
 
     budget = 400 * 2**20
-    cfg = tiny_config(tmp_path, train__micro_batch_size="auto", train__global_batch_size=12,
-                      train__memory_budget=budget, train__max_steps=2)
+    cfg = tiny_config(
+        tmp_path,
+        train__micro_batch_size="auto",
+        train__global_batch_size=12,
+        train__memory_budget=budget,
+        train__max_steps=2,
+    )
     expected = choose_micro_batch(cfg, budget, 1)
     Trainer(cfg).train()
     saved = load_config(tmp_path / "run" / "config.toml")
@@ -237,6 +275,9 @@ def test_a_tokenizer_that_maps_text_to_the_models_own_ids_is_the_models_own(tmp_
     from trainer.data import ByteTokenizer
 
     ByteTokenizer().save(str(pretrained))  # the pretrained folder's own tokenizer is the byte tokenizer
-    state = Trainer(tiny_config(tmp_path, model__from_hf=str(pretrained), model__preset="small",
-                                data__tokenizer="byte", train__max_steps=1)).train()
+    state = Trainer(
+        tiny_config(
+            tmp_path, model__from_hf=str(pretrained), model__preset="small", data__tokenizer="byte", train__max_steps=1
+        )
+    ).train()
     assert state.step == 1

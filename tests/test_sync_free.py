@@ -46,12 +46,15 @@ class CountHostReads(TrainerCallback):
         self.per_step.setdefault("read back at", set()).add(state.step)
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"train__grad_accum_steps": 3},
-    {"train__dtype": "bf16"},
-    {"train__max_grad_norm": 0.0},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"train__grad_accum_steps": 3},
+        {"train__dtype": "bf16"},
+        {"train__max_grad_norm": 0.0},
+    ],
+)
 def test_no_host_read_between_log_steps(tmp_path, monkeypatch, overrides):
     counter = CountHostReads(monkeypatch)
     cfg = tiny_config(tmp_path, train__max_steps=12, train__log_every=4, **overrides)
@@ -71,13 +74,13 @@ def test_the_counter_sees_a_host_read(tmp_path, monkeypatch):
             if state.step == 2:
                 torch.ones(()).item()
 
-    Trainer(tiny_config(tmp_path, train__max_steps=3, train__log_every=3),
-            callbacks=[ReadsTheLoss(), counter]).train()
+    Trainer(tiny_config(tmp_path, train__max_steps=3, train__log_every=3), callbacks=[ReadsTheLoss(), counter]).train()
     assert counter.per_step[2] == 1 and counter.per_step[1] == counter.per_step[3] == 0
 
 
 def test_an_optimizer_without_found_inf_reads_one_flag_per_step(tmp_path, monkeypatch):
     counter = CountHostReads(monkeypatch)
-    Trainer(tiny_config(tmp_path, train__max_steps=4, train__log_every=4, optim__name="galore_adamw"),
-            callbacks=[counter]).train()
+    Trainer(
+        tiny_config(tmp_path, train__max_steps=4, train__log_every=4, optim__name="galore_adamw"), callbacks=[counter]
+    ).train()
     assert [counter.per_step[s] for s in (1, 2, 3, 4)] == [1, 1, 1, 1]

@@ -30,10 +30,14 @@ def test_warnings_print_as_one_line_without_source(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
-    args = tiny_args(tmp_path, train__max_steps=100000, train__seq_len=64, train__log_every=1,
-                     checkpoint__save_every=2)
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = tiny_args(tmp_path, train__max_steps=100000, train__seq_len=64, train__log_every=1, checkpoint__save_every=2)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = tmp_path / "run"
     deadline = time.time() + 60
     while time.time() < deadline and not list(run.glob("checkpoint-*")):
@@ -67,11 +71,14 @@ def test_tokens_per_s_in_metrics_is_measured_over_each_read_back(tmp_path):
     assert steps[0]["tokens_per_s"] == steps[2]["tokens_per_s"] != steps[3]["tokens_per_s"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.log_every=0"], "train.log_every must be > 0, got 0"),
-    (["--train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be > 0, got 0"),
-    (["FOLDER"], "is a folder; pass a .toml file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.log_every=0"], "train.log_every must be > 0, got 0"),
+        (["--train.max_nonfinite_steps=0"], "train.max_nonfinite_steps must be > 0, got 0"),
+        (["FOLDER"], "is a folder; pass a .toml file"),
+    ],
+)
 def test_more_user_errors_give_one_line_and_exit_2(tmp_path, args, message):
     args = [str(tmp_path) if a == "FOLDER" else a for a in args]
     base = [] if args[0] == str(tmp_path) else tiny_args(tmp_path)

@@ -31,8 +31,18 @@ from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_pro
 from trainer.parallel.distributed import barrier
 from trainer.runtime import DTYPES, resolve_device, resolve_dtype
 
-MODEL_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads", "n_kv_heads",
-                    "max_seq_len", "rope_theta", "tie_embeddings", "qkv_bias")
+MODEL_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "max_seq_len",
+    "rope_theta",
+    "tie_embeddings",
+    "qkv_bias",
+)
 
 
 @dataclass
@@ -73,9 +83,11 @@ class RunParts:
         n_params = sum(p.numel() for p in self.params)
         unit = "rows" if self.config.data.format == "sft" else "tokens"
         ranks = f" | {self.env.world_size} ranks, {self.config.parallel.strategy}" if self.env.world_size > 1 else ""
-        return (f"model: {n_params / 1e6:.2f}M trainable parameters | device {self.device} | compute dtype "
-                f"{str(self.compute_dtype).removeprefix('torch.')} | data: {len(self.data.train):,} training {unit} "
-                f"| output: {self.output.folder}{ranks}")
+        return (
+            f"model: {n_params / 1e6:.2f}M trainable parameters | device {self.device} | compute dtype "
+            f"{str(self.compute_dtype).removeprefix('torch.')} | data: {len(self.data.train):,} training {unit} "
+            f"| output: {self.output.folder}{ranks}"
+        )
 
 
 def kernel_choice(kernels) -> KernelChoice:
@@ -86,8 +98,12 @@ def kernel_choice(kernels) -> KernelChoice:
     def pick(on: bool) -> str | None:
         return None if on else "reference"
 
-    return KernelChoice(rms_norm=pick(kernels.rms_norm), rope=pick(kernels.rope), swiglu=pick(kernels.swiglu),
-                        materialize_logits=not kernels.fused_ce)
+    return KernelChoice(
+        rms_norm=pick(kernels.rms_norm),
+        rope=pick(kernels.rope),
+        swiglu=pick(kernels.swiglu),
+        materialize_logits=not kernels.fused_ce,
+    )
 
 
 def tokenizer_spec(config: TrainConfig) -> str:
@@ -108,42 +124,64 @@ def load_run_data(config: TrainConfig, tokenizer: str | None = None):
         from trainer.data.sft import prepare_sft
 
         if tokenizer == "bpe":
-            raise ConfigError("data.format=sft needs an existing tokenizer: set model.from_hf to a folder with "
-                              "tokenizer.json, or data.tokenizer to such a folder (or to byte)")
+            raise ConfigError(
+                "data.format=sft needs an existing tokenizer: set model.from_hf to a folder with "
+                "tokenizer.json, or data.tokenizer to such a folder (or to byte)"
+            )
         return prepare_sft(d.path, build_tokenizer(tokenizer), config.train.seq_len, d.val_fraction)
-    return prepare_data(d.path, tokenizer=tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-                        cache_dir=d.cache_dir or None, text_field=d.text_field, weights=d.weights or None,
-                        num_workers=d.num_workers)
+    return prepare_data(
+        d.path,
+        tokenizer=tokenizer,
+        vocab_size=d.vocab_size,
+        val_fraction=d.val_fraction,
+        cache_dir=d.cache_dir or None,
+        text_field=d.text_field,
+        weights=d.weights or None,
+        num_workers=d.num_workers,
+    )
 
 
 def check_pretrained_fit(config: TrainConfig) -> None:
     """With model.from_hf the checkpoint fixes the shape, and its embeddings only mean something with its tokenizer."""
     m = config.model
     if config.lora.rank > 0 and not m.from_hf:
-        raise ConfigError(f"lora.rank={config.lora.rank} adapts a pretrained model: set model.from_hf to its Hugging "
-                          "Face folder (its final/ adapter names that folder as its base), or lora.rank=0 to train "
-                          "every weight")
+        raise ConfigError(
+            f"lora.rank={config.lora.rank} adapts a pretrained model: set model.from_hf to its Hugging "
+            "Face folder (its final/ adapter names that folder as its base), or lora.rank=0 to train "
+            "every weight"
+        )
     if not m.from_hf:
         return
     if not Path(m.from_hf).is_dir():
-        raise ConfigError(f"model.from_hf={m.from_hf!r} is not a folder; pass a local Hugging Face model folder "
-                          "(config.json + *.safetensors)")
+        raise ConfigError(
+            f"model.from_hf={m.from_hf!r} is not a folder; pass a local Hugging Face model folder "
+            "(config.json + *.safetensors)"
+        )
     if not (Path(m.from_hf) / "config.json").is_file():
-        raise ConfigError(f"model.from_hf={m.from_hf!r} has no config.json; pass a local Hugging Face model folder "
-                          "(config.json + *.safetensors)")
+        raise ConfigError(
+            f"model.from_hf={m.from_hf!r} has no config.json; pass a local Hugging Face model folder "
+            "(config.json + *.safetensors)"
+        )
     given = [f"model.{k}" for k in MODEL_SHAPE_KEYS if getattr(m, k) is not None]
     if m.preset != "small":
         given.insert(0, "model.preset")
     if given:
-        raise ConfigError(f"{', '.join(given)} do not apply with model.from_hf (the checkpoint's config.json fixes "
-                          "the shape); remove them")
+        raise ConfigError(
+            f"{', '.join(given)} do not apply with model.from_hf (the checkpoint's config.json fixes "
+            "the shape); remove them"
+        )
     own = (Path(m.from_hf) / "tokenizer.json").is_file()
     if not own_tokenizer(config) and not m.allow_new_tokenizer:
-        what = (f"data.tokenizer={config.data.tokenizer}" if own or config.data.tokenizer != "bpe"
-                else f"{m.from_hf} has no tokenizer.json, so a new BPE tokenizer would be trained and")
-        raise ConfigError(f"{what} pairs the pretrained embeddings of {m.from_hf} with another tokenizer's ids; "
-                          "point data.tokenizer at the model's own tokenizer folder, or pass "
-                          "--model.allow_new_tokenizer=true if that is what you want")
+        what = (
+            f"data.tokenizer={config.data.tokenizer}"
+            if own or config.data.tokenizer != "bpe"
+            else f"{m.from_hf} has no tokenizer.json, so a new BPE tokenizer would be trained and"
+        )
+        raise ConfigError(
+            f"{what} pairs the pretrained embeddings of {m.from_hf} with another tokenizer's ids; "
+            "point data.tokenizer at the model's own tokenizer folder, or pass "
+            "--model.allow_new_tokenizer=true if that is what you want"
+        )
 
 
 def own_tokenizer(config: TrainConfig) -> bool:
@@ -173,17 +211,26 @@ def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
             raise ConfigError(f"model: {e}") from None
         model = build(args, kernels=kernels, seed=t.seed)
     if tokenizer_vocab > model.args.vocab_size:
-        fix = ("use the model's own tokenizer" if m.from_hf else
-               f"set model.vocab_size >= {tokenizer_vocab} or use a matching tokenizer")
-        raise ConfigError(f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is only "
-                          f"{model.args.vocab_size}; {fix}")
+        fix = (
+            "use the model's own tokenizer"
+            if m.from_hf
+            else f"set model.vocab_size >= {tokenizer_vocab} or use a matching tokenizer"
+        )
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is only "
+            f"{model.args.vocab_size}; {fix}"
+        )
     if t.seq_len > model.args.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model allows "
-                          f"(max_seq_len {model.args.max_seq_len}); lower train.seq_len")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is longer than the model allows "
+            f"(max_seq_len {model.args.max_seq_len}); lower train.seq_len"
+        )
     window = model.args.sliding_window
     if window is not None and t.seq_len > window:
-        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model's sliding window ({window}), which "
-                          f"this trainer does not implement; use train.seq_len <= {window}")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is longer than the model's sliding window ({window}), which "
+            f"this trainer does not implement; use train.seq_len <= {window}"
+        )
     return model
 
 
@@ -193,8 +240,9 @@ def effective_warmup(config: TrainConfig, messages: list[str]) -> None:
     if o.warmup_steps >= t.max_steps:
         shorter = t.max_steps // 10
         instead = f"warming up over {shorter} steps (a tenth of the run)" if shorter else "no warm-up"
-        messages.append(f"optim.warmup_steps={o.warmup_steps} is not below train.max_steps={t.max_steps}; "
-                        f"{instead} instead")
+        messages.append(
+            f"optim.warmup_steps={o.warmup_steps} is not below train.max_steps={t.max_steps}; {instead} instead"
+        )
         o.warmup_steps = shorter
 
 
@@ -232,17 +280,34 @@ def build_run(config: TrainConfig) -> RunParts:
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     from trainer.data import BlockLoader
 
-    loader = BlockLoader(data.train, t.seq_len, t.micro_batch_size, t.grad_accum_steps, world_size=env.world_size,
-                         rank=env.rank, seed=t.seed, document_ids=cfg.data.document_mask)
+    loader = BlockLoader(
+        data.train,
+        t.seq_len,
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        world_size=env.world_size,
+        rank=env.rank,
+        seed=t.seed,
+        document_ids=cfg.data.document_mask,
+    )
     state = TrainerState(max_steps=t.max_steps)
-    resumed = resume(output, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                     sharded=is_sharded(model), messages=messages)
+    resumed = resume(
+        output,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        sharded=is_sharded(model),
+        messages=messages,
+    )
     if resumed is not None:
         path, saved = resumed
         state = TrainerState.from_dict(saved["trainer"])
         if state.step >= t.max_steps:
-            raise ConfigError(f"{path} is at step {state.step}, which train.max_steps={t.max_steps} does not go "
-                              "beyond; raise train.max_steps to train further")
+            raise ConfigError(
+                f"{path} is at step {state.step}, which train.max_steps={t.max_steps} does not go "
+                "beyond; raise train.max_steps to train further"
+            )
         state.max_steps = t.max_steps
         try:
             loader.load_state_dict(saved["sampler"])
@@ -261,13 +326,38 @@ def build_run(config: TrainConfig) -> RunParts:
     if data.val is not None:
         evaluator = Evaluator.for_run(cfg, data.val, device, compute_dtype, env.world_size, env.rank)
     else:
-        messages.append(f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "
-                        f"{cfg.data.path} aside): the run will not be evaluated")
-    checkpointer = Checkpointer(output.folder, keep_last=cfg.checkpoint.keep_last, config_toml=config_toml,
-                                tokenizer=data.tokenizer, sharded=is_sharded(model), is_main=env.is_main,
-                                lora_base=cfg.model.from_hf or None, save_merged=cfg.lora.save_merged)
-    return RunParts(cfg, env, device, compute_dtype, output, data, model, train_model, optimizer, scheduler, scaler,
-                    loader, evaluator, checkpointer, state, messages)
+        messages.append(
+            f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "
+            f"{cfg.data.path} aside): the run will not be evaluated"
+        )
+    checkpointer = Checkpointer(
+        output.folder,
+        keep_last=cfg.checkpoint.keep_last,
+        config_toml=config_toml,
+        tokenizer=data.tokenizer,
+        sharded=is_sharded(model),
+        is_main=env.is_main,
+        lora_base=cfg.model.from_hf or None,
+        save_merged=cfg.lora.save_merged,
+    )
+    return RunParts(
+        cfg,
+        env,
+        device,
+        compute_dtype,
+        output,
+        data,
+        model,
+        train_model,
+        optimizer,
+        scheduler,
+        scaler,
+        loader,
+        evaluator,
+        checkpointer,
+        state,
+        messages,
+    )
 
 
 def resume(output: OutputPlan, *, messages: list[str], **targets) -> tuple[Path, dict] | None:
@@ -294,5 +384,7 @@ def resume(output: OutputPlan, *, messages: list[str], **targets) -> tuple[Path,
             warnings.warn(f"checkpoint.resume_from=latest: skipping {candidate}: {e}", stacklevel=2)
             continue
         return candidate, saved
-    raise CheckpointError(f"checkpoint.resume_from=latest: no checkpoint in {output.folder} loads "
-                          f"({'; '.join(damaged)}); pass --train.overwrite=true to start over")
+    raise CheckpointError(
+        f"checkpoint.resume_from=latest: no checkpoint in {output.folder} loads "
+        f"({'; '.join(damaged)}); pass --train.overwrite=true to start over"
+    )

@@ -87,9 +87,22 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
-                    sampler_state: dict, config_toml: str, tokenizer, sharded: bool = False,
-                    is_main: bool = True, lora_base: str | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    trainer_state: dict,
+    sampler_state: dict,
+    config_toml: str,
+    tokenizer,
+    sharded: bool = False,
+    is_main: bool = True,
+    lora_base: str | None = None,
+) -> Path:
     """Writes checkpoint-<step>; with `sharded` (an FSDP run) every rank must call it.
 
     A sharded checkpoint also holds the model and optimizer shards in `distributed/` (DCP), and
@@ -109,9 +122,18 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model, optimizer, sche
         save_sharded(tmp / SHARDED_DIR, model, optimizer, trainable_only=is_lora(model))
     write_model = model_writer(model, sharded, lora_base)  # collective under FSDP: it gathers
     if is_main:
-        _write_checkpoint(tmp, final, write_model, optimizer=None if sharded else optimizer, scheduler=scheduler,
-                          scaler=scaler, trainer_state=trainer_state, sampler_state=sampler_state,
-                          config_toml=config_toml, tokenizer=tokenizer)
+        _write_checkpoint(
+            tmp,
+            final,
+            write_model,
+            optimizer=None if sharded else optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            trainer_state=trainer_state,
+            sampler_state=sampler_state,
+            config_toml=config_toml,
+            tokenizer=tokenizer,
+        )
     if sharded:
         barrier()  # no rank moves on (or rotates, or saves again) before the rename
     return final
@@ -146,17 +168,31 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def _write_checkpoint(tmp: Path, final: Path, write_model, *, optimizer, scheduler, scaler, trainer_state: dict,
-                      sampler_state: dict, config_toml: str, tokenizer) -> None:
+def _write_checkpoint(
+    tmp: Path,
+    final: Path,
+    write_model,
+    *,
+    optimizer,
+    scheduler,
+    scaler,
+    trainer_state: dict,
+    sampler_state: dict,
+    config_toml: str,
+    tokenizer,
+) -> None:
     write_model(tmp)
     tokenizer.save(tmp)
     (tmp / "run_config.toml").write_text(config_toml)
-    torch.save({
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None: in distributed/
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-    }, tmp / "training_state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None: in distributed/
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        },
+        tmp / "training_state.pt",
+    )
     (tmp / STATE_FILE).write_text(json.dumps({"trainer": trainer_state, "sampler": sampler_state}, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # saving the same step again (a resumed run): swap, then drop the old one
@@ -223,8 +259,9 @@ def _verify_safetensors(file: Path) -> None:
         raise DamagedCheckpoint(file, f"truncated: {size} bytes where its header needs {8 + header_len + end}")
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, scaler=None,
-                    sharded: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, *, model, optimizer=None, scheduler=None, scaler=None, sharded: bool = False
+) -> dict:
     """Restores everything saved and returns {"trainer": ..., "sampler": ...}.
 
     Either kind of checkpoint loads into either kind of run: shards from `distributed/` are
@@ -251,8 +288,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
         if (path / SHARDED_DIR).is_dir():
             load_sharded(path / SHARDED_DIR, model, optimizer, trainable_only=adapter)
         elif adapter and sharded:
-            raise CheckpointError(f"{path} is a one-process LoRA checkpoint; resume it in one process or under "
-                                  "parallel.strategy=ddp (FSDP resumes LoRA checkpoints that FSDP saved)")
+            raise CheckpointError(
+                f"{path} is a one-process LoRA checkpoint; resume it in one process or under "
+                "parallel.strategy=ddp (FSDP resumes LoRA checkpoints that FSDP saved)"
+            )
         elif adapter:
             try:
                 load_adapter_weights(model, path)
@@ -276,8 +315,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer=None, scheduler=None, 
     except CheckpointError as e:
         raise CheckpointError(f"{e}{_shape_difference(path, model)}") from None
     except (ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"the model or optimizer state in {path} does not fit this run: "
-                              f"{str(e).splitlines()[0]}{_shape_difference(path, model)}") from None
+        raise CheckpointError(
+            f"the model or optimizer state in {path} does not fit this run: "
+            f"{str(e).splitlines()[0]}{_shape_difference(path, model)}"
+        ) from None
     if optimizer is not None:
         scheduler.load_state_dict(extra["scheduler"])
         if scaler is not None and extra["scaler"] is not None:
@@ -302,8 +343,12 @@ def _shape_difference(path: Path, model) -> str:
     differ = [k for k in keys if theirs.get(k) != ours.get(k)]
     if not differ:
         return ""
-    return ("; the checkpoint's model has " + ", ".join(f"{k} {theirs[k]}" for k in differ)
-            + ", this run's " + ", ".join(f"{k} {ours[k]}" for k in differ))
+    return (
+        "; the checkpoint's model has "
+        + ", ".join(f"{k} {theirs[k]}" for k in differ)
+        + ", this run's "
+        + ", ".join(f"{k} {ours[k]}" for k in differ)
+    )
 
 
 def newest_loadable(output_dir: str | Path, below: Path | None = None) -> Path | None:
@@ -327,21 +372,43 @@ def _step_of(path: Path) -> int:
 class Checkpointer:
     """A run's checkpoints: saved into its folder and rotated; the final model written to final/."""
 
-    def __init__(self, folder: Path, *, keep_last: int, config_toml: str, tokenizer, sharded: bool, is_main: bool,
-                 lora_base: str | None = None, save_merged: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        keep_last: int,
+        config_toml: str,
+        tokenizer,
+        sharded: bool,
+        is_main: bool,
+        lora_base: str | None = None,
+        save_merged: bool = True,
+    ):
         self.folder, self.keep_last, self.config_toml = Path(folder), keep_last, config_toml
         self.tokenizer, self.sharded, self.is_main = tokenizer, sharded, is_main
         self.lora_base, self.save_merged = lora_base, save_merged  # LoRA runs: the base model's folder
 
-    def save(self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict,
-             sampler_state: dict) -> Path | None:
+    def save(
+        self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict, sampler_state: dict
+    ) -> Path | None:
         """checkpoint-<step>, then rotation (the best checkpoint is kept); collective under FSDP."""
         path = None
         if self.is_main or self.sharded:  # every rank writes its own shards
-            path = save_checkpoint(self.folder, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   scaler=scaler, trainer_state=trainer_state, sampler_state=sampler_state,
-                                   config_toml=self.config_toml, tokenizer=self.tokenizer, sharded=self.sharded,
-                                   is_main=self.is_main, lora_base=self.lora_base)
+            path = save_checkpoint(
+                self.folder,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                trainer_state=trainer_state,
+                sampler_state=sampler_state,
+                config_toml=self.config_toml,
+                tokenizer=self.tokenizer,
+                sharded=self.sharded,
+                is_main=self.is_main,
+                lora_base=self.lora_base,
+            )
         if self.is_main:
             rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
         return path

@@ -42,16 +42,20 @@ def cmd_eval(argv: list[str]) -> int:
     from trainer.eval_command import evaluate_checkpoint
 
     if "-h" in argv or "--help" in argv or not argv:
-        print("usage: python -m trainer eval CHECKPOINT_DIR [--section.key=value ...]\n"
-              "Evaluates a checkpoint-<step> or final folder on its run's validation split; overrides such as "
-              "--data.path=... or --train.eval_batches=0 (the whole split) apply to the run's saved config.")
+        print(
+            "usage: python -m trainer eval CHECKPOINT_DIR [--section.key=value ...]\n"
+            "Evaluates a checkpoint-<step> or final folder on its run's validation split; overrides such as "
+            "--data.path=... or --train.eval_batches=0 (the whole split) apply to the run's saved config."
+        )
         return 0 if argv else 2
     path, overrides = split_command_line(argv)
     if path is None:
         raise ConfigError("eval needs a checkpoint folder: python -m trainer eval runs/<run>/final")
     metrics = evaluate_checkpoint(path, overrides)
-    print(f"eval_loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:.2f} | "
-          f"{metrics['eval_tokens']:,} tokens")
+    print(
+        f"eval_loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:.2f} | "
+        f"{metrics['eval_tokens']:,} tokens"
+    )
     return 0
 
 
@@ -60,10 +64,12 @@ def cmd_bench(argv: list[str]) -> int:
     from trainer.config import describe_keys, load_config, split_command_line
 
     if "-h" in argv or "--help" in argv:
-        print("usage: python -m trainer bench [CONFIG.toml] [--section.key=value ...]\n"
-              "Trains the configured run and its eager PyTorch reference from one initialisation on one data order,\n"
-              "each in its own process; writes <output_dir>/bench.json and bench.png; exits 1 when the losses differ\n"
-              "beyond the tolerance. The bench.* keys are its own.\n\nkeys (defaults):")
+        print(
+            "usage: python -m trainer bench [CONFIG.toml] [--section.key=value ...]\n"
+            "Trains the configured run and its eager PyTorch reference from one initialisation on one data order,\n"
+            "each in its own process; writes <output_dir>/bench.json and bench.png; exits 1 when the losses differ\n"
+            "beyond the tolerance. The bench.* keys are its own.\n\nkeys (defaults):"
+        )
         print(describe_keys())
         return 0
     path, overrides = split_command_line(argv)
@@ -96,10 +102,13 @@ def _interrupt_message() -> str:
 
     latest = latest_checkpoint(parts.output.folder)
     if latest is None:
-        return (f"interrupted at step {parts.state.step}; nothing was saved and {parts.output.folder} holds no "
-                "checkpoint")
-    return (f"interrupted at step {parts.state.step}; nothing was saved for it. Resume from {latest} with "
-            f"--checkpoint.resume_from=latest --train.output_dir={parts.output.folder}")
+        return (
+            f"interrupted at step {parts.state.step}; nothing was saved and {parts.output.folder} holds no checkpoint"
+        )
+    return (
+        f"interrupted at step {parts.state.step}; nothing was saved for it. Resume from {latest} with "
+        f"--checkpoint.resume_from=latest --train.output_dir={parts.output.folder}"
+    )
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

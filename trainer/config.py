@@ -106,17 +106,36 @@ class TrainingConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = choice("adamw", "adamw", "adamw8bit", "paged_adamw8bit", "galore_adamw", "galore_adamw8bit",
-                       "galore_adafactor", "adamw_layerwise", "adamw8bit_layerwise", "paged_adamw8bit_layerwise",
-                       "galore_adamw_layerwise", "galore_adamw8bit_layerwise", "galore_adafactor_layerwise",
-                       "apollo_adamw", "apollo_adamw_layerwise",
-                       help="see docs/optimizers.md; _layerwise: each parameter is updated inside backward")
+    name: str = choice(
+        "adamw",
+        "adamw",
+        "adamw8bit",
+        "paged_adamw8bit",
+        "galore_adamw",
+        "galore_adamw8bit",
+        "galore_adafactor",
+        "adamw_layerwise",
+        "adamw8bit_layerwise",
+        "paged_adamw8bit_layerwise",
+        "galore_adamw_layerwise",
+        "galore_adamw8bit_layerwise",
+        "galore_adafactor_layerwise",
+        "apollo_adamw",
+        "apollo_adamw_layerwise",
+        help="see docs/optimizers.md; _layerwise: each parameter is updated inside backward",
+    )
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    schedule: str = choice("cosine", "cosine", "linear", "constant", "wsd",
-                           help="after linear warmup: cosine or linear decay, constant, or warmup-stable-decay")
+    schedule: str = choice(
+        "cosine",
+        "cosine",
+        "linear",
+        "constant",
+        "wsd",
+        help="after linear warmup: cosine or linear decay, constant, or warmup-stable-decay",
+    )
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: the share of steps spent decaying at the end
@@ -126,8 +145,14 @@ class OptimConfig:
     galore_rank: int = 128  # clamped, with a warning, to min(rows, cols) of a smaller matrix
     galore_update_proj_gap: int = 200
     galore_scale: float = 0.25
-    galore_proj_type: str = choice("std", "std", "reverse_std", "left", "right",
-                                   help="std: project the shorter side of each matrix away; left/right: force a side")
+    galore_proj_type: str = choice(
+        "std",
+        "std",
+        "reverse_std",
+        "left",
+        "right",
+        help="std: project the shorter side of each matrix away; left/right: force a side",
+    )
     galore_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names GaLore projects
     # APOLLO (optim.name=apollo_adamw*): AdamW moments of each targeted matrix's gradient under a random
     # projection to apollo_rank, turned into a per-row (channel) or per-matrix (tensor) scale of the raw
@@ -135,8 +160,12 @@ class OptimConfig:
     apollo_rank: int = 128  # clamped, with a warning, to min(rows, cols) of a smaller matrix
     apollo_update_proj_gap: int = 200
     apollo_scale: float = 1.0  # the scaled gradient is multiplied by sqrt(apollo_scale)
-    apollo_scale_type: str = choice("channel", "channel", "tensor",
-                                    help="channel: one scale per row (or column) of a matrix; tensor: one per matrix")
+    apollo_scale_type: str = choice(
+        "channel",
+        "channel",
+        "tensor",
+        help="channel: one scale per row (or column) of a matrix; tensor: one per matrix",
+    )
     apollo_target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names APOLLO scales
 
 
@@ -148,8 +177,9 @@ class LoraConfig:
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input, in training only
     target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names that get adapters
-    quantize: str = choice("none", "none", "nf4",
-                           help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes)")
+    quantize: str = choice(
+        "none", "none", "nf4", help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes)"
+    )
     save_merged: bool = True  # final/merged/: base and adapters merged into one Hugging Face model
     train_embeddings: bool = False  # also train the input embedding and the output head
     train_norms: bool = False  # also train the RMSNorm weights
@@ -166,11 +196,17 @@ class CheckpointConfig:
 class BenchConfig:
     """`python -m trainer bench`: the configured run against its eager reference (and a peer)."""
 
-    reference: str = choice("eager", "eager", "none",
-                            help="none: skip the eager reference, e.g. when fp32 AdamW states cannot fit")
-    peer: str = choice("none", "none", "hf", "hf-liger",
-                       help="also train transformers.Trainer on the same weights and batches; "
-                            "hf-liger adds use_liger_kernel (CUDA only)")
+    reference: str = choice(
+        "eager", "eager", "none", help="none: skip the eager reference, e.g. when fp32 AdamW states cannot fit"
+    )
+    peer: str = choice(
+        "none",
+        "none",
+        "hf",
+        "hf-liger",
+        help="also train transformers.Trainer on the same weights and batches; "
+        "hf-liger adds use_liger_kernel (CUDA only)",
+    )
     profile: bool = False  # also write a torch.profiler chrome trace of the optimized run
     warmup_steps: int = 2  # first steps left out of tokens/s (compilation, allocator and cache warm-up)
     tolerance: float = 0.0  # 0: chosen by what the optimized run changes (trainer/bench.py says how)
@@ -190,9 +226,13 @@ class KernelConfig:
 class ParallelConfig:
     compile: bool = False  # torch.compile each transformer block (fullgraph)
     activation_checkpointing: str = choice(
-        "none", "none", "full", "selective",
+        "none",
+        "none",
+        "full",
+        "selective",
         help="full: recompute each block in backward; selective: keep matmul and attention outputs, "
-             "recompute the cheap elementwise ops")
+        "recompute the cheap elementwise ops",
+    )
     # none: one process; ddp: replicate the model; fsdp: FSDP2 shards each block and the root.
     # ddp/fsdp take rank and world size from the environment that torchrun / accelerate launch set.
     strategy: str = choice("none", "none", "ddp", "fsdp")
@@ -233,8 +273,10 @@ class TrainConfig:
                 allowed = f.metadata.get("choices")
                 value = getattr(sec, f.name)
                 if allowed and value not in allowed:
-                    raise ConfigError(f"{section.name}.{f.name}={value!r} is not allowed; choose one of: "
-                                      + ", ".join(map(str, allowed)))
+                    raise ConfigError(
+                        f"{section.name}.{f.name}={value!r} is not allowed; choose one of: "
+                        + ", ".join(map(str, allowed))
+                    )
         t = self.train
         _positive("train.max_steps", t.max_steps)
         if t.micro_batch_size != "auto":
@@ -244,10 +286,23 @@ class TrainConfig:
         _positive("train.log_every", t.log_every)
         _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
         _positive("optim.lr", self.optim.lr)
-        for key in ("train.eval_every", "train.eval_batches", "train.max_grad_norm", "optim.warmup_steps",
-                    "optim.weight_decay", "checkpoint.save_every", "checkpoint.keep_last", "train.threads",
-                    "bench.warmup_steps", "bench.tolerance", "bench.peak_tflops", "train.neftune_alpha",
-                    "train.memory_budget", "train.global_batch_size", "plan.budget"):
+        for key in (
+            "train.eval_every",
+            "train.eval_batches",
+            "train.max_grad_norm",
+            "optim.warmup_steps",
+            "optim.weight_decay",
+            "checkpoint.save_every",
+            "checkpoint.keep_last",
+            "train.threads",
+            "bench.warmup_steps",
+            "bench.tolerance",
+            "bench.peak_tflops",
+            "train.neftune_alpha",
+            "train.memory_budget",
+            "train.global_batch_size",
+            "plan.budget",
+        ):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
@@ -260,15 +315,21 @@ class TrainConfig:
             raise ConfigError(f"train.param_dtype=bf16 needs train.dtype=bf16 or auto, got train.dtype={t.dtype}")
         p = self.parallel
         if p.strategy == "fsdp" and t.dtype == "fp16":
-            raise ConfigError("parallel.strategy=fsdp does not support train.dtype=fp16 (its loss scaler does not "
-                              "work on sharded gradients); use train.dtype=bf16 or fp32")
+            raise ConfigError(
+                "parallel.strategy=fsdp does not support train.dtype=fp16 (its loss scaler does not "
+                "work on sharded gradients); use train.dtype=bf16 or fp32"
+            )
         if p.strategy != "none" and self.optim.name.endswith("_layerwise"):
-            raise ConfigError(f"optim.name={self.optim.name} updates each parameter inside backward, before the "
-                              f"ranks exchange gradients, so it cannot run with parallel.strategy={p.strategy}; "
-                              "use the optimizer without _layerwise")
+            raise ConfigError(
+                f"optim.name={self.optim.name} updates each parameter inside backward, before the "
+                f"ranks exchange gradients, so it cannot run with parallel.strategy={p.strategy}; "
+                "use the optimizer without _layerwise"
+            )
         if p.strategy == "fsdp" and self.optim.name != "adamw":
-            raise ConfigError(f"parallel.strategy=fsdp needs optim.name=adamw (got {self.optim.name}: its states need "
-                              "whole, unsharded tensors); use parallel.strategy=ddp for it")
+            raise ConfigError(
+                f"parallel.strategy=fsdp needs optim.name=adamw (got {self.optim.name}: its states need "
+                "whole, unsharded tensors); use parallel.strategy=ddp for it"
+            )
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         _check_optim(self)
@@ -306,18 +367,23 @@ def parse_data_weights(weights, entries: list[str]) -> list[float]:
     """data.weights ("0.7,0.3" or a list of numbers) checked against data.path's entries; normalised to sum 1."""
     items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(weights)
     if len(items) != len(entries):
-        raise ConfigError(f"data.weights has {len(items)} value(s) but data.path has {len(entries)} comma-separated "
-                          f"source(s) ({', '.join(repr(e) for e in entries)}); give one positive weight per source")
+        raise ConfigError(
+            f"data.weights has {len(items)} value(s) but data.path has {len(entries)} comma-separated "
+            f"source(s) ({', '.join(repr(e) for e in entries)}); give one positive weight per source"
+        )
     values = []
     for item in items:
         try:
             value = float(item)
         except (TypeError, ValueError):
-            raise ConfigError(f"data.weights: {item!r} is not a number; give positive numbers such as 0.7,0.3") \
-                from None
+            raise ConfigError(
+                f"data.weights: {item!r} is not a number; give positive numbers such as 0.7,0.3"
+            ) from None
         if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"data.weights must all be positive numbers, got {item!r}; leave a source out of "
-                              "data.path instead of giving it weight 0")
+            raise ConfigError(
+                f"data.weights must all be positive numbers, got {item!r}; leave a source out of "
+                "data.path instead of giving it weight 0"
+            )
         values.append(value)
     total = sum(values)
     return [v / total for v in values]
@@ -344,22 +410,30 @@ def _check_optim(cfg: TrainConfig) -> None:
         _check_regex("optim.apollo_target", o.apollo_target)
     # Layer-wise and 8-bit optimizers under DDP/FSDP are refused in validate() beside the other parallel checks.
     if o.name.startswith("galore_") and cfg.parallel.strategy != "none":
-        raise ConfigError(f"optim.name={o.name} with parallel.strategy={cfg.parallel.strategy} is not supported: "
-                          "each rank would project its own gradient (or shard) onto a different subspace; use "
-                          "optim.name=adamw or adamw8bit, or parallel.strategy=none")
+        raise ConfigError(
+            f"optim.name={o.name} with parallel.strategy={cfg.parallel.strategy} is not supported: "
+            "each rank would project its own gradient (or shard) onto a different subspace; use "
+            "optim.name=adamw or adamw8bit, or parallel.strategy=none"
+        )
     if not o.name.endswith("_layerwise"):
         return
     # These updates happen inside backward, before the step's gradients are all known (trainer/optim/layerwise.py).
     if t.max_grad_norm > 0:
-        raise ConfigError(f"optim.name={o.name} updates each layer during backward, before the global gradient "
-                          "norm is known, so it cannot clip; set train.max_grad_norm=0 (or drop _layerwise)")
+        raise ConfigError(
+            f"optim.name={o.name} updates each layer during backward, before the global gradient "
+            "norm is known, so it cannot clip; set train.max_grad_norm=0 (or drop _layerwise)"
+        )
     if t.grad_accum_steps > 1:
-        raise ConfigError(f"optim.name={o.name} frees each gradient as soon as it is used, so gradients cannot "
-                          "accumulate over micro-batches; set train.grad_accum_steps=1 and raise "
-                          "train.micro_batch_size, or drop _layerwise")
+        raise ConfigError(
+            f"optim.name={o.name} frees each gradient as soon as it is used, so gradients cannot "
+            "accumulate over micro-batches; set train.grad_accum_steps=1 and raise "
+            "train.micro_batch_size, or drop _layerwise"
+        )
     if t.dtype == "fp16":
-        raise ConfigError(f"optim.name={o.name} cannot use fp16's loss scaler, which must skip overflowing "
-                          "updates after backward; use train.dtype=bf16 or fp32")
+        raise ConfigError(
+            f"optim.name={o.name} cannot use fp16's loss scaler, which must skip overflowing "
+            "updates after backward; use train.dtype=bf16 or fp32"
+        )
 
 
 def _check_regex(key: str, value: str) -> None:
@@ -376,8 +450,10 @@ def _check_lora(cfg: TrainConfig) -> None:
         raise ConfigError(f"lora.rank must be >= 0 (0 turns LoRA off), got {lo.rank}")
     if lo.rank == 0:
         if lo.quantize != "none":
-            raise ConfigError(f"lora.quantize={lo.quantize} quantizes the frozen base under LoRA adapters; "
-                              "set lora.rank > 0 (e.g. 16) or lora.quantize=none")
+            raise ConfigError(
+                f"lora.quantize={lo.quantize} quantizes the frozen base under LoRA adapters; "
+                "set lora.rank > 0 (e.g. 16) or lora.quantize=none"
+            )
         return
     _positive("lora.alpha", lo.alpha)
     if not 0 <= lo.dropout < 1:
@@ -386,15 +462,20 @@ def _check_lora(cfg: TrainConfig) -> None:
     name = cfg.optim.name
     if name.startswith(("galore_", "apollo_")):
         method = "GaLore" if name.startswith("galore_") else "APOLLO"
-        raise ConfigError(f"optim.name={name} with lora.rank={lo.rank} is not supported: {method} works on the "
-                          "full weight matrices, which LoRA freezes; use optim.name=adamw or adamw8bit (with or "
-                          "without _layerwise) for LoRA, or lora.rank=0 for " + method)
+        raise ConfigError(
+            f"optim.name={name} with lora.rank={lo.rank} is not supported: {method} works on the "
+            "full weight matrices, which LoRA freezes; use optim.name=adamw or adamw8bit (with or "
+            "without _layerwise) for LoRA, or lora.rank=0 for " + method
+        )
     if lo.quantize == "nf4" and cfg.parallel.strategy == "fsdp":
-        raise ConfigError("lora.quantize=nf4 with parallel.strategy=fsdp is not supported: bitsandbytes' 4-bit "
-                          "weights cannot be sharded here; use parallel.strategy=ddp or none, or lora.quantize=none")
+        raise ConfigError(
+            "lora.quantize=nf4 with parallel.strategy=fsdp is not supported: bitsandbytes' 4-bit "
+            "weights cannot be sharded here; use parallel.strategy=ddp or none, or lora.quantize=none"
+        )
 
 
 # ---------------------------------------------------------------- loading and overrides
+
 
 def _valid_keys(cfg: TrainConfig) -> list[str]:
     return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
@@ -444,8 +525,13 @@ def _parse_value(key: str, text, annotation, current):
             raise ValueError
         return text
     except (TypeError, ValueError):
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                    tuple: "comma-separated numbers"}[kind]
+        expected = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+            tuple: "comma-separated numbers",
+        }[kind]
         raise ConfigError(f"{key}={text!r} is not valid: expected {expected}") from None
 
 
@@ -553,4 +639,3 @@ def describe_keys() -> str:
             extra = f" (one of {', '.join(allowed)})" if allowed else " (or auto)" if f.metadata.get("auto") else ""
             out.append(f"  --{section.name}.{f.name}={default}{extra}")
     return "\n".join(out)
-

@@ -19,8 +19,19 @@ class Evaluator:
     count, summed on the device and read back once.
     """
 
-    def __init__(self, val_tokens, *, seq_len: int, batch_size: int, max_batches: int, document_ids: bool,
-                 device: torch.device, compute_dtype: torch.dtype, world_size: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        val_tokens,
+        *,
+        seq_len: int,
+        batch_size: int,
+        max_batches: int,
+        document_ids: bool,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         self.val_tokens, self.seq_len, self.batch_size = val_tokens, seq_len, batch_size
         self.max_batches, self.document_ids = max_batches or None, document_ids
         self.device, self.compute_dtype = device, compute_dtype
@@ -29,9 +40,17 @@ class Evaluator:
     @classmethod
     def for_run(cls, config, val_tokens, device, compute_dtype, world_size: int = 1, rank: int = 0):
         t = config.train
-        return cls(val_tokens, seq_len=t.seq_len, batch_size=t.micro_batch_size, max_batches=t.eval_batches,
-                   document_ids=config.data.document_mask, device=device, compute_dtype=compute_dtype,
-                   world_size=world_size, rank=rank)
+        return cls(
+            val_tokens,
+            seq_len=t.seq_len,
+            batch_size=t.micro_batch_size,
+            max_batches=t.eval_batches,
+            document_ids=config.data.document_mask,
+            device=device,
+            compute_dtype=compute_dtype,
+            world_size=world_size,
+            rank=rank,
+        )
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
@@ -41,14 +60,26 @@ class Evaluator:
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        for batch in eval_batches(self.val_tokens, self.seq_len, self.batch_size, max_batches=self.max_batches,
-                                  world_size=self.world_size, rank=self.rank, document_ids=self.document_ids):
+        for batch in eval_batches(
+            self.val_tokens,
+            self.seq_len,
+            self.batch_size,
+            max_batches=self.max_batches,
+            world_size=self.world_size,
+            rank=self.rank,
+            document_ids=self.document_ids,
+        ):
             check_labels(batch["labels"], model.args.vocab_size, IGNORE_INDEX)  # on the host: no device read
             count += int((batch["labels"] != IGNORE_INDEX).sum())
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with autocast(self.device, self.compute_dtype):
-                total += model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                               document_ids=batch.get("document_ids"), reduction="sum").double()
+                total += model(
+                    batch["input_ids"],
+                    labels=batch["labels"],
+                    position_ids=batch.get("position_ids"),
+                    document_ids=batch.get("document_ids"),
+                    reduction="sum",
+                ).double()
         model.train(was_training)
         totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
         total, count = all_reduce_sum(totals).tolist()

@@ -24,8 +24,10 @@ def load_for_generation(path: str | Path, device: torch.device):
     path = Path(path)
     adapter = is_adapter_folder(path)
     if not adapter and not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} is not a model folder (no config.json); pass a run's final or "
-                              "checkpoint-<step> folder, or a Hugging Face folder")
+        raise CheckpointError(
+            f"{str(path)!r} is not a model folder (no config.json); pass a run's final or "
+            "checkpoint-<step> folder, or a Hugging Face folder"
+        )
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no tokenizer.json to encode the prompt with")
     if adapter:
@@ -58,15 +60,24 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+def generate(
+    model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """The new token ids after `prompt_ids`, ending at EOS (left out), max_new_tokens, or the context limit."""
     limit = context_limit(model)
     if not prompt_ids:
         raise ConfigError("the prompt encodes to no tokens; give a non-empty --prompt")
     if len(prompt_ids) >= limit:
-        raise ConfigError(f"the prompt is {len(prompt_ids)} tokens; the model takes at most {limit}, "
-                          "including what it generates: shorten the prompt")
+        raise ConfigError(
+            f"the prompt is {len(prompt_ids)} tokens; the model takes at most {limit}, "
+            "including what it generates: shorten the prompt"
+        )
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
@@ -86,16 +97,19 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def generate_command(argv: list[str]) -> int:
     """`python -m trainer generate CHECKPOINT_DIR --prompt TEXT [options]`: prints the completion."""
-    parser = _ArgumentParser(prog="python -m trainer generate",
-                             description="Continue a prompt with a checkpoint: a run's final or checkpoint-<step> "
-                                         "folder, or a Hugging Face folder with tokenizer.json.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _ArgumentParser(
+        prog="python -m trainer generate",
+        description="Continue a prompt with a checkpoint: a run's final or checkpoint-<step> "
+        "folder, or a Hugging Face folder with tokenizer.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="a run's final/ or checkpoint-<step>/ folder, or a Hugging Face folder")
     parser.add_argument("--prompt", required=True, default=argparse.SUPPRESS, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sampling keeps the most likely tokens up to this "
-                                                                 "probability mass")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="sampling keeps the most likely tokens up to this probability mass"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if present")
     args = parser.parse_args(argv)
@@ -103,8 +117,13 @@ def generate_command(argv: list[str]) -> int:
         raise ConfigError("generate: --max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("generate: --device cuda but no CUDA device is available")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     model, tokenizer = load_for_generation(args.checkpoint, device)
     generator = torch.Generator(device).manual_seed(args.seed)
     # The prompt is text for the model: special-token strings count, and BOS is added as in training.

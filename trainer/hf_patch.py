@@ -32,10 +32,15 @@ def patch_hf(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = 
         raise ConfigError(f"patch_hf supports {', '.join(SUPPORTED_MODELS)}, not {name}")
     family = name.removesuffix("ForCausalLM")
     if swiglu and model.config.hidden_act != "silu":
-        raise ConfigError(f"patch_hf: hidden_act={model.config.hidden_act!r} is not SwiGLU's silu; "
-                          "pass swiglu=False to keep the model's MLP")
-    replacements = {f"{family}RMSNorm": (rms_norm, _rms_norm_forward), f"{family}MLP": (swiglu, _swiglu_forward),
-                    f"{family}Attention": (rope, _attention_forward)}
+        raise ConfigError(
+            f"patch_hf: hidden_act={model.config.hidden_act!r} is not SwiGLU's silu; "
+            "pass swiglu=False to keep the model's MLP"
+        )
+    replacements = {
+        f"{family}RMSNorm": (rms_norm, _rms_norm_forward),
+        f"{family}MLP": (swiglu, _swiglu_forward),
+        f"{family}Attention": (rope, _attention_forward),
+    }
     for module in model.modules():
         enabled, forward = replacements.get(type(module).__name__, (False, None))
         if enabled:
@@ -53,8 +58,9 @@ def _swiglu_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                       **kwargs):
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     input_shape = hidden_states.shape[:-1]
@@ -71,30 +77,74 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
     # Qwen2 sets a window per layer, Mistral in its config; Llama has none.
     sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-    out, weights = attention(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             sliding_window=sliding_window, **kwargs)
+    out, weights = attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=sliding_window,
+        **kwargs,
+    )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if labels is None:  # inference: the stock forward, logits and all
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                                  **kwargs)
+        return type(self).forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
     # HF Trainer passes the token count of the whole accumulated batch; the loss is then the sum over
     # this micro-batch divided by it, as transformers' own ForCausalLMLoss does.
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
     if shift_labels is None:  # the model shifts: position t predicts label t + 1
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    loss = ops.linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, shift_labels.to(labels.device),
-                                    IGNORE_INDEX, "mean", bias=self.lm_head.bias, normalizer=num_items_in_batch)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    loss = ops.linear_cross_entropy(
+        outputs.last_hidden_state,
+        self.lm_head.weight,
+        shift_labels.to(labels.device),
+        IGNORE_INDEX,
+        "mean",
+        bias=self.lm_head.bias,
+        normalizer=num_items_in_batch,
+    )
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )

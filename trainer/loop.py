@@ -85,8 +85,16 @@ class Trainer:
             # Gradients cross ranks once per step, on the last micro-batch's backward.
             with gradient_sync(p.train_model, enabled=index == len(micro_batches) - 1):
                 with autocast(p.device, p.compute_dtype):
-                    loss = p.train_model(mb["input_ids"], labels=mb["labels"], position_ids=mb.get("position_ids"),
-                                         document_ids=mb.get("document_ids"), reduction="sum") / normalizer
+                    loss = (
+                        p.train_model(
+                            mb["input_ids"],
+                            labels=mb["labels"],
+                            position_ids=mb.get("position_ids"),
+                            document_ids=mb.get("document_ids"),
+                            reduction="sum",
+                        )
+                        / normalizer
+                    )
                 # DDP and FSDP average gradients over ranks; scaled by the world size, that average
                 # is the sum over the global batch, i.e. the one-process gradient.
                 grad_loss = loss * world_size if world_size > 1 else loss
@@ -121,7 +129,8 @@ class Trainer:
                     f"{self.config.optim.name}, whose updates already happened during backward, so the step cannot "
                     "be skipped and the weights may be damaged; stopped without saving. Resume from the last good "
                     f"checkpoint ({latest_checkpoint(p.output.folder) or 'none'}) with a lower optim.lr or "
-                    "train.dtype=fp32")
+                    "train.dtype=fp32"
+                )
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, label_tokens, grad_norm)
@@ -151,14 +160,22 @@ class Trainer:
         if self.stop_signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.stop_signal = signum
-        self.metrics.message(f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
-                             "then exiting (press Ctrl-C again to stop at once, without saving)")
+        self.metrics.message(
+            f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
+            "then exiting (press Ctrl-C again to stop at once, without saving)"
+        )
 
     def _run(self) -> TrainerState:
         p, t = self.parts, self.config.train
-        self.metrics = MetricsLogger(p.output.folder, enabled=p.env.is_main, progress=t.progress,
-                                     max_steps=t.max_steps, start_step=p.state.step, log_every=t.log_every,
-                                     tensorboard=t.tensorboard)
+        self.metrics = MetricsLogger(
+            p.output.folder,
+            enabled=p.env.is_main,
+            progress=t.progress,
+            max_steps=t.max_steps,
+            start_step=p.state.step,
+            log_every=t.log_every,
+            tensorboard=t.tensorboard,
+        )
         self.prefetcher = StepPrefetcher(p.loader, pin=p.device.type == "cuda", vocab_size=p.model.args.vocab_size)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -213,8 +230,10 @@ class Trainer:
 
         if self.stop_requested:
             by = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another rank"
-            self.metrics.message(f"stopped at step {state.step} by {by}; checkpoint saved. Continue with "
-                                 f"--checkpoint.resume_from=latest --train.output_dir={p.output.folder}")
+            self.metrics.message(
+                f"stopped at step {state.step} by {by}; checkpoint saved. Continue with "
+                f"--checkpoint.resume_from=latest --train.output_dir={p.output.folder}"
+            )
         else:
             self._finish()
         self.callbacks.fire("on_train_end", self.config, state, control, model=p.model)
@@ -233,8 +252,11 @@ class Trainer:
                 record["tokens_by_source"] = by_source
             if record["step"] == self.start_step + 1:
                 steps_in_backward = getattr(p.optimizer, "steps_in_backward", False)
-                record.update(param_bytes=tensor_bytes(p.params), optim_state_bytes=state_bytes(p.optimizer),
-                              grad_bytes=p.optimizer.peak_grad_bytes if steps_in_backward else tensor_bytes(p.params))
+                record.update(
+                    param_bytes=tensor_bytes(p.params),
+                    optim_state_bytes=state_bytes(p.optimizer),
+                    grad_bytes=p.optimizer.peak_grad_bytes if steps_in_backward else tensor_bytes(p.params),
+                )
             finite = math.isfinite(record["loss"]) and (p.scaler is not None or math.isfinite(record["grad_norm"]))
             state.tokens_seen += record["tokens"]
             if finite:
@@ -242,8 +264,10 @@ class Trainer:
             else:
                 state.nonfinite_steps += 1
                 self.streak += 1
-                self.metrics.message(f"step {record['step']}: non-finite loss or gradient ({record['loss']}, "
-                                     f"{record['grad_norm']}); update skipped")
+                self.metrics.message(
+                    f"step {record['step']}: non-finite loss or gradient ({record['loss']}, "
+                    f"{record['grad_norm']}); update skipped"
+                )
             state.log_history.append({k: record[k] for k in ("step", "loss", "lr", "grad_norm")})
             self.metrics.log_step(record)
             self.callbacks.fire("on_log", self.config, state, self.control, logs=record)
@@ -252,7 +276,8 @@ class Trainer:
                     f"the loss or gradient was non-finite for {self.streak} steps in a row (up to step "
                     f"{record['step']}); stopped without saving. Last good checkpoint: "
                     f"{latest_checkpoint(p.output.folder) or 'none'}. Try a lower optim.lr, train.dtype=bf16 or "
-                    "fp32, or check the data")
+                    "fp32, or check the data"
+                )
         blocks = max(1, self.loader_state.get("blocks_per_epoch", 1))
         state.epoch = self.loader_state.get("epoch", 0) + self.loader_state.get("position", 0) / blocks
 
@@ -270,9 +295,15 @@ class Trainer:
         evals = [r for r in state.log_history if "eval_loss" in r]
         if evals and evals[-1]["step"] == state.step and evals[-1]["eval_loss"] == state.best_metric:
             state.best_checkpoint = str(p.output.folder / f"checkpoint-{state.step}")
-        path = p.checkpointer.save(state.step, model=p.model, optimizer=p.optimizer, scheduler=p.scheduler,
-                                   scaler=p.scaler, trainer_state=state.to_dict(),
-                                   sampler_state=self.loader_state)
+        path = p.checkpointer.save(
+            state.step,
+            model=p.model,
+            optimizer=p.optimizer,
+            scheduler=p.scheduler,
+            scaler=p.scaler,
+            trainer_state=state.to_dict(),
+            sampler_state=self.loader_state,
+        )
         self.callbacks.fire("on_save", self.config, state, self.control, checkpoint=path)
 
     def _finish(self) -> None:
@@ -282,10 +313,17 @@ class Trainer:
         if not p.env.is_main:
             return
         summary = write_run_summary(
-            p.output.folder, state, start_step=self.start_step, start_tokens=self.start_tokens,
-            runtime_s=time.perf_counter() - self.run_start, tokens_per_s=self.throughput.steady,
-            peak_mem_bytes=peak_memory_bytes(p.device), n_params=sum(x.numel() for x in p.model.parameters()),
-            device=p.device, final=final)
+            p.output.folder,
+            state,
+            start_step=self.start_step,
+            start_tokens=self.start_tokens,
+            runtime_s=time.perf_counter() - self.run_start,
+            tokens_per_s=self.throughput.steady,
+            peak_mem_bytes=peak_memory_bytes(p.device),
+            n_params=sum(x.numel() for x in p.model.parameters()),
+            device=p.device,
+            final=final,
+        )
         self.metrics.message("\n" + summary)
 
 

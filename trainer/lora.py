@@ -40,9 +40,22 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM: PeftModel -> LoraModel -> the model
 NORM_MODULES = ("input_layernorm", "post_attention_layernorm", "norm")
 # adapter_config.json settings that change what an adapter computes and that we do not implement.
-UNSUPPORTED_PEFT_OPTIONS = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "lora_bias", "fan_in_fan_out",
-                            "layers_to_transform", "layer_replication", "target_parameters", "exclude_modules",
-                            "trainable_token_indices", "use_qalora", "alora_invocation_tokens", "use_bdlora")
+UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_bias",
+    "fan_in_fan_out",
+    "layers_to_transform",
+    "layer_replication",
+    "target_parameters",
+    "exclude_modules",
+    "trainable_token_indices",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "use_bdlora",
+)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class LoraLinear(nn.Module):
 
 # ---------------------------------------------------------------- adding adapters
 
+
 def apply_lora(model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Adds LoRA adapters to `model` (a trainer Transformer) in place, as `lora_cfg` (the [lora]
     section) says, freezes everything else but what train_embeddings / train_norms unfreeze, and
@@ -109,24 +123,44 @@ def apply_lora(model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.fl
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     targets = [name for name in linears if pattern.search(name)]
     if not targets:
-        raise ConfigError(f"lora.target={lora_cfg.target!r} matches no linear layer of this model; write a regex "
-                          f"over module names such as {', '.join(linears[:3])}")
+        raise ConfigError(
+            f"lora.target={lora_cfg.target!r} matches no linear layer of this model; write a regex "
+            f"over module names such as {', '.join(linears[:3])}"
+        )
     if "lm_head" in targets:
-        raise ConfigError(f"lora.target={lora_cfg.target!r} matches lm_head, which cannot carry an adapter (the "
-                          "fused loss reads its weight directly); exclude it, e.g. lora.target='self_attn|mlp', "
-                          "and set lora.train_embeddings=true to train the head itself")
+        raise ConfigError(
+            f"lora.target={lora_cfg.target!r} matches lm_head, which cannot carry an adapter (the "
+            "fused loss reads its weight directly); exclude it, e.g. lora.target='self_attn|mlp', "
+            "and set lora.train_embeddings=true to train the head itself"
+        )
     modules_to_save = []
     if lora_cfg.train_embeddings:
         modules_to_save += ["embed_tokens"] if model.args.tie_embeddings else ["embed_tokens", "lm_head"]
     if lora_cfg.train_norms:
         modules_to_save += list(NORM_MODULES)
-    return add_adapters(model, targets, rank=lora_cfg.rank, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout,
-                        quantize=lora_cfg.quantize, compute_dtype=compute_dtype, modules_to_save=modules_to_save)
+    return add_adapters(
+        model,
+        targets,
+        rank=lora_cfg.rank,
+        alpha=lora_cfg.alpha,
+        dropout=lora_cfg.dropout,
+        quantize=lora_cfg.quantize,
+        compute_dtype=compute_dtype,
+        modules_to_save=modules_to_save,
+    )
 
 
-def add_adapters(model: nn.Module, targets: list[str], *, rank: int, alpha: float, dropout: float,
-                 quantize: str = "none", compute_dtype: torch.dtype = torch.float32,
-                 modules_to_save: Iterable[str] = ()) -> nn.Module:
+def add_adapters(
+    model: nn.Module,
+    targets: list[str],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    quantize: str = "none",
+    compute_dtype: torch.dtype = torch.float32,
+    modules_to_save: Iterable[str] = (),
+) -> nn.Module:
     """apply_lora with the targets named: adapters on the linear layers `targets` (full names);
     the modules whose names end with an entry of `modules_to_save` (PEFT's rule) stay trainable."""
     if getattr(model, "lora", None) is not None:
@@ -146,8 +180,10 @@ def add_adapters(model: nn.Module, targets: list[str], *, rank: int, alpha: floa
         matched = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name.endswith(entry)]
         unsupported = [name for name, m in matched if not _savable(m)]
         if not matched or unsupported:
-            raise CheckpointError(f"modules_to_save entry {entry!r} names {unsupported or 'no module'}; only the "
-                                  "embedding, the output head and the norms can be trained beside LoRA adapters")
+            raise CheckpointError(
+                f"modules_to_save entry {entry!r} names {unsupported or 'no module'}; only the "
+                "embedding, the output head and the norms can be trained beside LoRA adapters"
+            )
         for _, module in matched:
             module.weight.requires_grad_(True)
             if module.weight.dtype != torch.float32:
@@ -173,15 +209,23 @@ def _quantizer(compute_dtype: torch.dtype):
 
     def quantize(linear: nn.Linear) -> nn.Module:
         device = linear.weight.device
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
         # On a CPU with AVX512-BF16, bitsandbytes repacks the 4-bit weight in place at the first no-grad
         # forward into a layout that needs out_features % 32 == 0 and that dequantize_4bit does not read
         # (the merge would then be wrong): keep the one layout training uses.
         q.support_avx512bf16_for_cpu = False
         try:
-            q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", module=q).to(device)
+            q.weight = bnb.nn.Params4bit(
+                linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+            ).to(device)
             if linear.bias is not None:
                 q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
             if device not in checked:
@@ -190,10 +234,12 @@ def _quantizer(compute_dtype: torch.dtype):
                 checked.add(device)
         except Exception as e:  # bitsandbytes raises several kinds when a backend is missing
             dtype = str(compute_dtype).removeprefix("torch.")
-            raise ConfigError(f"lora.quantize=nf4 needs bitsandbytes' 4-bit support on {device.type} with compute "
-                              f"dtype {dtype}, which bitsandbytes {bnb.__version__} does not provide here "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install a "
-                              "bitsandbytes build for this device or set lora.quantize=none") from None
+            raise ConfigError(
+                f"lora.quantize=nf4 needs bitsandbytes' 4-bit support on {device.type} with compute "
+                f"dtype {dtype}, which bitsandbytes {bnb.__version__} does not provide here "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); install a "
+                "bitsandbytes build for this device or set lora.quantize=none"
+            ) from None
         return q
 
     return quantize
@@ -210,11 +256,14 @@ def lora_summary(model: nn.Module) -> str:
         trainable += n if p.requires_grad else 0
     extra = f", {', '.join(spec.modules_to_save)} unfrozen" if spec.modules_to_save else ""
     base = "4-bit nf4 base" if spec.quantize == "nf4" else "frozen base"
-    return (f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {len(spec.targets)} linear layers ({base}{extra}): "
-            f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train ({100 * trainable / total:.2f}%)")
+    return (
+        f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {len(spec.targets)} linear layers ({base}{extra}): "
+        f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train ({100 * trainable / total:.2f}%)"
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def is_lora_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
@@ -231,13 +280,17 @@ def check_checkpoint_kind(names: Iterable[str], model: nn.Module, source: str) -
     saved_lora = any(is_lora_key(name) for name in names)
     spec = getattr(model, "lora", None)
     if saved_lora and spec is None:
-        raise CheckpointError(f"checkpoint {source} holds LoRA adapters, but this run trains the full model "
-                              "(lora.rank=0); resume it with the lora.* settings it was trained with (its "
-                              "config.toml), or train its merged model (final/merged) with model.from_hf")
+        raise CheckpointError(
+            f"checkpoint {source} holds LoRA adapters, but this run trains the full model "
+            "(lora.rank=0); resume it with the lora.* settings it was trained with (its "
+            "config.toml), or train its merged model (final/merged) with model.from_hf"
+        )
     if spec is not None and not saved_lora:
-        raise CheckpointError(f"checkpoint {source} holds a full model, but this run trains LoRA adapters "
-                              f"(lora.rank={spec.rank}); resume it with lora.rank=0, or start a new LoRA run "
-                              f"from it with --model.from_hf={source}")
+        raise CheckpointError(
+            f"checkpoint {source} holds a full model, but this run trains LoRA adapters "
+            f"(lora.rank={spec.rank}); resume it with lora.rank=0, or start a new LoRA run "
+            f"from it with --model.from_hf={source}"
+        )
 
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -248,12 +301,16 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
     trainable = {name for name, p in own.items() if p.requires_grad}
     missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {source} does not fit this run's LoRA settings: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}; resume with the lora.* settings it was saved with")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit this run's LoRA settings: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; resume with the lora.* settings it was saved with"
+        )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
-            raise CheckpointError(f"checkpoint {source} does not fit this run's LoRA settings: {name} is "
-                                  f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here (another lora.rank?)")
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this run's LoRA settings: {name} is "
+                f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here (another lora.rank?)"
+            )
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)
@@ -261,8 +318,10 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
 
 # ---------------------------------------------------------------- PEFT's format
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model_path: str | Path,
-                 state: dict[str, torch.Tensor] | None = None) -> None:
+
+def save_adapter(
+    model: nn.Module, folder: str | Path, base_model_path: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Writes the adapters in PEFT's format: adapter_config.json (peft_type LORA, task_type
     CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules, modules_to_save, base_model_name_or_path)
     and adapter_model.safetensors under PEFT's key names. `state`: the trainable tensors by our names
@@ -279,10 +338,17 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_path: str | Pa
         tensors[PEFT_PREFIX + "lm_head.weight"] = tensors[PEFT_PREFIX + "model.embed_tokens.weight"].clone()
     base = Path(base_model_path)
     config = peft.LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=peft_target_modules(model),
-        modules_to_save=spec.modules_to_save or None, task_type="CAUSAL_LM", bias="none", inference_mode=True,
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=peft_target_modules(model),
+        modules_to_save=spec.modules_to_save or None,
+        task_type="CAUSAL_LM",
+        bias="none",
+        inference_mode=True,
         base_model_name_or_path=str(base.resolve()) if base.is_dir() else str(base_model_path),
-        ensure_weight_tying=tied)
+        ensure_weight_tying=tied,
+    )
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
@@ -292,8 +358,11 @@ def peft_target_modules(model: nn.Module) -> list[str]:
     out exactly the adapted layers, else their full names (PEFT matches either)."""
     targets = set(model.lora.targets)
     leaves = {name.rpartition(".")[2] for name in targets}
-    by_leaf = {name for name, m in model.named_modules()
-               if isinstance(m, (nn.Linear, LoraLinear)) and name.rpartition(".")[2] in leaves}
+    by_leaf = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, LoraLinear)) and name.rpartition(".")[2] in leaves
+    }
     return sorted(leaves) if by_leaf == targets else sorted(targets)
 
 
@@ -313,13 +382,20 @@ def read_adapter_config(folder: str | Path) -> dict:
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']}")
     if used:
-        raise CheckpointError(f"{folder}: the adapter uses {', '.join(used)}, which this trainer does not load; "
-                              "merge it with PEFT (merge_and_unload) and load the merged model instead")
+        raise CheckpointError(
+            f"{folder}: the adapter uses {', '.join(used)}, which this trainer does not load; "
+            "merge it with PEFT (merge_and_unload) and load the merged model instead"
+        )
     return config
 
 
-def load_adapter_model(folder: str | Path, kernels=None, quantize: str = "none",
-                       compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load_adapter_model(
+    folder: str | Path,
+    kernels=None,
+    quantize: str = "none",
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
     """The base model of a PEFT LoRA folder (its base_model_name_or_path, loaded with load_hf) with
     the folder's adapters applied, in eval mode on `device`. `quantize`: "nf4" to rebuild a QLoRA
     run's 4-bit base (quantizing the same weights on the same kind of device gives the same 4-bit
@@ -330,16 +406,25 @@ def load_adapter_model(folder: str | Path, kernels=None, quantize: str = "none",
     config = read_adapter_config(folder)
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
-        raise CheckpointError(f"{folder} is a LoRA adapter of the base model {base!r}, which is not a folder here; "
-                              f"put the base model there (adapter_config.json's base_model_name_or_path names it)"
-                              + (f", or use the merged model {folder / 'merged'}" if (folder / "merged").is_dir()
-                                 else ""))
+        raise CheckpointError(
+            f"{folder} is a LoRA adapter of the base model {base!r}, which is not a folder here; "
+            f"put the base model there (adapter_config.json's base_model_name_or_path names it)"
+            + (f", or use the merged model {folder / 'merged'}" if (folder / "merged").is_dir() else "")
+        )
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS}")
     model = load_hf(base, kernels).to(device)
     targets = _peft_targets(model, config.get("target_modules"), folder)
-    add_adapters(model, targets, rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                 quantize=quantize, compute_dtype=compute_dtype, modules_to_save=config.get("modules_to_save") or ())
+    add_adapters(
+        model,
+        targets,
+        rank=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        quantize=quantize,
+        compute_dtype=compute_dtype,
+        modules_to_save=config.get("modules_to_save") or (),
+    )
     load_adapter_weights(model, folder)
     return model.eval()
 
@@ -354,8 +439,10 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     state = {}
     for key, tensor in load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device)).items():
         if not key.startswith(PEFT_PREFIX):
-            raise CheckpointError(f"{folder}/{ADAPTER_WEIGHTS} holds {key!r}, not a key of a causal-LM adapter "
-                                  f"(they start with {PEFT_PREFIX!r})")
+            raise CheckpointError(
+                f"{folder}/{ADAPTER_WEIGHTS} holds {key!r}, not a key of a causal-LM adapter "
+                f"(they start with {PEFT_PREFIX!r})"
+            )
         state[key.removeprefix(PEFT_PREFIX)] = tensor
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)  # the tied head is the embedding
@@ -378,8 +465,10 @@ def _peft_targets(model: nn.Module, target_modules, folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------- merging
 
-def merge_state_dict(state: dict[str, torch.Tensor], scaling: float, dtype: torch.dtype | None = None,
-                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+
+def merge_state_dict(
+    state: dict[str, torch.Tensor], scaling: float, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """A LoRA model's state (our names, dense base weights) -> the plain model's state:
     X.weight = X.base_layer.weight + scaling * X.lora_B.weight @ X.lora_A.weight, computed in fp32
     on the tensors' device, then cast to `dtype` (default: each base weight's) and moved to `device`."""
@@ -390,14 +479,18 @@ def merge_state_dict(state: dict[str, torch.Tensor], scaling: float, dtype: torc
         prefix, marker, leaf = key.partition(".base_layer.")
         if marker and leaf == "weight":
             a, b = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
-            tensor = tensor.float().addmm(b.to(tensor.device, torch.float32), a.to(tensor.device, torch.float32),
-                                          alpha=scaling).to(tensor.dtype)
+            tensor = (
+                tensor.float()
+                .addmm(b.to(tensor.device, torch.float32), a.to(tensor.device, torch.float32), alpha=scaling)
+                .to(tensor.dtype)
+            )
         merged[prefix + "." + leaf if marker else key] = tensor.detach().to(device, dtype or tensor.dtype)
     return merged
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
-                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The plain model's weights with every adapter merged in (nf4 bases dequantized first), in
     `dtype` (default: the base weights' dtype) on `device`."""
     state = {name: p for name, p in model.named_parameters()}

@@ -58,8 +58,11 @@ class PendingSteps:
     def add(self, step: int, lr: float, loss: torch.Tensor, label_tokens: torch.Tensor, grad_norm: torch.Tensor):
         self.steps.append((step, lr))
         # The norm is on the CPU under fsdp_cpu_offload: a no-op copy elsewhere.
-        self.values.append(torch.stack([loss.double(), label_tokens.to(self.device, torch.float64),
-                                        grad_norm.to(self.device, torch.float64)]))
+        self.values.append(
+            torch.stack(
+                [loss.double(), label_tokens.to(self.device, torch.float64), grad_norm.to(self.device, torch.float64)]
+            )
+        )
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -71,9 +74,11 @@ class PendingSteps:
         summed = torch.cat([values[:, 0], torch.tensor([float(stop_vote)], dtype=torch.float64, device=self.device)])
         all_reduce_sum(summed)  # losses and votes over ranks; tokens and norms are already global
         flat = torch.cat([summed, values[:, 1], values[:, 2]]).tolist()
-        losses, votes, tokens, norms = flat[:n], flat[n], flat[n + 1:2 * n + 1], flat[2 * n + 1:]
-        records = [{"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(count)}
-                   for (step, lr), loss, count, norm in zip(self.steps, losses, tokens, norms)]
+        losses, votes, tokens, norms = flat[:n], flat[n], flat[n + 1 : 2 * n + 1], flat[2 * n + 1 :]
+        records = [
+            {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(count)}
+            for (step, lr), loss, count, norm in zip(self.steps, losses, tokens, norms)
+        ]
         self.steps.clear()
         self.values.clear()
         return records, votes > 0
@@ -105,8 +110,17 @@ class Throughput:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, *, enabled: bool, progress: str, max_steps: int, start_step: int,
-                 log_every: int, tensorboard: bool):
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool,
+        progress: str,
+        max_steps: int,
+        start_step: int,
+        log_every: int,
+        tensorboard: bool,
+    ):
         self.enabled = enabled
         self.max_steps, self.log_every = max_steps, log_every
         self.start_step = start_step
@@ -117,16 +131,19 @@ class MetricsLogger:
         self.bar = None
         if enabled and progress == "bar":
             from tqdm.auto import tqdm
+
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.lines = enabled and progress == "lines"
         self.tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
-                warnings.warn("train.tensorboard=true but tensorboard is not installed (pip install tensorboard)",
-                              stacklevel=2)
+                warnings.warn(
+                    "train.tensorboard=true but tensorboard is not installed (pip install tensorboard)", stacklevel=2
+                )
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -153,22 +170,30 @@ class MetricsLogger:
             self.first_logged = (step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:,.0f}",
+                refresh=False,
+            )
         elif self.lines and (step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1):
             first_step, first_time = self.first_logged
             done = step - first_step
             eta = (time.perf_counter() - first_time) / done * (self.max_steps - step) if done else None
-            self.message(f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                         f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                         f"eta {'--' if eta is None else format_duration(eta)}")
+            self.message(
+                f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                f"eta {'--' if eta is None else format_duration(eta)}"
+            )
 
     def log_eval(self, record: dict) -> None:
         if not self.enabled:
             return
         self._write(record)
-        self.message(f"eval at step {record['step']}: eval_loss {record['eval_loss']:.4f} | "
-                     f"perplexity {record['perplexity']:.2f}")
+        self.message(
+            f"eval at step {record['step']}: eval_loss {record['eval_loss']:.4f} | "
+            f"perplexity {record['perplexity']:.2f}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

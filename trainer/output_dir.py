@@ -42,8 +42,9 @@ def plan_output(train, checkpoint) -> OutputPlan:
         resume = Path(checkpoint.resume_from)
         if not resume.is_dir():
             what = "is not a folder" if resume.exists() else "does not exist"
-            raise CheckpointError(f"checkpoint.resume_from={checkpoint.resume_from!r} {what}; pass a "
-                                  "checkpoint-<step> folder or latest")
+            raise CheckpointError(
+                f"checkpoint.resume_from={checkpoint.resume_from!r} {what}; pass a checkpoint-<step> folder or latest"
+            )
         output_dir = output_dir or str(resume.parent)
     folder = Path(output_dir or default_output_dir())
     check_writable(folder, "train.output_dir")
@@ -54,9 +55,11 @@ def plan_output(train, checkpoint) -> OutputPlan:
     fresh = resume is None and not plan.resume_latest
     if fresh and (checkpoint_dirs(folder) or (folder / "final").exists()):
         if not train.overwrite:
-            raise TrainerError(f"{folder} already holds a run's checkpoints; resume it with "
-                               "--checkpoint.resume_from=latest, choose another --train.output_dir, "
-                               "or pass --train.overwrite=true to replace them")
+            raise TrainerError(
+                f"{folder} already holds a run's checkpoints; resume it with "
+                "--checkpoint.resume_from=latest, choose another --train.output_dir, "
+                "or pass --train.overwrite=true to replace them"
+            )
         plan.replace_previous = True
     return plan
 
@@ -71,8 +74,9 @@ def check_writable(folder: Path, key: str) -> None:
     if not existing.is_dir():
         raise ConfigError(f"{key}={str(folder)!r} cannot be created: {str(existing)!r} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={str(folder)!r} is not writable (no permission on {str(existing)!r}); "
-                          f"choose another {key}")
+        raise ConfigError(
+            f"{key}={str(folder)!r} is not writable (no permission on {str(existing)!r}); choose another {key}"
+        )
 
 
 def claim_output(plan: OutputPlan) -> None:

@@ -9,6 +9,7 @@ def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:
     """Returns the written path, or None when matplotlib is missing or there is nothing to plot."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -43,6 +44,6 @@ def centered_mean(values, window: int) -> list[float]:
     """
     half, out = window // 2, []
     for i in range(len(values)):
-        part = values[max(0, i - half): i + half + 1]
+        part = values[max(0, i - half) : i + half + 1]
         out.append(sum(part) / len(part))
     return out

@@ -24,8 +24,9 @@ class StepBatch:
         return [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in self.micro_batches]
 
 
-def make_step_batch(micro_batches: list[dict], loader_state: dict, pin: bool = False,
-                    vocab_size: int | None = None) -> StepBatch:
+def make_step_batch(
+    micro_batches: list[dict], loader_state: dict, pin: bool = False, vocab_size: int | None = None
+) -> StepBatch:
     """`vocab_size`: refuse a label the model cannot score, here on the host where checking costs no sync."""
     if vocab_size is not None:
         for mb in micro_batches:

@@ -28,8 +28,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if name == "bf16" and device.type == "cuda" and not cuda_bf16:
-        warnings.warn(f"{torch.cuda.get_device_name(device)} has no bf16: computing in fp16 with a loss scaler "
-                      "instead (set train.dtype=fp16 or fp32 to choose)", stacklevel=2)
+        warnings.warn(
+            f"{torch.cuda.get_device_name(device)} has no bf16: computing in fp16 with a loss scaler "
+            "instead (set train.dtype=fp16 or fp32 to choose)",
+            stacklevel=2,
+        )
         return torch.float16
     return DTYPES[name]
 

@@ -53,8 +53,9 @@ def run_hf_peer(config, spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    model, loading = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=param_dtype, attn_implementation="sdpa",
-                                                          output_loading_info=True)
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        weights_dir, dtype=param_dtype, attn_implementation="sdpa", output_loading_info=True
+    )
     if loading["missing_keys"] or loading["unexpected_keys"] or loading["mismatched_keys"]:
         raise TrainerError(f"transformers did not load every weight of {weights_dir}: {loading}")
     model.to(device)
@@ -85,16 +86,33 @@ def run_hf_peer(config, spec: dict) -> dict:
 
     recorder = RecordHFSteps()
     args = TrainingArguments(
-        output_dir=t.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum_steps, max_grad_norm=t.max_grad_norm, seed=t.seed,
-        logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, train_sampling_strategy="sequential",
-        use_cpu=device.type == "cpu", bf16=amp_dtype == torch.bfloat16, fp16=amp_dtype == torch.float16,
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        use_cpu=device.type == "cpu",
+        bf16=amp_dtype == torch.bfloat16,
+        fp16=amp_dtype == torch.float16,
         use_liger_kernel=use_liger,
     )
-    hf_trainer = HFTrainer(model=model, args=args, train_dataset=samples, optimizers=(optimizer, scheduler),
-                           callbacks=[recorder])
+    hf_trainer = HFTrainer(
+        model=model, args=args, train_dataset=samples, optimizers=(optimizer, scheduler), callbacks=[recorder]
+    )
     hf_trainer.remove_callback(PrinterCallback)  # its per-step dicts would bury bench's own report
     hf_trainer.train()
-    return {**facts, "losses": recorder.losses, "step_seconds": recorder.seconds,
-            "peak_mem_bytes": peak_memory_bytes(device)}
+    return {
+        **facts,
+        "losses": recorder.losses,
+        "step_seconds": recorder.seconds,
+        "peak_mem_bytes": peak_memory_bytes(device),
+    }

@@ -53,10 +53,13 @@ def peak_flops(result: dict, override_tflops: float) -> tuple[float | None, str]
 
 
 def side_summary(result: dict, warmup_steps: int, peak_tflops: float) -> dict:
-    summary = {"losses": result["losses"],
-               "tokens_per_s": steady_tokens_per_s(result["step_seconds"], result["tokens_per_step"], warmup_steps),
-               "peak_mem_bytes": result["peak_mem_bytes"], "dtype": result["dtype"],
-               "step_seconds": result["step_seconds"]}
+    summary = {
+        "losses": result["losses"],
+        "tokens_per_s": steady_tokens_per_s(result["step_seconds"], result["tokens_per_step"], warmup_steps),
+        "peak_mem_bytes": result["peak_mem_bytes"],
+        "dtype": result["dtype"],
+        "step_seconds": result["step_seconds"],
+    }
     if result["device_type"] == "cuda":
         peak, source = peak_flops(result, peak_tflops)
         fpt = flops_per_token(result["model"], result["seq_len"])
@@ -83,6 +86,7 @@ def write_plot(report: dict, path: Path) -> Path | None:
     """Loss curves of every side and, under them, each side's relative difference to the reference."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         import matplotlib.ticker
@@ -93,16 +97,23 @@ def write_plot(report: dict, path: Path) -> Path | None:
     for side in sides:
         losses = report[side]["losses"]
         label = report["peer"]["name"] if side == "peer" else side
-        top.plot(range(1, len(losses) + 1), [math.nan if v is None else v for v in losses], label=label,
-                 linestyle="--" if side == "optimized" else "-")
+        top.plot(
+            range(1, len(losses) + 1),
+            [math.nan if v is None else v for v in losses],
+            label=label,
+            linestyle="--" if side == "optimized" else "-",
+        )
     top.set_ylabel("training loss")
     top.legend()
     top.grid(alpha=0.3)
     if "reference" in report:
         for side in sides[1:]:
             diffs = relative_differences(report[side]["losses"], report["reference"]["losses"])
-            bottom.plot(range(1, len(diffs) + 1), [d if math.isfinite(d) else math.nan for d in diffs],
-                        label=f"{report['peer']['name'] if side == 'peer' else side} vs reference")
+            bottom.plot(
+                range(1, len(diffs) + 1),
+                [d if math.isfinite(d) else math.nan for d in diffs],
+                label=f"{report['peer']['name'] if side == 'peer' else side} vs reference",
+            )
         if report.get("tolerance"):
             bottom.axhline(report["tolerance"], color="tab:red", linewidth=1, linestyle=":", label="tolerance")
         # Differences span orders of magnitude and are often exactly 0: symmetric log shows both.
@@ -111,8 +122,9 @@ def write_plot(report: dict, path: Path) -> Path | None:
         bottom.set_ylabel("relative difference")
         bottom.legend()
     else:
-        bottom.text(0.5, 0.5, "no reference (bench.reference=none)", ha="center", va="center",
-                    transform=bottom.transAxes)
+        bottom.text(
+            0.5, 0.5, "no reference (bench.reference=none)", ha="center", va="center", transform=bottom.transAxes
+        )
     bottom.set_xlabel("optimizer step")
     bottom.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     bottom.grid(alpha=0.3)
@@ -129,31 +141,44 @@ def _mib(n: int) -> str:
 def format_report(report: dict) -> str:
     sides = [s for s in ("reference", "optimized", "peer") if s in report]
     names = {"reference": "reference", "optimized": "optimized", "peer": report.get("peer", {}).get("name", "")}
-    rows = [("", [names[s] for s in sides]),
-            ("tokens/s", [f"{report[s]['tokens_per_s']:,.0f}" for s in sides]),
-            ("peak memory", [_mib(report[s]["peak_mem_bytes"]) for s in sides]),
-            ("compute dtype", [report[s]["dtype"] for s in sides])]
+    rows = [
+        ("", [names[s] for s in sides]),
+        ("tokens/s", [f"{report[s]['tokens_per_s']:,.0f}" for s in sides]),
+        ("peak memory", [_mib(report[s]["peak_mem_bytes"]) for s in sides]),
+        ("compute dtype", [report[s]["dtype"] for s in sides]),
+    ]
     if "mfu" in report["optimized"]:
         rows.append(("MFU", [f"{report[s]['mfu']:.1%}" if report[s].get("mfu") else "n/a" for s in sides]))
-    rows.append(("final loss", [f"{report[s]['losses'][-1]:.5f}" if report[s]["losses"][-1] is not None else "nan"
-                                for s in sides]))
+    rows.append(
+        (
+            "final loss",
+            [f"{report[s]['losses'][-1]:.5f}" if report[s]["losses"][-1] is not None else "nan" for s in sides],
+        )
+    )
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"bench on {report['env']['device']}: {report['steps']} steps of {report['tokens_per_step']:,} tokens; "
-             f"tokens/s over steps {report['warmup_steps'] + 1}-{report['steps']}"]
+    lines = [
+        f"bench on {report['env']['device']}: {report['steps']} steps of {report['tokens_per_step']:,} tokens; "
+        f"tokens/s over steps {report['warmup_steps'] + 1}-{report['steps']}"
+    ]
     lines += [label.ljust(width) + "".join(v.rjust(14) for v in values) for label, values in rows]
     if "speedup" in report:
-        lines.append(f"optimized vs reference: {report['speedup']:.2f}x tokens/s, {report['memory_ratio']:.2f}x "
-                     "peak memory")
+        lines.append(
+            f"optimized vs reference: {report['speedup']:.2f}x tokens/s, {report['memory_ratio']:.2f}x peak memory"
+        )
     if "peer" in report:
         peer = report["peer"]
-        lines.append(f"optimized vs {peer['name']}: {peer['optimized_speedup']:.2f}x tokens/s, "
-                     f"{peer['optimized_memory_ratio']:.2f}x peak memory; {peer['name']} loss max relative difference "
-                     f"{peer['max_rel_loss_diff']:.1e} vs {peer['compared_with']} (reported, not judged)")
+        lines.append(
+            f"optimized vs {peer['name']}: {peer['optimized_speedup']:.2f}x tokens/s, "
+            f"{peer['optimized_memory_ratio']:.2f}x peak memory; {peer['name']} loss max relative difference "
+            f"{peer['max_rel_loss_diff']:.1e} vs {peer['compared_with']} (reported, not judged)"
+        )
     if report["passed"] is None:
         lines.append(report["criterion"])
     else:
-        lines.append(f"loss: {'PASSED' if report['passed'] else 'FAILED'}: {report['judged_value']:.2e} "
-                     f"(max per step {report['max_rel_loss_diff']:.2e}) against a tolerance of "
-                     f"{report['tolerance']:.0e}; criterion: {report['criterion']}")
+        lines.append(
+            f"loss: {'PASSED' if report['passed'] else 'FAILED'}: {report['judged_value']:.2e} "
+            f"(max per step {report['max_rel_loss_diff']:.2e}) against a tolerance of "
+            f"{report['tolerance']:.0e}; criterion: {report['criterion']}"
+        )
     lines.append("written: " + ", ".join(report["files"]))
     return "\n".join(lines)

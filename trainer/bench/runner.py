@@ -62,8 +62,10 @@ def reference_config(cfg: TrainConfig) -> TrainConfig:
 def check_bench_config(cfg: TrainConfig, device_type: str) -> None:
     b, t = cfg.bench, cfg.train
     if b.warmup_steps >= t.max_steps:
-        raise ConfigError(f"bench.warmup_steps={b.warmup_steps} leaves no steady steps out of train.max_steps="
-                          f"{t.max_steps}; lower bench.warmup_steps or raise train.max_steps")
+        raise ConfigError(
+            f"bench.warmup_steps={b.warmup_steps} leaves no steady steps out of train.max_steps="
+            f"{t.max_steps}; lower bench.warmup_steps or raise train.max_steps"
+        )
     strategy = getattr(getattr(cfg, "parallel", None), "strategy", "none")
     if strategy != "none":
         raise ConfigError(f"bench runs each side in one process; parallel.strategy={strategy} is not supported")
@@ -77,8 +79,9 @@ def check_bench_config(cfg: TrainConfig, device_type: str) -> None:
             raise ConfigError(f"bench.peer={b.peer} needs transformers>=5, found {version}")
     if b.peer == "hf-liger":
         if device_type != "cuda":
-            raise ConfigError("bench.peer=hf-liger needs a CUDA GPU (Liger's kernels are Triton kernels); "
-                              "use bench.peer=hf on CPU")
+            raise ConfigError(
+                "bench.peer=hf-liger needs a CUDA GPU (Liger's kernels are Triton kernels); use bench.peer=hf on CPU"
+            )
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("bench.peer=hf-liger needs liger-kernel (pip install liger-kernel)")
 
@@ -91,13 +94,20 @@ def run_side(side: str, cfg: TrainConfig, out: Path, *, mask_last_label: bool, p
     cfg.checkpoint.resume_from = ""  # bench always starts fresh
     cfg.train.overwrite = True  # each side's folder belongs to this bench
     cfg.train.log_every = 1  # a read-back after every step: per-step times, as the peer's are taken
-    config_file, spec_file, result_file = (side_dir / name for name in
-                                           ("bench_config.toml", "bench_spec.json", "bench_result.json"))
+    config_file, spec_file, result_file = (
+        side_dir / name for name in ("bench_config.toml", "bench_spec.json", "bench_result.json")
+    )
     config_file.write_text(to_toml(cfg))
     result_file.unlink(missing_ok=True)
-    spec = {"side": side, "config": str(config_file), "result": str(result_file), "mask_last_label": mask_last_label,
-            "warmup_steps": cfg.bench.warmup_steps, "peer": cfg.bench.peer,
-            "profile_trace": str(out / f"trace-{side}.json") if profile else None}
+    spec = {
+        "side": side,
+        "config": str(config_file),
+        "result": str(result_file),
+        "mask_last_label": mask_last_label,
+        "warmup_steps": cfg.bench.warmup_steps,
+        "peer": cfg.bench.peer,
+        "profile_trace": str(out / f"trace-{side}.json") if profile else None,
+    }
     spec_file.write_text(json.dumps(spec, indent=2))
     sys.stdout.flush()
     proc = subprocess.run([sys.executable, "-m", "trainer.bench.worker", str(spec_file)])
@@ -119,8 +129,10 @@ def run_bench(cfg: TrainConfig) -> dict:
     out = Path(cfg.train.output_dir or Path("runs") / datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
     check_writable(out, "train.output_dir")
     if (out / "bench.json").exists() and not cfg.train.overwrite:
-        raise BenchError(f"{out} already holds a bench.json; choose another --train.output_dir or pass "
-                         "--train.overwrite=true to replace it")
+        raise BenchError(
+            f"{out} already holds a bench.json; choose another --train.output_dir or pass "
+            "--train.overwrite=true to replace it"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for stale in BENCH_OUTPUTS:
         (out / stale).unlink(missing_ok=True)
@@ -142,13 +154,19 @@ def run_bench(cfg: TrainConfig) -> dict:
 
     opt = results["optimized"]
     report = {side: side_summary(r, b.warmup_steps, b.peak_tflops) for side, r in results.items()}
-    report.update({
-        "steps": cfg.train.max_steps, "warmup_steps": b.warmup_steps, "tokens_per_step": opt["tokens_per_step"],
-        "last_label_ignored": mask, "flops_per_token": flops_per_token(opt["model"], opt["seq_len"]),
-        "flops_per_token_formula": "6N + 12*L*H*Q*T (PaLM appendix B; N = matmul parameters)",
-        "model": opt["model"], "config": cfg.to_dict(),
-        "env": {"device": opt["device"], "torch": opt["torch"], "triton": opt["triton"]},
-    })
+    report.update(
+        {
+            "steps": cfg.train.max_steps,
+            "warmup_steps": b.warmup_steps,
+            "tokens_per_step": opt["tokens_per_step"],
+            "last_label_ignored": mask,
+            "flops_per_token": flops_per_token(opt["model"], opt["seq_len"]),
+            "flops_per_token_formula": "6N + 12*L*H*Q*T (PaLM appendix B; N = matmul parameters)",
+            "model": opt["model"],
+            "config": cfg.to_dict(),
+            "env": {"device": opt["device"], "torch": opt["torch"], "triton": opt["triton"]},
+        }
+    )
     if "reference" in results:
         changes = loss_changes(cfg, opt["dtype"])
         verdict = judge(opt["losses"], results["reference"]["losses"], changes, b.tolerance)
@@ -157,20 +175,34 @@ def run_bench(cfg: TrainConfig) -> dict:
         report["speedup"] = report["optimized"]["tokens_per_s"] / report["reference"]["tokens_per_s"]
         report["memory_ratio"] = report["optimized"]["peak_mem_bytes"] / report["reference"]["peak_mem_bytes"]
     else:
-        report.update({"max_rel_loss_diff": None, "tolerance": None, "passed": None,
-                       "criterion": "no eager reference ran (bench.reference=none): the optimized figures stand "
-                                    "alone and the losses were not checked"})
+        report.update(
+            {
+                "max_rel_loss_diff": None,
+                "tolerance": None,
+                "passed": None,
+                "criterion": "no eager reference ran (bench.reference=none): the optimized figures stand "
+                "alone and the losses were not checked",
+            }
+        )
     if "peer" in results:
         peer = report.pop("peer")
         base = "reference" if "reference" in results else "optimized"
-        peer.update({"name": b.peer, "compared_with": base,
-                     "max_rel_loss_diff": max(relative_differences(peer["losses"], report[base]["losses"])),
-                     "optimized_speedup": report["optimized"]["tokens_per_s"] / peer["tokens_per_s"],
-                     "optimized_memory_ratio": report["optimized"]["peak_mem_bytes"] / peer["peak_mem_bytes"]})
+        peer.update(
+            {
+                "name": b.peer,
+                "compared_with": base,
+                "max_rel_loss_diff": max(relative_differences(peer["losses"], report[base]["losses"])),
+                "optimized_speedup": report["optimized"]["tokens_per_s"] / peer["tokens_per_s"],
+                "optimized_memory_ratio": report["optimized"]["peak_mem_bytes"] / peer["peak_mem_bytes"],
+            }
+        )
         report["peer"] = peer
         report["env"]["transformers"] = peer.get("transformers")
     (out / "bench.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     plot = write_plot(report, out / "bench.png")
-    report["files"] = [str(out / "bench.json")] + ([str(plot)] if plot else []) + \
-        [report[s]["profile_trace"] for s in ("optimized",) if report[s].get("profile_trace")]
+    report["files"] = (
+        [str(out / "bench.json")]
+        + ([str(plot)] if plot else [])
+        + [report[s]["profile_trace"] for s in ("optimized",) if report[s].get("profile_trace")]
+    )
     return report

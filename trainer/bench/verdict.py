@@ -61,17 +61,27 @@ def judge(optimized: list, reference: list, changes: list[str], tolerance: float
     if not changes:
         tol = tolerance or EXACT_TOLERANCE
         value, passed = max(diffs), max(diffs) <= tol
-        criterion = (f"every step's loss within {tol:.0e} relative of the eager reference (max over the {n} steps "
-                     "of |optimized - reference| / |reference|): in fp32 the optimized ops compute the same "
-                     "function, so only rounding may differ")
+        criterion = (
+            f"every step's loss within {tol:.0e} relative of the eager reference (max over the {n} steps "
+            "of |optimized - reference| / |reference|): in fp32 the optimized ops compute the same "
+            "function, so only rounding may differ"
+        )
     else:
         tol = tolerance or max(LOOSE_TOLERANCES[c] for c in changes)
-        tail = diffs[n // 2:]
+        tail = diffs[n // 2 :]
         value = sum(tail) / len(tail)
         passed = value <= tol
-        criterion = (f"mean relative loss difference over the last half of the steps ({n // 2 + 1}-{n}) within "
-                     f"{tol:.0e} of the eager reference, because the optimized run uses {', '.join(changes)}: "
-                     "step-by-step differences are expected, the curve must match")
-    return {"max_rel_loss_diff": max(diffs), "mean_rel_loss_diff_last_half": sum(diffs[n // 2:]) / len(diffs[n // 2:]),
-            "judged_value": value, "tolerance": tol, "criterion": criterion, "passed": passed,
-            "rel_loss_diffs": diffs}
+        criterion = (
+            f"mean relative loss difference over the last half of the steps ({n // 2 + 1}-{n}) within "
+            f"{tol:.0e} of the eager reference, because the optimized run uses {', '.join(changes)}: "
+            "step-by-step differences are expected, the curve must match"
+        )
+    return {
+        "max_rel_loss_diff": max(diffs),
+        "mean_rel_loss_diff_last_half": sum(diffs[n // 2 :]) / len(diffs[n // 2 :]),
+        "judged_value": value,
+        "tolerance": tol,
+        "criterion": criterion,
+        "passed": passed,
+        "rel_loss_diffs": diffs,
+    }

@@ -139,20 +139,30 @@ def bench_parts(config, mask_last_label: bool) -> RunParts:
 
 
 def model_shape(args) -> dict:
-    return {"n_params": args.num_params(), "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
-            "n_layers": args.n_layers, "n_heads": args.n_heads, "head_dim": args.head_dim,
-            "tie_embeddings": args.tie_embeddings}
+    return {
+        "n_params": args.num_params(),
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "head_dim": args.head_dim,
+        "tie_embeddings": args.tie_embeddings,
+    }
 
 
 def side_facts(parts: RunParts) -> dict:
     t = parts.config.train
     return {
-        "device": device_name(parts.device), "device_type": parts.device.type,
+        "device": device_name(parts.device),
+        "device_type": parts.device.type,
         "dtype": DTYPE_NAMES[parts.compute_dtype],
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "tokens_per_step": t.micro_batch_size * t.grad_accum_steps * t.seq_len, "seq_len": t.seq_len,
-        "model": model_shape(parts.model.args), "initial_checksum": weights_checksum(parts.model),
-        "torch": torch.__version__, "triton": package_version("triton"),
+        "tokens_per_step": t.micro_batch_size * t.grad_accum_steps * t.seq_len,
+        "seq_len": t.seq_len,
+        "model": model_shape(parts.model.args),
+        "initial_checksum": weights_checksum(parts.model),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
     }
 
 
@@ -168,8 +178,13 @@ def run_ours(config, spec: dict) -> dict:
     trainer.train()
     if trainer.stop_requested:
         raise KeyboardInterrupt
-    return {**facts, "losses": recorder.losses, "step_seconds": recorder.seconds,
-            "peak_mem_bytes": recorder.peak_mem_bytes, "profile_trace": str(trace) if trace else None}
+    return {
+        **facts,
+        "losses": recorder.losses,
+        "step_seconds": recorder.seconds,
+        "peak_mem_bytes": recorder.peak_mem_bytes,
+        "profile_trace": str(trace) if trace else None,
+    }
 
 
 def main(spec_path: str) -> int:

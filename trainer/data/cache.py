@@ -57,8 +57,10 @@ def writable_subdir(cache_dir: str, name: str) -> str:
 def cache_write_error(folder: str, e: OSError) -> DataError:
     """A one-line error for a failed write into the cache (disk full, permissions changed under us)."""
     if e.errno == errno.ENOSPC:
-        return DataError(f"no space left on the device of the cache folder {folder}; free space there or set "
-                         "data.cache_dir (or TRAINER_CACHE_DIR) to a folder on a bigger disk")
+        return DataError(
+            f"no space left on the device of the cache folder {folder}; free space there or set "
+            "data.cache_dir (or TRAINER_CACHE_DIR) to a folder on a bigger disk"
+        )
     return _unusable(folder, f"could not be written ({e.strerror or e})")
 
 

@@ -90,8 +90,10 @@ class BlockLoader:
 
         self.mixture = tokens if isinstance(tokens, TokenMixture) else None
         if self.mixture is not None:
-            per_source = [check_blocks(len(stream), self.seq_len, "train", name)
-                          for name, stream in zip(self.mixture.names, self.mixture.streams)]
+            per_source = [
+                check_blocks(len(stream), self.seq_len, "train", name)
+                for name, stream in zip(self.mixture.names, self.mixture.streams)
+            ]
             self._offsets = np.concatenate([[0], np.cumsum(per_source)]).astype(np.int64)
             self._sampler = MixtureSampler(per_source, self.mixture.weights, self.seed, self.shuffle)
             self.blocks_per_epoch = int(self._offsets[-1])
@@ -232,11 +234,24 @@ class BlockLoader:
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
             "sources": [
-                {"name": name, "weight": weight, "blocks_per_epoch": blocks, "epoch": epoch, "position": position,
-                 "drawn": drawn, "mix_drawn": mix_drawn}
+                {
+                    "name": name,
+                    "weight": weight,
+                    "blocks_per_epoch": blocks,
+                    "epoch": epoch,
+                    "position": position,
+                    "drawn": drawn,
+                    "mix_drawn": mix_drawn,
+                }
                 for name, weight, blocks, epoch, position, drawn, mix_drawn in zip(
-                    self.mixture.names, self.mixture.weights, sampler.blocks, sampler.epoch, sampler.position,
-                    sampler.drawn, sampler.mix_drawn)
+                    self.mixture.names,
+                    self.mixture.weights,
+                    sampler.blocks,
+                    sampler.epoch,
+                    sampler.position,
+                    sampler.drawn,
+                    sampler.mix_drawn,
+                )
             ],
             "tokens_by_source": self.tokens_by_source(),
         }
@@ -253,8 +268,10 @@ class BlockLoader:
         saved = state["sources"]
         names = [s["name"] for s in saved]
         if names != self.mixture.names:
-            raise DataError(f"the checkpoint mixed the sources {names} but this run mixes {self.mixture.names}; "
-                            "resume with the checkpoint's data.path")
+            raise DataError(
+                f"the checkpoint mixed the sources {names} but this run mixes {self.mixture.names}; "
+                "resume with the checkpoint's data.path"
+            )
         sampler = self._sampler
         for s, blocks in zip(saved, sampler.blocks):
             if s["blocks_per_epoch"] != blocks:
@@ -272,9 +289,11 @@ class BlockLoader:
         old = [float(s["weight"]) for s in saved]
         if not np.allclose(old, self.mixture.weights, rtol=1e-9, atol=0):
             # New proportions apply from here on; balancing them against the old draws would starve a source.
-            log.warning("data.weights changed since the checkpoint (%s -> %s): the new proportions apply from this "
-                        "step", ", ".join(f"{w:.3g}" for w in old),
-                        ", ".join(f"{w:.3g}" for w in self.mixture.weights))
+            log.warning(
+                "data.weights changed since the checkpoint (%s -> %s): the new proportions apply from this step",
+                ", ".join(f"{w:.3g}" for w in old),
+                ", ".join(f"{w:.3g}" for w in self.mixture.weights),
+            )
             sampler.mix_drawn = [0] * len(saved)
         self.steps = int(state["steps"])
         self._mixture_position()

@@ -115,8 +115,9 @@ def union_corpus(spec: str, corpora: list[Corpus], text_field: str) -> Corpus:
     return Corpus(spec, tuple(sources), text_field, tuple(binary))
 
 
-def prepare_mixture(path: str, weights, tokenizer, vocab_size: int, val_fraction: float, cache_dir: str,
-                    text_field: str, workers: int):
+def prepare_mixture(
+    path: str, weights, tokenizer, vocab_size: int, val_fraction: float, cache_dir: str, text_field: str, workers: int
+):
     from .prepare import PreparedData, check_not_empty, prepare_corpus
     from .tokenizer import Tokenizer, build_tokenizer
 
@@ -133,10 +134,19 @@ def prepare_mixture(path: str, weights, tokenizer, vocab_size: int, val_fraction
     vals = [p.val for p in parts if p.val is not None]
     val = None
     if vals:  # evaluation sees every source's held-out documents, source by source
-        val = TokenShards([f for v in vals for f in v.files], [len(m) for v in vals for m in v.shards],
-                          vals[0].dtype, tok.eos_id)
+        val = TokenShards(
+            [f for v in vals for f in v.files], [len(m) for v in vals for m in v.shards], vals[0].dtype, tok.eos_id
+        )
     described = [f"{e!r} weight {w:.3g}, {len(p.train):,} train tokens" for e, w, p in zip(entries, shares, parts)]
     log.info("mixture of %d sources in %.1fs: %s", len(entries), time.time() - t0, "; ".join(described))
     meta = {"mixture": [{"path": e, "weight": w, "cache": p.cache_path} for e, w, p in zip(entries, shares, parts)]}
-    return PreparedData(tok, train, val, os.path.join(cache_dir, "datasets"), sum(p.n_documents for p in parts), meta,
-                        all(p.from_cache for p in parts), parts)
+    return PreparedData(
+        tok,
+        train,
+        val,
+        os.path.join(cache_dir, "datasets"),
+        sum(p.n_documents for p in parts),
+        meta,
+        all(p.from_cache for p in parts),
+        parts,
+    )

@@ -104,12 +104,14 @@ def prepare_data(
 def check_not_empty(corpus: Corpus) -> None:
     if corpus.n_bytes == 0:
         skipped = f" ({len(corpus.skipped)} more look binary and were skipped)" if corpus.skipped else ""
-        raise DataError(f"data.path {corpus.spec!r} is an empty corpus: its {len(corpus.sources)} file(s) are all "
-                        f"empty{skipped}")
+        raise DataError(
+            f"data.path {corpus.spec!r} is an empty corpus: its {len(corpus.sources)} file(s) are all empty{skipped}"
+        )
 
 
-def prepare_corpus(corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_dir: str, workers: int,
-                   t0: float | None = None) -> PreparedData:
+def prepare_corpus(
+    corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_dir: str, workers: int, t0: float | None = None
+) -> PreparedData:
     """The cached token shards of one corpus with one tokenizer, tokenized first if need be."""
     t0 = t0 or time.time()
     key = cache_key(corpus, tok, val_fraction)
@@ -142,8 +144,7 @@ def prepare_corpus(corpus: Corpus, tok: Tokenizer, val_fraction: float, cache_di
         f"{speed}{hygiene}; cache {folder}",
     )
     if val_fraction > 0 and val is None:
-        log.warning("data.val_fraction=%s but %r has a single document: no validation split", val_fraction,
-                    corpus.spec)
+        log.warning("data.val_fraction=%s but %r has a single document: no validation split", val_fraction, corpus.spec)
     return PreparedData(tok, train, val, folder, meta["n_documents"], meta, from_cache)
 
 
@@ -156,8 +157,10 @@ def hygiene_note(meta: dict) -> str:
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         notes.append(f"skipped {len(names)} file(s) that look binary ({shown})")
     if h.get("replaced"):
-        notes.append(f"replaced {h['replaced']:,} invalid UTF-8 sequence(s) with U+FFFD in "
-                     f"{h['replaced_documents']:,} document(s)")
+        notes.append(
+            f"replaced {h['replaced']:,} invalid UTF-8 sequence(s) with U+FFFD in "
+            f"{h['replaced_documents']:,} document(s)"
+        )
     if h.get("null_rows"):
         notes.append(f"skipped {h['null_rows']:,} row(s) whose text is null")
     return "; " + "; ".join(notes) if notes else ""
@@ -213,8 +216,9 @@ def _build_lock(parent: str, key: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, val_fraction: float,
-           workers: int) -> tuple[dict, bool]:
+def _build(
+    folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, val_fraction: float, workers: int
+) -> tuple[dict, bool]:
     """(meta, whether another process built it while this one waited)."""
     remove_stale(parent)
     with _build_lock(parent, key):
@@ -247,9 +251,12 @@ def _build(folder: str, parent: str, key: str, corpus: Corpus, tok: Tokenizer, v
         try:
             meta = _assemble(tmp, partial, pieces, records, corpus, tok, val_fraction, dtype)
             meta["key"] = key
-            meta["build"] = {"pieces": len(pieces), "pieces_reused": reused,
-                             "input_bytes": sum(p.n_bytes for p in todo),
-                             "processes": max(1, min(workers, len(todo)))}
+            meta["build"] = {
+                "pieces": len(pieces),
+                "pieces_reused": reused,
+                "input_bytes": sum(p.n_bytes for p in todo),
+                "processes": max(1, min(workers, len(todo))),
+            }
             tok.save(os.path.join(tmp, "tokenizer"))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=1)
@@ -289,8 +296,10 @@ def _completed(partial: str, pieces: list, itemsize: int) -> dict[int, dict]:
         try:
             with open(piece_file(partial, piece.index, "json")) as f:
                 record = json.load(f)
-            if all(os.path.getsize(piece_file(partial, piece.index, s)) == record["tokens"][s] * itemsize
-                   for s in ("train", "val")):
+            if all(
+                os.path.getsize(piece_file(partial, piece.index, s)) == record["tokens"][s] * itemsize
+                for s in ("train", "val")
+            ):
                 records[piece.index] = record
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -317,8 +326,16 @@ def _apply_split_guarantees(job: TokenizeJob, pieces: list, records: dict[int, d
             records[index] = tokenize_piece(job, pieces[index], force_val=force_val, force_train=force_train)
 
 
-def _assemble(tmp: str, partial: str, pieces: list, records: dict, corpus: Corpus, tok: Tokenizer,
-              val_fraction: float, dtype: np.dtype) -> dict:
+def _assemble(
+    tmp: str,
+    partial: str,
+    pieces: list,
+    records: dict,
+    corpus: Corpus,
+    tok: Tokenizer,
+    val_fraction: float,
+    dtype: np.dtype,
+) -> dict:
     splits = {}
     for side in ("train", "val"):
         files = [piece_file(partial, p.index, side) for p in pieces if records[p.index]["tokens"][side]]

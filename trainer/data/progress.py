@@ -39,8 +39,9 @@ class TokenizeProgress:
         self.desc = desc
         self.bar = None
         if sys.stderr.isatty():
-            self.bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc=desc,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True
+            )
 
     def update(self, n_bytes: int, n_docs: int) -> None:
         self.done += n_bytes
@@ -59,8 +60,10 @@ class TokenizeProgress:
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         percent = 100 * self.done / self.total if self.total else 100.0
         eta = human_time(left) if left == left else "?"
-        return (f"{self.desc}: {percent:.0f}% ({human_bytes(self.done)} of {human_bytes(self.total)}), "
-                f"{human_bytes(rate)}/s, {self.docs / elapsed:,.0f} docs/s, {eta} left")
+        return (
+            f"{self.desc}: {percent:.0f}% ({human_bytes(self.done)} of {human_bytes(self.total)}), "
+            f"{human_bytes(rate)}/s, {self.docs / elapsed:,.0f} docs/s, {eta} left"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -81,8 +81,9 @@ def _open(source: Source):
     try:
         return open(source.path, "rb")
     except OSError as e:
-        raise DataError(f"cannot read {source.path}: {e.strerror or e}; was it moved or deleted while "
-                        "tokenizing?") from None
+        raise DataError(
+            f"cannot read {source.path}: {e.strerror or e}; was it moved or deleted while tokenizing?"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- text
@@ -138,9 +139,7 @@ def jsonl_text(line: bytes, path: str, lineno: int, text_field: str, stats: Read
         )
     text = obj[text_field]
     if not isinstance(text, str):
-        raise DataError(
-            f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, expected a string"
-        )
+        raise DataError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, expected a string")
     return text
 
 
@@ -161,8 +160,10 @@ def jsonl_lines(source: Source, span: Span | None = None) -> Iterator[tuple[int,
                 lineno += 1
                 yield lineno, line, n_bytes
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
-            raise DataError(f"{source.path} is not a readable {kind} file after line {lineno} "
-                            f"({first_line(e)}): it is corrupt or truncated; re-download or remove it") from None
+            raise DataError(
+                f"{source.path} is not a readable {kind} file after line {lineno} "
+                f"({first_line(e)}): it is corrupt or truncated; re-download or remove it"
+            ) from None
 
 
 def _plain_lines(source: Source, span: Span | None) -> Iterator[tuple[int, bytes, int]]:
@@ -240,8 +241,12 @@ def _table_batches(source: Source, span: Span, text_field: str):
 
         pf = pq.ParquetFile(source.path)
         # use_threads=False: each tokenizing process is one core; Arrow's pool would oversubscribe.
-        yield from pf.iter_batches(batch_size=TABLE_BATCH_ROWS, row_groups=list(range(span.start, span.stop)),
-                                   columns=[text_field], use_threads=False)
+        yield from pf.iter_batches(
+            batch_size=TABLE_BATCH_ROWS,
+            row_groups=list(range(span.start, span.stop)),
+            columns=[text_field],
+            use_threads=False,
+        )
         return
     for i, batch in enumerate(open_arrow(source.path)):
         if i >= span.stop:
@@ -284,5 +289,7 @@ def _table(source: Source, span: Span, text_field: str, stats: ReadStats) -> Ite
                     share = 0
                 row += 1
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{source.path} is not a readable {kind} file at row {row} ({first_line(e)}): it is "
-                        "corrupt or truncated; re-download or remove it") from None
+        raise DataError(
+            f"{source.path} is not a readable {kind} file at row {row} ({first_line(e)}): it is "
+            "corrupt or truncated; re-download or remove it"
+        ) from None

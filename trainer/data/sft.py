@@ -43,13 +43,16 @@ class Example:
 
 # ----------------------------------------------------------------------- reading and rendering
 
+
 def read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """(example id, object) for every line of the .jsonl files `path` names."""
     corpus = resolve_corpus(path)
     others = [s.name for s in corpus.sources if not s.is_jsonl]
     if others:
-        raise DataError(f"data.format=sft reads .jsonl (.gz, .zst) files only, but {path!r} also holds {others[:3]}; "
-                        "point data.path at the .jsonl file(s)")
+        raise DataError(
+            f"data.format=sft reads .jsonl (.gz, .zst) files only, but {path!r} also holds {others[:3]}; "
+            "point data.path at the .jsonl file(s)"
+        )
     for source in corpus.sources:
         for lineno, line, _ in jsonl_lines(source):
             if not line.strip():
@@ -80,8 +83,11 @@ def render_chat(template: str, messages: list[dict], tokenizer: HFTokenizer, add
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     specials = {name: tokenizer.special_token(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **{k: v for k, v in specials.items() if v is not None})
+    return env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        **{k: v for k, v in specials.items() if v is not None},
+    )
 
 
 def _text_field(obj: dict, key: str, where: str) -> str:
@@ -102,8 +108,9 @@ def encode_example(obj: dict, tokenizer: Tokenizer, where: str) -> Example:
         completion = tokenizer.encode_markup(_text_field(obj, "completion", where)) + [tokenizer.eos_id]
         pieces = [(prompt, False), (completion, True)]
     else:
-        raise DataError(f"{where}: an SFT example needs 'prompt' and 'completion', or 'messages'; found "
-                        f"{sorted(obj)[:10]}")
+        raise DataError(
+            f"{where}: an SFT example needs 'prompt' and 'completion', or 'messages'; found {sorted(obj)[:10]}"
+        )
     tokens = np.array([t for ids, _ in pieces for t in ids], dtype=np.int64)
     targets = np.array([trained for ids, trained in pieces for _ in ids], dtype=bool)
     if len(targets):
@@ -119,9 +126,11 @@ def _chat_pieces(messages, tokenizer: Tokenizer, where: str) -> list[tuple[list[
     """
     template = tokenizer.chat_template if isinstance(tokenizer, HFTokenizer) else None
     if template is None:
-        raise DataError(f"{where}: 'messages' needs a chat template, and the tokenizer's folder has none "
-                        "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'prompt' and "
-                        "'completion' fields, or a tokenizer folder that has a template")
+        raise DataError(
+            f"{where}: 'messages' needs a chat template, and the tokenizer's folder has none "
+            "(tokenizer_config.json 'chat_template' or chat_template.jinja); use 'prompt' and "
+            "'completion' fields, or a tokenizer folder that has a template"
+        )
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} objects")
     if not any(m["role"] == "assistant" for m in messages):
@@ -136,19 +145,22 @@ def _chat_pieces(messages, tokenizer: Tokenizer, where: str) -> list[tuple[list[
             before = render_chat(template, messages[:i], tokenizer, add_generation_prompt=True)
             after = render_chat(template, messages[: i + 1], tokenizer, add_generation_prompt=False)
             if not (before.startswith(done) and after.startswith(before)):
-                raise DataError(f"{where}: the chat template does not render a conversation's beginning as a "
-                                "prefix of the whole, so assistant turns cannot be located; use 'prompt' and "
-                                "'completion' fields instead")
-            pieces += [(before[len(done):], False), (after[len(before):], True)]
+                raise DataError(
+                    f"{where}: the chat template does not render a conversation's beginning as a "
+                    "prefix of the whole, so assistant turns cannot be located; use 'prompt' and "
+                    "'completion' fields instead"
+                )
+            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
             done = after
         full = render_chat(template, messages, tokenizer, add_generation_prompt=False)
     except TemplateError as e:
         raise DataError(f"{where}: the chat template failed: {e}") from None
-    pieces.append((full[len(done):], False))
+    pieces.append((full[len(done) :], False))
     return [(tokenizer.encode_markup(text), trained) for text, trained in pieces if text]
 
 
 # ----------------------------------------------------------------------- packing
+
 
 class PackedExamples:
     """Examples packed into rows of seq_len + 1 tokens; `batch(rows)` gives the model's inputs.
@@ -181,17 +193,20 @@ class PackedExamples:
             for doc, example in enumerate(self.rows[row]):
                 start, end = self.offsets[example], self.offsets[example + 1]
                 length = end - start
-                tokens[r, col:col + length] = self.tokens[start:end]
-                targets[r, col:col + length] = self.targets[start:end]
-                positions[r, col:col + length] = np.arange(length)
-                documents[r, col:col + length] = doc
+                tokens[r, col : col + length] = self.tokens[start:end]
+                targets[r, col : col + length] = self.targets[start:end]
+                positions[r, col : col + length] = np.arange(length)
+                documents[r, col : col + length] = doc
                 col += length
             positions[r, col:] = np.arange(width - col)  # the padding is one more document, never trained
             documents[r, col:] = len(self.rows[row])
         labels = np.where(targets, tokens, IGNORE_INDEX)
-        return {"input_ids": torch.from_numpy(tokens[:, :-1].copy()), "labels": torch.from_numpy(labels[:, 1:].copy()),
-                "position_ids": torch.from_numpy(positions[:, :-1].copy()),
-                "document_ids": torch.from_numpy(documents[:, :-1].copy())}
+        return {
+            "input_ids": torch.from_numpy(tokens[:, :-1].copy()),
+            "labels": torch.from_numpy(labels[:, 1:].copy()),
+            "position_ids": torch.from_numpy(positions[:, :-1].copy()),
+            "document_ids": torch.from_numpy(documents[:, :-1].copy()),
+        }
 
 
 def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -218,6 +233,7 @@ def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------- preparing
 
+
 @dataclass
 class SFTData:
     tokenizer: Tokenizer
@@ -239,21 +255,34 @@ def prepare_sft(path: str, tokenizer: Tokenizer, seq_len: int, val_fraction: flo
     for doc_id, obj in examples:
         example = encode_example(obj, tokenizer, doc_id)
         if len(example.tokens) > seq_len + 1:
-            example = Example(example.tokens[:seq_len + 1], example.targets[:seq_len + 1])
+            example = Example(example.tokens[: seq_len + 1], example.targets[: seq_len + 1])
             cut += 1
         if not example.targets.any():
             dropped += 1  # nothing left to learn from (the prompt fills the row)
             continue
         parts["val" if split.is_val(doc_id) else "train"].append(example)
     if cut:
-        log.warning("%d of %d SFT examples are longer than train.seq_len + 1 = %d tokens and were cut "
-                    "(%d kept no completion and were left out); raise train.seq_len to keep them whole",
-                    cut, len(examples), seq_len + 1, dropped)
+        log.warning(
+            "%d of %d SFT examples are longer than train.seq_len + 1 = %d tokens and were cut "
+            "(%d kept no completion and were left out); raise train.seq_len to keep them whole",
+            cut,
+            len(examples),
+            seq_len + 1,
+            dropped,
+        )
     if not parts["train"]:
-        raise DataError(f"no SFT example of {path!r} has a completion token to train on within train.seq_len="
-                        f"{seq_len}; raise train.seq_len or check the examples")
+        raise DataError(
+            f"no SFT example of {path!r} has a completion token to train on within train.seq_len="
+            f"{seq_len}; raise train.seq_len or check the examples"
+        )
     train = PackedExamples(parts["train"], seq_len, tokenizer.eos_id)
     val = PackedExamples(parts["val"], seq_len, tokenizer.eos_id) if parts["val"] else None
-    log.info("SFT data %r: %d examples packed into %d train rows%s of %d tokens", path, len(examples),
-             train.n_blocks, f" + {val.n_blocks} val rows" if val else "", seq_len + 1)
+    log.info(
+        "SFT data %r: %d examples packed into %d train rows%s of %d tokens",
+        path,
+        len(examples),
+        train.n_blocks,
+        f" + {val.n_blocks} val rows" if val else "",
+        seq_len + 1,
+    )
     return SFTData(tokenizer, train, val, len(examples))

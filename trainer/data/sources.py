@@ -198,8 +198,10 @@ def _datasets_arrow_files(folder: str) -> list[str] | None:
         with open(state) as f:
             files = [d["filename"] for d in json.load(f)["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{state} is not the state.json datasets' save_to_disk writes ({e}); re-save the "
-                        "dataset or point data.path at its files") from None
+        raise DataError(
+            f"{state} is not the state.json datasets' save_to_disk writes ({e}); re-save the "
+            "dataset or point data.path at its files"
+        ) from None
     missing = [n for n in files if not os.path.isfile(os.path.join(folder, n))]
     if missing:
         raise DataError(f"{folder}: state.json lists {missing[0]}, which is missing; re-save the dataset")
@@ -289,7 +291,7 @@ def looks_binary(head: bytes) -> bool:
 
 
 def column_kind(arrow_type) -> str | None:
-    """"string" or "binary" for a column that can hold document text, else None."""
+    """ "string" or "binary" for a column that can hold document text, else None."""
     import pyarrow as pa
 
     t = pa.types
@@ -323,8 +325,10 @@ def _parquet_layout(path: str, text_field: str) -> tuple[tuple, tuple[list[str],
             out.append((rg.num_rows, int(text_bytes)))
         return tuple(out), info
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path} is not a readable parquet file ({first_line(e)}): it is corrupt or truncated; "
-                        "re-download or remove it") from None
+        raise DataError(
+            f"{path} is not a readable parquet file ({first_line(e)}): it is corrupt or truncated; "
+            "re-download or remove it"
+        ) from None
 
 
 def open_arrow(path: str):
@@ -361,8 +365,9 @@ def _arrow_layout(path: str, text_field: str) -> tuple[tuple, tuple[list[str], s
             out.append((batch.num_rows, int(text_bytes)))
         return tuple(out), info
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path} is not a readable Arrow file ({first_line(e)}): it is corrupt or truncated; "
-                        "re-save or remove it") from None
+        raise DataError(
+            f"{path} is not a readable Arrow file ({first_line(e)}): it is corrupt or truncated; re-save or remove it"
+        ) from None
 
 
 def _check_text_columns(scanned: list[tuple[Source, tuple | None]], text_field: str) -> None:
@@ -377,8 +382,10 @@ def _check_text_columns(scanned: list[tuple[Source, tuple | None]], text_field: 
                 "set data.text_field to the column that holds the document text, or leave that file out"
             )
         if kind not in ("string", "binary"):
-            raise DataError(f"{source.path}: column {text_field!r} holds {kind}, not text; set data.text_field to the "
-                            "column that holds the document text")
+            raise DataError(
+                f"{source.path}: column {text_field!r} holds {kind}, not text; set data.text_field to the "
+                "column that holds the document text"
+            )
 
 
 def first_line(e: BaseException) -> str:

@@ -97,8 +97,11 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte, which Hugging Face's ByteLevel pre-tokenizer and
     decoder use (Radford et al. 2019, openai/gpt-2 src/encoder.py): printable Latin-1 bytes stand for
     themselves, the other 68 take the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     mapping, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in mapping:

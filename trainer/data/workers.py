@@ -83,16 +83,28 @@ class _Counters:
                 self.shared[1] += n_docs
 
 
-def tokenize_piece(job: TokenizeJob, piece: Piece, force_val: str | None = None, force_train: str | None = None,
-                   counters: _Counters | None = None) -> dict:
+def tokenize_piece(
+    job: TokenizeJob,
+    piece: Piece,
+    force_val: str | None = None,
+    force_train: str | None = None,
+    counters: _Counters | None = None,
+) -> dict:
     """Tokenize one piece into its files; returns (and writes, last) its record."""
     counters = counters or _Counters()
     tok, dtype = job.tokenizer, np.dtype(job.dtype)
     eos = np.array([tok.eos_id], dtype=dtype)
     stats = ReadStats()
     record = {
-        "index": piece.index, "tokens": {"train": 0, "val": 0}, "documents": {"train": 0, "val": 0},
-        "n_docs": 0, "n_below": 0, "lowest": None, "highest": None, "force_val": force_val, "force_train": force_train,
+        "index": piece.index,
+        "tokens": {"train": 0, "val": 0},
+        "documents": {"train": 0, "val": 0},
+        "n_docs": 0,
+        "n_below": 0,
+        "lowest": None,
+        "highest": None,
+        "force_val": force_val,
+        "force_train": force_train,
     }
     paths = {s: piece_file(job.folder, piece.index, s) for s in ("train", "val")}
     files = {s: open(p + ".tmp", "wb") for s, p in paths.items()}
@@ -236,8 +248,9 @@ def run_pieces(job: TokenizeJob, pieces: list[Piece], num_workers: int, progress
         # Python >= 3.12 warns on fork in a process with threads (torch's, tokenizers'); the workers
         # only read files and tokenize, and never touch what those threads hold.
         warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(job, shared))
+        executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(job, shared)
+        )
         try:
             futures = {executor.submit(_run_in_worker, piece): piece for piece in pieces}
             pending = set(futures)

@@ -9,8 +9,12 @@ from trainer.models.hf import args_from_hf_config, assign_weights, read_hf_confi
 from trainer.models.llama import KernelChoice, Transformer
 
 
-def build(preset_or_args: str | ModelArgs, vocab_size: int | None = None, kernels: KernelChoice | None = None,
-          seed: int | None = None) -> Transformer:
+def build(
+    preset_or_args: str | ModelArgs,
+    vocab_size: int | None = None,
+    kernels: KernelChoice | None = None,
+    seed: int | None = None,
+) -> Transformer:
     """A randomly initialised model from a preset name (vocab from `vocab_size` if the preset has none)."""
     args = resolve_args(preset_or_args, vocab_size) if isinstance(preset_or_args, str) else preset_or_args
     if seed is not None:

@@ -18,8 +18,7 @@ from torch import nn
 from trainer.errors import CheckpointError
 from trainer.models.config import ModelArgs
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SINGLE_FILE = "model.safetensors"
@@ -36,8 +35,9 @@ def architecture_of(cfg: dict) -> str:
         by_type = {model_type: name for name, model_type in SUPPORTED_ARCHITECTURES.items()}
         arch = by_type.get(cfg.get("model_type"), cfg.get("model_type") or "unknown")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"architecture {arch!r} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise CheckpointError(
+            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     return arch
 
 
@@ -47,8 +47,9 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise CheckpointError(f"rope scaling type {rope_type!r} is not supported; supported: "
-                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise CheckpointError(
+            f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if rope_type == "default":
         return theta, None
     scaling = {"rope_type": rope_type, **params}
@@ -69,27 +70,49 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     rope_theta, rope_scaling = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
     return ModelArgs(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=rope_theta, rope_scaling=rope_scaling,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM", sliding_window=sliding_window, hf_architecture=arch)
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM",
+        sliding_window=sliding_window,
+        hf_architecture=arch,
+    )
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32, source: dict | None = None) -> dict:
     """config.json for `args`; keys of the `source` config it was loaded from (token ids, ...) are kept."""
     arch = args.hf_architecture or ("Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM")
     cfg = {k: v for k, v in (source or {}).items() if k not in ("rope_parameters", "rope_scaling")}
-    cfg.update({
-        "architectures": [arch], "model_type": SUPPORTED_ARCHITECTURES[arch], "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len, "rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps,
-        "tie_word_embeddings": args.tie_embeddings, "attention_bias": False, "torch_dtype": _DTYPE_NAMES[dtype],
-        "dtype": _DTYPE_NAMES[dtype],  # transformers 5 renamed torch_dtype
-    })
+    cfg.update(
+        {
+            "architectures": [arch],
+            "model_type": SUPPORTED_ARCHITECTURES[arch],
+            "vocab_size": args.vocab_size,
+            "hidden_size": args.hidden_size,
+            "intermediate_size": args.intermediate_size,
+            "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads,
+            "head_dim": args.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": args.max_seq_len,
+            "rope_theta": args.rope_theta,
+            "rms_norm_eps": args.norm_eps,
+            "tie_word_embeddings": args.tie_embeddings,
+            "attention_bias": False,
+            "torch_dtype": _DTYPE_NAMES[dtype],
+            "dtype": _DTYPE_NAMES[dtype],  # transformers 5 renamed torch_dtype
+        }
+    )
     if args.rope_scaling:
         cfg["rope_scaling"] = dict(args.rope_scaling)
     if arch != "LlamaForCausalLM":
@@ -117,8 +140,11 @@ def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BY
             size = 0
         shards[-1].append(name)
         size += nbytes
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
     for file, shard in zip(names, shards):
         # One shard at a time on the host: a GPU model never needs a whole CPU copy.
@@ -126,8 +152,9 @@ def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BY
         weight_map.update({k: file for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2) + "\n")
+        (path / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
     dtype = next(iter(state.values())).dtype
     source = getattr(model, "hf_config", None)
     (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype, source), indent=2) + "\n")
@@ -179,15 +206,19 @@ def assign_weights(model, path: str | Path) -> None:
                     raise CheckpointError(f"checkpoint {path} does not fit this model: unexpected tensor {name}")
                 tensor = f.get_tensor(name)
                 if tensor.shape != own[name].shape:
-                    raise CheckpointError(f"checkpoint {path} does not fit this model: {name} is "
-                                          f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here")
+                    raise CheckpointError(
+                        f"checkpoint {path} does not fit this model: {name} is "
+                        f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here"
+                    )
                 module_name, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
                 seen.add(name)
     missing = sorted(set(own) - seen)
     if missing:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:3]}"
-                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing {missing[:3]}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
 
 
 def load_weights(model, state: dict[str, torch.Tensor], source: str) -> None:
@@ -199,10 +230,13 @@ def load_weights(model, state: dict[str, torch.Tensor], source: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {source} does not fit this model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
-            raise CheckpointError(f"checkpoint {source} does not fit this model: {name} is "
-                                  f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here")
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this model: {name} is "
+                f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here"
+            )
     model.load_state_dict(state, strict=False)

@@ -33,11 +33,11 @@ class KernelChoice:
     materialize_logits: bool = False
 
     @classmethod
-    def all(cls, force: str | None) -> "KernelChoice":
+    def all(cls, force: str | None) -> KernelChoice:
         return cls(force, force, force, force)
 
     @classmethod
-    def eager(cls) -> "KernelChoice":
+    def eager(cls) -> KernelChoice:
         return cls("reference", "reference", "reference", "reference", materialize_logits=True)
 
 
@@ -228,8 +228,9 @@ def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockM
     if document_ids.device.type != "cuda":
         return document_causal_mask(document_ids)
     batch, seq_len = document_ids.shape
-    return compiled_create_block_mask()(document_mask_mod(document_ids), batch, None, seq_len, seq_len,
-                                        device=document_ids.device)
+    return compiled_create_block_mask()(
+        document_mask_mod(document_ids), batch, None, seq_len, seq_len, device=document_ids.device
+    )
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -277,28 +278,53 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, input_ids, labels=None, *, position_ids=None, document_ids=None, reduction="mean",
-                normalizer=None, ignore_index: int = -100):
+    def forward(
+        self,
+        input_ids,
+        labels=None,
+        *,
+        position_ids=None,
+        document_ids=None,
+        reduction="mean",
+        normalizer=None,
+        ignore_index: int = -100,
+    ):
         if input_ids.shape[1] > self.args.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
-                             f"{self.args.max_seq_len}; use a shorter train.seq_len or a larger model.max_seq_len")
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
+                f"{self.args.max_seq_len}; use a shorter train.seq_len or a larger model.max_seq_len"
+            )
         window = self.args.sliding_window
         if window is not None and input_ids.shape[1] > window:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's sliding window {window}, "
-                             "which this model does not implement; use sequences of at most that length")
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds the model's sliding window {window}, "
+                "which this model does not implement; use sequences of at most that length"
+            )
         hidden = self.model(input_ids, position_ids, document_ids)
         if labels is None:
             return self.lm_head(hidden)
         if self.kernels.materialize_logits:
             logits = self.lm_head(hidden)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
-                                   reduction="sum" if reduction == "mean" else reduction)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1),
+                labels.flatten(),
+                ignore_index=ignore_index,
+                reduction="sum" if reduction == "mean" else reduction,
+            )
             if reduction == "none":
                 return loss.view(labels.shape)
             if reduction == "mean":
                 count = (labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer
                 loss = loss / count
             return loss
-        return ops.linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index, reduction,
-                                        bias=self.lm_head.bias, normalizer=normalizer, force=self.kernels.fused_ce)
+        return ops.linear_cross_entropy(
+            hidden,
+            self.lm_head.weight,
+            labels,
+            ignore_index,
+            reduction,
+            bias=self.lm_head.bias,
+            normalizer=normalizer,
+            force=self.kernels.fused_ce,
+        )

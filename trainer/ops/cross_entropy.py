@@ -91,9 +91,20 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
 def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
     """The Triton version of one chunk: d loss / d logits, in the logits' own buffer and dtype."""
     logits = h @ weight.t()
-    return run_kernel("cross_entropy", "cross_entropy_rows_", logits, y, bias=bias, loss_out=loss_out,
-                      row_scale=row_scale, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                      z_loss=z_loss, softcap=softcap, compute_grad=want_grad)
+    return run_kernel(
+        "cross_entropy",
+        "cross_entropy_rows_",
+        logits,
+        y,
+        bias=bias,
+        loss_out=loss_out,
+        row_scale=row_scale,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        compute_grad=want_grad,
+    )
 
 
 def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):
@@ -109,8 +120,11 @@ def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):
         # temporary written and read again for every chunk.
         if grad_w.dtype == d_low.dtype:
             grad_w.addmm_(d_low.t(), h)
-        elif grad_w.is_cuda and d_low.dtype in (torch.bfloat16, torch.float16) and _fp32_addmm_works(
-                grad_w.device, d_low.dtype):
+        elif (
+            grad_w.is_cuda
+            and d_low.dtype in (torch.bfloat16, torch.float16)
+            and _fp32_addmm_works(grad_w.device, d_low.dtype)
+        ):
             # cuBLAS adds the low-precision product straight into the fp32 buffer, without rounding
             # each chunk's product to bf16 first.
             torch.addmm(grad_w, d_low.t(), h, out_dtype=torch.float32, out=grad_w)
@@ -148,8 +162,23 @@ def _loss_dtype(hidden_dtype: torch.dtype, triton: bool) -> torch.dtype:
     return torch.float32 if triton else torch.promote_types(hidden_dtype, torch.float32)
 
 
-def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, *, triton,
-             want_loss, need_h, need_w, need_b, row_scale=None):
+def _chunked(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    *,
+    triton,
+    want_loss,
+    need_h,
+    need_w,
+    need_b,
+    row_scale=None,
+):
     """One pass over the token chunks: per-token losses and/or the gradients.
 
     row_scale (tokens,) multiplies each token's d loss / d logits (the upstream gradient of
@@ -168,11 +197,23 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss
         rows = slice(start, start + size)
         scale = None if row_scale is None else row_scale[rows]
         if triton:
-            d = _triton_chunk(hidden[rows], weight, bias, labels[rows], ignore_index, label_smoothing, z_loss,
-                              softcap, want_grad, None if losses is None else losses[rows], scale)
+            d = _triton_chunk(
+                hidden[rows],
+                weight,
+                bias,
+                labels[rows],
+                ignore_index,
+                label_smoothing,
+                z_loss,
+                softcap,
+                want_grad,
+                None if losses is None else losses[rows],
+                scale,
+            )
         else:
-            loss, d = _chunk_loss_and_grad(hidden[rows], weight, bias, labels[rows], ignore_index,
-                                           label_smoothing, z_loss, softcap, want_grad)
+            loss, d = _chunk_loss_and_grad(
+                hidden[rows], weight, bias, labels[rows], ignore_index, label_smoothing, z_loss, softcap, want_grad
+            )
             if losses is not None:
                 losses[rows] = loss
             if want_grad and scale is not None:
@@ -184,16 +225,28 @@ def _chunked(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss
 
 # ---- custom ops: what the public function (and torch.compile) sees ----
 
+
 def _empty(like: Tensor) -> Tensor:
     # A fresh empty tensor per absent output: custom-op outputs may not alias one another.
     return like.new_empty(0)
 
 
 @torch.library.custom_op("trainer::linear_cross_entropy", mutates_args=())
-def _lce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
-            reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-            grad_hidden: bool, grad_weight: bool, grad_bias: bool, triton: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _lce_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    triton: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """reduction "sum": (summed loss, grad_hidden, grad_weight fp32, grad_bias fp32) for an upstream
     gradient of 1, the gradients computed along the way (empty where not asked for).
     reduction "none": (per-token losses, three empty tensors); the backward recomputes."""
@@ -202,17 +255,45 @@ def _lce_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     # enclosing autocast region has already chosen that dtype in linear_cross_entropy.
     with torch.autocast(hidden.device.type, enabled=False):
         losses, grad_h, grad_w, grad_b = _chunked(
-            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=triton,
-            want_loss=True, need_h=grads_in_forward and grad_hidden, need_w=grads_in_forward and grad_weight,
-            need_b=grads_in_forward and grad_bias)
+            hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            triton=triton,
+            want_loss=True,
+            need_h=grads_in_forward and grad_hidden,
+            need_w=grads_in_forward and grad_weight,
+            need_b=grads_in_forward and grad_bias,
+        )
     loss = losses.sum() if grads_in_forward else losses
-    return (loss, _empty(hidden) if grad_h is None else grad_h, _empty(hidden) if grad_w is None else grad_w,
-            _empty(hidden) if grad_b is None else grad_b)
+    return (
+        loss,
+        _empty(hidden) if grad_h is None else grad_h,
+        _empty(hidden) if grad_w is None else grad_w,
+        _empty(hidden) if grad_b is None else grad_b,
+    )
 
 
 @_lce_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      grad_hidden, grad_weight, grad_bias, triton):
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    triton,
+):
     grads_in_forward = reduction == "sum"
     acc = torch.promote_types(weight.dtype, torch.float32)
     loss = hidden.new_empty(() if grads_in_forward else (hidden.shape[0],), dtype=_loss_dtype(hidden.dtype, triton))
@@ -224,32 +305,85 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_
 
 
 @torch.library.custom_op("trainer::linear_cross_entropy_backward", mutates_args=())
-def _lce_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, grad_losses: Tensor,
-                     ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-                     grad_hidden: bool, grad_weight: bool, grad_bias: bool, triton: bool
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def _lce_backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    grad_losses: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    triton: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for reduction="none", recomputing each chunk with the per-token upstream gradient."""
     with torch.autocast(hidden.device.type, enabled=False):
         _, grad_h, grad_w, grad_b = _chunked(
-            hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, triton=triton,
-            want_loss=False, need_h=grad_hidden, need_w=grad_weight, need_b=grad_bias and bias is not None,
-            row_scale=grad_losses)
-    return (_empty(hidden) if grad_h is None else grad_h,
-            _empty(hidden) if grad_w is None else grad_w.to(weight.dtype),
-            _empty(hidden) if grad_b is None else grad_b.to(bias.dtype))
+            hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            triton=triton,
+            want_loss=False,
+            need_h=grad_hidden,
+            need_w=grad_weight,
+            need_b=grad_bias and bias is not None,
+            row_scale=grad_losses,
+        )
+    return (
+        _empty(hidden) if grad_h is None else grad_h,
+        _empty(hidden) if grad_w is None else grad_w.to(weight.dtype),
+        _empty(hidden) if grad_b is None else grad_b.to(bias.dtype),
+    )
 
 
 @_lce_backward_op.register_fake
-def _(hidden, weight, bias, labels, grad_losses, ignore_index, label_smoothing, z_loss, softcap,
-      grad_hidden, grad_weight, grad_bias, triton):
-    return (torch.empty_like(hidden) if grad_hidden else _empty(hidden),
-            torch.empty_like(weight) if grad_weight else _empty(hidden),
-            torch.empty_like(bias) if grad_bias and bias is not None else _empty(hidden))
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    grad_losses,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    grad_hidden,
+    grad_weight,
+    grad_bias,
+    triton,
+):
+    return (
+        torch.empty_like(hidden) if grad_hidden else _empty(hidden),
+        torch.empty_like(weight) if grad_weight else _empty(hidden),
+        torch.empty_like(bias) if grad_bias and bias is not None else _empty(hidden),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     grad_hidden, grad_weight, grad_bias, triton) = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+        triton,
+    ) = inputs
     _, grad_h, grad_w, grad_b = output
     # The stashed gradients are outputs only so that they can be saved; nothing differentiates them.
     ctx.mark_non_differentiable(grad_h, grad_w, grad_b)
@@ -282,8 +416,21 @@ def _backward(ctx, grad_loss, *_stashed_grads):
     else:
         hidden, weight, bias, labels = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss, softcap, triton = ctx.args
-        grad_h, grad_w, grad_b = _lce_backward_op(hidden, weight, bias, labels, grad_loss, ignore_index,
-                                                  label_smoothing, z_loss, softcap, want_h, want_w, want_b, triton)
+        grad_h, grad_w, grad_b = _lce_backward_op(
+            hidden,
+            weight,
+            bias,
+            labels,
+            grad_loss,
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            want_h,
+            want_w,
+            want_b,
+            triton,
+        )
         grad_h, grad_w, grad_b = (g if want else None for g, want in zip((grad_h, grad_w, grad_b), ctx.flags))
     return (grad_h, grad_w, grad_b, *none)
 
@@ -314,14 +461,26 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100
         position = tuple(int(i) for i in bad.nonzero()[0])
         value = int(labels[position])
         where = position[0] if len(position) == 1 else position
-        raise ConfigError(f"label {value} at position {where} is outside the vocabulary [0, {vocab_size}) and is "
-                          f"not ignore_index {ignore_index}; the tokenizer and model.vocab_size disagree")
+        raise ConfigError(
+            f"label {value} at position {where} is outside the vocabulary [0, {vocab_size}) and is "
+            f"not ignore_index {ignore_index}; the tokenizer and model.vocab_size disagree"
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "mean", *, bias: torch.Tensor | None = None, normalizer=None,
-                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                         force: str | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    bias: torch.Tensor | None = None,
+    normalizer=None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    force: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, logits never materialised.
 
     hidden is (..., hidden_size), labels (...) with the same leading shape. reduction="mean" divides
@@ -340,11 +499,21 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
     grad_on = torch.is_grad_enabled()
-    loss = _lce_op(flat_hidden, weight, bias, flat_labels, int(ignore_index),
-                   "none" if reduction == "none" else "sum", float(label_smoothing), float(z_loss),
-                   None if softcap is None else float(softcap),
-                   grad_on and flat_hidden.requires_grad, grad_on and weight.requires_grad,
-                   grad_on and bias is not None and bias.requires_grad, triton)[0]
+    loss = _lce_op(
+        flat_hidden,
+        weight,
+        bias,
+        flat_labels,
+        int(ignore_index),
+        "none" if reduction == "none" else "sum",
+        float(label_smoothing),
+        float(z_loss),
+        None if softcap is None else float(softcap),
+        grad_on and flat_hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+        triton,
+    )[0]
     if reduction == "none":
         return loss.view(labels.shape)
     if reduction == "sum":

@@ -56,14 +56,16 @@ def _out_dtypes(x: Tensor, weight: Tensor, residual: Optional[Tensor], triton: b
 
 
 @torch.library.custom_op("trainer::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float,
-                 triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _rms_norm_op(
+    x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, triton: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (x + residual, or an empty tensor without a residual; normed; rstd)."""
     if residual is not None and residual.shape != x.shape:
         x, residual = torch.broadcast_tensors(x, residual)
     if triton:
-        y, total, rstd = run_kernel("rms_norm", "rms_norm_forward", _rows(x), weight, eps,
-                                    None if residual is None else _rows(residual))
+        y, total, rstd = run_kernel(
+            "rms_norm", "rms_norm_forward", _rows(x), weight, eps, None if residual is None else _rows(residual)
+        )
         total = x.new_empty(0) if total is None else total.view(x.shape)
         return total, y.view(x.shape), rstd.view(x.shape[:-1])
     total = x if residual is None else x + residual
@@ -80,13 +82,21 @@ def _(x, weight, residual, eps, triton):
 
 
 @torch.library.custom_op("trainer::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dsum: Optional[Tensor],
-                          triton: bool) -> tuple[Tensor, Tensor]:
+def _rms_norm_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dsum: Optional[Tensor], triton: bool
+) -> tuple[Tensor, Tensor]:
     """(dx, dweight) given what was normalised (x, or the stored sum) and the gradient dsum that
     reached the stored sum directly."""
     if triton:
-        dx, dw = run_kernel("rms_norm", "rms_norm_backward", _rows(dy), _rows(x), weight, rstd.reshape(-1),
-                            None if dsum is None else _rows(dsum))
+        dx, dw = run_kernel(
+            "rms_norm",
+            "rms_norm_backward",
+            _rows(dy),
+            _rows(x),
+            weight,
+            rstd.reshape(-1),
+            None if dsum is None else _rows(dsum),
+        )
         return dx.view(x.shape), dw.to(weight.dtype)
     return _rms_norm_backward_reference(dy, x, weight, rstd, dsum)
 
@@ -113,8 +123,7 @@ def _backward(ctx, d_total, dy, _d_rstd):
     normed_input, weight, rstd = ctx.saved_tensors
     if dy is None:  # only the sum was used downstream
         dy = torch.zeros(normed_input.shape, dtype=ctx.y_dtype, device=normed_input.device)
-    dsum, dw = _rms_norm_backward_op(dy, normed_input, weight, rstd, d_total if ctx.has_residual else None,
-                                     ctx.triton)
+    dsum, dw = _rms_norm_backward_op(dy, normed_input, weight, rstd, d_total if ctx.has_residual else None, ctx.triton)
     dx = dsum.to(ctx.x_dtype)
     # x and residual receive the same gradient; with equal dtypes it is the same tensor, as
     # autograd itself does for a + b.
@@ -130,8 +139,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force:
     return _rms_norm_op(x, weight, None, eps, use_triton(force, x))[1]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
-                 *, force: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x + residual, rms_norm(x + residual))."""
     total, y, _ = _rms_norm_op(x, weight, residual, eps, use_triton(force, x))
     return total, y

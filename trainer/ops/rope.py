@@ -74,8 +74,9 @@ def _backward(ctx, dq, dk):
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         *, force: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, force: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q (batch, q_heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim).
 
     cos and sin are (seq, head_dim) or (batch, seq, head_dim). Returns new tensors.

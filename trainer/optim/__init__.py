@@ -51,8 +51,9 @@ def parse_name(name: str) -> tuple[str, bool, bool]:
     return name.removeprefix("galore_"), name.startswith("galore_"), layerwise
 
 
-def param_groups(model: nn.Module, weight_decay: float, target: str | None = None,
-                 settings: dict | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, target: str | None = None, settings: dict | None = None
+) -> list[dict]:
     """Weight decay on matrices only: norms, biases and embeddings are not decayed.
 
     With `target` (a regex), the decayed weights of the nn.Linear modules whose name it matches form
@@ -64,8 +65,9 @@ def param_groups(model: nn.Module, weight_decay: float, target: str | None = Non
     targeted = set()
     if target is not None:
         pattern = re.compile(target)
-        targeted = {id(m.weight) for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and pattern.search(name)}
+        targeted = {
+            id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)
+        }
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -89,13 +91,21 @@ def base_optimizer(base: str, groups: list[dict], cfg, seeds: dict | None = None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0, fused=True)
     if base in ("adamw8bit", "paged_adamw8bit"):
         bnb = _import_optional("bitsandbytes", cfg.name)
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0,
-                                   is_paged=base == "paged_adamw8bit")
+        return bnb.optim.AdamW8bit(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0, is_paged=base == "paged_adamw8bit"
+        )
     if base == "adafactor":
         # Without a `rank` key in a group, galore-torch's Adafactor is plain Adafactor.
         galore_torch = _import_optional("galore_torch", cfg.name)
-        return galore_torch.GaLoreAdafactor(groups, lr=cfg.lr, beta1=cfg.betas[0] or None, weight_decay=0.0,
-                                            relative_step=False, scale_parameter=False, warmup_init=False)
+        return galore_torch.GaLoreAdafactor(
+            groups,
+            lr=cfg.lr,
+            beta1=cfg.betas[0] or None,
+            weight_decay=0.0,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
     if base == APOLLO:
         return Apollo(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, seeds=seeds)
     raise ConfigError(f"unknown base optimizer {base!r}")
@@ -136,13 +146,29 @@ def _check_targets(model: nn.Module, targeted: list[torch.Tensor], prefix: str, 
     """Refuses a target regex that matches nothing; warns when the rank is clamped to a small matrix."""
     if not targeted:
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:3]
-        raise ConfigError(f"optim.{prefix}_target={target!r} matches no linear layer of this model; "
-                          f"write a regex over module names such as {', '.join(names)}")
+        raise ConfigError(
+            f"optim.{prefix}_target={target!r} matches no linear layer of this model; "
+            f"write a regex over module names such as {', '.join(names)}"
+        )
     clamped = sorted({tuple(p.shape) for p in targeted if min(p.shape) < rank})
     if clamped:
-        warnings.warn(f"optim.{prefix}_rank={rank} is larger than some matrices allow; their rank is "
-                      f"clamped to min(rows, cols) (shapes {', '.join(map(str, clamped))})", stacklevel=3)
+        warnings.warn(
+            f"optim.{prefix}_rank={rank} is larger than some matrices allow; their rank is "
+            f"clamped to min(rows, cols) (shapes {', '.join(map(str, clamped))})",
+            stacklevel=3,
+        )
 
 
-__all__ = ["Apollo", "GaLore", "LayerwiseOptimizer", "build_optimizer", "build_scheduler", "lr_factor",
-           "optimizer_names", "optimizer_state_tensors", "param_groups", "parse_name", "state_bytes"]
+__all__ = [
+    "Apollo",
+    "GaLore",
+    "LayerwiseOptimizer",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "optimizer_names",
+    "optimizer_state_tensors",
+    "param_groups",
+    "parse_name",
+    "state_bytes",
+]

@@ -57,8 +57,16 @@ class Apollo(torch.optim.Optimizer):
     the others get AdamW. `seeds` maps each parameter to its projection seed (its 1-based position in
     the model's groups); parameters it does not list are numbered by their position here."""
 
-    def __init__(self, param_groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float = 0.0, seeds: dict[torch.Tensor, int] | None = None):
+    def __init__(
+        self,
+        param_groups: list[dict],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float = 0.0,
+        seeds: dict[torch.Tensor, int] | None = None,
+    ):
         super().__init__(param_groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         own = (p for group in self.param_groups for p in group["params"])
         self.seeds = {p: (seeds or {}).get(p, index) for index, p in enumerate(own, start=1)}
@@ -108,14 +116,16 @@ class Apollo(torch.optim.Optimizer):
         projection = state["projection"]
         return grad @ projection.T if rows >= cols else projection.T @ grad
 
-    def _scaled_gradient(self, grad: torch.Tensor, low_rank: torch.Tensor, normalized: torch.Tensor, group: dict,
-                         state: dict) -> torch.Tensor:
+    def _scaled_gradient(
+        self, grad: torch.Tensor, low_rank: torch.Tensor, normalized: torch.Tensor, group: dict, state: dict
+    ) -> torch.Tensor:
         """The raw gradient times Adam's scale measured in the projected space, norm-growth limited."""
         if group["apollo_scale_type"] == "channel":
             # Rows of the gradient when the projection shortened its columns (m >= n), else its columns.
             dim = 1 if grad.shape[0] >= grad.shape[1] else 0
-            scale = (torch.linalg.vector_norm(normalized, dim=dim, keepdim=True)
-                     / (torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True) + EPS_SCALE))
+            scale = torch.linalg.vector_norm(normalized, dim=dim, keepdim=True) / (
+                torch.linalg.vector_norm(low_rank, dim=dim, keepdim=True) + EPS_SCALE
+            )
         else:
             scale = torch.linalg.vector_norm(normalized) / (torch.linalg.vector_norm(low_rank) + EPS_SCALE)
         update = grad * scale

@@ -58,8 +58,9 @@ def project(grad: torch.Tensor, projector: torch.Tensor, side: str) -> torch.Ten
     return projector.T @ grad if side == "left" else grad @ projector.T
 
 
-def add_projected_back(weight: torch.Tensor, low_rank: torch.Tensor, projector: torch.Tensor, side: str,
-                       scale: float) -> None:
+def add_projected_back(
+    weight: torch.Tensor, low_rank: torch.Tensor, projector: torch.Tensor, side: str, scale: float
+) -> None:
     """weight += scale * (P @ low_rank or low_rank @ P), in place: no full-size temporary."""
     low_rank = low_rank.to(weight.dtype)
     if side == "left":
@@ -95,8 +96,9 @@ class GaLore(torch.optim.Optimizer):
                 self.proxy_shape[p] = (rank, p.shape[1]) if side == "left" else (p.shape[0], rank)
                 self.proxy[p] = p.new_empty(0)
             # Weight decay is applied to the full weight in step(), not to the proxy.
-            inner_groups.append({"params": [self.proxy[p] for p in group["params"]], "lr": group["lr"],
-                                 "weight_decay": 0.0})
+            inner_groups.append(
+                {"params": [self.proxy[p] for p in group["params"]], "lr": group["lr"], "weight_decay": 0.0}
+            )
         self.inner = make_inner(inner_groups)
 
     @torch.no_grad()

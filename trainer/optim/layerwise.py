@@ -84,8 +84,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         params = list(self._parameters())
         if len(per_parameter) != len(params):
-            raise ValueError(f"the saved layer-wise state has {len(per_parameter)} parameters, "
-                             f"this model {len(params)}")
+            raise ValueError(
+                f"the saved layer-wise state has {len(per_parameter)} parameters, this model {len(params)}"
+            )
         for p, saved in zip(params, per_parameter, strict=True):
             self.optimizer_of[p].load_state_dict(saved)
 

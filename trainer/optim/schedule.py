@@ -5,8 +5,9 @@ import math
 import torch
 
 
-def lr_factor(step: int, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
-              decay_fraction: float) -> float:
+def lr_factor(
+    step: int, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float, decay_fraction: float
+) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (counted from 0)."""
     warmup_steps = min(warmup_steps, max_steps - 1)
     if step < warmup_steps:

@@ -26,17 +26,27 @@ MODES = ("none", "full", "selective")
 # Outputs kept by the selective policy. The attention overloads differ by device and backend;
 # only those this build of torch has are listed.
 _SAVED_OPS = frozenset(
-    op for op in (getattr(torch.ops.aten, name, None) for name in (
-        "mm", "addmm", "bmm",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"))
+    op
+    for op in (
+        getattr(torch.ops.aten, name, None)
+        for name in (
+            "mm",
+            "addmm",
+            "bmm",
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+        )
+    )
     if op is not None
 )
 # Higher-order operators reach the policy as themselves, not as an overload: flex attention (packed
 # documents on CUDA) inside a compiled block, and the compiled flex attention call of an eager block,
 # which runs as inductor_compiled_code (the same pair torchtitan saves).
 _SAVED_HIGHER_ORDER_OPS = frozenset(
-    op for op in (getattr(torch._higher_order_ops, name, None) for name in ("flex_attention", "inductor_compiled_code"))
+    op
+    for op in (getattr(torch._higher_order_ops, name, None) for name in ("flex_attention", "inductor_compiled_code"))
     if op is not None
 )
 
@@ -57,6 +67,7 @@ def _recomputed_in_backward(forward, selective: bool):
         if selective:
             return checkpoint(forward, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     return checkpointed_forward
 
 

@@ -53,8 +53,9 @@ def env_from_launcher() -> ParallelEnv:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers; launch with torchrun or "
-                          "accelerate launch") from None
+        raise ConfigError(
+            "RANK, LOCAL_RANK and WORLD_SIZE must be integers; launch with torchrun or accelerate launch"
+        ) from None
     return ParallelEnv(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
@@ -64,12 +65,16 @@ def init_distributed(strategy: str, device: torch.device) -> tuple[ParallelEnv, 
     if not env.distributed:
         return env, device
     if strategy == "none":
-        raise ConfigError(f"launched as {env.world_size} processes but parallel.strategy=none: every process would "
-                          "train its own copy; set parallel.strategy=ddp or fsdp")
+        raise ConfigError(
+            f"launched as {env.world_size} processes but parallel.strategy=none: every process would "
+            "train its own copy; set parallel.strategy=ddp or fsdp"
+        )
     if device.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                              "launch at most one process per GPU (--nproc_per_node)")
+            raise ConfigError(
+                f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                "launch at most one process per GPU (--nproc_per_node)"
+            )
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if dist.is_initialized():  # the caller set it up (a notebook, a custom launcher): leave it to them

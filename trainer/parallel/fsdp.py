@@ -23,8 +23,14 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.nn.parallel import DistributedDataParallel
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, *, param_dtype: torch.dtype | None,
-               reshard_after_forward: bool, cpu_offload: bool) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+    cpu_offload: bool,
+) -> None:
     """Shards `model` in place over all ranks of the default process group.
 
     param_dtype: the dtype blocks compute in (bf16 gathers bf16 parameters; None keeps the
@@ -38,10 +44,10 @@ def apply_fsdp(model: nn.Module, device: torch.device, *, param_dtype: torch.dty
     for index, block in enumerate(blocks):
         # Backward starts with the last block, so resharding it after forward would only gather it again.
         reshard = reshard_after_forward and index < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard,
-                    offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard_after_forward,
-                offload_policy=offload)
+        fully_shard(block, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard, offload_policy=offload)
+    fully_shard(
+        model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard_after_forward, offload_policy=offload
+    )
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:

@@ -11,8 +11,9 @@ from trainer.parallel.distributed import ParallelEnv
 from trainer.parallel.fsdp import apply_ddp, apply_fsdp
 
 
-def parallelize(model: nn.Module, parallel, env: ParallelEnv, device: torch.device,
-                compute_dtype: torch.dtype) -> nn.Module:
+def parallelize(
+    model: nn.Module, parallel, env: ParallelEnv, device: torch.device, compute_dtype: torch.dtype
+) -> nn.Module:
     """Applies `parallel` (a ParallelConfig) to `model` in place; returns the module to call for training.
 
     That is the DDP wrapper under DDP, else `model` itself (FSDP2 shards it in place). Order:
@@ -26,7 +27,12 @@ def parallelize(model: nn.Module, parallel, env: ParallelEnv, device: torch.devi
     if not env.distributed:
         return model
     if parallel.strategy == "fsdp":
-        apply_fsdp(model, device, param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
-                   reshard_after_forward=parallel.fsdp_reshard_after_forward, cpu_offload=parallel.fsdp_cpu_offload)
+        apply_fsdp(
+            model,
+            device,
+            param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+            reshard_after_forward=parallel.fsdp_reshard_after_forward,
+            cpu_offload=parallel.fsdp_cpu_offload,
+        )
         return model
     return apply_ddp(model, device)

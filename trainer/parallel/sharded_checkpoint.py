@@ -23,18 +23,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 
-def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 trainable_only: bool = False) -> None:
+def save_sharded(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> None:
     """Collective: every rank writes its shards of the model and optimizer into `folder`.
 
     trainable_only: leave the frozen parameters out (a LoRA run's base model is not checkpointed)."""
-    model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=StateDictOptions(ignore_frozen_params=trainable_only))
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
+    )
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                 trainable_only: bool = False) -> None:
+def load_sharded(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool = False
+) -> None:
     """Loads a `save_sharded` folder into `model` (and `optimizer`), sharded or not, at any world size."""
     options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     if optimizer is None:
@@ -47,8 +50,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=options)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,8 +60,9 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict,
-                    optimizer_state: dict | None) -> None:
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optimizer_state: dict | None
+) -> None:
     """Loads full (one-process) tensors into a sharded model: each rank keeps its own shard.
 
     `optimizer_state` is a plain `optimizer.state_dict()` (keyed by parameter index) saved by a
@@ -75,7 +80,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     by_name = {
         "state": {names[index]: value for index, value in optimizer_state["state"].items()},
-        "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                         for group in optimizer_state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [names[i] for i in group["params"]]} for group in optimizer_state["param_groups"]
+        ],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=full)

@@ -16,5 +16,15 @@ from trainer.plan.devices import DEVICE_NAMES, resolve_device
 from trainer.plan.devices import GPUS as DEVICES
 from trainer.plan.predict import Plan, predict_peak
 
-__all__ = ["DEVICES", "DEVICE_NAMES", "Plan", "choose_micro_batch", "is_auto", "plan_command", "predict_peak",
-           "resolve_budget", "resolve_device", "suggest_changes"]
+__all__ = [
+    "DEVICES",
+    "DEVICE_NAMES",
+    "Plan",
+    "choose_micro_batch",
+    "is_auto",
+    "plan_command",
+    "predict_peak",
+    "resolve_budget",
+    "resolve_device",
+    "suggest_changes",
+]

@@ -34,8 +34,9 @@ def _accumulation(config, micro: int, world_size: int) -> int:
 
 def _fits(config, micro: int, budget: int, world_size: int) -> tuple[bool, Plan]:
     # With accumulation, later micro-batches run with every gradient alive: plan with the real count.
-    plan = predict_peak(config, world_size=world_size, micro_batch_size=micro,
-                        grad_accum_steps=_accumulation(config, micro, world_size))
+    plan = predict_peak(
+        config, world_size=world_size, micro_batch_size=micro, grad_accum_steps=_accumulation(config, micro, world_size)
+    )
     return plan.fits(budget), plan
 
 
@@ -82,8 +83,14 @@ def choose_micro_batch(config, budget_bytes: int, world_size: int = 1) -> tuple[
         raise nothing_fits(config, budget_bytes, world_size)
     if not wanted:
         accum = 1 if layerwise else t.grad_accum_steps
-        return fit, accum, (f"micro_batch_size=auto: {fit} sequences per rank fit {human_bytes(budget_bytes)} "
-                            f"(grad_accum_steps={accum}, global batch {fit * accum * world_size} sequences)")
+        return (
+            fit,
+            accum,
+            (
+                f"micro_batch_size=auto: {fit} sequences per rank fit {human_bytes(budget_bytes)} "
+                f"(grad_accum_steps={accum}, global batch {fit * accum * world_size} sequences)"
+            ),
+        )
     per_rank, rounded = divmod(wanted, world_size)
     notes = []
     if rounded:
@@ -94,24 +101,31 @@ def choose_micro_batch(config, budget_bytes: int, world_size: int = 1) -> tuple[
             raise ConfigError(
                 f"optim.name={config.optim.name} cannot accumulate gradients, so each rank's micro-batch must be "
                 f"the whole per-rank batch ({per_rank} sequences), but only {fit} fit "
-                f"{human_bytes(budget_bytes)}; set train.global_batch_size={fit * world_size} or drop _layerwise")
+                f"{human_bytes(budget_bytes)}; set train.global_batch_size={fit * world_size} or drop _layerwise"
+            )
         micro, accum = per_rank, 1
     else:
         divisor = max(d for d in range(1, fit + 1) if per_rank % d == 0)
         if divisor * 2 >= fit:
             micro, accum = divisor, per_rank // divisor
             if divisor < fit:
-                notes.append(f"micro-batch {divisor}, the largest divisor of the {per_rank} sequences per rank "
-                             f"(up to {fit} would fit)")
+                notes.append(
+                    f"micro-batch {divisor}, the largest divisor of the {per_rank} sequences per rank "
+                    f"(up to {fit} would fit)"
+                )
         else:
             micro, accum = fit, max(1, round(per_rank / fit))
             notes.append(f"{per_rank} sequences per rank is not a multiple of the {fit} that fit")
     actual = micro * accum * world_size
     if actual != wanted:
-        notes.append(f"global batch rounded from {wanted} to {actual} sequences "
-                     f"({micro} x {accum} accumulation steps x {world_size} ranks)")
-    head = (f"micro_batch_size=auto: micro_batch_size={micro}, grad_accum_steps={accum} for a global batch of "
-            f"{actual} sequences ({fit} per rank fit {human_bytes(budget_bytes)})")
+        notes.append(
+            f"global batch rounded from {wanted} to {actual} sequences "
+            f"({micro} x {accum} accumulation steps x {world_size} ranks)"
+        )
+    head = (
+        f"micro_batch_size=auto: micro_batch_size={micro}, grad_accum_steps={accum} for a global batch of "
+        f"{actual} sequences ({fit} per rank fit {human_bytes(budget_bytes)})"
+    )
     return micro, accum, head + ("; " + "; ".join(notes) if notes else "")
 
 
@@ -137,8 +151,10 @@ def _flag_value(value) -> str:
 
 def _selective(c):
     if c.parallel.activation_checkpointing == "none":
-        return ({"parallel.activation_checkpointing": "selective"},
-                "recompute the elementwise ops in backward (little extra compute)")
+        return (
+            {"parallel.activation_checkpointing": "selective"},
+            "recompute the elementwise ops in backward (little extra compute)",
+        )
 
 
 def _smaller_micro_batches(c):
@@ -149,16 +165,24 @@ def _smaller_micro_batches(c):
     out, micro = [], t.micro_batch_size
     while micro > 1:
         micro = max(1, micro // 2)
-        out.append(({"train.micro_batch_size": micro,
-                     "train.grad_accum_steps": t.grad_accum_steps * (t.micro_batch_size // micro)},
-                    "the same global batch in smaller micro-batches"))
+        out.append(
+            (
+                {
+                    "train.micro_batch_size": micro,
+                    "train.grad_accum_steps": t.grad_accum_steps * (t.micro_batch_size // micro),
+                },
+                "the same global batch in smaller micro-batches",
+            )
+        )
     return out
 
 
 def _full(c):
     if c.parallel.activation_checkpointing != "full":
-        return ({"parallel.activation_checkpointing": "full"},
-                "recompute each block in backward (about a third more compute)")
+        return (
+            {"parallel.activation_checkpointing": "full"},
+            "recompute each block in backward (about a third more compute)",
+        )
 
 
 def _eight_bit(c):
@@ -259,7 +283,7 @@ def _minimal(config, stack: list[tuple[dict, str]], budget: int, world_size: int
     """Drops, cheapest first, each change the others make unnecessary. A change a later one builds
     on (galore_adamw8bit, then galore_adamw8bit_layerwise) stays: the later one includes it."""
     for item in list(stack):
-        later, _ = _stacked(config, stack[stack.index(item) + 1:])
+        later, _ = _stacked(config, stack[stack.index(item) + 1 :])
         if any(k in later and str(v) in str(later[k]) for k, v in item[0].items()):
             continue
         rest = [s for s in stack if s is not item]
@@ -291,5 +315,7 @@ def nothing_fits(config, budget: int, world_size: int) -> ConfigError:
     fixes = suggest_changes(one, budget, world_size, limit=1)
     if fixes:
         hint = f"; it would fit with {fixes[0].flags} ({human_bytes(fixes[0].plan.required_bytes)})"
-    return ConfigError(f"nothing fits {human_bytes(budget)}: the smallest predicted need is "
-                       f"{human_bytes(smallest.required_bytes)} at micro_batch_size=1{hint}")
+    return ConfigError(
+        f"nothing fits {human_bytes(budget)}: the smallest predicted need is "
+        f"{human_bytes(smallest.required_bytes)} at micro_batch_size=1{hint}"
+    )

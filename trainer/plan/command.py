@@ -69,9 +69,21 @@ def plan_command(argv: list[str]) -> int:
     fits = plan.fits(budget)
     suggestions = [] if fits else suggest_changes(config, budget, world)
     if as_json:
-        out = {**plan.to_dict(), "budget_bytes": budget, "fits": fits, "device_memory_bytes": device.memory_bytes,
-               "suggestions": [{"changes": s.changes, "why": s.why, "peak_bytes": s.plan.peak_bytes,
-                                "required_bytes": s.plan.required_bytes} for s in suggestions]}
+        out = {
+            **plan.to_dict(),
+            "budget_bytes": budget,
+            "fits": fits,
+            "device_memory_bytes": device.memory_bytes,
+            "suggestions": [
+                {
+                    "changes": s.changes,
+                    "why": s.why,
+                    "peak_bytes": s.plan.peak_bytes,
+                    "required_bytes": s.plan.required_bytes,
+                }
+                for s in suggestions
+            ],
+        }
         if note:
             out["auto"] = note
         print(json.dumps(out, indent=1))
@@ -83,11 +95,15 @@ def plan_command(argv: list[str]) -> int:
 def describe_run(config, plan: Plan) -> str:
     t, o, p = config.train, config.optim, config.parallel
     model = config.model.from_hf or config.model.preset
-    lines = [f"{model} ({plan.parameters / 1e9:.2f} B parameters)" if plan.parameters >= 1e8
-             else f"{model} ({plan.parameters / 1e6:.1f} M parameters)",
-             f"micro-batch {plan.micro_batch_size} x {t.seq_len} tokens, accumulation {plan.grad_accum_steps}",
-             f"weights {t.param_dtype}, compute {plan.compute_dtype}", f"optim {o.name}",
-             f"checkpointing {p.activation_checkpointing}"]
+    lines = [
+        f"{model} ({plan.parameters / 1e9:.2f} B parameters)"
+        if plan.parameters >= 1e8
+        else f"{model} ({plan.parameters / 1e6:.1f} M parameters)",
+        f"micro-batch {plan.micro_batch_size} x {t.seq_len} tokens, accumulation {plan.grad_accum_steps}",
+        f"weights {t.param_dtype}, compute {plan.compute_dtype}",
+        f"optim {o.name}",
+        f"checkpointing {p.activation_checkpointing}",
+    ]
     if plan.world_size > 1:
         lines.append(f"{p.strategy} over {plan.world_size} ranks (per rank)")
     return ", ".join(lines)
@@ -115,6 +131,7 @@ def format_plan(config, plan: Plan, budget: int, device: str, suggestions: list,
         for s in suggestions:
             out.append(f"  {s.flags}  -> {human_bytes(s.plan.required_bytes)}  ({s.why})")
     else:
-        out.append("no change the planner tries makes it fit; use more devices (parallel.strategy=fsdp) or a "
-                   "smaller model")
+        out.append(
+            "no change the planner tries makes it fit; use more devices (parallel.strategy=fsdp) or a smaller model"
+        )
     return "\n".join(out)

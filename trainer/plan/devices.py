@@ -78,9 +78,11 @@ def cpu_memory_bytes() -> int:
 
 
 def unknown_device(name: str) -> ConfigError:
-    return ConfigError(f"plan.device={name!r} is not a device the planner knows; choose one of: "
-                       f"{', '.join(DEVICE_NAMES)}, or auto (the training device), or give the memory with "
-                       "--plan.budget=BYTES")
+    return ConfigError(
+        f"plan.device={name!r} is not a device the planner knows; choose one of: "
+        f"{', '.join(DEVICE_NAMES)}, or auto (the training device), or give the memory with "
+        "--plan.budget=BYTES"
+    )
 
 
 def resolve_device(config, name: str | None = None) -> Device:

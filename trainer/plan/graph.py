@@ -67,8 +67,14 @@ class GradSink:
 class Graph:
     """The replay state: which tensors are alive, who still reads them, the gradients in flight."""
 
-    def __init__(self, tape: Tape, sink: GradSink, param_uses: dict[str, int],
-                 grad_bytes: Callable[[str], int], trainable: set[str]):
+    def __init__(
+        self,
+        tape: Tape,
+        sink: GradSink,
+        param_uses: dict[str, int],
+        grad_bytes: Callable[[str], int],
+        trainable: set[str],
+    ):
         self.tape = tape
         self.sink = sink
         self.param_uses = param_uses  # ops that use each parameter in one forward
@@ -91,8 +97,13 @@ class Graph:
     # ---------------------------------------------------------------- lifetimes
 
     def _maybe_free(self, storage: str) -> None:
-        if (self.tape.alive(storage) and self.readers[storage] <= 0 and self.saved[storage] <= 0
-                and self.held[storage] <= 0 and self.grad_refs.get(storage, 0) <= 0):
+        if (
+            self.tape.alive(storage)
+            and self.readers[storage] <= 0
+            and self.saved[storage] <= 0
+            and self.held[storage] <= 0
+            and self.grad_refs.get(storage, 0) <= 0
+        ):
             self.tape.free(storage)
 
     def hold(self, storage: str) -> None:
@@ -107,9 +118,17 @@ class Graph:
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, ops: list[Op], ns: dict[str, str], prefix: str, keep_saves: bool = True,
-                keep_outputs_of_must_save: list[str] | None = None, cached: dict[str, str] | None = None,
-                stop_after_last_save: bool = False, exports: tuple[str, ...] = ()) -> list[Op]:
+    def forward(
+        self,
+        ops: list[Op],
+        ns: dict[str, str],
+        prefix: str,
+        keep_saves: bool = True,
+        keep_outputs_of_must_save: list[str] | None = None,
+        cached: dict[str, str] | None = None,
+        stop_after_last_save: bool = False,
+        exports: tuple[str, ...] = (),
+    ) -> list[Op]:
         """Runs `ops` (local names resolved through `ns`, which receives the new outputs).
 
         keep_saves=False drops what the ops save (a checkpointed region); keep_outputs_of_must_save
@@ -121,7 +140,7 @@ class Graph:
         if stop_after_last_save:  # up to the op that makes the last tensor some op saves
             saved = {name for op in ops for name in op.saves + op.saves_for_weights}
             last = max((i for i, op in enumerate(ops) if saved & set(op.outputs)), default=-1)
-            ops = ops[:last + 1]
+            ops = ops[: last + 1]
         local_reads: dict[str, int] = defaultdict(int)
         for op in ops:
             for name in op.inputs + op.holds:
@@ -229,8 +248,9 @@ class Graph:
                     continue
                 self.grad_refs[incoming[0]] += 1
                 made.append((name, incoming[0]))
-            contributions = [(param, self._weight_grad(param, op, ns)) for param in op.weights
-                             if param in self.trainable]
+            contributions = [
+                (param, self._weight_grad(param, op, ns)) for param in op.weights if param in self.trainable
+            ]
             tape.spike(op.bwd_extra, TEMPORARIES, f"{op.name} backward")
             for o in op.outputs:
                 storage = ns.get(o)
@@ -288,8 +308,9 @@ class Graph:
             return grad
         if param in op.weight_copies and op.weight_copies[param] != nbytes:
             # The gradient of the autocast copy, then cast back to the parameter's dtype.
-            low = tape.alloc(tape.fresh(f"dcopy.{param}"), op.weight_copies[param], TEMPORARIES,
-                             what=f"{op.name} backward")
+            low = tape.alloc(
+                tape.fresh(f"dcopy.{param}"), op.weight_copies[param], TEMPORARIES, what=f"{op.name} backward"
+            )
             grad = tape.alloc(tape.fresh(f"dw.{param}"), nbytes, GRADIENTS, what=f"{op.name} backward")
             tape.free(low)
         else:

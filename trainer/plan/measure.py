@@ -120,8 +120,9 @@ def measure_training_peak(config, callbacks=()) -> Measurement:
     from trainer.loop import Trainer  # what `from trainer import Trainer` gives, from below the package
 
     if config.train.device == "cuda":
-        raise ValueError("measure_training_peak records the CPU allocator; on a GPU read "
-                         "torch.cuda.max_memory_allocated")
+        raise ValueError(
+            "measure_training_peak records the CPU allocator; on a GPU read torch.cuda.max_memory_allocated"
+        )
     threads = torch.get_num_threads()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

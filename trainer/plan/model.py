@@ -38,8 +38,9 @@ def _rms_extra(s: Setting, n_elems: int, triton: bool, backward: bool) -> int:
     return 5 * n_elems * F32 if backward else (2 * n_elems * F32 + n_elems * s.param_bytes)
 
 
-def rms_op(s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residual: str | None = None,
-           total: str | None = None) -> Op:
+def rms_op(
+    s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residual: str | None = None, total: str | None = None
+) -> Op:
     """RMSNorm of x (add_rms_norm: of residual + x, which it also returns as `total`)."""
     n = s.tokens * s.args.hidden_size
     r = s.param_bytes
@@ -57,17 +58,35 @@ def rms_op(s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residu
         else:
             grads[x] = n * s.compute_bytes
     triton = s.triton["rms_norm"]
-    return Op(name, inputs=(x,) if residual is None else (x, residual), outputs=outputs, saves=(saved_input, rstd),
-              grads=grads, shared_grads=shared, weights=(weight,), nondiff=(rstd,),
-              fwd_extra=_rms_extra(s, n, triton, False), bwd_extra=_rms_extra(s, n, triton, True))
+    return Op(
+        name,
+        inputs=(x,) if residual is None else (x, residual),
+        outputs=outputs,
+        saves=(saved_input, rstd),
+        grads=grads,
+        shared_grads=shared,
+        weights=(weight,),
+        nondiff=(rstd,),
+        fwd_extra=_rms_extra(s, n, triton, False),
+        bwd_extra=_rms_extra(s, n, triton, True),
+    )
 
 
 def _cast(s: Setting, name: str, x: str, to: str, elems: int, from_bytes: int, to_bytes: int) -> Op:
     return Op(name, inputs=(x,), outputs={to: elems * to_bytes}, grads={x: elems * from_bytes})
 
 
-def linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int,
-               weight: str, bias: str | None = None) -> list[Op]:
+def linear_ops(
+    s: Setting,
+    name: str,
+    x: str,
+    in_features: int,
+    x_bytes: int,
+    out: str,
+    out_features: int,
+    weight: str,
+    bias: str | None = None,
+) -> list[Op]:
     """nn.Linear on x (x_bytes per element), with autocast's cast of x when it is not in the compute
     dtype; a layer with LoRA adapters (trainer/lora.py) is its frozen base plus the adapters' path."""
     module = weight.removesuffix(".weight")
@@ -83,13 +102,24 @@ def linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, ou
     weights = (weight,) if bias is None else (weight, bias)
     out_bytes = c if s.autocast else s.param_bytes
     # A matmul keeps its input for its weight's gradient (and its weight for its input's).
-    ops.append(Op(name, inputs=(src,), outputs={out: n * out_features * out_bytes}, saves_for_weights=(src,),
-                  grads={src: n * in_features * src_bytes}, weights=weights, weight_copies=copies, must_save=True))
+    ops.append(
+        Op(
+            name,
+            inputs=(src,),
+            outputs={out: n * out_features * out_bytes},
+            saves_for_weights=(src,),
+            grads={src: n * in_features * src_bytes},
+            weights=weights,
+            weight_copies=copies,
+            must_save=True,
+        )
+    )
     return ops
 
 
-def lora_linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int,
-                    module: str) -> list[Op]:
+def lora_linear_ops(
+    s: Setting, name: str, x: str, in_features: int, x_bytes: int, out: str, out_features: int, module: str
+) -> list[Op]:
     """LoraLinear.forward: base_layer(x) + (lora_B(lora_A(dropout(x.to(fp32)))) * scaling).to(base's dtype).
 
     The frozen base keeps no input (its weight gets no gradient); lora_A keeps its (cast) input and
@@ -107,9 +137,20 @@ def lora_linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: in
     dense = in_features * out_features * c if nf4 else 0
     out_bytes = c if s.autocast else s.param_bytes
     base_out = f"{out}@base"
-    ops.append(Op(name, inputs=(base_in,), outputs={base_out: n * out_features * out_bytes},
-                  saves_for_weights=(base_in,), grads={base_in: n * in_features * base_in_bytes}, weights=(base_w,),
-                  weight_copies=copies, must_save=True, fwd_extra=dense, bwd_extra=dense))
+    ops.append(
+        Op(
+            name,
+            inputs=(base_in,),
+            outputs={base_out: n * out_features * out_bytes},
+            saves_for_weights=(base_in,),
+            grads={base_in: n * in_features * base_in_bytes},
+            weights=(base_w,),
+            weight_copies=copies,
+            must_save=True,
+            fwd_extra=dense,
+            bwd_extra=dense,
+        )
+    )
     src, src_bytes = x, x_bytes
     if x_bytes != F32:  # x.to(lora_A's dtype, fp32)
         src, src_bytes = f"{x}@{name}.lora32", F32
@@ -125,29 +166,66 @@ def lora_linear_ops(s: Setting, name: str, x: str, in_features: int, x_bytes: in
         dropped = f"{x}@{name}.dropout"
         mask = f"{dropped}.mask"
         mask_bytes = 1 if s.device == "cuda" else src_bytes
-        ops.append(Op(f"{name} lora dropout", inputs=(src,),
-                      outputs={dropped: n * in_features * src_bytes, mask: n * in_features * mask_bytes}, saves=(mask,),
-                      nondiff=(mask,), grads={src: n * in_features * src_bytes}))
+        ops.append(
+            Op(
+                f"{name} lora dropout",
+                inputs=(src,),
+                outputs={dropped: n * in_features * src_bytes, mask: n * in_features * mask_bytes},
+                saves=(mask,),
+                nondiff=(mask,),
+                grads={src: n * in_features * src_bytes},
+            )
+        )
         src = dropped
     a, b = f"{out}@lora_A", f"{out}@lora_B"
 
     def adapter_copies(weight: str, elems: int) -> dict[str, int]:
         return {weight: elems * c} if s.autocast else {}
 
-    ops.append(Op(f"{name}.lora_A", inputs=(src,), outputs={a: n * r * act}, saves_for_weights=(src,),
-                  grads={src: n * in_features * src_bytes}, weights=(f"{module}.lora_A.weight",),
-                  weight_copies=adapter_copies(f"{module}.lora_A.weight", r * in_features), must_save=True))
-    ops.append(Op(f"{name}.lora_B", inputs=(a,), outputs={b: n * out_features * act}, saves_for_weights=(a,),
-                  grads={a: n * r * act}, weights=(f"{module}.lora_B.weight",),
-                  weight_copies=adapter_copies(f"{module}.lora_B.weight", out_features * r), must_save=True))
+    ops.append(
+        Op(
+            f"{name}.lora_A",
+            inputs=(src,),
+            outputs={a: n * r * act},
+            saves_for_weights=(src,),
+            grads={src: n * in_features * src_bytes},
+            weights=(f"{module}.lora_A.weight",),
+            weight_copies=adapter_copies(f"{module}.lora_A.weight", r * in_features),
+            must_save=True,
+        )
+    )
+    ops.append(
+        Op(
+            f"{name}.lora_B",
+            inputs=(a,),
+            outputs={b: n * out_features * act},
+            saves_for_weights=(a,),
+            grads={a: n * r * act},
+            weights=(f"{module}.lora_B.weight",),
+            weight_copies=adapter_copies(f"{module}.lora_B.weight", out_features * r),
+            must_save=True,
+        )
+    )
     scaled = f"{out}@lora_scaled"
-    ops.append(Op(f"{name} lora scaling", inputs=(b,), outputs={scaled: n * out_features * act},
-                  grads={b: n * out_features * act}))
+    ops.append(
+        Op(
+            f"{name} lora scaling",
+            inputs=(b,),
+            outputs={scaled: n * out_features * act},
+            grads={b: n * out_features * act},
+        )
+    )
     if act != out_bytes:
         ops.append(_cast(s, f"{name} lora output cast", scaled, f"{scaled}@out", n * out_features, act, out_bytes))
         scaled = f"{scaled}@out"
-    ops.append(Op(f"{name} lora add", inputs=(base_out, scaled), outputs={out: n * out_features * out_bytes},
-                  alias_grads=(base_out, scaled)))
+    ops.append(
+        Op(
+            f"{name} lora add",
+            inputs=(base_out, scaled),
+            outputs={out: n * out_features * out_bytes},
+            alias_grads=(base_out, scaled),
+        )
+    )
     return ops
 
 
@@ -177,9 +255,17 @@ def attention_op(s: Setting) -> Op:
         # SDPA turns the boolean document mask into an additive one in q's dtype, per call, and keeps it
         outputs["float_mask"] = s.micro_batch * s.seq_len * s.seq_len * c
         saves, nondiff = (*saves, "float_mask"), (*nondiff, "float_mask")
-    return Op("attention", inputs=("q2", "k2", "v"), outputs=outputs, saves=saves,
-              grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes}, nondiff=nondiff, fwd_extra=fwd, bwd_extra=bwd,
-              must_save=True)
+    return Op(
+        "attention",
+        inputs=("q2", "k2", "v"),
+        outputs=outputs,
+        saves=saves,
+        grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes},
+        nondiff=nondiff,
+        fwd_extra=fwd,
+        bwd_extra=bwd,
+        must_save=True,
+    )
 
 
 def rope_op(s: Setting) -> Op:
@@ -191,8 +277,9 @@ def rope_op(s: Setting) -> Op:
         # its product with sin, then the sum; k the same while q's result is held.
         fwd = max(3 * q, q + 3 * k) - (q + k)
         bwd = max(7 * q // 2, q + 7 * k // 2) - (q + k)
-    return Op("rope", inputs=("q", "k"), outputs={"q2": q, "k2": k}, grads={"q": q, "k": k},
-              fwd_extra=fwd, bwd_extra=bwd)
+    return Op(
+        "rope", inputs=("q", "k"), outputs={"q2": q, "k2": k}, grads={"q": q, "k": k}, fwd_extra=fwd, bwd_extra=bwd
+    )
 
 
 def swiglu_op(s: Setting) -> Op:
@@ -205,8 +292,15 @@ def swiglu_op(s: Setting) -> Op:
         # silu_backward(do * up, gate), then silu(gate) and do * silu; the fp32 d_gate is kept while
         # the up gradient is made, and each result is cast to its input's dtype
         bwd = e * F32 if c == F32 else 6 * e * F32 - e * c
-    return Op("swiglu", inputs=("gate", "up"), outputs={"act": e * c}, saves=("gate", "up"),
-              grads={"gate": e * c, "up": e * c}, fwd_extra=fwd, bwd_extra=bwd)
+    return Op(
+        "swiglu",
+        inputs=("gate", "up"),
+        outputs={"act": e * c},
+        saves=("gate", "up"),
+        grads={"gate": e * c, "up": e * c},
+        fwd_extra=fwd,
+        bwd_extra=bwd,
+    )
 
 
 def block_ops(s: Setting, i: int) -> list[Op]:
@@ -223,8 +317,18 @@ def block_ops(s: Setting, i: int) -> list[Op]:
     ops.append(rope_op(s))
     ops.append(attention_op(s))
     ops += linear_ops(s, "o_proj", "attn", hd, c, "attn_out", h, att + "o_proj.weight")
-    ops.append(rms_op(s, "post_attention_layernorm", "attn_out", "y2", "rstd2", pre + "post_attention_layernorm.weight",
-                      residual="x", total="h"))
+    ops.append(
+        rms_op(
+            s,
+            "post_attention_layernorm",
+            "attn_out",
+            "y2",
+            "rstd2",
+            pre + "post_attention_layernorm.weight",
+            residual="x",
+            total="h",
+        )
+    )
     ops += linear_ops(s, "gate_proj", "y2", h, r, "gate", a.intermediate_size, mlp + "gate_proj.weight")
     ops += linear_ops(s, "up_proj", "y2", h, r, "up", a.intermediate_size, mlp + "up_proj.weight")
     ops.append(swiglu_op(s))
@@ -233,8 +337,16 @@ def block_ops(s: Setting, i: int) -> list[Op]:
     grads = {} if c == r else {"mlp_out": n * c}  # autograd casts the gradient back to mlp_out's dtype
     alias = ("h", "mlp_out") if c == r else ("h",)
     # `attn_out` stays alive until the layer returns (a local variable of DecoderLayer.forward).
-    ops.append(Op("residual add", inputs=("h", "mlp_out"), holds=("attn_out",), outputs={"out": n * r},
-                  grads=grads, alias_grads=alias))
+    ops.append(
+        Op(
+            "residual add",
+            inputs=("h", "mlp_out"),
+            holds=("attn_out",),
+            outputs={"out": n * r},
+            grads=grads,
+            alias_grads=alias,
+        )
+    )
     return ops
 
 
@@ -244,8 +356,10 @@ def embedding_ops(s: Setting) -> list[Op]:
     if not s.neftune:
         return [Op("embed_tokens", outputs={"x": nbytes}, weights=("model.embed_tokens.weight",))]
     # NEFTune: the embeddings plus a uniform noise tensor of their size (trainer.models.llama.neftune_noise)
-    return [Op("embed_tokens", outputs={"x0": nbytes}, weights=("model.embed_tokens.weight",)),
-            Op("neftune noise", inputs=("x0",), outputs={"x": nbytes}, fwd_extra=nbytes, alias_grads=("x0",))]
+    return [
+        Op("embed_tokens", outputs={"x0": nbytes}, weights=("model.embed_tokens.weight",)),
+        Op("neftune noise", inputs=("x0",), outputs={"x": nbytes}, fwd_extra=nbytes, alias_grads=("x0",)),
+    ]
 
 
 def ce_chunk_tokens(s: Setting, hidden_bytes: int) -> int:
@@ -284,21 +398,43 @@ def loss_ops(s: Setting) -> list[Op]:
         # A frozen head (LoRA) gets no weight-gradient buffer: the op only computes what trains.
         head_trains = any(p.name == head and p.trainable for p in s.params)
         stash = {"grad_hidden_stash": n * h * hb} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
-        ops.append(Op("fused cross-entropy", inputs=(hidden,), outputs={"loss": F32, **stash},
-                      saves=tuple(stash), grads_from={hidden: "grad_hidden_stash"}, weights=(head,),
-                      weight_grad_from={head: "grad_weight_stash"} if head_trains else {}, weight_copies=copies,
-                      copies_saved=False, nondiff=tuple(stash), fwd_extra=fwd))
+        ops.append(
+            Op(
+                "fused cross-entropy",
+                inputs=(hidden,),
+                outputs={"loss": F32, **stash},
+                saves=tuple(stash),
+                grads_from={hidden: "grad_hidden_stash"},
+                weights=(head,),
+                weight_grad_from={head: "grad_weight_stash"} if head_trains else {},
+                weight_copies=copies,
+                copies_saved=False,
+                nondiff=tuple(stash),
+                fwd_extra=fwd,
+            )
+        )
         return ops
     # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
-    ops.append(Op("lm_head", inputs=(hidden,), outputs={"logits": n * v * c}, saves_for_weights=(hidden,),
-                  grads={hidden: n * h * hb}, weights=(head,), weight_copies=copies))
+    ops.append(
+        Op(
+            "lm_head",
+            inputs=(hidden,),
+            outputs={"logits": n * v * c},
+            saves_for_weights=(hidden,),
+            grads={hidden: n * h * hb},
+            weights=(head,),
+            weight_copies=copies,
+        )
+    )
     logits = "logits"
     if c != F32:
-        ops.append(Op("logits upcast", inputs=("logits",), outputs={"logits32": n * v * F32},
-                      grads={"logits": n * v * c}))
+        ops.append(
+            Op("logits upcast", inputs=("logits",), outputs={"logits32": n * v * F32}, grads={"logits": n * v * c})
+        )
         logits = "logits32"
-    ops.append(Op("log_softmax", inputs=(logits,), outputs={"logp": n * v * F32}, saves=("logp",),
-                  grads={logits: n * v * F32}))
+    ops.append(
+        Op("log_softmax", inputs=(logits,), outputs={"logp": n * v * F32}, saves=("logp",), grads={logits: n * v * F32})
+    )
     ops.append(Op("nll_loss", inputs=("logp",), outputs={"loss": F32}, grads={"logp": n * v * F32}))
     return ops
 
@@ -328,4 +464,3 @@ def batch_bytes(s: Setting) -> int:
 
 def param_uses(s: Setting) -> dict[str, int]:
     return {"model.embed_tokens.weight": 2} if s.args.tie_embeddings else {}
-

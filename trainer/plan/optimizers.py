@@ -186,8 +186,11 @@ class OptimizerModel(GradSink):
                     continue
                 tape.spike(self._svd_temp(p), TEMPORARIES, f"GaLore projector SVD of {p.name}")
                 for kind in ("stand-in", "projected gradient"):
-                    proxies.append(tape.alloc(tape.fresh(f"galore {kind}"), self._low_rank_bytes(p), TEMPORARIES,
-                                              what="GaLore step"))
+                    proxies.append(
+                        tape.alloc(
+                            tape.fresh(f"galore {kind}"), self._low_rank_bytes(p), TEMPORARIES, what="GaLore step"
+                        )
+                    )
         # The base optimizer over its groups: the unprojected parameters' groups and the stand-ins.
         sizes = []  # (values, is a matrix, bytes per value) of what the base optimizer updates, one at a time
         for p in self.trained:

@@ -63,16 +63,31 @@ class Plan:
         return self.required_bytes <= budget
 
     def to_dict(self) -> dict:
-        return {"peak_bytes": self.peak_bytes, "required_bytes": self.required_bytes, "breakdown": self.breakdown,
-                "overheads": self.overheads, "peak_phase": self.phase, "peak_at": self.at,
-                "phase_peaks": self.phase_peaks, "device": self.device, "compute_dtype": self.compute_dtype,
-                "micro_batch_size": self.micro_batch_size,
-                "grad_accum_steps": self.grad_accum_steps, "world_size": self.world_size,
-                "parameters": self.parameters}
+        return {
+            "peak_bytes": self.peak_bytes,
+            "required_bytes": self.required_bytes,
+            "breakdown": self.breakdown,
+            "overheads": self.overheads,
+            "peak_phase": self.phase,
+            "peak_at": self.at,
+            "phase_peaks": self.phase_peaks,
+            "device": self.device,
+            "compute_dtype": self.compute_dtype,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "world_size": self.world_size,
+            "parameters": self.parameters,
+        }
 
 
-def predict_peak(config, world_size: int = 1, *, micro_batch_size: int | None = None,
-                 grad_accum_steps: int | None = None, device: str | None = None) -> Plan:
+def predict_peak(
+    config,
+    world_size: int = 1,
+    *,
+    micro_batch_size: int | None = None,
+    grad_accum_steps: int | None = None,
+    device: str | None = None,
+) -> Plan:
     """The predicted peak memory of one training step of `config`, per rank with `world_size` ranks.
 
     device: a device name (trainer.plan.devices.DEVICE_NAMES) instead of plan.device; it decides
@@ -120,15 +135,26 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
     opt.zero_grad(tape)
     peak = tape.peak
     if s.device == "cuda":
-        overheads = {"CUDA context (outside the allocator)": CUDA_CONTEXT_BYTES,
-                     "allocator slack (assumed)": allocator_slack(peak.bytes)}
+        overheads = {
+            "CUDA context (outside the allocator)": CUDA_CONTEXT_BYTES,
+            "allocator slack (assumed)": allocator_slack(peak.bytes),
+        }
     else:
         overheads = {"Python and torch runtime": CPU_RUNTIME_BYTES}
-    return Plan(peak_bytes=peak.bytes, breakdown=dict(sorted(peak.breakdown.items(), key=lambda kv: -kv[1])),
-                phase=peak.phase, at=peak.what, phase_peaks={k: v.bytes for k, v in tape.phase_peaks.items()},
-                overheads=overheads, device=device_name or s.device, micro_batch_size=s.micro_batch,
-                grad_accum_steps=s.grad_accum, world_size=s.world_size,
-                parameters=sum(p.numel for p in s.params), compute_dtype=s.compute_dtype)
+    return Plan(
+        peak_bytes=peak.bytes,
+        breakdown=dict(sorted(peak.breakdown.items(), key=lambda kv: -kv[1])),
+        phase=peak.phase,
+        at=peak.what,
+        phase_peaks={k: v.bytes for k, v in tape.phase_peaks.items()},
+        overheads=overheads,
+        device=device_name or s.device,
+        micro_batch_size=s.micro_batch,
+        grad_accum_steps=s.grad_accum,
+        world_size=s.world_size,
+        parameters=sum(p.numel for p in s.params),
+        compute_dtype=s.compute_dtype,
+    )
 
 
 def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
@@ -151,8 +177,14 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
         else:  # the checkpoint keeps the block's input (and, selective, the matmul/attention outputs)
             graph.hold(x)
             kept: list[str] = []
-            graph.forward(ops, ns, prefix, keep_saves=False, exports=("out",),
-                          keep_outputs_of_must_save=kept if mode == "selective" else None)
+            graph.forward(
+                ops,
+                ns,
+                prefix,
+                keep_saves=False,
+                exports=("out",),
+                keep_outputs_of_must_save=kept if mode == "selective" else None,
+            )
             cached = {local: ns[local] for op in ops if op.must_save for local in op.outputs} if kept else None
         blocks.append((ops, ns, cached))
         x = ns["out"]

@@ -60,13 +60,21 @@ def resolve_compute_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def make_setting(config, device: str, world_size: int = 1, threads: int | None = None,
-                 micro_batch: int | None = None, args: ModelArgs | None = None) -> Setting:
+def make_setting(
+    config,
+    device: str,
+    world_size: int = 1,
+    threads: int | None = None,
+    micro_batch: int | None = None,
+    args: ModelArgs | None = None,
+) -> Setting:
     t, k, p = config.train, config.kernels, config.parallel
     args = args or model_args(config)
     if t.seq_len > args.max_seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} is longer than the model allows (max_seq_len "
-                          f"{args.max_seq_len}); lower train.seq_len")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is longer than the model allows (max_seq_len "
+            f"{args.max_seq_len}); lower train.seq_len"
+        )
     o = config.optim
     lora = config.lora if getattr(config, "lora", None) is not None and config.lora.rank > 0 else None
     target = {"galore": o.galore_target, "apollo": o.apollo_target}.get(o.name.split("_")[0])
@@ -77,12 +85,26 @@ def make_setting(config, device: str, world_size: int = 1, threads: int | None =
 
         threads = t.threads or torch.get_num_threads()
     return Setting(
-        args=args, params=parameters(args, target, lora),
-        micro_batch=micro_batch if micro_batch is not None else t.micro_batch_size, seq_len=t.seq_len,
-        grad_accum=t.grad_accum_steps, world_size=world_size, device=device, threads=threads,
-        param_bytes=DTYPE_BYTES[t.param_dtype], compute_dtype=resolve_compute_dtype(t.dtype, device),
-        triton=triton, fused_ce=k.enabled and k.fused_ce, checkpointing=p.activation_checkpointing,
-        compile=p.compile, document_mask=config.data.document_mask or config.data.format == "sft",
-        strategy=p.strategy if world_size > 1 else "none", fsdp_reshard=p.fsdp_reshard_after_forward,
-        fsdp_offload=p.fsdp_cpu_offload, optim=config.optim, max_grad_norm=t.max_grad_norm, lora=lora,
-        neftune=getattr(t, "neftune_alpha", 0) > 0)
+        args=args,
+        params=parameters(args, target, lora),
+        micro_batch=micro_batch if micro_batch is not None else t.micro_batch_size,
+        seq_len=t.seq_len,
+        grad_accum=t.grad_accum_steps,
+        world_size=world_size,
+        device=device,
+        threads=threads,
+        param_bytes=DTYPE_BYTES[t.param_dtype],
+        compute_dtype=resolve_compute_dtype(t.dtype, device),
+        triton=triton,
+        fused_ce=k.enabled and k.fused_ce,
+        checkpointing=p.activation_checkpointing,
+        compile=p.compile,
+        document_mask=config.data.document_mask or config.data.format == "sft",
+        strategy=p.strategy if world_size > 1 else "none",
+        fsdp_reshard=p.fsdp_reshard_after_forward,
+        fsdp_offload=p.fsdp_cpu_offload,
+        optim=config.optim,
+        max_grad_norm=t.max_grad_norm,
+        lora=lora,
+        neftune=getattr(t, "neftune_alpha", 0) > 0,
+    )

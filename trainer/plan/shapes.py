@@ -69,10 +69,20 @@ def model_args(config) -> ModelArgs:
         raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
     vocab = tokenizer_vocab(config) if PRESETS[m.preset]["vocab_size"] is None and m.vocab_size is None else None
     try:
-        return resolve_args(m.preset, vocab, vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-                            intermediate_size=m.intermediate_size, n_layers=m.n_layers, n_heads=m.n_heads,
-                            n_kv_heads=m.n_kv_heads, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta,
-                            tie_embeddings=m.tie_embeddings, qkv_bias=m.qkv_bias)
+        return resolve_args(
+            m.preset,
+            vocab,
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads,
+            max_seq_len=m.max_seq_len,
+            rope_theta=m.rope_theta,
+            tie_embeddings=m.tie_embeddings,
+            qkv_bias=m.qkv_bias,
+        )
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -96,8 +106,9 @@ def parameters(args: ModelArgs, target: str | None = None, lora=None) -> list[Pa
     targeted = set()
     if target is not None:
         pattern = re.compile(target)
-        targeted = {id(m.weight) for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and pattern.search(name)}
+        targeted = {
+            id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(name)
+        }
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     out = []
     for name, p in model.named_parameters():  # shared parameters are listed once
@@ -108,8 +119,17 @@ def parameters(args: ModelArgs, target: str | None = None, lora=None) -> list[Pa
         adapter = ".lora_A." in name or ".lora_B." in name
         # trainer.lora keeps adapters and the modules it trains (embeddings, norms) in fp32
         itemsize = 4 if lora is not None and lora.rank > 0 and p.requires_grad else 0
-        out.append(Param(name, tuple(p.shape), id(p) in targeted, group, trainable=p.requires_grad,
-                         itemsize=4 if adapter else itemsize, nf4=id(p) in quantized))
+        out.append(
+            Param(
+                name,
+                tuple(p.shape),
+                id(p) in targeted,
+                group,
+                trainable=p.requires_grad,
+                itemsize=4 if adapter else itemsize,
+                nf4=id(p) in quantized,
+            )
+        )
     return out
 
 
