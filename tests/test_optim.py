@@ -391,6 +391,8 @@ for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict
     dist.broadcast(other, src=0)
     assert torch.equal(other, p), name  # every rank holds the same weights
 print("OK", rank)
+dist.barrier()  # gloo aborts a process that exits while its peer still has messages in flight
+dist.destroy_process_group()
 """
 
 
