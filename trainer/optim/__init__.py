@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule factory.
 
 `optim.name` is `[galore_]<base>[_layerwise]`:
-- base `adamw`: torch's AdamW (the fused kernel on CUDA, foreach on CPU); `adamw8bit` and
+- base `adamw`: torch's fused AdamW (CUDA and CPU); `adamw8bit` and
   `paged_adamw8bit`: bitsandbytes' blockwise 8-bit AdamW (paged: states in CUDA unified memory,
   evicted to the host under pressure; on CPU bitsandbytes falls back to plain states, with a
   warning); `adafactor` (as `galore_adafactor` only): galore-torch's Adafactor, with
