@@ -281,3 +281,17 @@ def test_a_tokenizer_that_maps_text_to_the_models_own_ids_is_the_models_own(tmp_
         )
     ).train()
     assert state.step == 1
+
+
+def test_bf16_on_a_gpu_without_it_falls_back_to_fp16_with_a_warning(monkeypatch):
+    import torch
+
+    from trainer.runtime import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.warns(UserWarning, match="Tesla T4 has no bf16: computing in fp16"):
+        assert resolve_dtype("bf16", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16

@@ -93,3 +93,13 @@ def test_a_run_without_validation_data_says_it_will_not_be_evaluated(tmp_path, c
 
     Trainer(tiny_config(tmp_path, train__max_steps=2, data__val_fraction=0.0)).train()
     assert "no validation data (data.val_fraction=0.0" in capsys.readouterr().out
+
+
+def test_the_smoothed_loss_curve_does_not_lag():
+    from trainer.plot import centered_mean
+
+    ramp = [10.0 - 0.1 * step for step in range(60)]  # a steadily falling loss
+    assert centered_mean(ramp, window=7) == pytest.approx(ramp)  # an exponential average would trail it
+    noisy = [1.0, 3.0] * 30
+    smoothed = centered_mean(noisy, window=9)
+    assert all(abs(v - 2.0) < 0.12 for v in smoothed[4:-4]) and smoothed[0] == 1.0 and smoothed[-1] == 3.0

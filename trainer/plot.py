@@ -38,12 +38,14 @@ def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:
 
 
 def centered_mean(values, window: int) -> list[float]:
-    """Each value averaged with its neighbours, window // 2 on each side (fewer at the ends).
+    """Each value averaged with as many neighbours on each side, up to window // 2 (fewer near the ends).
 
-    Centred, unlike an exponential average, so the smoothed curve does not lag the raw one.
+    Centred, unlike an exponential average, so the smoothed curve neither lags the raw one nor, at
+    the ends, leans toward the side that has more points.
     """
-    half, out = window // 2, []
-    for i in range(len(values)):
-        part = values[max(0, i - half) : i + half + 1]
+    out, n = [], len(values)
+    for i in range(n):
+        half = min(window // 2, i, n - 1 - i)
+        part = values[i - half : i + half + 1]
         out.append(sum(part) / len(part))
     return out
