@@ -295,3 +295,28 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16_with_a_warning(monkeypatch)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import trainer.checkpoint as checkpoint
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointError) as error:
+        Trainer(tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2)).train()
+    message = str(error.value)
+    assert "could not write checkpoint-4" in message and "No space left on device" in message
+    assert "checkpoint-2" in message and "\n" not in message
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]

@@ -394,21 +394,31 @@ class Checkpointer:
         """checkpoint-<step>, then rotation (the best checkpoint is kept); collective under FSDP."""
         path = None
         if self.is_main or self.sharded:  # every rank writes its own shards
-            path = save_checkpoint(
-                self.folder,
-                step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
-                trainer_state=trainer_state,
-                sampler_state=sampler_state,
-                config_toml=self.config_toml,
-                tokenizer=self.tokenizer,
-                sharded=self.sharded,
-                is_main=self.is_main,
-                lora_base=self.lora_base,
-            )
+            try:
+                path = save_checkpoint(
+                    self.folder,
+                    step,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    trainer_state=trainer_state,
+                    sampler_state=sampler_state,
+                    config_toml=self.config_toml,
+                    tokenizer=self.tokenizer,
+                    sharded=self.sharded,
+                    is_main=self.is_main,
+                    lora_base=self.lora_base,
+                )
+            except OSError as e:  # a full disk, a quota, a folder gone: the earlier checkpoints are intact
+                for partial in self.folder.glob(f".tmp-checkpoint-{step}*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+                latest = latest_checkpoint(self.folder)
+                raise CheckpointError(
+                    f"could not write checkpoint-{step} into {self.folder}: {e.strerror or e}; nothing was replaced "
+                    f"(newest complete checkpoint: {latest or 'none'}); free space and continue with "
+                    f"--checkpoint.resume_from=latest --train.output_dir={self.folder}"
+                ) from None
         if self.is_main:
             rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
         return path
