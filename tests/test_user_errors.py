@@ -103,3 +103,12 @@ def test_the_smoothed_loss_curve_does_not_lag():
     noisy = [1.0, 3.0] * 30
     smoothed = centered_mean(noisy, window=9)
     assert all(abs(v - 2.0) < 0.12 for v in smoothed[4:-4]) and smoothed[0] == 1.0 and smoothed[-1] == 3.0
+
+
+def test_a_text_field_that_is_not_a_string_names_its_type_and_the_key(tmp_path):
+    from trainer.data import DataError, prepare_data
+
+    (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"text": 42}\n')
+    with pytest.raises(DataError) as error:
+        prepare_data(str(tmp_path / "docs.jsonl"), tokenizer="byte", cache_dir=str(tmp_path / "cache"))
+    assert "line 2: field 'text' holds a value of type int, expected a string" in str(error.value)

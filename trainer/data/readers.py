@@ -139,7 +139,10 @@ def jsonl_text(line: bytes, path: str, lineno: int, text_field: str, stats: Read
         )
     text = obj[text_field]
     if not isinstance(text, str):
-        raise DataError(f"{path}, line {lineno}: field {text_field!r} is a {type(text).__name__}, expected a string")
+        raise DataError(
+            f"{path}, line {lineno}: field {text_field!r} holds a value of type {type(text).__name__}, "
+            "expected a string"
+        )
     return text
 
 

@@ -93,7 +93,7 @@ def render_chat(template: str, messages: list[dict], tokenizer: HFTokenizer, add
 def _text_field(obj: dict, key: str, where: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: {key!r} is a {type(value).__name__}, expected a string")
+        raise DataError(f"{where}: {key!r} holds a value of type {type(value).__name__}, expected a string")
     return value
 
 
