@@ -587,7 +587,8 @@ for name, p in model.named_parameters():
     checked += 1
 state = lora.trainable_state_dict(model)
 assert set(state) == {{n for n, p in reference.named_parameters() if p.requires_grad}}
-print("OK", rank, checked)
+# a file per rank: two ranks printing to one pipe can interleave their lines
+open(f"{{sys.argv[2]}}/rank{{rank}}.ok", "w").write(str(checked))
 dist.barrier()  # gloo aborts a process that exits while its peer still has messages in flight
 dist.destroy_process_group()
 """
@@ -607,7 +608,17 @@ def test_two_gloo_ranks_give_the_one_process_adapter_gradients(tmp_path, strateg
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), strategy],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            strategy,
+            str(tmp_path),
+        ],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -615,4 +626,5 @@ def test_two_gloo_ranks_give_the_one_process_adapter_gradients(tmp_path, strateg
         timeout=150,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert run.stdout.count("OK") == 2 and f"OK 0 {2 * TARGETED + 5}" in run.stdout
+    checked = [(tmp_path / f"rank{rank}.ok").read_text() for rank in (0, 1)]
+    assert checked == [str(2 * TARGETED + 5)] * 2

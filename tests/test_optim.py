@@ -360,7 +360,7 @@ def test_apollo_target_matching_nothing_is_refused():
 
 
 APOLLO_DDP_CHECK = """
-import copy, dataclasses
+import copy, dataclasses, sys
 import torch, torch.distributed as dist
 from trainer.config import OptimConfig
 from trainer.models import build
@@ -390,7 +390,7 @@ for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict
     other = p.detach().clone()
     dist.broadcast(other, src=0)
     assert torch.equal(other, p), name  # every rank holds the same weights
-print("OK", rank)
+open(f"{sys.argv[1]}/rank{rank}.ok", "w").close()  # a file per rank: printed lines can interleave
 dist.barrier()  # gloo aborts a process that exits while its peer still has messages in flight
 dist.destroy_process_group()
 """
@@ -410,7 +410,16 @@ def test_apollo_under_ddp_equals_one_process(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -418,4 +427,4 @@ def test_apollo_under_ddp_equals_one_process(tmp_path):
         timeout=150,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    assert run.stdout.count("OK") == 2
+    assert all((tmp_path / f"rank{rank}.ok").exists() for rank in (0, 1))
