@@ -43,7 +43,9 @@ def test_a_second_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path):
     while time.time() < deadline and not list(run.glob("checkpoint-*")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    # The second Ctrl-C goes as soon as the first is acknowledged: the run must still be finishing its step or save.
+    while (line := proc.stdout.readline()) and not line.startswith("received SIGINT"):
+        pass
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
