@@ -559,7 +559,9 @@ from trainer.parallel.fsdp import apply_ddp, apply_fsdp
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = build(ModelArgs(**{args}), seed=0)
-lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, train_norms=True))
+quantize = "nf4" if sys.argv[1].endswith("nf4") else "none"
+lora.apply_lora(model, LoraConfig(rank=4, alpha=8.0, train_norms=True, quantize=quantize))
+assert ("4-bit" in lora.lora_summary(model)) == (quantize == "nf4")
 gen = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for p in model.parameters():
@@ -596,7 +598,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "ddp-nf4"])
 def test_two_gloo_ranks_give_the_one_process_adapter_gradients(tmp_path, strategy):
     import os
     import subprocess

@@ -135,9 +135,12 @@ def test_qlora_trains_on_cpu_and_writes_a_dequantized_merged_model(tmp_path, bas
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strategy):
+@pytest.mark.parametrize(("strategy", "quantize"), [("ddp", "none"), ("fsdp", "none"), ("ddp", "nf4")])
+def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strategy, quantize):
     from tests.helpers import write_corpus
+
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
 
     write_corpus(tmp_path / "corpus")
     extra = dict(
@@ -145,6 +148,7 @@ def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strate
         model__preset="small",
         model__allow_new_tokenizer=True,
         lora__rank=4,
+        lora__quantize=quantize,
         optim__lr=1e-2,
         checkpoint__save_every=2,
     )
