@@ -308,3 +308,76 @@ def test_long_text_file_is_read_in_parts(tmp_path, monkeypatch):
     # The byte tokenizer is blind to the cuts: the file's bytes, one EOS per file, nothing replaced.
     assert data.train.tolist() == byte_stream([lines, no_newlines, "x" * 300])
     assert data.n_documents == 3 and data.meta["hygiene"]["replaced"] == 0
+
+
+# ---------------------------------------------------------------------------- the hash memo
+
+
+def _counting_hash(monkeypatch):
+    """Replaces sources._hash by a wrapper that records which files it read."""
+    read, real = [], sources_mod._hash
+    monkeypatch.setattr(
+        sources_mod, "_hash", lambda path, *a, **k: read.append(os.path.basename(path)) or real(path, *a, **k)
+    )
+    return read
+
+
+def test_a_restart_takes_unchanged_files_hashes_from_the_memo_and_rehashes_a_rewritten_one(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(sources_mod, "HASH_MEMO_SETTLE_S", 0.05)
+    monkeypatch.setattr(sources_mod, "JSONL_SPLIT_BYTES", 4096)  # several cut points to carry over
+    monkeypatch.setattr(sources_mod, "HASH_CHUNK", 4096)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("alpha " * 1000)
+    (data / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 20}) + "\n" for i in range(500)))
+    (data / "c.txt").write_bytes(b"\0binary" * 100)
+    time.sleep(0.1)  # older than the settle time, so their hashes are remembered
+    memo = tmp_path / "memo"
+    plain = resolve_corpus(str(data))
+    first = resolve_corpus(str(data), hash_memo=str(memo))
+    assert len(list(memo.glob("*.json"))) == 3
+
+    read = _counting_hash(monkeypatch)
+    again = resolve_corpus(str(data), hash_memo=str(memo))
+    assert read == []
+    for corpus in (first, again):
+        assert corpus.fingerprint == plain.fingerprint
+        assert [s.layout for s in corpus.sources] == [s.layout for s in plain.sources]
+        assert [s.name for s in corpus.skipped] == ["c.txt"]  # the binary check still sees the first bytes
+    assert len(plain.sources[1].layout) > 3
+
+    # Same size, mtime set back as cp -p or rsync -t would: the change time still gives it away.
+    before = os.stat(data / "a.txt")
+    (data / "a.txt").write_text("omega " * 1000)
+    os.utime(data / "a.txt", ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(data / "a.txt").st_size == before.st_size
+    changed = resolve_corpus(str(data), hash_memo=str(memo))
+    assert read == ["a.txt"]
+    assert changed.fingerprint == resolve_corpus(str(data)).fingerprint != plain.fingerprint
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("fresh " * 100)
+    resolve_corpus(str(tmp_path / "a.txt"), hash_memo=str(tmp_path / "memo"))  # the default 2 s settle time
+    assert not list((tmp_path / "memo").glob("*.json"))
+    read = _counting_hash(monkeypatch)
+    resolve_corpus(str(tmp_path / "a.txt"), hash_memo=str(tmp_path / "memo"))
+    assert read == ["a.txt"]
+
+
+def test_prepare_keeps_the_memo_in_the_cache_and_a_restart_reads_no_file_whole(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(sources_mod, "HASH_MEMO_SETTLE_S", 0.05)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    time.sleep(0.1)
+    built = prepare(path, tmp_path)
+    assert len(list((tmp_path / "cache" / "hashes").glob("*.json"))) == 1
+    read = _counting_hash(monkeypatch)
+    again = prepare(path, tmp_path)
+    assert read == []
+    assert again.from_cache and again.cache_path == built.cache_path
+    assert again.train.tolist() == built.train.tolist()

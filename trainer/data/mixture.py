@@ -25,7 +25,7 @@ from trainer.errors import ConfigError
 
 from .errors import DataError
 from .shards import TokenShards
-from .sources import Corpus, resolve_corpus, split_path
+from .sources import HASH_MEMO_DIR, Corpus, resolve_corpus, split_path
 
 log = logging.getLogger("trainer.data")
 
@@ -124,7 +124,8 @@ def prepare_mixture(
     t0 = time.time()
     entries = split_path(path)
     shares = parse_weights(weights, entries)
-    corpora = [resolve_corpus(entry, text_field) for entry in entries]
+    memo = os.path.join(cache_dir, HASH_MEMO_DIR)
+    corpora = [resolve_corpus(entry, text_field, hash_memo=memo) for entry in entries]
     for corpus in corpora:
         check_not_empty(corpus)
     union = union_corpus(path, corpora, text_field)

@@ -33,7 +33,7 @@ from .errors import DataError
 from .pieces import plan_pieces
 from .progress import TokenizeProgress, emit, human_bytes
 from .shards import TokenShards, write_shards
-from .sources import BINARY_RULE, Corpus, resolve_corpus
+from .sources import BINARY_RULE, HASH_MEMO_DIR, Corpus, resolve_corpus
 from .tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 from .workers import TokenizeJob, piece_file, resolve_workers, run_pieces, tokenize_piece
 
@@ -95,7 +95,7 @@ def prepare_data(
         from .mixture import prepare_mixture
 
         return prepare_mixture(path, weights, tokenizer, vocab_size, val_fraction, cache_dir, text_field, workers)
-    corpus = resolve_corpus(path, text_field)
+    corpus = resolve_corpus(path, text_field, hash_memo=os.path.join(cache_dir, HASH_MEMO_DIR))
     check_not_empty(corpus)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, corpus, vocab_size, cache_dir)
     return prepare_corpus(corpus, tok, val_fraction, cache_dir, workers, t0)

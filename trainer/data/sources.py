@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -48,6 +49,10 @@ HASH_CHUNK = 1 << 20
 # 64th of the file (at most 64 MiB), so a huge file has a bounded number of cuts; pieces.py joins
 # neighbouring ranges into pieces.
 JSONL_SPLIT_BYTES = 1 << 20
+# The hash memo (see _memoized_hash); the version changes whenever what _hash returns could.
+HASH_MEMO_VERSION = 1
+HASH_MEMO_DIR = "hashes"  # under the cache folder
+HASH_MEMO_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,12 @@ def split_path(spec: str) -> list[str]:
     return split_data_path(spec)
 
 
-def resolve_corpus(spec: str, text_field: str = "text") -> Corpus:
-    """Find, hash and scan every file named by `spec` (see ACCEPTED). Raises DataError if nothing matches."""
+def resolve_corpus(spec: str, text_field: str = "text", hash_memo: str | None = None) -> Corpus:
+    """Find, hash and scan every file named by `spec` (see ACCEPTED). Raises DataError if nothing matches.
+
+    `hash_memo`, a folder (the cache's hashes/), keeps each file's hash beside its size, inode, mtime
+    and ctime, so a restart over an unchanged corpus does not read it all again.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data.path {spec!r}; accepted: {ACCEPTED}")
     found: dict[str, tuple[str, str]] = {}  # realpath -> (abspath, name); dedups overlapping entries
@@ -134,7 +143,7 @@ def resolve_corpus(spec: str, text_field: str = "text") -> Corpus:
             found.setdefault(os.path.realpath(abspath), (abspath, name))
     if not found:
         raise DataError(f"data.path {spec!r} matched no files; accepted: {ACCEPTED}")
-    scanned = [_scan(p, n, text_field) for p, n in found.values()]
+    scanned = [_scan(p, n, text_field, hash_memo) for p, n in found.values()]
     # Sorted by identity so the key and the stream order depend only on names and contents.
     scanned.sort(key=lambda item: (item[0].name, item[0].digest, item[0].path))
     _check_text_columns(scanned, text_field)
@@ -235,10 +244,13 @@ def _stdlib_files() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------- hashing and scanning
 
 
-def _scan(path: str, name: str, text_field: str) -> tuple[Source, tuple[list[str], str] | None]:
+def _scan(path: str, name: str, text_field: str, hash_memo: str | None) -> tuple[Source, tuple[list[str], str] | None]:
     """The Source, and for a table its (column names, text column kind) for the schema checks."""
     kind = source_kind(path)
-    digest, size, first, splits = _hash(path, find_line_splits=kind == "jsonl")
+    if hash_memo is None:
+        digest, size, first, splits = _hash(path, find_line_splits=kind == "jsonl")
+    else:
+        digest, size, first, splits = _memoized_hash(path, kind == "jsonl", hash_memo)
     binary = kind == "text" and looks_binary(first)
     layout, schema = (), None
     if kind == "jsonl":
@@ -276,6 +288,50 @@ def _hash(path: str, find_line_splits: bool) -> tuple[str, int, bytes, tuple]:
     if len(splits) > 1 and splits[-1][0] >= size:
         splits.pop()  # a cut at the very end starts nothing
     return h.hexdigest(), size, first, tuple(splits)
+
+
+def _stat_key(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # ctime moves on every write and cannot be set back by the user (unlike mtime: touch -d, cp -p,
+    # rsync -t), so a rewrite that keeps the size and the mtime still changes the key.
+    return [st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _memoized_hash(path: str, find_line_splits: bool, memo_dir: str) -> tuple[str, int, bytes, tuple]:
+    """_hash(path), read from memo_dir when the file's stat key is the one recorded with it.
+
+    A memo is written only for a file last changed over HASH_MEMO_SETTLE_S before its hash was
+    taken (git's "racy clean" rule): a write in the same clock tick as the hash could leave the
+    stat key unchanged.
+    """
+    memo = os.path.join(memo_dir, hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32] + ".json")
+    key = {"version": HASH_MEMO_VERSION, "line_splits": find_line_splits and JSONL_SPLIT_BYTES, "stat": _stat_key(path)}
+    try:
+        with open(memo) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            with open(path, "rb") as f:
+                first = f.read(SNIFF_BYTES)
+            return saved["digest"], key["stat"][0], first, tuple(tuple(cut) for cut in saved["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo, or an unreadable one: hash the file
+    started = time.time_ns()
+    digest, size, first, splits = _hash(path, find_line_splits)
+    stat = key["stat"]
+    settled = stat is not None and max(stat[3], stat[4]) < started - int(HASH_MEMO_SETTLE_S * 1e9)
+    if settled and _stat_key(path) == stat and size == stat[0]:
+        try:
+            os.makedirs(memo_dir, exist_ok=True)
+            tmp = f"{memo}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "digest": digest, "splits": splits}, f)
+            os.replace(tmp, memo)  # atomic: ranks sharing the cache may write the same memo
+        except OSError:
+            pass  # a read-only or full cache only costs the next start a re-hash
+    return digest, size, first, splits
 
 
 def looks_binary(head: bytes) -> bool:
