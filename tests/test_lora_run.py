@@ -133,6 +133,32 @@ def test_qlora_trains_on_cpu_and_writes_a_dequantized_merged_model(tmp_path, bas
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
 
 
+def test_qlora_quantizes_each_layer_on_its_way_to_the_device(tmp_path, base, monkeypatch):
+    """The device never holds the full-precision base whole: the model is not moved there before its
+    targeted layers are quantized, each straight onto the run's device; the rest follows after."""
+    pytest.importorskip("bitsandbytes")
+    import trainer.build as build_module
+    from trainer.models.llama import Transformer
+
+    events = []
+    real_apply, real_to = build_module.apply_lora, torch.nn.Module.to
+
+    def apply_lora(model, lora_cfg, compute_dtype, device=None):
+        events.append(("apply_lora", device))
+        return real_apply(model, lora_cfg, compute_dtype, device=device)
+
+    def to(module, *args, **kwargs):
+        moved_to = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)
+        if isinstance(module, Transformer) and moved_to is not None:
+            events.append(("to", torch.device(moved_to)))
+        return real_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "apply_lora", apply_lora)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    Trainer(lora_config(tmp_path, base, lora__quantize="nf4", train__max_steps=1, train__device="cpu")).train()
+    assert events[:2] == [("apply_lora", torch.device("cpu")), ("to", torch.device("cpu"))]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(("strategy", "quantize"), [("ddp", "none"), ("fsdp", "none"), ("ddp", "nf4")])

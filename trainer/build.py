@@ -267,9 +267,18 @@ def build_run(config: TrainConfig) -> RunParts:
         data = load_run_data(cfg)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg, data.tokenizer.vocab_size).to(device, dtype=DTYPES[t.param_dtype])
-    if cfg.lora.rank > 0:  # on the device and in its dtype already: a 4-bit base cannot be moved or cast after
-        apply_lora(model, cfg.lora, compute_dtype)
+    model = build_model(cfg, data.tokenizer.vocab_size)
+    if cfg.lora.quantize == "nf4":
+        # Each targeted layer goes to the device as it is quantized: the full-precision base never sits
+        # there whole (15 GiB of bf16 for Llama-3-8B). A 4-bit weight cannot be cast after.
+        model.to(dtype=DTYPES[t.param_dtype])
+        apply_lora(model, cfg.lora, compute_dtype, device=device)
+        model.to(device)
+    else:
+        model.to(device, dtype=DTYPES[t.param_dtype])
+        if cfg.lora.rank > 0:
+            apply_lora(model, cfg.lora, compute_dtype)
+    if cfg.lora.rank > 0:
         messages.append(lora_summary(model))
     model.model.neftune_alpha = t.neftune_alpha
     model.train()

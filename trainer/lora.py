@@ -109,15 +109,19 @@ class LoraLinear(nn.Module):
 # ---------------------------------------------------------------- adding adapters
 
 
-def apply_lora(model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def apply_lora(
+    model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> nn.Module:
     """Adds LoRA adapters to `model` (a trainer Transformer) in place, as `lora_cfg` (the [lora]
     section) says, freezes everything else but what train_embeddings / train_norms unfreeze, and
     returns it. quantize=nf4 replaces each targeted base by a 4-bit Linear4bit computing in
-    `compute_dtype` (the run's compute dtype), on the device the weights are on.
+    `compute_dtype` (the run's compute dtype), on `device` (default: where the weights are).
 
-    Call it on the model already on its device and in its parameter dtype, before activation
-    checkpointing, compile, FSDP/DDP and the optimizer; never move or cast the model afterwards
-    (a 4-bit weight cannot be cast, and the adapters must stay fp32).
+    Call it on the model in its parameter dtype and on its device, before activation checkpointing,
+    compile, FSDP/DDP and the optimizer; never cast the model afterwards (a 4-bit weight cannot be
+    cast, and the adapters must stay fp32). With nf4 the model may still be on the CPU: each targeted
+    layer then goes to `device` as it is quantized, so the device never holds the full-precision base
+    whole, and `model.to(device)` afterwards moves the rest.
     """
     pattern = re.compile(lora_cfg.target)
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -147,6 +151,7 @@ def apply_lora(model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.fl
         quantize=lora_cfg.quantize,
         compute_dtype=compute_dtype,
         modules_to_save=modules_to_save,
+        device=device,
     )
 
 
@@ -160,6 +165,7 @@ def add_adapters(
     quantize: str = "none",
     compute_dtype: torch.dtype = torch.float32,
     modules_to_save: Iterable[str] = (),
+    device: torch.device | None = None,
 ) -> nn.Module:
     """apply_lora with the targets named: adapters on the linear layers `targets` (full names);
     the modules whose names end with an entry of `modules_to_save` (PEFT's rule) stay trainable."""
@@ -170,11 +176,12 @@ def add_adapters(
     modules_to_save = list(modules_to_save)
     model.requires_grad_(False)
     quantized = _quantizer(compute_dtype) if quantize == "nf4" else None
+    device = torch.device(device) if device is not None else None
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, leaf)
-        base = quantized(linear) if quantized else linear
+        base = quantized(linear, device or linear.weight.device) if quantized else linear
         setattr(parent, leaf, LoraLinear(base, rank, alpha, dropout))
     for entry in modules_to_save:
         matched = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name.endswith(entry)]
@@ -207,8 +214,7 @@ def _quantizer(compute_dtype: torch.dtype):
         raise ConfigError("lora.quantize=nf4 needs the bitsandbytes package: pip install bitsandbytes") from None
     checked = set()
 
-    def quantize(linear: nn.Linear) -> nn.Module:
-        device = linear.weight.device
+    def quantize(linear: nn.Linear, device: torch.device) -> nn.Module:
         q = bnb.nn.Linear4bit(
             linear.in_features,
             linear.out_features,
@@ -227,7 +233,7 @@ def _quantizer(compute_dtype: torch.dtype):
                 linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
             ).to(device)
             if linear.bias is not None:
-                q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+                q.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
             if device not in checked:
                 with torch.no_grad():
                     q(torch.zeros(1, linear.in_features, device=device, dtype=compute_dtype))
@@ -399,7 +405,7 @@ def load_adapter_model(
     """The base model of a PEFT LoRA folder (its base_model_name_or_path, loaded with load_hf) with
     the folder's adapters applied, in eval mode on `device`. `quantize`: "nf4" to rebuild a QLoRA
     run's 4-bit base (quantizing the same weights on the same kind of device gives the same 4-bit
-    weights); the base is moved to `device` before it is quantized, so do not move the model after."""
+    weights), each targeted layer on its way to `device`."""
     from trainer.models import load_hf
 
     folder = Path(folder)
@@ -413,7 +419,9 @@ def load_adapter_model(
         )
     if not (folder / ADAPTER_WEIGHTS).is_file():
         raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS}")
-    model = load_hf(base, kernels).to(device)
+    model = load_hf(base, kernels)
+    if quantize != "nf4":  # a 4-bit base is quantized layer by layer on its way to the device
+        model.to(device)
     targets = _peft_targets(model, config.get("target_modules"), folder)
     add_adapters(
         model,
@@ -424,9 +432,10 @@ def load_adapter_model(
         quantize=quantize,
         compute_dtype=compute_dtype,
         modules_to_save=config.get("modules_to_save") or (),
+        device=device,
     )
     load_adapter_weights(model, folder)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
