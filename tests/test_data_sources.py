@@ -8,6 +8,7 @@ import gzip
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -323,8 +324,6 @@ def _counting_hash(monkeypatch):
 
 
 def test_a_restart_takes_unchanged_files_hashes_from_the_memo_and_rehashes_a_rewritten_one(tmp_path, monkeypatch):
-    import time
-
     monkeypatch.setattr(sources_mod, "HASH_MEMO_SETTLE_S", 0.05)
     monkeypatch.setattr(sources_mod, "JSONL_SPLIT_BYTES", 4096)  # several cut points to carry over
     monkeypatch.setattr(sources_mod, "HASH_CHUNK", 4096)
@@ -368,8 +367,6 @@ def test_a_file_changed_just_before_hashing_is_not_remembered(tmp_path, monkeypa
 
 
 def test_prepare_keeps_the_memo_in_the_cache_and_a_restart_reads_no_file_whole(tmp_path, monkeypatch):
-    import time
-
     monkeypatch.setattr(sources_mod, "HASH_MEMO_SETTLE_S", 0.05)
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))

@@ -604,33 +604,11 @@ os._exit(0)
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp", "ddp-nf4"])
 def test_two_gloo_ranks_give_the_one_process_adapter_gradients(tmp_path, strategy):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.test_parallel import torchrun
 
     script = tmp_path / "check.py"
     script.write_text(DISTRIBUTED_CHECK.format(args=ARGS))
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            strategy,
-            str(tmp_path),
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+    run = torchrun([str(script), strategy, str(tmp_path)], timeout=150)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     checked = [(tmp_path / f"rank{rank}.ok").read_text() for rank in (0, 1)]
     assert checked == [str(2 * TARGETED + 5)] * 2

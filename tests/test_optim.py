@@ -403,31 +403,10 @@ os._exit(0)
 @pytest.mark.distributed
 def test_apollo_under_ddp_equals_one_process(tmp_path):
     """Every rank draws the same projections and sees the same averaged gradient, so DDP is allowed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.test_parallel import torchrun
 
     script = tmp_path / "check.py"
     script.write_text(APOLLO_DDP_CHECK)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(tmp_path),
-        ],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+    run = torchrun([str(script), str(tmp_path)], timeout=150)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert all((tmp_path / f"rank{rank}.ok").exists() for rank in (0, 1))
