@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import bench_optim  # noqa: E402  (after the repository is on the path)
+
 TWO_STEPS = {
     "train.max_steps": 2,
     "train.eval_every": 0,
@@ -41,20 +43,8 @@ TWO_STEPS = {
 PROJECTIONS = {"optim.galore_update_proj_gap": 1, "optim.apollo_update_proj_gap": 1, "train.max_grad_norm": 0}
 TINY = {"model.preset": "tiny", "train.micro_batch_size": 4, "train.seq_len": 128}
 SMALL = {"model.preset": "small", "train.micro_batch_size": 4, "train.seq_len": 256}
-# ~110M parameters: 12 layers, width 768, vocabulary 32000 (tied), as benchmarks/bench_optim.py.
-M110 = {
-    "model.preset": "small",
-    "model.hidden_size": 768,
-    "model.intermediate_size": 2048,
-    "model.n_layers": 12,
-    "model.n_heads": 12,
-    "model.n_kv_heads": 12,
-    "model.vocab_size": 32000,
-    "model.tie_embeddings": True,
-    "model.max_seq_len": 1024,
-    "train.micro_batch_size": 2,
-    "train.seq_len": 256,
-}
+# ~110M parameters: 12 layers, width 768, vocabulary 32000 (tied): bench_optim's model.
+M110 = {**bench_optim.MODEL, "model.max_seq_len": 1024, "train.micro_batch_size": 2, "train.seq_len": 256}
 
 
 def cases(quick: bool) -> list[tuple[str, dict]]:
