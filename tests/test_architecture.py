@@ -16,6 +16,7 @@ LAYERS = {
     "trainer.errors": 0,
     "csrc_triton": 1,
     "trainer.config": 1,
+    "trainer.files": 1,
     "trainer.callbacks": 1,
     "trainer.runtime": 1,
     "trainer.ops": 2,

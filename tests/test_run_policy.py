@@ -157,8 +157,12 @@ def pretrained(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"model__n_layers": 3}, "model.n_layers do not apply with model.from_hf"),
-        ({"model__preset": "tiny"}, "model.preset do not apply with model.from_hf"),
+        ({"model__n_layers": 3}, "model.n_layers does not apply with model.from_hf"),
+        ({"model__preset": "tiny"}, "model.preset does not apply with model.from_hf.*; remove it$"),
+        (
+            {"model__preset": "tiny", "model__n_layers": 3, "model__n_heads": 2},
+            "model.preset, model.n_layers and model.n_heads do not apply with model.from_hf.*; remove them$",
+        ),
         ({}, "a new BPE tokenizer would be trained"),
         ({"data__tokenizer": "byte"}, "data.tokenizer=byte pairs the pretrained embeddings"),
     ],

@@ -166,9 +166,10 @@ def check_pretrained_fit(config: TrainConfig) -> None:
     if m.preset != "small":
         given.insert(0, "model.preset")
     if given:
+        these = f"{', '.join(given[:-1])} and {given[-1]} do" if len(given) > 1 else f"{given[0]} does"
         raise ConfigError(
-            f"{', '.join(given)} do not apply with model.from_hf (the checkpoint's config.json fixes "
-            "the shape); remove them"
+            f"{these} not apply with model.from_hf (the checkpoint's config.json fixes the shape); "
+            f"remove {'them' if len(given) > 1 else 'it'}"
         )
     own = (Path(m.from_hf) / "tokenizer.json").is_file()
     if not own_tokenizer(config) and not m.allow_new_tokenizer:

@@ -120,7 +120,8 @@ def save_checkpoint(
     if sharded:
         barrier()  # the folder exists before any rank writes into it
         save_sharded(tmp / SHARDED_DIR, model, optimizer, trainable_only=is_lora(model))
-    write_model = model_writer(model, sharded, lora_base)  # collective under FSDP: it gathers
+    # Collective under FSDP: it gathers.
+    write_model = model_writer(model, sharded, lora_base, tokenizer.special_token_ids())
     if is_main:
         _write_checkpoint(
             tmp,
@@ -140,10 +141,11 @@ def save_checkpoint(
 
 
 class GatheredModel:
-    """A model's full state gathered from its shards, with its args: what save_hf needs of a model."""
+    """A model's full state gathered from its shards, with what save_hf needs of the model besides."""
 
-    def __init__(self, args, state: dict):
-        self.args, self._state = args, state
+    def __init__(self, model, state: dict):
+        self.args, self._state = model.args, state
+        self.hf_config, self.hf_generation_config = model.hf_config, model.hf_generation_config
 
     def state_dict(self) -> dict:
         return self._state
@@ -153,14 +155,15 @@ def is_lora(model) -> bool:
     return getattr(model, "lora", None) is not None
 
 
-def model_writer(model, sharded: bool, lora_base: str | None):
-    """folder -> None writing the model as a checkpoint holds it: a Hugging Face folder, or a LoRA
-    run's adapters in PEFT's format. Under FSDP the tensors are gathered here, on every rank."""
+def model_writer(model, sharded: bool, lora_base: str | None, special_tokens: dict[str, int | None]):
+    """folder -> None writing the model as a checkpoint holds it: a Hugging Face folder (with the
+    tokenizer's `special_tokens` ids), or a LoRA run's adapters in PEFT's format. Under FSDP the
+    tensors are gathered here, on every rank."""
     if is_lora(model):
         state = {name: gather(p) for name, p in model.named_parameters() if p.requires_grad} if sharded else None
         return lambda folder: save_adapter(model, folder, lora_base, state=state)
-    export = GatheredModel(model.args, full_model_state(model)) if sharded else model
-    return lambda folder: save_hf(export, folder)
+    export = GatheredModel(model, full_model_state(model)) if sharded else model
+    return lambda folder: save_hf(export, folder, special_tokens)
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -430,12 +433,13 @@ class Checkpointer:
         and adapters merged into one Hugging Face model (dequantized for QLoRA) unless
         lora.save_merged=false.
         """
-        write_model = model_writer(model, self.sharded, self.lora_base)
+        special_tokens = self.tokenizer.special_token_ids()
+        write_model = model_writer(model, self.sharded, self.lora_base, special_tokens)
         merged = None
         if is_lora(model) and self.save_merged:
             if self.sharded:
                 full = full_model_state(model)
-                merged = GatheredModel(model.args, merge_state_dict(full, model.lora.scaling, base_dtype(model)))
+                merged = GatheredModel(model, merge_state_dict(full, model.lora.scaling, base_dtype(model)))
             elif self.is_main:
                 merged = merged_model(model)
         final = self.folder / "final"
@@ -445,7 +449,7 @@ class Checkpointer:
             write_model(tmp)
             folders = [tmp]
             if merged is not None:
-                save_hf(merged, tmp / "merged")
+                save_hf(merged, tmp / "merged", special_tokens)
                 folders.append(tmp / "merged")
             for folder in folders:
                 self.tokenizer.save(folder)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
+from trainer.files import follow_umask
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -357,6 +358,7 @@ def save_adapter(
     )
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    follow_umask(folder / ADAPTER_WEIGHTS)
 
 
 def peft_target_modules(model: nn.Module) -> list[str]:
@@ -531,6 +533,5 @@ def merged_model(model: nn.Module, dtype: torch.dtype | None = None, device: str
         setattr(plain.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
     plain.model.rotary_emb.to_empty(device=device)  # recomputes the (non-persistent) rotary frequencies
     plain.tie_weights()
-    if hasattr(model, "hf_config"):
-        plain.hf_config = model.hf_config
+    plain.hf_config, plain.hf_generation_config = model.hf_config, model.hf_generation_config
     return plain.eval()

@@ -20,12 +20,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from trainer.files import make_temp_dir
 
 from . import readers
 from .cache import cache_write_error, remove_stale, resolve_cache_dir, writable_subdir
@@ -247,7 +248,7 @@ def _build(
             shutil.rmtree(partial, ignore_errors=True)
             raise DataError(f"data.path {corpus.spec!r} is an empty corpus: its {n_docs} documents hold no text")
 
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{key[:16]}-")
+        tmp = make_temp_dir(parent, f".tmp-{key[:16]}-")
         try:
             meta = _assemble(tmp, partial, pieces, records, corpus, tok, val_fraction, dtype)
             meta["key"] = key

@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from trainer.files import make_temp_dir
 
 from .cache import cache_write_error, default_cache_dir, writable_subdir
 from .errors import DataError
@@ -56,6 +57,11 @@ class Tokenizer:
 
     def save(self, folder: str) -> None:
         raise NotImplementedError
+
+    def special_token_ids(self) -> dict[str, int | None]:
+        """bos/eos/pad token ids as a model's config.json and generation_config.json name them (None:
+        the tokenizer has no such token), so that transformers' generate stops at this EOS."""
+        return {"bos_token_id": None, "eos_token_id": self.eos_id, "pad_token_id": None}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -196,6 +202,17 @@ class HFTokenizer(Tokenizer):
                 config["chat_template"] = f.read()
         return cls(tok, _find_eos(tok, config, file), config)
 
+    def special_token_ids(self) -> dict[str, int | None]:
+        def token_id(name: str) -> int | None:
+            text = self.special_token(name)
+            return self._tok.token_to_id(text) if text else None
+
+        return {
+            "bos_token_id": token_id("bos_token"),
+            "eos_token_id": self.eos_id,
+            "pad_token_id": token_id("pad_token"),
+        }
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -324,7 +341,7 @@ def _cached_bpe(sources, vocab_size: int, cache_dir: str | None) -> HFTokenizer:
     # Train once, publish atomically: a killed run leaves only a temp folder nobody reads.
     tmp = None
     try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        tmp = make_temp_dir(parent, ".tmp-")
         tok.save(tmp)
         os.rename(tmp, folder)
     except OSError as e:

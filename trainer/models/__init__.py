@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from trainer.models.config import PRESETS, ModelArgs, resolve_args
-from trainer.models.hf import args_from_hf_config, assign_weights, read_hf_config, save_hf
+from trainer.models.hf import args_from_hf_config, assign_weights, read_generation_config, read_hf_config, save_hf
 from trainer.models.llama import KernelChoice, Transformer
 
 
@@ -28,7 +28,8 @@ def load_hf(path, kernels: KernelChoice | None = None) -> Transformer:
     """A model with the weights of a local Hugging Face folder, on the CPU in the checkpoint's dtype.
 
     Built on the meta device (no memory) and filled tensor by tensor, so the weights are held
-    once. The source config rides along as `model.hf_config`, so save_hf keeps its extra keys.
+    once. The source config.json and generation_config.json ride along as `model.hf_config` and
+    `model.hf_generation_config`, so save_hf keeps their extra keys.
     """
     config = read_hf_config(path)
     args = args_from_hf_config(config)
@@ -38,6 +39,7 @@ def load_hf(path, kernels: KernelChoice | None = None) -> Transformer:
     model.model.rotary_emb.to_empty(device="cpu")  # recomputes the (non-persistent) rotary frequencies
     model.tie_weights()
     model.hf_config = config
+    model.hf_generation_config = read_generation_config(path)
     return model
 
 

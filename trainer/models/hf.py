@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.errors import CheckpointError
+from trainer.files import follow_umask
 from trainer.models.config import ModelArgs
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -23,6 +24,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
 
 
@@ -88,8 +90,14 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     )
 
 
-def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32, source: dict | None = None) -> dict:
-    """config.json for `args`; keys of the `source` config it was loaded from (token ids, ...) are kept."""
+def hf_config_from_args(
+    args: ModelArgs,
+    dtype: torch.dtype = torch.float32,
+    source: dict | None = None,
+    special_tokens: dict[str, int | None] | None = None,
+) -> dict:
+    """config.json for `args`; keys of the `source` config it was loaded from are kept, and the
+    tokenizer's `special_tokens` (Tokenizer.special_token_ids) set the token ids."""
     arch = args.hf_architecture or ("Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM")
     cfg = {k: v for k, v in (source or {}).items() if k not in ("rope_parameters", "rope_scaling")}
     cfg.update(
@@ -119,12 +127,45 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32, sou
         cfg["sliding_window"] = args.sliding_window
     if arch == "Qwen2ForCausalLM":
         cfg["use_sliding_window"] = args.sliding_window is not None
+    return with_token_ids(cfg, special_tokens or {})
+
+
+def with_token_ids(cfg: dict, special_tokens: dict[str, int | None]) -> dict:
+    """`cfg` with the tokenizer's bos/eos/pad ids. Every key is written, None included: a config
+    without them gets the class defaults (Llama's eos 2, bos 1: other tokens of our tokenizers).
+    A source id list that holds the tokenizer's id stays (an instruct model's several end tokens),
+    and a source id stays where the tokenizer names no such token."""
+    cfg = dict(cfg)
+    for key, value in special_tokens.items():
+        kept = cfg.get(key)
+        if value is None and kept is not None:
+            continue
+        if isinstance(kept, list) and value in kept:
+            continue
+        cfg[key] = value
     return cfg
 
 
-def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Writes config.json and the weights in the layout `transformers` loads: model.safetensors, or
-    model-0000i-of-0000n.safetensors shards plus an index when they exceed `max_shard_bytes`."""
+def generation_config(config: dict, source: dict | None = None) -> dict:
+    """generation_config.json: the `source` folder's (sampling defaults) with config.json's token ids;
+    padding with EOS when there is no pad token, as transformers' generate would (with a warning)."""
+    ids = {k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ids["pad_token_id"] is None:
+        eos = ids["eos_token_id"]
+        ids["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return {**(source or {}), **ids}
+
+
+def save_hf(
+    model,
+    path: str | Path,
+    special_tokens: dict[str, int | None] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes config.json, generation_config.json and the weights in the layout `transformers` loads:
+    model.safetensors, or model-0000i-of-0000n.safetensors shards plus an index when they exceed
+    `max_shard_bytes`. `special_tokens`: the tokenizer's ids (Tokenizer.special_token_ids), so that
+    generate stops at its EOS; the source checkpoint's otherwise."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
@@ -149,6 +190,7 @@ def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BY
     for file, shard in zip(names, shards):
         # One shard at a time on the host: a GPU model never needs a whole CPU copy.
         save_file({k: state[k].detach().contiguous().cpu() for k in shard}, str(path / file), metadata={"format": "pt"})
+        follow_umask(path / file)
         weight_map.update({k: file for k in shard})
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
@@ -156,8 +198,15 @@ def save_hf(model, path: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BY
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
     dtype = next(iter(state.values())).dtype
-    source = getattr(model, "hf_config", None)
-    (path / "config.json").write_text(json.dumps(hf_config_from_args(model.args, dtype, source), indent=2) + "\n")
+    config = hf_config_from_args(model.args, dtype, model.hf_config, special_tokens)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = generation_config(config, model.hf_generation_config)
+    (path / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def read_generation_config(path: str | Path) -> dict | None:
+    file = Path(path) / GENERATION_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def read_hf_config(path: str | Path) -> dict:

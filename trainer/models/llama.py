@@ -244,6 +244,11 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 class Transformer(nn.Module):
     """model(input_ids) -> logits; model(input_ids, labels=labels) -> loss (mean over non-ignored labels)."""
 
+    # The config.json and generation_config.json of the Hugging Face folder the model was loaded
+    # from (load_hf), so that save_hf hands on their keys; None for a model built here.
+    hf_config: dict | None = None
+    hf_generation_config: dict | None = None
+
     def __init__(self, args: ModelArgs, kernels: KernelChoice | None = None):
         super().__init__()
         self.args = args
