@@ -301,6 +301,27 @@ def test_sft_loader_resumes_exactly(tmp_path):
         assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
 
 
+def test_sft_data_counts_examples_cut_dropped_and_rows_not_tokens(tmp_path):
+    from trainer.data import load_tokenizer
+    from trainer.data.sft import prepare_sft
+
+    tok = load_tokenizer(str(tokenizer_folder(tmp_path / "tok")))
+    path = write_sft_jsonl(tmp_path / "sft.jsonl", n=30)
+    with open(path, "a") as f:
+        # 3 whose completion is cut but not lost, 2 whose prompt alone fills a row of 33 tokens.
+        for _ in range(3):
+            f.write(json.dumps({"prompt": "say hello", "completion": " ".join(["red"] * 60)}) + "\n")
+        for _ in range(2):
+            f.write(json.dumps({"prompt": " ".join(["blue"] * 60), "completion": "yes"}) + "\n")
+    data = prepare_sft(str(path), tok, seq_len=32, val_fraction=0.0)
+    assert (data.n_examples, data.n_cut, data.n_dropped, data.n_train, data.n_val) == (35, 5, 2, 33, 0)
+    assert data.train.n_blocks < 33 < len(data.train)  # packed: fewer rows than examples, more tokens
+    assert data.describe() == (
+        f"35 examples read, 5 cut to train.seq_len, 2 dropped (no completion left); 33 training examples "
+        f"packed into {data.train.n_blocks} training rows of 33 tokens"
+    )
+
+
 # ----------------------------------------------------------------------- document masking
 
 

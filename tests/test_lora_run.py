@@ -131,6 +131,16 @@ def test_qlora_trains_on_cpu_and_writes_a_dequantized_merged_model(tmp_path, bas
     assert len(steps) == 3 and all(r["loss"] is not None for r in steps)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final" / "merged")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    # The packed 4-bit storage (two weights a byte) counts as the weights it holds: the base's size.
+    base_size = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    results = json.loads((tmp_path / "run" / "train_results.json").read_text())
+    assert results["parameters"] == base_size + sum(p.numel() for p in adapter_tensors(tmp_path / "run" / "final"))
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return list(load_file(str(folder / "adapter_model.safetensors")).values())
 
 
 def test_qlora_quantizes_each_layer_on_its_way_to_the_device(tmp_path, base, monkeypatch):

@@ -29,7 +29,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
 from trainer.parallel.distributed import barrier
-from trainer.runtime import DTYPES, resolve_device, resolve_dtype
+from trainer.runtime import DTYPES, parameter_count, resolve_device, resolve_dtype
 
 MODEL_SHAPE_KEYS = (
     "vocab_size",
@@ -80,12 +80,11 @@ class RunParts:
 
     def describe(self) -> str:
         """The line a run starts with: what trains, where, on what, into which folder."""
-        n_params = sum(p.numel() for p in self.params)
-        unit = "rows" if self.config.data.format == "sft" else "tokens"
+        n_params = parameter_count(self.params)
         ranks = f" | {self.env.world_size} ranks, {self.config.parallel.strategy}" if self.env.world_size > 1 else ""
         return (
             f"model: {n_params / 1e6:.2f}M trainable parameters | device {self.device} | compute dtype "
-            f"{str(self.compute_dtype).removeprefix('torch.')} | data: {len(self.data.train):,} training {unit} "
+            f"{str(self.compute_dtype).removeprefix('torch.')} | data: {self.data.describe()} "
             f"| output: {self.output.folder}{ranks}"
         )
 

@@ -27,14 +27,15 @@ import torch
 from trainer.build import RunParts, build_run
 from trainer.callbacks import CallbackList, TrainerControl, TrainerState
 from trainer.checkpoint import latest_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, report_to, to_toml
 from trainer.errors import TrainerError
 from trainer.metrics import MetricsLogger, PendingSteps, Throughput
 from trainer.optim import state_bytes
 from trainer.parallel import all_reduce_sum, clip_grad_norm, gradient_sync, shutdown
 from trainer.prefetch import StepBatch, StepPrefetcher
-from trainer.runtime import autocast, peak_memory_bytes, tensor_bytes
+from trainer.runtime import autocast, parameter_count, peak_memory_bytes, tensor_bytes
 from trainer.summary import write_run_summary
+from trainer.trackers import TrackedRun, Trackers, check_installed
 
 
 @dataclass
@@ -147,6 +148,7 @@ class Trainer:
         failed = True
         try:
             if self.parts is None:
+                check_installed(report_to(self.config.train))  # one line, before the output folder is touched
                 self.parts = build_run(self.config)
             self.config = self.parts.config
             state = self._run()
@@ -167,6 +169,17 @@ class Trainer:
 
     def _run(self) -> TrainerState:
         p, t = self.parts, self.config.train
+        # Rank 0 tracks; a resumed run reopens the tracker runs its checkpoint names.
+        self.trackers = Trackers(report_to(t) if p.env.is_main else [])
+        tracked = TrackedRun(
+            folder=p.output.folder,
+            name=p.output.folder.name,
+            config=self.config.to_dict(),
+            config_toml=to_toml(self.config),
+            resume_ids=dict(p.state.tracker_runs),
+            start_step=p.state.step,
+        )
+        p.state.tracker_runs.update(self.trackers.start(tracked))
         self.metrics = MetricsLogger(
             p.output.folder,
             enabled=p.env.is_main,
@@ -174,21 +187,25 @@ class Trainer:
             max_steps=t.max_steps,
             start_step=p.state.step,
             log_every=t.log_every,
-            tensorboard=t.tensorboard,
+            trackers=self.trackers,
         )
         self.prefetcher = StepPrefetcher(p.loader, pin=p.device.type == "cuda", vocab_size=p.model.args.vocab_size)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        failed = True
         try:
             for text in [p.describe(), *p.messages]:
                 self.metrics.message(text)
-            return self._loop()
+            state = self._loop()
+            failed = False
+            return state
         finally:
             self.prefetcher.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.metrics.close()
+            self.trackers.finish(failed)
 
     def _loop(self) -> TrainerState:
         p, t, state, control = self.parts, self.config.train, self.parts.state, self.control
@@ -198,6 +215,7 @@ class Trainer:
         self.pending, self.streak = PendingSteps(p.device), 0
         self.loader_state = p.loader.state_dict()  # before the prefetcher's thread takes the loader over
         self.run_start, self.start_step, self.start_tokens = time.perf_counter(), state.step, state.tokens_seen
+        self.earlier_runtime_s = state.runtime_s  # a resumed run's earlier sessions
         self.throughput = Throughput(t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size)
         if p.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(p.device)
@@ -278,6 +296,7 @@ class Trainer:
                     f"{latest_checkpoint(p.output.folder) or 'none'}. Try a lower optim.lr, train.dtype=bf16 or "
                     "fp32, or check the data"
                 )
+        state.runtime_s = self.earlier_runtime_s + time.perf_counter() - self.run_start
         blocks = max(1, self.loader_state.get("blocks_per_epoch", 1))
         state.epoch = self.loader_state.get("epoch", 0) + self.loader_state.get("position", 0) / blocks
 
@@ -320,7 +339,7 @@ class Trainer:
             runtime_s=time.perf_counter() - self.run_start,
             tokens_per_s=self.throughput.steady,
             peak_mem_bytes=peak_memory_bytes(p.device),
-            n_params=sum(x.numel() for x in p.model.parameters()),
+            n_params=parameter_count(p.model.parameters()),
             device=p.device,
             final=final,
         )

@@ -35,6 +35,7 @@ from torch import nn
 
 from trainer.errors import CheckpointError, ConfigError
 from trainer.files import follow_umask
+from trainer.runtime import parameter_count
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -255,12 +256,8 @@ def _quantizer(compute_dtype: torch.dtype):
 def lora_summary(model: nn.Module) -> str:
     """One line for the run's start message: rank, where, and how many parameters train."""
     spec = model.lora
-    total = trainable = 0
-    for p in model.parameters():
-        quant_state = getattr(p, "quant_state", None)
-        n = quant_state.shape.numel() if quant_state is not None else p.numel()  # 4-bit: two weights a byte
-        total += n
-        trainable += n if p.requires_grad else 0
+    total = parameter_count(model.parameters())
+    trainable = parameter_count(p for p in model.parameters() if p.requires_grad)
     extra = f", {', '.join(spec.modules_to_save)} unfrozen" if spec.modules_to_save else ""
     base = "4-bit nf4 base" if spec.quantize == "nf4" else "frozen base"
     return (

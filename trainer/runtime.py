@@ -51,6 +51,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def parameter_count(params) -> int:
+    """How many weights `params` hold. A bitsandbytes 4-bit weight packs two into a byte of a flat
+    uint8 tensor: its quant_state keeps the shape it stands for, which is what counts."""
+    total = 0
+    for p in params:
+        quant_state = getattr(p, "quant_state", None)
+        total += quant_state.shape.numel() if quant_state is not None else p.numel()
+    return total
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the distinct tensors among `tensors` (None skipped)."""
     seen, total = set(), 0

@@ -53,6 +53,10 @@ class PreparedData:
     from_cache: bool = False
     parts: list = field(repr=False, default_factory=list)  # a mixture's PreparedData, one per source
 
+    def describe(self) -> str:
+        """What the data became, for the run's start line."""
+        return f"{len(self.train):,} training tokens"
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)

@@ -239,7 +239,21 @@ class SFTData:
     tokenizer: Tokenizer
     train: PackedExamples
     val: PackedExamples | None
-    n_examples: int
+    n_examples: int  # read from the file
+    n_cut: int  # longer than a row: cut to train.seq_len + 1 tokens
+    n_dropped: int  # left no completion token after the cut: not trained on
+    n_train: int
+    n_val: int
+
+    def describe(self) -> str:
+        """What the data became, for the run's start line: examples, then rows (the training unit)."""
+        cut = f", {self.n_cut:,} cut to train.seq_len" if self.n_cut else ""
+        dropped = f", {self.n_dropped:,} dropped (no completion left)" if self.n_dropped else ""
+        val = f" + {self.n_val:,} validation" if self.val is not None else ""
+        return (
+            f"{self.n_examples:,} examples read{cut}{dropped}; {self.n_train:,} training{val} examples "
+            f"packed into {self.train.n_blocks:,} training rows of {self.train.seq_len + 1} tokens"
+        )
 
 
 def prepare_sft(path: str, tokenizer: Tokenizer, seq_len: int, val_fraction: float = 0.01) -> SFTData:
@@ -277,12 +291,6 @@ def prepare_sft(path: str, tokenizer: Tokenizer, seq_len: int, val_fraction: flo
         )
     train = PackedExamples(parts["train"], seq_len, tokenizer.eos_id)
     val = PackedExamples(parts["val"], seq_len, tokenizer.eos_id) if parts["val"] else None
-    log.info(
-        "SFT data %r: %d examples packed into %d train rows%s of %d tokens",
-        path,
-        len(examples),
-        train.n_blocks,
-        f" + {val.n_blocks} val rows" if val else "",
-        seq_len + 1,
-    )
-    return SFTData(tokenizer, train, val, len(examples))
+    data = SFTData(tokenizer, train, val, len(examples), cut, dropped, len(parts["train"]), len(parts["val"]))
+    log.info("SFT data %r: %s", path, data.describe())
+    return data
