@@ -287,7 +287,8 @@ class Trainer:
                     f"{record['grad_norm']}); update skipped"
                 )
             state.log_history.append({k: record[k] for k in ("step", "loss", "lr", "grad_norm")})
-            self.metrics.log_step(record)
+            eta_s = self.throughput.seconds_per_step * (t.max_steps - record["step"])
+            self.metrics.log_step(record, eta_s, warming_up=self.throughput.warming_up)
             self.callbacks.fire("on_log", self.config, state, self.control, logs=record)
             if self.streak >= t.max_nonfinite_steps:
                 raise TrainerError(

@@ -92,6 +92,7 @@ class Throughput:
         self.tokens_per_step = tokens_per_step
         self.window_start = time.perf_counter()
         self.windows = 0
+        self.first_seconds, self.first_steps = 0.0, 0
         self.steady_seconds, self.steady_steps = 0.0, 0
 
     def window(self, n_steps: int) -> float:
@@ -101,12 +102,26 @@ class Throughput:
         if self.windows:
             self.steady_seconds += seconds
             self.steady_steps += n_steps
+        else:
+            self.first_seconds, self.first_steps = seconds, n_steps
         self.windows += 1
         return n_steps * self.tokens_per_step / max(seconds, 1e-9)
 
     @property
+    def warming_up(self) -> bool:
+        """Whether the last window was the first: its rate includes the start-up."""
+        return self.windows == 1
+
+    @property
     def steady(self) -> float | None:
         return self.steady_steps * self.tokens_per_step / self.steady_seconds if self.steady_steps else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """The steady time per step, or the first window's (start-up included) before there is one."""
+        if self.steady_steps:
+            return self.steady_seconds / self.steady_steps
+        return self.first_seconds / self.first_steps if self.first_steps else None
 
 
 class MetricsLogger:
@@ -124,7 +139,6 @@ class MetricsLogger:
         self.enabled = enabled
         self.max_steps, self.log_every = max_steps, log_every
         self.start_step = start_step
-        self.first_logged = None  # (step, time) of the first step logged: the ETA leaves start-up out
         self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
@@ -161,13 +175,13 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, record["step"])
 
-    def log_step(self, record: dict) -> None:
+    def log_step(self, record: dict, eta_s: float | None = None, warming_up: bool = False) -> None:
+        """Writes the step's record; at log steps, a progress line with the time left (`eta_s`) and
+        the read-back window's tokens/s (`warming_up`: the first window's, start-up included)."""
         if not self.enabled:
             return
         self._write(record)
         step = record["step"]
-        if self.first_logged is None:
-            self.first_logged = (step, time.perf_counter())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(
@@ -176,14 +190,11 @@ class MetricsLogger:
                 tok_s=f"{record['tokens_per_s']:,.0f}",
                 refresh=False,
             )
-        elif self.lines and (step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1):
-            first_step, first_time = self.first_logged
-            done = step - first_step
-            eta = (time.perf_counter() - first_time) / done * (self.max_steps - step) if done else None
+        elif self.lines and (step % self.log_every == 0 or step == self.max_steps):
             self.message(
                 f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"eta {'--' if eta is None else format_duration(eta)}"
+                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+                f"{' (warm-up)' if warming_up else ''} | eta {'--' if eta_s is None else format_duration(eta_s)}"
             )
 
     def log_eval(self, record: dict) -> None:
