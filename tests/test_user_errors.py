@@ -1,5 +1,6 @@
 """What a user sees when something goes wrong or is shortened: one clear line, nothing lost."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -114,3 +115,64 @@ def test_a_text_field_that_is_not_a_string_names_its_type_and_the_key(tmp_path):
     with pytest.raises(DataError) as error:
         prepare_data(str(tmp_path / "docs.jsonl"), tokenizer="byte", cache_dir=str(tmp_path / "cache"))
     assert "line 2: field 'text' holds a value of type int, expected a string" in str(error.value)
+
+
+def hf_folder_without_weights(tmp_path):
+    from trainer.models import build, save_hf
+
+    folder = tmp_path / "pretrained"
+    save_hf(build("tiny", vocab_size=320), folder)
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def hf_folder_of_another_architecture(tmp_path):
+    from trainer.models import build, save_hf
+
+    folder = tmp_path / "pretrained"
+    save_hf(build("tiny", vocab_size=320), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make_overrides, message",
+    [
+        (lambda tmp: {"train__output_dir": "/proc/no-such-process/run"}, "cannot be created in '/proc'"),
+        (lambda tmp: {"train__output_dir": "/sys/run"}, "cannot be created in '/sys'"),
+        (
+            lambda tmp: {"model__from_hf": str(hf_folder_without_weights(tmp))},
+            "has no model.safetensors (nor a model.safetensors.index.json): its weights are missing",
+        ),
+        (
+            lambda tmp: {"model__from_hf": str(hf_folder_of_another_architecture(tmp))},
+            "architecture 'GPTNeoXForCausalLM' is not supported",
+        ),
+    ],
+)
+def test_paths_and_checkpoints_are_checked_before_the_corpus_is_tokenized(tmp_path, make_overrides, message):
+    overrides = {"model__preset": "small", "model__allow_new_tokenizer": True, **make_overrides(tmp_path)}
+    proc = run_cli("train", *tiny_args(tmp_path, **overrides), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "NOWHERE"], "eval: 'NOWHERE' does not exist; pass a run's final or checkpoint-<step> folder"),
+        (["eval", "FILE"], "eval: 'FILE' is a file, not a folder"),
+        (["generate", "NOWHERE", "--prompt", "hi"], "generate: 'NOWHERE' does not exist; pass a run's final"),
+    ],
+)
+def test_eval_and_generate_of_a_path_that_is_not_a_folder_say_so(tmp_path, args, message):
+    (tmp_path / "file.txt").write_text("not a model\n")
+    where = {"NOWHERE": str(tmp_path / "no-such-run"), "FILE": str(tmp_path / "file.txt")}
+    proc = run_cli(*[where.get(a, a) for a in args], cwd=tmp_path)
+    for name, path in where.items():
+        message = message.replace(name, path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr

@@ -25,6 +25,7 @@ from trainer.lora import apply_lora, lora_summary
 from trainer.metrics import truncate_metrics
 from trainer.models import KernelChoice, build, load_hf
 from trainer.models.config import PRESETS, resolve_args
+from trainer.models.hf import args_from_hf_config, read_hf_config, weight_files
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
@@ -160,6 +161,18 @@ def check_pretrained_fit(config: TrainConfig) -> None:
         raise ConfigError(
             f"model.from_hf={m.from_hf!r} has no config.json; pass a local Hugging Face model folder "
             "(config.json + *.safetensors)"
+        )
+    # Before the corpus is tokenized: an architecture or a config feature we do not implement, and
+    # weights that are not there, are found in a moment.
+    args_from_hf_config(read_hf_config(m.from_hf))
+    try:
+        missing = [file.name for file in weight_files(m.from_hf) if not file.is_file()]
+    except CheckpointError:
+        missing = ["model.safetensors (nor a model.safetensors.index.json)"]
+    if missing:
+        raise ConfigError(
+            f"model.from_hf={m.from_hf!r} has no {missing[0]}: its weights are missing; pass a folder "
+            "that save_pretrained wrote with safetensors (config.json + *.safetensors)"
         )
     given = [f"model.{k}" for k in MODEL_SHAPE_KEYS if getattr(m, k) is not None]
     if m.preset != "small":

@@ -9,6 +9,7 @@ from trainer.build import kernel_choice, load_run_data
 from trainer.config import load_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation import Evaluator
+from trainer.files import require_folder
 from trainer.lora import is_adapter_folder, load_adapter_model
 from trainer.models import load_hf
 from trainer.runtime import resolve_device, resolve_dtype
@@ -16,7 +17,7 @@ from trainer.runtime import resolve_device, resolve_dtype
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
     """Loss and perplexity of a checkpoint-<step> or final folder on its run's validation split."""
-    path = Path(path)
+    path = require_folder(path, "eval:", "a run's final or checkpoint-<step> folder")
     if not (path / "run_config.toml").is_file():
         raise CheckpointError(
             f"{str(path)!r} is not a checkpoint folder (no run_config.toml); pass a "

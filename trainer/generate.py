@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import CheckpointError, ConfigError
+from trainer.files import require_folder
 
 
 def load_for_generation(path: str | Path, device: torch.device):
@@ -21,7 +22,7 @@ def load_for_generation(path: str | Path, device: torch.device):
     from trainer.lora import is_adapter_folder, load_adapter_model
     from trainer.models import load_hf
 
-    path = Path(path)
+    path = require_folder(path, "generate:", "a run's final or checkpoint-<step> folder, or a Hugging Face folder")
     adapter = is_adapter_folder(path)
     if not adapter and not (path / "config.json").is_file():
         raise CheckpointError(

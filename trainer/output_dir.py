@@ -1,15 +1,17 @@
 """The output folder's policy: where a run writes, what it resumes, and what it may replace.
 
 Two phases, so that nothing a user has is touched by a run that fails to start: `plan_output`
-only looks (it creates and deletes nothing) and is called before the data and the model are
-built; `claim_output` creates the folder and, for `train.overwrite=true`, removes the previous
-run's outputs, and is called once everything else has been checked, just before the run writes.
+only looks (its one write is an empty probe folder, removed at once) and is called before the data
+and the model are built; `claim_output` creates the folder and, for `train.overwrite=true`,
+removes the previous run's outputs, and is called once everything else has been checked, just
+before the run writes.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +79,14 @@ def check_writable(folder: Path, key: str) -> None:
         raise ConfigError(
             f"{key}={str(folder)!r} is not writable (no permission on {str(existing)!r}); choose another {key}"
         )
+    # os.access says yes to root everywhere, and knows nothing of read-only mounts or of /proc and
+    # /sys: try what the run will do, an empty folder made and removed again.
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".probe-"))
+    except OSError as e:
+        raise ConfigError(
+            f"{key}={str(folder)!r} cannot be created in {str(existing)!r} ({e.strerror or e}); choose another {key}"
+        ) from None
 
 
 def claim_output(plan: OutputPlan) -> None:
