@@ -28,6 +28,7 @@ LAYERS = {
     "trainer.plot": 4,
     "trainer.prefetch": 4,
     "trainer.hf_patch": 4,
+    "trainer.trackers": 4,
     "trainer.metrics": 5,
     "trainer.checkpoint": 5,
     "trainer.evaluation": 5,

@@ -18,6 +18,8 @@ class TrainerState:
     best_checkpoint: str | None = None
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
     log_history: list[dict] = field(default_factory=list)
+    runtime_s: float = 0.0  # seconds of training, over every session of a resumed run
+    tracker_runs: dict[str, str] = field(default_factory=dict)  # {train.report_to backend: its run id}, to resume
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

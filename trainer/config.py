@@ -92,7 +92,10 @@ class TrainingConfig:
     log_every: int = 10  # progress lines when not on a terminal
     max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
     progress: str = choice("auto", "auto", "bar", "lines", "none")
-    tensorboard: bool = False
+    # Experiment trackers that get what metrics.jsonl gets, on rank 0 (trainer/trackers.py): a comma list of
+    # tensorboard, wandb, mlflow, trackio, or none.
+    report_to: str = "none"
+    tensorboard: bool = False  # the older spelling of report_to=tensorboard, kept so earlier config files load
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     # NEFTune: uniform noise of magnitude neftune_alpha / sqrt(seq_len * hidden) on the input embeddings in
     # training forward passes only (Hugging Face Trainer's neftune_noise_alpha); 0: off.
@@ -309,6 +312,7 @@ class TrainConfig:
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
         _check_data(self.data)
+        report_to(t)
         if not 0 <= self.optim.min_lr_ratio <= 1 or not 0 <= self.optim.decay_fraction <= 1:
             raise ConfigError("optim.min_lr_ratio and optim.decay_fraction must be in [0, 1]")
         if t.param_dtype == "bf16" and t.dtype in ("fp32", "fp16"):
@@ -343,6 +347,27 @@ class TrainConfig:
 def _positive(key, value):
     if value <= 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # train.report_to's names, in trainer/trackers.py
+
+
+def report_to(t: TrainingConfig) -> list[str]:
+    """train.report_to as a list of tracker names (train.tensorboard=true adds tensorboard); [] for none."""
+    names = [n.strip().lower() for n in t.report_to.split(",") if n.strip()]
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"train.report_to={t.report_to!r} names none beside trackers; give either none or trackers")
+    names = [n for n in names if n != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(
+                f"train.report_to: unknown tracker {name!r}; {hint}choose from: {', '.join(TRACKERS)}, or none"
+            )
+    if t.tensorboard and "tensorboard" not in names:
+        names.append("tensorboard")
+    return list(dict.fromkeys(names))  # each once, in the order given
 
 
 def _check_data(d: DataConfig) -> None:

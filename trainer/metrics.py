@@ -1,4 +1,4 @@
-"""Where numbers go: metrics.jsonl, the progress bar or log lines, TensorBoard."""
+"""Where numbers go: metrics.jsonl, the progress bar or log lines, and the experiment trackers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -134,7 +133,7 @@ class MetricsLogger:
         max_steps: int,
         start_step: int,
         log_every: int,
-        tensorboard: bool,
+        trackers=None,
     ):
         self.enabled = enabled
         self.max_steps, self.log_every = max_steps, log_every
@@ -148,16 +147,7 @@ class MetricsLogger:
 
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.lines = enabled and progress == "lines"
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                warnings.warn(
-                    "train.tensorboard=true but tensorboard is not installed (pip install tensorboard)", stacklevel=2
-                )
+        self.trackers = trackers  # trainer.trackers.Trackers: each line written also goes to them
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -168,12 +158,11 @@ class MetricsLogger:
             print(text, flush=True)
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        line = {k: _clean(v) for k, v in record.items()}
+        self.file.write(json.dumps(line) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self.tb.add_scalar(k, v, record["step"])
+        if self.trackers is not None:
+            self.trackers.log(line)
 
     def log_step(self, record: dict, eta_s: float | None = None, warming_up: bool = False) -> None:
         """Writes the step's record; at log steps, a progress line with the time left (`eta_s`) and
@@ -211,5 +200,3 @@ class MetricsLogger:
             self.bar.close()
         if self.file is not None:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
