@@ -70,6 +70,19 @@ def test_binary_files_are_skipped_and_latin1_counted(tmp_path, caplog):
         prepare_data(str(only_binary), tokenizer="byte", cache_dir=str(tmp_path / "cache"))
 
 
+def test_a_folder_of_extensionless_text_files_is_read_and_an_extensionless_executable_skipped(tmp_path):
+    licenses = tmp_path / "licenses"
+    licenses.mkdir()
+    texts = {"MIT": "Permission is hereby granted, free of charge.\n", "GPL-3.0": "GNU GENERAL PUBLIC LICENSE\n"}
+    for name, text in texts.items():
+        (licenses / name).write_text(text)
+    (licenses / "run").write_bytes(elf_bytes())  # an executable: no extension either
+    (licenses / "data.json").write_text('{"not": "a document"}')  # an extension we do not read
+    data = prepare_data(str(licenses), tokenizer="byte", val_fraction=0, cache_dir=str(tmp_path / "cache"))
+    expected = [t for name in sorted(texts) for t in [*texts[name].encode(), 256]]
+    assert data.train.tolist() == expected and data.n_documents == 2
+
+
 def test_bpe_training_skips_binary_files(tmp_path):
     root = tmp_path / "c"
     root.mkdir()

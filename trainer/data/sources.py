@@ -36,7 +36,8 @@ BUILTIN_STDLIB = "builtin:python-stdlib"
 
 ACCEPTED = (
     "a file (" + " ".join(TEXT_EXTENSIONS) + " text, .jsonl, .jsonl.gz, .jsonl.zst, .parquet); a folder "
-    "(searched recursively for those, hidden folders skipped) or a folder written by datasets' save_to_disk; "
+    "(searched recursively for those and for text files without an extension, hidden folders skipped) or a "
+    "folder written by datasets' save_to_disk; "
     f"a glob pattern such as 'data/**/*.parquet'; a comma-separated list of these; or '{BUILTIN_STDLIB}'"
 )
 
@@ -217,7 +218,12 @@ def _datasets_arrow_files(folder: str) -> list[str] | None:
     return [os.path.join(folder, n) for n in files]
 
 
-def _walk(folder: str, root: str, suffixes=WALKED_SUFFIXES, skip_dirs=()) -> list[tuple[str, str]]:
+def _walk(
+    folder: str, root: str, suffixes=WALKED_SUFFIXES, skip_dirs=(), extensionless: bool = True
+) -> list[tuple[str, str]]:
+    """(path, name) of the files under `folder` with one of `suffixes`, and with `extensionless`
+    those whose name has no extension (a licenses/ folder): read as text, unless their first bytes
+    look binary (an executable), like any text file."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         arrow = _datasets_arrow_files(dirpath)
@@ -227,15 +233,21 @@ def _walk(folder: str, root: str, suffixes=WALKED_SUFFIXES, skip_dirs=()) -> lis
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__" and d not in skip_dirs]
         for fn in filenames:
-            if not fn.startswith(".") and fn.lower().endswith(suffixes):
+            if not fn.startswith(".") and (fn.lower().endswith(suffixes) or (extensionless and _no_extension(fn))):
                 full = os.path.join(dirpath, fn)
                 out.append((os.path.abspath(full), os.path.relpath(full, root)))
     return out
 
 
+def _no_extension(name: str) -> bool:
+    """LICENSE, COPYING, GPL-3.0: no extension, or a version number where one would be."""
+    extension = os.path.splitext(name)[1]
+    return extension == "" or extension[1:].isdigit()
+
+
 def _stdlib_files() -> list[tuple[str, str]]:
     root = sysconfig.get_paths()["stdlib"]
-    files = _walk(root, root, suffixes=(".py",), skip_dirs=("test", "tests"))
+    files = _walk(root, root, suffixes=(".py",), skip_dirs=("test", "tests"), extensionless=False)
     # Installed packages and the IDLE GUI are not "the standard library as code to learn from".
     top_skip = ("site-packages", "dist-packages", "idlelib")
     return [(p, n) for p, n in files if n.split(os.sep)[0] not in top_skip]
