@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "trainer.constants": 0,
     "trainer.errors": 0,
+    "trainer.third_party": 0,
     "csrc_triton": 1,
     "trainer.config": 1,
     "trainer.files": 1,

@@ -176,3 +176,18 @@ def test_eval_and_generate_of_a_path_that_is_not_a_folder_say_so(tmp_path, args,
         message = message.replace(name, path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+
+
+def test_bitsandbytes_hub_kernel_warning_is_kept_out_of_a_runs_output():
+    # What bitsandbytes logs at import on a CPU with AVX512-BF16 when the hub kernel cannot be had;
+    # this machine may lack that CPU feature, so the record is sent through bitsandbytes' own logger.
+    code = (
+        "import logging, trainer; logging.basicConfig(); "
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops'); "
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+        "already `pip install kernels`', 'trust_remote_code=True is needed'); "
+        "log.warning('another bitsandbytes warning')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "kernels-community" not in proc.stderr and "another bitsandbytes warning" in proc.stderr

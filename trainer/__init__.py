@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from trainer.third_party import quiet_unactionable_messages
+
 __version__ = "0.1.0"
+quiet_unactionable_messages()
 
 _EXPORTS = {
     "Trainer": "trainer.loop",
