@@ -102,6 +102,7 @@ def save_checkpoint(
     sharded: bool = False,
     is_main: bool = True,
     lora_base: str | None = None,
+    readme: str | None = None,
 ) -> Path:
     """Writes checkpoint-<step>; with `sharded` (an FSDP run) every rank must call it.
 
@@ -134,6 +135,7 @@ def save_checkpoint(
             sampler_state=sampler_state,
             config_toml=config_toml,
             tokenizer=tokenizer,
+            readme=readme,
         )
     if sharded:
         barrier()  # no rank moves on (or rotates, or saves again) before the rename
@@ -183,10 +185,13 @@ def _write_checkpoint(
     sampler_state: dict,
     config_toml: str,
     tokenizer,
+    readme: str | None = None,
 ) -> None:
     write_model(tmp)
     tokenizer.save(tmp)
     (tmp / "run_config.toml").write_text(config_toml)
+    if readme is not None:  # the model card (trainer/model_card.py)
+        (tmp / "README.md").write_text(readme)
     torch.save(
         {
             "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None: in distributed/
@@ -390,6 +395,7 @@ class Checkpointer:
         self.folder, self.keep_last, self.config_toml = Path(folder), keep_last, config_toml
         self.tokenizer, self.sharded, self.is_main = tokenizer, sharded, is_main
         self.lora_base, self.save_merged = lora_base, save_merged  # LoRA runs: the base model's folder
+        self.model_card = None  # folder -> its README.md (the loop sets it: trainer/model_card.py); None: no card
 
     def save(
         self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict, sampler_state: dict
@@ -412,6 +418,7 @@ class Checkpointer:
                     sharded=self.sharded,
                     is_main=self.is_main,
                     lora_base=self.lora_base,
+                    readme=self.model_card(self.folder / f"checkpoint-{step}") if self.model_card else None,
                 )
             except OSError as e:  # a full disk, a quota, a folder gone: the earlier checkpoints are intact
                 for partial in self.folder.glob(f".tmp-checkpoint-{step}*"):
@@ -447,6 +454,8 @@ class Checkpointer:
             tmp = self.folder / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             write_model(tmp)
+            if self.model_card is not None:
+                (tmp / "README.md").write_text(self.model_card(final))
             folders = [tmp]
             if merged is not None:
                 save_hf(merged, tmp / "merged", special_tokens)

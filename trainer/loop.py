@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,10 +31,11 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig, report_to, to_toml
 from trainer.errors import TrainerError
 from trainer.metrics import MetricsLogger, PendingSteps, Throughput
+from trainer.model_card import hardware_name, render_model_card
 from trainer.optim import state_bytes
 from trainer.parallel import all_reduce_sum, clip_grad_norm, gradient_sync, shutdown
 from trainer.prefetch import StepBatch, StepPrefetcher
-from trainer.runtime import autocast, parameter_count, peak_memory_bytes, tensor_bytes
+from trainer.runtime import DTYPE_NAMES, autocast, parameter_count, peak_memory_bytes, tensor_bytes
 from trainer.summary import write_run_summary
 from trainer.trackers import TrackedRun, Trackers, check_installed
 
@@ -180,6 +182,8 @@ class Trainer:
             start_step=p.state.step,
         )
         p.state.tracker_runs.update(self.trackers.start(tracked))
+        if p.checkpointer is not None and p.env.is_main:
+            p.checkpointer.model_card = self.model_card  # README.md in final/ and each checkpoint
         self.metrics = MetricsLogger(
             p.output.folder,
             enabled=p.env.is_main,
@@ -325,6 +329,20 @@ class Trainer:
             sampler_state=self.loader_state,
         )
         self.callbacks.fire("on_save", self.config, state, self.control, checkpoint=path)
+
+    def model_card(self, folder: Path) -> str:
+        """The model card of `folder` (final/ or a checkpoint) as the run stands now."""
+        p = self.parts
+        return render_model_card(
+            folder,
+            self.config,
+            p.state,
+            parameters=parameter_count(p.model.parameters()),
+            trainable=parameter_count(p.params),
+            precision=DTYPE_NAMES[p.compute_dtype],
+            hardware=hardware_name(p.device),
+            world_size=p.env.world_size,
+        )
 
     def _finish(self) -> None:
         """final/, train_results.json, loss.png and a summary of where everything went."""
