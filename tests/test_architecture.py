@@ -30,6 +30,7 @@ LAYERS = {
     "trainer.prefetch": 4,
     "trainer.hf_patch": 4,
     "trainer.trackers": 4,
+    "trainer.hf_callbacks": 4,
     "trainer.metrics": 5,
     "trainer.checkpoint": 5,
     "trainer.evaluation": 5,

@@ -30,6 +30,7 @@ from trainer.callbacks import CallbackList, TrainerControl, TrainerState
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import TrainConfig, report_to, to_toml
 from trainer.errors import TrainerError
+from trainer.hf_callbacks import adapt_hf_callbacks
 from trainer.metrics import MetricsLogger, PendingSteps, Throughput
 from trainer.model_card import hardware_name, render_model_card
 from trainer.optim import state_bytes
@@ -58,7 +59,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, callbacks=(), parts: RunParts | None = None):
         self.config = config
-        self.callbacks = CallbackList(callbacks)
+        self.callbacks = CallbackList(adapt_hf_callbacks(callbacks, self))  # transformers' callbacks too
         self.control = TrainerControl()
         self.parts = parts
         self.stop_signal: int | None = None  # the signal this process received
