@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from trainer.bench.machine_load import OTHER_LOAD_LIMIT, OtherLoad  # noqa: E402 (after the path above)
 
 # name -> (label, config overrides). Every option also gets COMMON.
 OPTIONS = {
@@ -265,38 +266,20 @@ def child_main(args) -> None:
     print("RESULT " + json.dumps(figures))
 
 
-def cpu_busy_seconds() -> float | None:
-    """CPU seconds all processes on this machine have used since boot (None where /proc/stat is missing)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_child(spec: dict) -> tuple[dict, float, float | None]:
     """Runs one option in a fresh process; returns (its figures, wall seconds, the share of the CPUs
     that other processes used meanwhile)."""
-    busy0, ours0, t0 = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
+    load, t0 = OtherLoad(), time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
     )
     wall = time.perf_counter() - t0
-    busy1, ours1 = cpu_busy_seconds(), children_cpu_seconds()
+    others = load.share()
     if proc.returncode != 0:
         what = "live-peak run" if spec["live"] else "run"
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"{spec['name']}: the {what} failed (exit {proc.returncode}):\n{tail}")
     line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT "))
-    others = None
-    if busy0 is not None and busy1 is not None:
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (wall * (os.cpu_count() or 1))
     return json.loads(line.removeprefix("RESULT ")), wall, others
 
 
@@ -537,7 +520,7 @@ def run(args) -> int:
                 rows.append(row)
                 busy = f"; other processes used {others:.0%} of the CPUs meanwhile" if others is not None else ""
                 print(f"{name}: {steps} steps in {wall:.0f} s{busy}", file=sys.stderr, flush=True)
-                if others is not None and others > 0.1:
+                if others is not None and others > OTHER_LOAD_LIMIT:
                     print(f"warning: {name}'s tokens/s is not a quiet machine's figure", file=sys.stderr)
             keys = (
                 "vocab_size",

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,7 +16,7 @@ from trainer.config import to_toml
 from trainer.errors import ConfigError
 
 REPORT_KEYS = {"reference", "optimized", "max_rel_loss_diff", "tolerance", "criterion", "passed", "env"}
-SIDE_KEYS = {"losses", "tokens_per_s", "peak_mem_bytes"}
+SIDE_KEYS = {"losses", "tokens_per_s", "peak_mem_bytes", "other_cpu_share", "step_time_spread"}
 
 
 def run_bench(tmp_path, *overrides, env=None, **config):
@@ -51,6 +52,9 @@ def test_fp32_tiny_bench_passes_and_matches_the_hf_peer(tmp_path):
     assert report["peer"]["optimized_speedup"] > 0 and report["peer"]["optimized_memory_ratio"] > 0
     assert (tmp_path / "run" / "bench.png").is_file()
     assert "PASSED" in proc.stdout and "tokens/s" in proc.stdout
+    assert 0 <= report["optimized"]["other_cpu_share"] <= 1 and report["optimized"]["step_time_spread"] >= 0
+    assert report["speed_trusted"] == (not report["speed_caveats"])
+    assert ("not a quiet machine's figures" in proc.stdout) == (not report["speed_trusted"])
 
 
 # Python imports sitecustomize at start-up: this one scales the model's loss by 1.01 in the optimized
@@ -159,3 +163,62 @@ def test_bench_config_errors(tmp_path, overrides, message):
     cfg = tiny_config(tmp_path, train__max_steps=4, **overrides)
     with pytest.raises(ConfigError, match=message):
         check_bench_config(cfg, "cpu")
+
+
+def test_other_processes_cpu_time_is_measured_and_the_sides_own_is_not(tmp_path):
+    from trainer.bench.machine_load import OTHER_LOAD_LIMIT, OtherLoad, cpu_busy_seconds
+
+    spin = [sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"]
+    spinners = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 1)]
+    try:
+        load = OtherLoad()
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)"], check=True)
+        busy = load.share()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert busy > 0.5 > OTHER_LOAD_LIMIT  # every core was spinning for someone else
+    # A side that itself keeps a core busy is not "other load": its own CPU time (1.5 s of one core)
+    # is taken off the machine's, whatever else runs meanwhile.
+    busy, start, load = cpu_busy_seconds(), time.perf_counter(), OtherLoad()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    share = load.share()
+    whole_machine = (cpu_busy_seconds() - busy) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+    assert share < whole_machine - 0.8 * 1.5 / (time.perf_counter() - start) / (os.cpu_count() or 1)
+
+
+def test_a_busy_or_jittery_side_makes_the_report_say_its_speed_ratios_cannot_be_trusted():
+    from trainer.bench.machine_load import step_spread, untrusted_because
+    from trainer.bench.report import format_report
+
+    assert step_spread([1.0, 1.0, 1.0]) == 0 and step_spread([1.0, 3.0]) == pytest.approx(0.5)
+    sides = {
+        "reference": {"other_cpu_share": 0.02, "step_time_spread": 0.03},
+        "optimized": {"other_cpu_share": 0.35, "step_time_spread": 0.40},
+    }
+    caveats = untrusted_because(sides)
+    assert caveats == [
+        "other processes used 35% of the CPUs during the optimized run",
+        "the optimized run's step times varied by 40% (standard deviation over mean)",
+    ]
+    assert untrusted_because({"reference": sides["reference"]}) == []
+    side = {"losses": [2.0], "tokens_per_s": 10.0, "peak_mem_bytes": 2**20, "dtype": "fp32"}
+    report = {
+        "env": {"device": "CPU"},
+        "steps": 2,
+        "warmup_steps": 1,
+        "tokens_per_step": 64,
+        "reference": {**side, **sides["reference"]},
+        "optimized": {**side, **sides["optimized"]},
+        "speedup": 1.0,
+        "memory_ratio": 1.0,
+        "speed_trusted": False,
+        "speed_caveats": caveats,
+        "passed": None,
+        "criterion": "",
+        "files": [],
+    }
+    text = format_report(report)
+    assert "other CPU load" in text and "35%" in text
+    assert "warning: the tokens/s ratios above are not a quiet machine's figures: other processes used 35%" in text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from trainer.bench.machine_load import step_spread
 from trainer.bench.verdict import relative_differences
 
 # Dense (no sparsity) peak TFLOPS from NVIDIA's H100, H200 and A100 datasheets, by compute dtype:
@@ -59,6 +60,9 @@ def side_summary(result: dict, warmup_steps: int, peak_tflops: float) -> dict:
         "peak_mem_bytes": result["peak_mem_bytes"],
         "dtype": result["dtype"],
         "step_seconds": result["step_seconds"],
+        # How far the machine was from quiet while this side ran (trainer/bench/machine_load.py).
+        "other_cpu_share": result.get("other_cpu_share"),
+        "step_time_spread": step_spread(result["step_seconds"][warmup_steps:]),
     }
     if result["device_type"] == "cuda":
         peak, source = peak_flops(result, peak_tflops)
@@ -134,6 +138,10 @@ def write_plot(report: dict, path: Path) -> Path | None:
     return path
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -155,6 +163,8 @@ def format_report(report: dict) -> str:
             [f"{report[s]['losses'][-1]:.5f}" if report[s]["losses"][-1] is not None else "nan" for s in sides],
         )
     )
+    rows.append(("other CPU load", [_share(report[s].get("other_cpu_share")) for s in sides]))
+    rows.append(("step time spread", [_share(report[s].get("step_time_spread")) for s in sides]))
     width = max(len(r[0]) for r in rows) + 2
     lines = [
         f"bench on {report['env']['device']}: {report['steps']} steps of {report['tokens_per_step']:,} tokens; "
@@ -171,6 +181,12 @@ def format_report(report: dict) -> str:
             f"optimized vs {peer['name']}: {peer['optimized_speedup']:.2f}x tokens/s, "
             f"{peer['optimized_memory_ratio']:.2f}x peak memory; {peer['name']} loss max relative difference "
             f"{peer['max_rel_loss_diff']:.1e} vs {peer['compared_with']} (reported, not judged)"
+        )
+    if not report.get("speed_trusted", True):
+        lines.append(
+            "warning: the tokens/s ratios above are not a quiet machine's figures: "
+            + "; ".join(report["speed_caveats"])
+            + "; rerun bench with nothing else running"
         )
     if report["passed"] is None:
         lines.append(report["criterion"])

@@ -28,6 +28,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from trainer.bench.machine_load import OtherLoad, untrusted_because
 from trainer.bench.report import flops_per_token, json_safe, side_summary, write_plot
 from trainer.bench.verdict import judge, loss_changes, relative_differences
 from trainer.config import TrainConfig, to_toml
@@ -110,10 +111,11 @@ def run_side(side: str, cfg: TrainConfig, out: Path, *, mask_last_label: bool, p
     }
     spec_file.write_text(json.dumps(spec, indent=2))
     sys.stdout.flush()
+    load = OtherLoad()
     proc = subprocess.run([sys.executable, "-m", "trainer.bench.worker", str(spec_file)])
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if proc.returncode == 0 and "losses" in result:
-        return result
+        return {**result, "other_cpu_share": load.share()}
     if proc.returncode < 0 or proc.returncode == 130:
         raise KeyboardInterrupt
     if "error" in result:
@@ -154,6 +156,8 @@ def run_bench(cfg: TrainConfig) -> dict:
 
     opt = results["optimized"]
     report = {side: side_summary(r, b.warmup_steps, b.peak_tflops) for side, r in results.items()}
+    caveats = untrusted_because(report)
+    report.update(speed_trusted=not caveats, speed_caveats=caveats)
     report.update(
         {
             "steps": cfg.train.max_steps,
