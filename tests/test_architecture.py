@@ -36,6 +36,7 @@ LAYERS = {
     "trainer.evaluation": 5,
     "trainer.output_dir": 6,
     "trainer.summary": 6,
+    "trainer.model_card": 6,
     "trainer.plan": 6,
     "trainer.build": 7,
     "trainer.loop": 8,
