@@ -2,7 +2,7 @@
 
 Each case runs the bench command on one model: the eager PyTorch reference and the case's setting,
 each side in its own process, from one initialisation on one data order, and asserts that the losses
-pass bench's criterion (trainer/bench.py). pytest-benchmark times the whole command, once (a run is
+pass bench's criterion (trainer/bench/verdict.py). pytest-benchmark times the whole command, once (a run is
 minutes on a real model); the figures that matter are in each case's extra_info, taken from
 bench.json: tokens/s and peak memory of every side, speed-up and memory ratio against the reference
 (and the peer), MFU on GPU, the loss verdict. Named bench_*, so `pytest tests/` never collects it.

@@ -30,6 +30,16 @@ def persistent_programs(device: torch.device, work_items: int) -> int:
     return max(1, min(work_items, count))
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., cols) -> (rows, cols) with unit column stride, copying only when no such view exists."""
+    cols = t.shape[-1] if t.dim() else 1
+    try:
+        rows = t.view(-1, cols)
+    except RuntimeError:
+        rows = t.reshape(-1, cols)
+    return rows if cols <= 1 or rows.stride(1) == 1 else rows.contiguous()
+
+
 class KernelCompileError(RuntimeError):
     """A kernel could not be compiled (or does not fit the GPU) for the configuration it was asked for."""
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from csrc_triton._common import launch
+from csrc_triton._common import as_rows, launch
 
 BLOCK = 1024
 
@@ -45,16 +45,6 @@ def _swiglu_bwd_kernel(
     tl.store(DU + row * stride_du + cols, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., cols) -> (rows, cols) with unit column stride, copying only when no such view exists."""
-    cols = t.shape[-1] if t.dim() else 1
-    try:
-        rows = t.view(-1, cols)
-    except RuntimeError:
-        rows = t.reshape(-1, cols)
-    return rows if cols <= 1 or rows.stride(1) == 1 else rows.contiguous()
-
-
 def launch_config(n_cols: int) -> dict:
     """BLOCK and num_warps of both kernels (csrc_triton.compile_check compiles the same choice)."""
     return dict(BLOCK=min(BLOCK, triton.next_power_of_2(n_cols)), num_warps=4)
@@ -66,9 +56,8 @@ def _grid(n_rows: int, n_cols: int, block: int):
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for same-shaped tensors; returns a contiguous tensor of that shape."""
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    """silu(gate) * up for same-shaped tensors (trainer.ops.swiglu checks the shapes); returns a
+    contiguous tensor of that shape."""
     g, u = as_rows(gate), as_rows(up)
     n_rows, n_cols = g.shape
     out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
@@ -85,12 +74,7 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """Returns (d gate, d up) in the dtypes of gate and up."""
-    if not (gate.shape == up.shape == grad_out.shape):
-        raise ValueError(
-            f"grad_out {tuple(grad_out.shape)}, gate {tuple(gate.shape)} and up "
-            f"{tuple(up.shape)} must have the same shape"
-        )
+    """Returns (d gate, d up) in the dtypes of gate and up (grad_out, gate and up of one shape)."""
     do, g, u = as_rows(grad_out), as_rows(gate), as_rows(up)
     n_rows, n_cols = g.shape
     dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)

@@ -107,6 +107,18 @@ def test_no_module_imports_a_layer_above_its_own(path):
     assert not upward, f"{name} (layer {LAYERS[own]}) imports {upward}"
 
 
+def test_no_two_modules_import_each_other():
+    """Within a layer too: a pair that imports each other (even lazily) is one module in two files."""
+    imports = {module_name(path): set(imports_of(path, module_name(path))) for path in SOURCES}
+    pairs = sorted(
+        (a, b)
+        for a, of_a in imports.items()
+        for b in of_a
+        if a < b and b in imports and a in imports[b] and not (a.startswith(b + ".") or b.startswith(a + "."))
+    )
+    assert pairs == []
+
+
 def test_importing_the_ops_loads_neither_the_loop_nor_the_data_pipeline():
     import subprocess
     import sys

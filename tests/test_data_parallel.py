@@ -15,6 +15,7 @@ from trainer.data import shards as shards_mod
 from trainer.data import sources as sources_mod
 from trainer.data import workers as workers_mod
 from trainer.data.pieces import plan_pieces
+from trainer.data.readers import corpus_documents
 from trainer.data.tokenizer import train_bpe
 
 
@@ -70,7 +71,7 @@ def test_parallel_bpe_matches_the_tokenizers_library(corpus, tmp_path):
     tok = train_bpe(texts_of(200, 9), vocab_size=400)
     data = run(corpus, tmp_path / "cache", 3, tokenizer=tok, val_fraction=0)
     # Expected: each document encoded by `tokenizers` itself, in corpus order, each followed by EOS.
-    docs = [text for _, text, _ in resolve_corpus(str(corpus)).documents()]
+    docs = [text for _, text, _ in corpus_documents(resolve_corpus(str(corpus)))]
     expected = []
     for encoding in tok._tok.encode_batch(docs, add_special_tokens=False):
         expected += encoding.ids + [tok.eos_id]

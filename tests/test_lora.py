@@ -218,7 +218,7 @@ def test_kernels_path_equals_reference_path():
     lora.apply_lora(reference, settings(train_norms=True))
     perturb_adapters(reference)
     kernels = copy.deepcopy(reference)
-    kernels.set_kernels(KernelChoice.all("triton"))
+    kernels.set_kernels(KernelChoice.everywhere("triton"))
     losses, grads = [], []
     for model in (reference, kernels):
         loss = loss_of(model)

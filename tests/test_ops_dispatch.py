@@ -48,7 +48,7 @@ def small_block_inputs(device="cpu", dtype=torch.float32, seed=0):
     return t
 
 
-def block(x, residual, norm_w, wq, wk, w_gate_up, w_down, lm_head, cos, sin, labels, force=None):
+def block(x, residual, norm_w, wq, wk, w_gate_up, w_down, lm_head, cos, sin, labels, force="auto"):
     """All four ops in the order a Llama block and its head use them."""
     batch, seq, hidden = x.shape
     total, h = ops.add_rms_norm(x, residual, norm_w, force=force)

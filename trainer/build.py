@@ -90,22 +90,6 @@ class RunParts:
         )
 
 
-def kernel_choice(kernels) -> KernelChoice:
-    """kernels.* switches -> how the model runs each op (a switched-off kernel runs its reference)."""
-    if not kernels.enabled:
-        return KernelChoice.eager()
-
-    def pick(on: bool) -> str | None:
-        return None if on else "reference"
-
-    return KernelChoice(
-        rms_norm=pick(kernels.rms_norm),
-        rope=pick(kernels.rope),
-        swiglu=pick(kernels.swiglu),
-        materialize_logits=not kernels.fused_ce,
-    )
-
-
 def tokenizer_spec(config: TrainConfig) -> str:
     """data.tokenizer, except that fine-tuning with the default keeps the checkpoint's own tokenizer."""
     m, d = config.model, config.data
@@ -212,7 +196,7 @@ def own_tokenizer(config: TrainConfig) -> bool:
 def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
     """The model in fp32 on the CPU (from model.from_hf or the preset), checked against the tokenizer and seq_len."""
     m, t = config.model, config.train
-    kernels = kernel_choice(config.kernels)
+    kernels = KernelChoice.from_config(config.kernels)
     if m.from_hf:
         model = load_hf(m.from_hf, kernels)
     else:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.build import kernel_choice, load_run_data
+from trainer.build import load_run_data
 from trainer.config import load_config
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation import Evaluator
 from trainer.files import require_folder
 from trainer.lora import is_adapter_folder, load_adapter_model
 from trainer.models import load_hf
+from trainer.ops.dispatch import KernelChoice
 from trainer.runtime import resolve_device, resolve_dtype
 
 
@@ -26,7 +27,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
     cfg = load_config(path / "run_config.toml", list(overrides))
     device = resolve_device(cfg.train.device)
     compute_dtype = resolve_dtype(cfg.train.dtype, device)
-    kernels = kernel_choice(cfg.kernels)
+    kernels = KernelChoice.from_config(cfg.kernels)
     if is_adapter_folder(path):  # a LoRA run's final/ or checkpoint: its base model plus the adapters
         model = load_adapter_model(
             path, kernels, quantize=cfg.lora.quantize, compute_dtype=compute_dtype, device=device

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.bench.worker import bench_parts, package_version, side_facts
+from trainer.bench.side import bench_parts, package_version, side_facts
 from trainer.errors import TrainerError
 from trainer.models import save_hf
 from trainer.runtime import peak_memory_bytes
@@ -22,8 +22,8 @@ def synchronize(device: torch.device) -> None:
 
 def run_hf_peer(config, spec: dict) -> dict:
     """The weights come from the same build as our sides (same seed, same data, so the same
-    initialisation, checked by checksum) through save_hf. The batches are ours with DESIGN.md's
-    label conversion: input_ids = labels = block[:-1]; the model shifts them itself. The optimizer
+    initialisation, checked by checksum) through save_hf. The batches are ours, converted as a
+    Hugging Face model takes them: input_ids = labels = block[:-1]; the model shifts them itself. The optimizer
     and LR schedule are built by trainer.optim: AdamW whatever optim.name says (8-bit, GaLore and
     layer-wise updates are this trainer's), with the same parameter groups as ours.
     """

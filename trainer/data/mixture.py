@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from trainer.errors import ConfigError
 
 from .errors import DataError
 from .shards import TokenShards
-from .sources import HASH_MEMO_DIR, Corpus, resolve_corpus, split_path
+from .sources import Corpus
 
 log = logging.getLogger("trainer.data")
 
@@ -113,41 +112,3 @@ def union_corpus(spec: str, corpora: list[Corpus], text_field: str) -> Corpus:
 
     sources, binary = sorted(found.values(), key=order), sorted(skipped.values(), key=order)
     return Corpus(spec, tuple(sources), text_field, tuple(binary))
-
-
-def prepare_mixture(
-    path: str, weights, tokenizer, vocab_size: int, val_fraction: float, cache_dir: str, text_field: str, workers: int
-):
-    from .prepare import PreparedData, check_not_empty, prepare_corpus
-    from .tokenizer import Tokenizer, build_tokenizer
-
-    t0 = time.time()
-    entries = split_path(path)
-    shares = parse_weights(weights, entries)
-    memo = os.path.join(cache_dir, HASH_MEMO_DIR)
-    corpora = [resolve_corpus(entry, text_field, hash_memo=memo) for entry in entries]
-    for corpus in corpora:
-        check_not_empty(corpus)
-    union = union_corpus(path, corpora, text_field)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, union, vocab_size, cache_dir)
-    parts = [prepare_corpus(corpus, tok, val_fraction, cache_dir, workers) for corpus in corpora]
-    train = TokenMixture(entries, shares, [p.train for p in parts])
-    vals = [p.val for p in parts if p.val is not None]
-    val = None
-    if vals:  # evaluation sees every source's held-out documents, source by source
-        val = TokenShards(
-            [f for v in vals for f in v.files], [len(m) for v in vals for m in v.shards], vals[0].dtype, tok.eos_id
-        )
-    described = [f"{e!r} weight {w:.3g}, {len(p.train):,} train tokens" for e, w, p in zip(entries, shares, parts)]
-    log.info("mixture of %d sources in %.1fs: %s", len(entries), time.time() - t0, "; ".join(described))
-    meta = {"mixture": [{"path": e, "weight": w, "cache": p.cache_path} for e, w, p in zip(entries, shares, parts)]}
-    return PreparedData(
-        tok,
-        train,
-        val,
-        os.path.join(cache_dir, "datasets"),
-        sum(p.n_documents for p in parts),
-        meta,
-        all(p.from_cache for p in parts),
-        parts,
-    )

@@ -31,10 +31,11 @@ from trainer.files import make_temp_dir
 from . import readers
 from .cache import cache_write_error, remove_stale, resolve_cache_dir, writable_subdir
 from .errors import DataError
+from .mixture import TokenMixture, parse_weights, union_corpus
 from .pieces import plan_pieces
 from .progress import TokenizeProgress, emit, human_bytes
 from .shards import TokenShards, write_shards
-from .sources import BINARY_RULE, HASH_MEMO_DIR, Corpus, resolve_corpus
+from .sources import BINARY_RULE, HASH_MEMO_DIR, Corpus, resolve_corpus, split_path
 from .tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 from .workers import TokenizeJob, piece_file, resolve_workers, run_pieces, tokenize_piece
 
@@ -97,8 +98,6 @@ def prepare_data(
     cache_dir = resolve_cache_dir(cache_dir)
     workers = resolve_workers(num_workers)
     if weights is not None and weights != "":
-        from .mixture import prepare_mixture
-
         return prepare_mixture(path, weights, tokenizer, vocab_size, val_fraction, cache_dir, text_field, workers)
     corpus = resolve_corpus(path, text_field, hash_memo=os.path.join(cache_dir, HASH_MEMO_DIR))
     check_not_empty(corpus)
@@ -369,3 +368,40 @@ def _assemble(
         "hygiene": {"binary_files": [s.name for s in corpus.skipped], **read.as_dict()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def prepare_mixture(
+    path: str, weights, tokenizer, vocab_size: int, val_fraction: float, cache_dir: str, text_field: str, workers: int
+) -> PreparedData:
+    """A TokenMixture of the comma-separated entries of `path`, each tokenized and cached on its own
+    (trainer/data/mixture.py), with one tokenizer for all: trained on their union for "bpe"."""
+    t0 = time.time()
+    entries = split_path(path)
+    shares = parse_weights(weights, entries)
+    memo = os.path.join(cache_dir, HASH_MEMO_DIR)
+    corpora = [resolve_corpus(entry, text_field, hash_memo=memo) for entry in entries]
+    for corpus in corpora:
+        check_not_empty(corpus)
+    union = union_corpus(path, corpora, text_field)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer, union, vocab_size, cache_dir)
+    parts = [prepare_corpus(corpus, tok, val_fraction, cache_dir, workers) for corpus in corpora]
+    train = TokenMixture(entries, shares, [p.train for p in parts])
+    vals = [p.val for p in parts if p.val is not None]
+    val = None
+    if vals:  # evaluation sees every source's held-out documents, source by source
+        val = TokenShards(
+            [f for v in vals for f in v.files], [len(m) for v in vals for m in v.shards], vals[0].dtype, tok.eos_id
+        )
+    described = [f"{e!r} weight {w:.3g}, {len(p.train):,} train tokens" for e, w, p in zip(entries, shares, parts)]
+    log.info("mixture of %d sources in %.1fs: %s", len(entries), time.time() - t0, "; ".join(described))
+    meta = {"mixture": [{"path": e, "weight": w, "cache": p.cache_path} for e, w, p in zip(entries, shares, parts)]}
+    return PreparedData(
+        tok,
+        train,
+        val,
+        os.path.join(cache_dir, "datasets"),
+        sum(p.n_documents for p in parts),
+        meta,
+        all(p.from_cache for p in parts),
+        parts,
+    )

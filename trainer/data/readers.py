@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import DataError
-from .pieces import Span
-from .sources import Source, first_line, open_arrow
+from .pieces import Span, plan_pieces
+from .sources import Corpus, Source, first_line, open_arrow
 
 # A text file is one document. One longer than this is read and tokenized in line-aligned parts of
 # this size, so memory stays bounded; tokens at the joins may differ from encoding it whole. Part of
@@ -65,6 +65,18 @@ def decode_utf8(data: bytes, stats: ReadStats) -> str:
         stats.replaced += _CountingReplace.count - before
         stats.replaced_documents += 1
         return text
+
+
+def corpus_documents(corpus: Corpus) -> Iterator[tuple[str, str, int]]:
+    """Yield (doc_id, text, n_bytes_read) in corpus order, streamed (BPE training reads this).
+
+    A text file longer than TEXT_CHUNK_BYTES comes as several texts with one doc_id.
+    """
+    stats = ReadStats()
+    for piece in plan_pieces(corpus):
+        for span in piece.spans:
+            for doc_id, text, n_bytes, _ in read_span(corpus.sources[span.source], span, corpus.text_field, stats):
+                yield doc_id, text, n_bytes
 
 
 def read_span(source: Source, span: Span, text_field: str, stats: ReadStats) -> Iterator[tuple[str, str, int, bool]]:

@@ -15,7 +15,6 @@ import json
 import os
 import sysconfig
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from trainer.config import split_data_path
@@ -98,20 +97,6 @@ class Corpus:
         if self.skipped:  # only then, so corpora without binary files keep their fingerprint
             key["skipped"] = [[s.name, s.digest] for s in self.skipped]
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()
-
-    def documents(self) -> Iterator[tuple[str, str, int]]:
-        """Yield (doc_id, text, n_bytes_read) in corpus order, streamed (BPE training reads this).
-
-        A text file longer than readers.TEXT_CHUNK_BYTES comes as several texts with one doc_id.
-        """
-        from .pieces import plan_pieces
-        from .readers import ReadStats, read_span
-
-        stats = ReadStats()
-        for piece in plan_pieces(self):
-            for span in piece.spans:
-                for doc_id, text, n_bytes, _ in read_span(self.sources[span.source], span, self.text_field, stats):
-                    yield doc_id, text, n_bytes
 
 
 def source_kind(path: str) -> str:

@@ -322,6 +322,7 @@ def load_tokenizer(folder: str) -> Tokenizer:
 
 
 def _cached_bpe(sources, vocab_size: int, cache_dir: str | None) -> HFTokenizer:
+    from .readers import corpus_documents
     from .sources import Corpus, resolve_corpus
 
     if sources is None:
@@ -334,7 +335,7 @@ def _cached_bpe(sources, vocab_size: int, cache_dir: str | None) -> HFTokenizer:
     parent = writable_subdir(cache_dir, "tokenizers")  # before training: fail in a second, not after an hour
 
     def texts():
-        for _, text, _ in corpus.documents():
+        for _, text, _ in corpus_documents(corpus):
             yield text
 
     tok = train_bpe(texts(), vocab_size)

@@ -6,7 +6,8 @@ import torch
 
 from trainer.models.config import PRESETS, ModelArgs, resolve_args
 from trainer.models.hf import args_from_hf_config, assign_weights, read_generation_config, read_hf_config, save_hf
-from trainer.models.llama import KernelChoice, Transformer
+from trainer.models.llama import Transformer
+from trainer.ops.dispatch import KernelChoice
 
 
 def build(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,28 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from trainer import ops
 from trainer.models.config import ModelArgs
-
-
-@dataclass
-class KernelChoice:
-    """How each op runs: None dispatches by device (CUDA -> Triton), or "triton" / "reference".
-
-    materialize_logits=True computes full logits and F.cross_entropy, the plain eager reference.
-    """
-
-    rms_norm: str | None = None
-    rope: str | None = None
-    swiglu: str | None = None
-    fused_ce: str | None = None
-    materialize_logits: bool = False
-
-    @classmethod
-    def all(cls, force: str | None) -> KernelChoice:
-        return cls(force, force, force, force)
-
-    @classmethod
-    def eager(cls) -> KernelChoice:
-        return cls("reference", "reference", "reference", "reference", materialize_logits=True)
+from trainer.ops.dispatch import KernelChoice
 
 
 class RMSNorm(nn.Module):
@@ -263,9 +241,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_kernels(self, kernels: KernelChoice) -> None:
-        """Switches every op of the model at once (the modules share one KernelChoice)."""
-        for field in ("rms_norm", "rope", "swiglu", "fused_ce", "materialize_logits"):
-            setattr(self.kernels, field, getattr(kernels, field))
+        """Switches every op of the model at once: each module that runs an op holds the choice."""
+        self.kernels = kernels
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = kernels
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:

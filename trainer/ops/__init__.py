@@ -1,6 +1,6 @@
 """Training ops: each dispatches to a Triton kernel on CUDA and to its PyTorch reference elsewhere.
 
-Every op takes force="triton" | "reference" to choose explicitly.
+Every op takes `force` (trainer.ops.dispatch.Impl: auto, triton or reference) to choose explicitly.
 """
 
 from trainer.ops.cross_entropy import check_labels, linear_cross_entropy

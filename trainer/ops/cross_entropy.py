@@ -21,32 +21,31 @@ import torch
 from torch import Tensor
 
 from trainer.errors import ConfigError
-from trainer.ops.dispatch import run_kernel, use_triton
+from trainer.ops.dispatch import Impl, kernel_errors, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    # Keep a chunk's logits about as large as the hidden states themselves (the idea behind
-    # Liger-Kernel's chunking): memory stays flat in the vocabulary size.
-    n_chunks = math.ceil(vocab_size / hidden_size)
-    return max(1, min(n_tokens, math.ceil(n_tokens / n_chunks)))
-
-
-# The Triton path's chunks hold at least this many tokens (see _triton_chunk_size); tests lower it
-# to exercise many chunks on small inputs.
+# The Triton path's chunks on a GPU hold at least this many tokens (see chunk_tokens); tests lower
+# it to exercise many chunks on small inputs.
 MIN_TRITON_CHUNK_TOKENS = 1024
 # ... as long as a chunk's logits stay within this many bytes.
 MAX_TRITON_CHUNK_BYTES = 256 << 20
 
 
-def _triton_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int, elem_bytes: int, on_gpu: bool) -> int:
-    # Every chunk's weight-gradient GEMM reads and writes the whole fp32 (vocab x hidden) buffer:
-    # with a few hundred tokens per chunk that traffic, not the math, sets the time on an H100
-    # (the GEMM turns compute-bound near 1k tokens). So on a GPU the chunks grow to ~1k tokens
-    # while their logits stay within MAX_TRITON_CHUNK_BYTES.
-    size = chunk_size(n_tokens, hidden_size, vocab_size)
-    if on_gpu:
+def chunk_tokens(n_tokens: int, hidden_size: int, vocab_size: int, elem_bytes: int, triton_on_gpu: bool) -> int:
+    """Tokens per chunk: the op's one chunking policy (the planner counts the same chunks).
+
+    A chunk's logits are kept about as large as the hidden states themselves (the idea behind
+    Liger-Kernel's chunking), so memory stays flat in the vocabulary size. With the Triton kernel
+    on a GPU, every chunk's weight-gradient GEMM reads and writes the whole fp32 (vocab x hidden)
+    buffer: with a few hundred tokens per chunk that traffic, not the math, sets the time on an
+    H100 (the GEMM turns compute-bound near 1k tokens), so there chunks grow to ~1k tokens while
+    their logits stay within MAX_TRITON_CHUNK_BYTES.
+    """
+    n_chunks = math.ceil(vocab_size / hidden_size)
+    size = max(1, min(n_tokens, math.ceil(n_tokens / n_chunks)))
+    if triton_on_gpu:
         budget = max(1, MAX_TRITON_CHUNK_BYTES // (vocab_size * elem_bytes))
         size = max(size, min(n_tokens, MIN_TRITON_CHUNK_TOKENS, budget))
     return size
@@ -90,21 +89,22 @@ def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_lo
 
 def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
     """The Triton version of one chunk: d loss / d logits, in the logits' own buffer and dtype."""
+    from csrc_triton.cross_entropy import cross_entropy_rows_
+
     logits = h @ weight.t()
-    return run_kernel(
-        "cross_entropy",
-        "cross_entropy_rows_",
-        logits,
-        y,
-        bias=bias,
-        loss_out=loss_out,
-        row_scale=row_scale,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        compute_grad=want_grad,
-    )
+    with kernel_errors():
+        return cross_entropy_rows_(
+            logits,
+            y,
+            bias=bias,
+            loss_out=loss_out,
+            row_scale=row_scale,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            compute_grad=want_grad,
+        )
 
 
 def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):
@@ -185,10 +185,7 @@ def _chunked(
     reduction="none"). Returns (losses, grad_h, grad_w fp32, grad_b fp32), None where not wanted.
     """
     n, hidden_size = hidden.shape
-    if triton:
-        size = _triton_chunk_size(n, hidden_size, weight.shape[0], hidden.element_size(), hidden.is_cuda)
-    else:
-        size = chunk_size(n, hidden_size, weight.shape[0])
+    size = chunk_tokens(n, hidden_size, weight.shape[0], hidden.element_size(), triton and hidden.is_cuda)
     want_grad = need_h or need_w or need_b
     losses = torch.empty(n, dtype=_loss_dtype(hidden.dtype, triton), device=hidden.device) if want_loss else None
     grad_h = torch.empty_like(hidden) if need_h else None
@@ -479,7 +476,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    force: str | None = None,
+    force: Impl = Impl.AUTO,
 ) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, logits never materialised.
 

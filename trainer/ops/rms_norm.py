@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from trainer.ops.dispatch import run_kernel, use_triton
+from csrc_triton._common import as_rows  # imports torch only, never triton
+from trainer.ops.dispatch import Impl, kernel_errors, use_triton
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +45,6 @@ def _rms_norm_backward_reference(dy: Tensor, x: Tensor, weight: Tensor, rstd: Te
     return dx.to(x.dtype), dw.to(weight.dtype)
 
 
-def _rows(t: Tensor) -> Tensor:
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.shape[1] <= 1 or rows.stride(1) == 1 else rows.contiguous()
-
-
 def _out_dtypes(x: Tensor, weight: Tensor, residual: Optional[Tensor], triton: bool):
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     rstd_dtype = torch.float32 if triton else _stats_dtype(sum_dtype)
@@ -63,9 +59,10 @@ def _rms_norm_op(
     if residual is not None and residual.shape != x.shape:
         x, residual = torch.broadcast_tensors(x, residual)
     if triton:
-        y, total, rstd = run_kernel(
-            "rms_norm", "rms_norm_forward", _rows(x), weight, eps, None if residual is None else _rows(residual)
-        )
+        from csrc_triton.rms_norm import rms_norm_forward
+
+        with kernel_errors():
+            y, total, rstd = rms_norm_forward(as_rows(x), weight, eps, None if residual is None else as_rows(residual))
         total = x.new_empty(0) if total is None else total.view(x.shape)
         return total, y.view(x.shape), rstd.view(x.shape[:-1])
     total = x if residual is None else x + residual
@@ -88,15 +85,12 @@ def _rms_norm_backward_op(
     """(dx, dweight) given what was normalised (x, or the stored sum) and the gradient dsum that
     reached the stored sum directly."""
     if triton:
-        dx, dw = run_kernel(
-            "rms_norm",
-            "rms_norm_backward",
-            _rows(dy),
-            _rows(x),
-            weight,
-            rstd.reshape(-1),
-            None if dsum is None else _rows(dsum),
-        )
+        from csrc_triton.rms_norm import rms_norm_backward
+
+        with kernel_errors():
+            dx, dw = rms_norm_backward(
+                as_rows(dy), as_rows(x), weight, rstd.reshape(-1), None if dsum is None else as_rows(dsum)
+            )
         return dx.view(x.shape), dw.to(weight.dtype)
     return _rms_norm_backward_reference(dy, x, weight, rstd, dsum)
 
@@ -134,13 +128,13 @@ def _backward(ctx, d_total, dy, _d_rstd):
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: str | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: Impl = Impl.AUTO) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     return _rms_norm_op(x, weight, None, eps, use_triton(force, x))[1]
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: str | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, force: Impl = Impl.AUTO
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (x + residual, rms_norm(x + residual))."""
     total, y, _ = _rms_norm_op(x, weight, residual, eps, use_triton(force, x))

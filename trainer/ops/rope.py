@@ -8,7 +8,7 @@ sin are position tables, not learned: they receive no gradient.
 import torch
 from torch import Tensor
 
-from trainer.ops.dispatch import run_kernel, use_triton
+from trainer.ops.dispatch import Impl, kernel_errors, use_triton
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,10 @@ def _rope_inverse_reference(dq, dk, cos, sin):
 @torch.library.custom_op("trainer::rope", mutates_args=())
 def _rope_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool, triton: bool) -> tuple[Tensor, Tensor]:
     if triton:
-        return run_kernel("rope", "rope_rotate", q, k, cos, sin, inverse)
+        from csrc_triton.rope import rope_rotate
+
+        with kernel_errors():
+            return rope_rotate(q, k, cos, sin, inverse)
     if inverse:
         return _rope_inverse_reference(q, k, cos, sin)
     return rope_reference(q, k, cos, sin)
@@ -75,7 +78,7 @@ _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, force: str | None = None
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, force: Impl = Impl.AUTO
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q (batch, q_heads, seq, head_dim) and k (batch, kv_heads, seq, head_dim).
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.ops.dispatch import run_kernel, use_triton
+from trainer.ops.dispatch import Impl, kernel_errors, use_triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,10 @@ def _swiglu_backward_reference(grad_out: Tensor, gate: Tensor, up: Tensor):
 @torch.library.custom_op("trainer::swiglu", mutates_args=())
 def _swiglu_op(gate: Tensor, up: Tensor, triton: bool) -> Tensor:
     if triton:
-        return run_kernel("swiglu", "swiglu_forward", gate, up)
+        from csrc_triton.swiglu import swiglu_forward
+
+        with kernel_errors():
+            return swiglu_forward(gate, up)
     return swiglu_reference(gate, up)
 
 
@@ -40,7 +43,10 @@ def _(gate, up, triton):
 @torch.library.custom_op("trainer::swiglu_backward", mutates_args=())
 def _swiglu_backward_op(grad_out: Tensor, gate: Tensor, up: Tensor, triton: bool) -> tuple[Tensor, Tensor]:
     if triton:
-        return run_kernel("swiglu", "swiglu_backward", grad_out, gate, up)
+        from csrc_triton.swiglu import swiglu_backward
+
+        with kernel_errors():
+            return swiglu_backward(grad_out, gate, up)
     return _swiglu_backward_reference(grad_out, gate, up)
 
 
@@ -63,7 +69,8 @@ def _backward(ctx, grad_out):
 _swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, force: str | None = None) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, force: Impl = Impl.AUTO) -> torch.Tensor:
+    # Checked here for both paths: the reference would broadcast, the kernel read out of bounds.
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     return _swiglu_op(gate, up, use_triton(force, gate))

@@ -19,7 +19,7 @@ Sizes follow trainer/models/llama.py and the ops in trainer/ops (N = micro_batch
 
 from __future__ import annotations
 
-from trainer.ops.cross_entropy import MAX_TRITON_CHUNK_BYTES, MIN_TRITON_CHUNK_TOKENS, chunk_size
+from trainer.ops.cross_entropy import chunk_tokens
 from trainer.plan.graph import Op
 from trainer.plan.setting import Setting
 from trainer.plan.shapes import lm_head_name
@@ -57,7 +57,7 @@ def rms_op(
             shared = {x: residual}
         else:
             grads[x] = n * s.compute_bytes
-    triton = s.triton["rms_norm"]
+    triton = s.runs_triton(s.kernels.rms_norm)
     return Op(
         name,
         inputs=(x,) if residual is None else (x, residual),
@@ -272,7 +272,7 @@ def rope_op(s: Setting) -> Op:
     a, c = s.args, s.compute_bytes
     q, k = s.tokens * a.n_heads * a.head_dim * c, s.tokens * a.n_kv_heads * a.head_dim * c
     fwd = bwd = 0
-    if not s.triton["rope"]:
+    if not s.runs_triton(s.kernels.rope):
         # trainer.ops.rope's reference: q * cos, rotate_half(q) (a half-size negation and a cat),
         # its product with sin, then the sum; k the same while q's result is held.
         fwd = max(3 * q, q + 3 * k) - (q + k)
@@ -286,7 +286,7 @@ def swiglu_op(s: Setting) -> Op:
     e = s.tokens * s.args.intermediate_size
     c = s.compute_bytes
     fwd = bwd = 0
-    if not s.triton["swiglu"]:
+    if not s.runs_triton(s.kernels.swiglu):
         fwd = e * c  # silu(gate), then the product
         # in fp32 (copies of gate, up and the gradient when they are not fp32): d_gate from ATen's
         # silu_backward(do * up, gate), then silu(gate) and do * silu; the fp32 d_gate is kept while
@@ -363,12 +363,8 @@ def embedding_ops(s: Setting) -> list[Op]:
 
 
 def ce_chunk_tokens(s: Setting, hidden_bytes: int) -> int:
-    a = s.args
-    if s.triton["fused_ce"]:  # trainer.ops.cross_entropy._triton_chunk_size on a GPU
-        size = chunk_size(s.tokens, a.hidden_size, a.vocab_size)
-        budget = max(1, MAX_TRITON_CHUNK_BYTES // (a.vocab_size * hidden_bytes))
-        return max(size, min(s.tokens, MIN_TRITON_CHUNK_TOKENS, budget))
-    return chunk_size(s.tokens, a.hidden_size, a.vocab_size)
+    a, triton_on_gpu = s.args, s.device == "cuda" and s.runs_triton(s.kernels.fused_ce)
+    return chunk_tokens(s.tokens, a.hidden_size, a.vocab_size, hidden_bytes, triton_on_gpu)
 
 
 def loss_ops(s: Setting) -> list[Op]:
@@ -382,9 +378,9 @@ def loss_ops(s: Setting) -> list[Op]:
         ops.append(Op("hidden cast", inputs=("hidden",), outputs={"hidden_c": n * h * c}, grads={"hidden": n * h * r}))
         hidden, hb = "hidden_c", c
     copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
-    if s.fused_ce:
+    if not s.kernels.materialize_logits:
         cs = ce_chunk_tokens(s, hb)
-        if s.triton["fused_ce"]:
+        if s.runs_triton(s.kernels.fused_ce):
             # each chunk's logits (overwritten by their gradient) in the hidden dtype; the previous
             # chunk's buffer is still referenced when the next is allocated
             chunks = 2 * cs * v * hb

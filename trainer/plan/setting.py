@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from trainer.errors import ConfigError
 from trainer.models.config import ModelArgs
+from trainer.ops.dispatch import Impl, KernelChoice
 from trainer.plan.shapes import Param, model_args, parameters
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -23,8 +24,7 @@ class Setting:
     threads: int  # CPU threads (the CPU attention kernel keeps per-thread buffers)
     param_bytes: int  # bytes per weight (train.param_dtype)
     compute_dtype: str  # train.dtype resolved for the device: fp32, bf16 or fp16
-    triton: dict[str, bool]  # op -> runs its Triton kernel (CUDA, kernel switched on)
-    fused_ce: bool  # the chunked linear cross-entropy; False: logits materialised
+    kernels: KernelChoice  # how each op runs, as the model will run it
     checkpointing: str
     compile: bool
     document_mask: bool
@@ -35,6 +35,11 @@ class Setting:
     max_grad_norm: float
     lora: object | None = None  # the [lora] section when lora.rank > 0
     neftune: bool = False  # train.neftune_alpha > 0: noise added to the embeddings
+
+    def runs_triton(self, impl: Impl) -> bool:
+        """Whether an op configured as `impl` runs its Triton kernel on the planned device (on CUDA
+        an AUTO op does: the planner assumes the GPU machine has triton)."""
+        return impl is Impl.TRITON or (impl is Impl.AUTO and self.device == "cuda")
 
     @property
     def lora_modules(self) -> set[str]:
@@ -78,8 +83,6 @@ def make_setting(
     o = config.optim
     lora = config.lora if getattr(config, "lora", None) is not None and config.lora.rank > 0 else None
     target = {"galore": o.galore_target, "apollo": o.apollo_target}.get(o.name.split("_")[0])
-    on_gpu = device == "cuda"
-    triton = {op: on_gpu and k.enabled and getattr(k, op) for op in ("rms_norm", "rope", "swiglu", "fused_ce")}
     if threads is None:
         import torch
 
@@ -95,8 +98,7 @@ def make_setting(
         threads=threads,
         param_bytes=DTYPE_BYTES[t.param_dtype],
         compute_dtype=resolve_compute_dtype(t.dtype, device),
-        triton=triton,
-        fused_ce=k.enabled and k.fused_ce,
+        kernels=KernelChoice.from_config(k),
         checkpointing=p.activation_checkpointing,
         compile=p.compile,
         document_mask=config.data.document_mask or config.data.format == "sft",
