@@ -18,6 +18,7 @@ LAYERS = {
     "csrc_triton": 1,
     "trainer.config": 1,
     "trainer.files": 1,
+    "trainer.signals": 1,
     "trainer.callbacks": 1,
     "trainer.runtime": 1,
     "trainer.ops": 2,

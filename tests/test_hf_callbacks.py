@@ -100,8 +100,8 @@ def test_a_callback_written_against_transformers_docs_steers_the_run(tmp_path):
         batch=2,
         lr=1e-3,
         max_steps=10,
-        model=trainer.model,
-        optimizer=trainer.optimizer,
+        model=trainer.parts.model,
+        optimizer=trainer.parts.optimizer,
     )
     assert state.step == 5 and callback.saved == [2, 5]  # the save it asked for, then the save on stopping
     assert (run / "checkpoint-2").is_dir() and (run / "checkpoint-5").is_dir()

@@ -17,19 +17,19 @@ def setup_trainer(cfg) -> Trainer:
 
 
 def grads_of(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return {n: p.grad.clone() for n, p in trainer.parts.model.named_parameters() if p.grad is not None}
 
 
 def test_grad_accumulation_matches_one_big_batch_with_ignored_labels(tmp_path):
     trainer = setup_trainer(tiny_config(tmp_path, train__micro_batch_size=4))
-    batch = trainer.loader.next_step()[0]
+    batch = trainer.parts.loader.next_step()[0]
     # Micro-batches with very different label-token counts: the step must still weigh every token alike.
     for row, n_ignored in enumerate([0, 5, 20, 31]):
         batch["labels"][row, :n_ignored] = -100
 
     loss_big, n_big = trainer.forward_backward_step(make_step_batch([batch], loader_state={}))
     big = grads_of(trainer)
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.parts.optimizer.zero_grad(set_to_none=True)
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
     loss_acc, n_acc = trainer.forward_backward_step(make_step_batch(micro, loader_state={}))
     acc = grads_of(trainer)
@@ -102,10 +102,10 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
     class Snapshot(TrainerCallback):
         def on_step_begin(self, config, state, control, **kwargs):
-            before[state.step + 1] = [p.detach().clone() for p in trainer.params]
+            before[state.step + 1] = [p.detach().clone() for p in trainer.parts.params]
 
         def on_step_end(self, config, state, control, **kwargs):
-            after = [p.detach() for p in trainer.params]
+            after = [p.detach() for p in trainer.parts.params]
             changed = any(not torch.equal(a, b) for a, b in zip(after, before[state.step]))
             assert changed == (state.step != 2), state.step
 
@@ -114,7 +114,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert state.nonfinite_steps == 1
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[1]["step"] == 2 and records[1]["loss"] is None  # written as null
-    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert all(torch.isfinite(p).all() for p in trainer.parts.params)
 
 
 def test_many_nonfinite_steps_in_a_row_stop_without_saving(tmp_path):
@@ -158,8 +158,8 @@ def test_mixed_precision_runs_train(tmp_path, dtype, param_dtype):
     cfg = tiny_config(tmp_path, train__max_steps=12, train__dtype=dtype, train__param_dtype=param_dtype, optim__lr=3e-3)
     trainer = Trainer(cfg)
     trainer.train()
-    assert (trainer.scaler is not None) == (dtype == "fp16")
-    assert all(p.dtype == (torch.bfloat16 if param_dtype == "bf16" else torch.float32) for p in trainer.params)
+    assert (trainer.parts.scaler is not None) == (dtype == "fp16")
+    assert all(p.dtype == (torch.bfloat16 if param_dtype == "bf16" else torch.float32) for p in trainer.parts.params)
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert all(r["loss"] is not None for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3

@@ -19,18 +19,22 @@ from torch import nn
 from trainer.callbacks import TrainerState
 from trainer.checkpoint import Checkpointer, DamagedCheckpoint, checkpoint_dirs, load_checkpoint, newest_loadable
 from trainer.config import TrainConfig, to_toml
+from trainer.data import BlockLoader, PreparedData, build_tokenizer, prepare_data
+from trainer.data.sft import SFTData, prepare_sft
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation import Evaluator
 from trainer.lora import apply_lora, lora_summary
 from trainer.metrics import truncate_metrics
+from trainer.model_card import hardware_name, render_model_card
 from trainer.models import KernelChoice, build, load_hf
 from trainer.models.config import PRESETS, resolve_args
 from trainer.models.hf import args_from_hf_config, read_hf_config, weight_files
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, state_bytes
 from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
 from trainer.parallel.distributed import barrier
-from trainer.runtime import DTYPES, parameter_count, resolve_device, resolve_dtype
+from trainer.plan import choose_micro_batch, resolve_budget
+from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
 
 MODEL_SHAPE_KEYS = (
     "vocab_size",
@@ -55,13 +59,13 @@ class RunParts:
     device: torch.device
     compute_dtype: torch.dtype
     output: OutputPlan
-    data: object  # PreparedData or SFTData: .train, .val, .tokenizer
+    data: PreparedData | SFTData
     model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
-    loader: object  # BlockLoader: next_step(), state_dict(), load_state_dict()
+    loader: BlockLoader  # bench may wrap it (trainer/bench/side.py IgnoreLastLabel)
     evaluator: Evaluator | None  # None: no evaluation
     checkpointer: Checkpointer | None  # None: no checkpoints and no final/
     state: TrainerState
@@ -78,6 +82,28 @@ class RunParts:
     @property
     def sharded(self) -> bool:
         return is_sharded(self.model)
+
+    def memory_figures(self) -> dict[str, int]:
+        """Bytes of the parameters, optimizer states and gradients, for the first step's metrics line."""
+        in_backward = getattr(self.optimizer, "steps_in_backward", False)  # only layer-wise optimizers have it
+        return {
+            "param_bytes": tensor_bytes(self.params),
+            "optim_state_bytes": state_bytes(self.optimizer),
+            "grad_bytes": self.optimizer.peak_grad_bytes if in_backward else tensor_bytes(self.params),
+        }
+
+    def model_card(self, folder: Path) -> str:
+        """The model card (README.md) of `folder`, final/ or a checkpoint, as the run stands now."""
+        return render_model_card(
+            folder,
+            self.config,
+            self.state,
+            parameters=parameter_count(self.model.parameters()),
+            trainable=parameter_count(self.params),
+            precision=DTYPE_NAMES[self.compute_dtype],
+            hardware=hardware_name(self.device),
+            world_size=self.env.world_size,
+        )
 
     def describe(self) -> str:
         """The line a run starts with: what trains, where, on what, into which folder."""
@@ -100,13 +126,9 @@ def tokenizer_spec(config: TrainConfig) -> str:
 
 def load_run_data(config: TrainConfig, tokenizer: str | None = None):
     """The run's tokenizer and train/val data: token blocks (data.format=text) or packed examples (sft)."""
-    from trainer.data import build_tokenizer, prepare_data
-
     d = config.data
     tokenizer = tokenizer or tokenizer_spec(config)
     if d.format == "sft":
-        from trainer.data.sft import prepare_sft
-
         if tokenizer == "bpe":
             raise ConfigError(
                 "data.format=sft needs an existing tokenizer: set model.from_hf to a folder with "
@@ -183,8 +205,6 @@ def check_pretrained_fit(config: TrainConfig) -> None:
 
 def own_tokenizer(config: TrainConfig) -> bool:
     """Whether the run's tokenizer is model.from_hf's own: that folder, or one mapping text to the same ids."""
-    from trainer.data import build_tokenizer
-
     folder, spec = Path(config.model.from_hf), tokenizer_spec(config)
     if spec == "bpe" or not (folder / "tokenizer.json").is_file():
         return False  # a new BPE tokenizer would be trained on the corpus
@@ -254,8 +274,6 @@ def build_run(config: TrainConfig) -> RunParts:
     env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
     compute_dtype = resolve_dtype(t.dtype, device)
     if t.micro_batch_size == "auto":  # the largest micro-batch the planner predicts to fit; saved in config.toml
-        from trainer.plan import choose_micro_batch, resolve_budget
-
         t.micro_batch_size, t.grad_accum_steps, note = choose_micro_batch(cfg, resolve_budget(cfg), env.world_size)
         messages.append(note)
     if t.threads:
@@ -265,27 +283,12 @@ def build_run(config: TrainConfig) -> RunParts:
 
     torch.manual_seed(t.seed)
     model = build_model(cfg, data.tokenizer.vocab_size)
-    if cfg.lora.quantize == "nf4":
-        # Each targeted layer goes to the device as it is quantized: the full-precision base never sits
-        # there whole (15 GiB of bf16 for Llama-3-8B). A 4-bit weight cannot be cast after.
-        model.to(dtype=DTYPES[t.param_dtype])
-        apply_lora(model, cfg.lora, compute_dtype, device=device)
-        model.to(device)
-    else:
-        model.to(device, dtype=DTYPES[t.param_dtype])
-        if cfg.lora.rank > 0:
-            apply_lora(model, cfg.lora, compute_dtype)
-    if cfg.lora.rank > 0:
-        messages.append(lora_summary(model))
-    model.model.neftune_alpha = t.neftune_alpha
-    model.train()
+    place_model(model, cfg, device, compute_dtype, messages)
     # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
     train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
-    from trainer.data import BlockLoader
-
     loader = BlockLoader(
         data.train,
         t.seq_len,
@@ -296,30 +299,9 @@ def build_run(config: TrainConfig) -> RunParts:
         seed=t.seed,
         document_ids=cfg.data.document_mask,
     )
-    state = TrainerState(max_steps=t.max_steps)
-    resumed = resume(
-        output,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        sharded=is_sharded(model),
-        messages=messages,
+    state = resumed_state(
+        output, loader, t.max_steps, messages, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
     )
-    if resumed is not None:
-        path, saved = resumed
-        state = TrainerState.from_dict(saved["trainer"])
-        if state.step >= t.max_steps:
-            raise ConfigError(
-                f"{path} is at step {state.step}, which train.max_steps={t.max_steps} does not go "
-                "beyond; raise train.max_steps to train further"
-            )
-        state.max_steps = t.max_steps
-        try:
-            loader.load_state_dict(saved["sampler"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"the data sampler in {path} does not fit this run's data: {e}") from None
-        messages.append(f"resumed from {path} at step {state.step}")
 
     # Everything is checked: only now is the folder created, or a previous run's outputs replaced.
     config_toml = to_toml(cfg)
@@ -347,23 +329,64 @@ def build_run(config: TrainConfig) -> RunParts:
         save_merged=cfg.lora.save_merged,
     )
     return RunParts(
-        cfg,
-        env,
-        device,
-        compute_dtype,
-        output,
-        data,
-        model,
-        train_model,
-        optimizer,
-        scheduler,
-        scaler,
-        loader,
-        evaluator,
-        checkpointer,
-        state,
-        messages,
+        config=cfg,
+        env=env,
+        device=device,
+        compute_dtype=compute_dtype,
+        output=output,
+        data=data,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loader=loader,
+        evaluator=evaluator,
+        checkpointer=checkpointer,
+        state=state,
+        messages=messages,
     )
+
+
+def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device, compute_dtype, messages: list[str]) -> None:
+    """The model on its device in train.param_dtype, with LoRA's adapters (and 4-bit base) when asked."""
+    t = cfg.train
+    if cfg.lora.quantize == "nf4":
+        # Each targeted layer goes to the device as it is quantized: the full-precision base never sits
+        # there whole (15 GiB of bf16 for Llama-3-8B). A 4-bit weight cannot be cast after.
+        model.to(dtype=DTYPES[t.param_dtype])
+        apply_lora(model, cfg.lora, compute_dtype, device=device)
+        model.to(device)
+    else:
+        model.to(device, dtype=DTYPES[t.param_dtype])
+        if cfg.lora.rank > 0:
+            apply_lora(model, cfg.lora, compute_dtype)
+    if cfg.lora.rank > 0:
+        messages.append(lora_summary(model))
+    model.model.neftune_alpha = t.neftune_alpha
+    model.train()
+
+
+def resumed_state(output: OutputPlan, loader, max_steps: int, messages: list[str], **targets) -> TrainerState:
+    """A fresh TrainerState, or the one of the checkpoint the output plan resumes, loaded into
+    `targets` (model, optimizer, scheduler, scaler) and the loader."""
+    resumed = resume(output, messages=messages, **targets)
+    if resumed is None:
+        return TrainerState(max_steps=max_steps)
+    path, saved = resumed
+    state = TrainerState.from_dict(saved["trainer"])
+    if state.step >= max_steps:
+        raise ConfigError(
+            f"{path} is at step {state.step}, which train.max_steps={max_steps} does not go "
+            "beyond; raise train.max_steps to train further"
+        )
+    state.max_steps = max_steps
+    try:
+        loader.load_state_dict(saved["sampler"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"the data sampler in {path} does not fit this run's data: {e}") from None
+    messages.append(f"resumed from {path} at step {state.step}")
+    return state
 
 
 def resume(output: OutputPlan, *, messages: list[str], **targets) -> tuple[Path, dict] | None:

@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from trainer.build import RunParts, build_run
 from trainer.callbacks import CallbackList, TrainerControl, TrainerState
 from trainer.checkpoint import latest_checkpoint
-from trainer.config import TrainConfig, report_to, to_toml
+from trainer.config import TrainConfig, report_to
 from trainer.errors import TrainerError
 from trainer.hf_callbacks import adapt_hf_callbacks
-from trainer.metrics import MetricsLogger, PendingSteps, Throughput
-from trainer.model_card import hardware_name, render_model_card
-from trainer.optim import state_bytes
+from trainer.metrics import MetricsLogger, RunProgress
+from trainer.optim import nonfinite_after_update, skips_on_device
 from trainer.parallel import all_reduce_sum, clip_grad_norm, gradient_sync, shutdown
 from trainer.prefetch import StepBatch, StepPrefetcher
-from trainer.runtime import DTYPE_NAMES, autocast, parameter_count, peak_memory_bytes, tensor_bytes
+from trainer.runtime import autocast, parameter_count
+from trainer.signals import StopSignals
 from trainer.summary import write_run_summary
-from trainer.trackers import TrackedRun, Trackers, check_installed
+from trainer.trackers import Trackers, check_installed, start_trackers
 
 
 @dataclass
@@ -61,15 +58,24 @@ class Trainer:
         self.config = config
         self.callbacks = CallbackList(adapt_hf_callbacks(callbacks, self))  # transformers' callbacks too
         self.control = TrainerControl()
-        self.parts = parts
-        self.stop_signal: int | None = None  # the signal this process received
+        self.parts = parts  # built by train() unless given
+        self.signals = StopSignals(
+            on_first=lambda name: self.metrics.message(
+                f"received {name}: finishing this step, saving a checkpoint, then exiting (press Ctrl-C again "
+                "to stop at once, without saving)"
+            )
+        )
         self.stop_requested = False  # a signal reached some rank: every rank stops at the same step
+        # Set when the run starts (_run, _loop): where figures go, and what the read-backs need.
+        self.metrics: MetricsLogger | None = None
+        self.trackers: Trackers | None = None
+        self.prefetcher: StepPrefetcher | None = None
+        self.progress: RunProgress | None = None
 
-    def __getattr__(self, name):  # trainer.model, trainer.optimizer, ...: the parts, once built
-        parts = self.__dict__.get("parts")
-        if parts is not None and hasattr(parts, name):
-            return getattr(parts, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal this process received, if any."""
+        return self.signals.received
 
     @property
     def state(self) -> TrainerState:
@@ -128,12 +134,8 @@ class Trainer:
             elif finite.item():  # the one sync per step of optimizers that cannot take found_inf
                 p.optimizer.step()
             elif steps_in_backward:
-                raise TrainerError(
-                    f"step {self.state.step + 1}: non-finite loss or gradient with optim.name="
-                    f"{self.config.optim.name}, whose updates already happened during backward, so the step cannot "
-                    "be skipped and the weights may be damaged; stopped without saving. Resume from the last good "
-                    f"checkpoint ({latest_checkpoint(p.output.folder) or 'none'}) with a lower optim.lr or "
-                    "train.dtype=fp32"
+                raise nonfinite_after_update(
+                    self.state.step + 1, self.config.optim.name, latest_checkpoint(p.output.folder)
                 )
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
@@ -161,54 +163,23 @@ class Trainer:
             if self.parts is not None:
                 shutdown(self.parts.env, failed)
 
-    def _on_signal(self, signum, frame):
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.stop_signal = signum
-        self.metrics.message(
-            f"received {signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
-            "then exiting (press Ctrl-C again to stop at once, without saving)"
-        )
-
     def _run(self) -> TrainerState:
         p, t = self.parts, self.config.train
-        # Rank 0 tracks; a resumed run reopens the tracker runs its checkpoint names.
-        self.trackers = Trackers(report_to(t) if p.env.is_main else [])
-        tracked = TrackedRun(
-            folder=p.output.folder,
-            name=p.output.folder.name,
-            config=self.config.to_dict(),
-            config_toml=to_toml(self.config),
-            resume_ids=dict(p.state.tracker_runs),
-            start_step=p.state.step,
-        )
-        p.state.tracker_runs.update(self.trackers.start(tracked))
+        self.trackers = start_trackers(self.config, p.state, p.output.folder, p.env.is_main)
         if p.checkpointer is not None and p.env.is_main:
-            p.checkpointer.model_card = self.model_card  # README.md in final/ and each checkpoint
-        self.metrics = MetricsLogger(
-            p.output.folder,
-            enabled=p.env.is_main,
-            progress=t.progress,
-            max_steps=t.max_steps,
-            start_step=p.state.step,
-            log_every=t.log_every,
-            trackers=self.trackers,
-        )
+            p.checkpointer.model_card = p.model_card  # README.md in final/ and each checkpoint
+        self.metrics = MetricsLogger(p.output.folder, t, p.state.step, enabled=p.env.is_main, trackers=self.trackers)
         self.prefetcher = StepPrefetcher(p.loader, pin=p.device.type == "cuda", vocab_size=p.model.args.vocab_size)
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         failed = True
         try:
-            for text in [p.describe(), *p.messages]:
-                self.metrics.message(text)
-            state = self._loop()
+            with self.signals:
+                for text in [p.describe(), *p.messages]:
+                    self.metrics.message(text)
+                state = self._loop()
             failed = False
             return state
         finally:
             self.prefetcher.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
             self.metrics.close()
             self.trackers.finish(failed)
 
@@ -217,11 +188,9 @@ class Trainer:
         self.callbacks.fire("on_train_begin", self.config, state, control, model=p.model)
         if state.step == 0 and p.evaluator is not None:
             self.metrics.log_eval(self.evaluate())  # the starting point of the eval curve
-        self.pending, self.streak = PendingSteps(p.device), 0
-        self.loader_state = p.loader.state_dict()  # before the prefetcher's thread takes the loader over
-        self.run_start, self.start_step, self.start_tokens = time.perf_counter(), state.step, state.tokens_seen
-        self.earlier_runtime_s = state.runtime_s  # a resumed run's earlier sessions
-        self.throughput = Throughput(t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size)
+        # The loader's position is taken before the prefetcher's thread takes the loader over.
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size
+        run = self.progress = RunProgress(p.device, tokens_per_step, state, p.loader.state_dict())
         if p.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(p.device)
         save_every, eval_every = self.config.checkpoint.save_every, t.eval_every
@@ -232,8 +201,8 @@ class Trainer:
             lr = p.optimizer.param_groups[0]["lr"]
             result = self.train_step(batch)
             state.step += 1
-            self.loader_state = batch.loader_state
-            self.pending.add(state.step, lr, result.loss, result.label_tokens, result.grad_norm)
+            run.loader_state = batch.loader_state
+            run.pending.add(state.step, lr, result.loss, result.label_tokens, result.grad_norm)
             self.callbacks.fire("on_step_end", self.config, state, control, model=p.model)
 
             last = state.step == t.max_steps
@@ -245,7 +214,7 @@ class Trainer:
             if eval_due and p.evaluator is not None:
                 self._run_eval()
             stopping = control.should_training_stop or self.stop_requested
-            if (control.should_save or save_due or stopping) and self.streak == 0 and p.checkpointer is not None:
+            if (control.should_save or save_due or stopping) and run.streak == 0 and p.checkpointer is not None:
                 self._save()  # never in the middle of a non-finite streak
             control.should_evaluate = control.should_save = False
             if stopping:
@@ -264,47 +233,33 @@ class Trainer:
 
     def _read_back(self) -> None:
         """The host sync: logs the steps since the last one, fires on_log, enforces the non-finite limit."""
-        p, t, state = self.parts, self.config.train, self.parts.state
-        records, stop_voted = self.pending.read(stop_vote=self.stop_signal is not None)
+        p, t, state, run = self.parts, self.config.train, self.parts.state, self.progress
+        records, stop_voted = run.read_back(self.stop_signal is not None, p.memory_figures)
         self.stop_requested = self.stop_requested or stop_voted
-        tokens_per_s, peak = self.throughput.window(len(records)), peak_memory_bytes(p.device)
-        by_source = self.loader_state.get("tokens_by_source")  # a mixture's tokens drawn per source, to date
         for record in records:
-            record.update(tokens_per_s=tokens_per_s, peak_mem_bytes=peak)
-            if by_source and record is records[-1]:
-                record["tokens_by_source"] = by_source
-            if record["step"] == self.start_step + 1:
-                steps_in_backward = getattr(p.optimizer, "steps_in_backward", False)
-                record.update(
-                    param_bytes=tensor_bytes(p.params),
-                    optim_state_bytes=state_bytes(p.optimizer),
-                    grad_bytes=p.optimizer.peak_grad_bytes if steps_in_backward else tensor_bytes(p.params),
-                )
             finite = math.isfinite(record["loss"]) and (p.scaler is not None or math.isfinite(record["grad_norm"]))
             state.tokens_seen += record["tokens"]
-            if finite:
-                self.streak = 0
-            else:
+            run.streak = 0 if finite else run.streak + 1
+            if not finite:
                 state.nonfinite_steps += 1
-                self.streak += 1
                 self.metrics.message(
                     f"step {record['step']}: non-finite loss or gradient ({record['loss']}, "
                     f"{record['grad_norm']}); update skipped"
                 )
             state.log_history.append({k: record[k] for k in ("step", "loss", "lr", "grad_norm")})
-            eta_s = self.throughput.seconds_per_step * (t.max_steps - record["step"])
-            self.metrics.log_step(record, eta_s, warming_up=self.throughput.warming_up)
+            eta_s = run.eta_s(record["step"], t.max_steps)
+            self.metrics.log_step(record, eta_s, warming_up=run.throughput.warming_up)
             self.callbacks.fire("on_log", self.config, state, self.control, logs=record)
-            if self.streak >= t.max_nonfinite_steps:
+            if run.streak >= t.max_nonfinite_steps:
                 raise TrainerError(
-                    f"the loss or gradient was non-finite for {self.streak} steps in a row (up to step "
+                    f"the loss or gradient was non-finite for {run.streak} steps in a row (up to step "
                     f"{record['step']}); stopped without saving. Last good checkpoint: "
                     f"{latest_checkpoint(p.output.folder) or 'none'}. Try a lower optim.lr, train.dtype=bf16 or "
                     "fp32, or check the data"
                 )
-        state.runtime_s = self.earlier_runtime_s + time.perf_counter() - self.run_start
-        blocks = max(1, self.loader_state.get("blocks_per_epoch", 1))
-        state.epoch = self.loader_state.get("epoch", 0) + self.loader_state.get("position", 0) / blocks
+        state.runtime_s = run.earlier_runtime_s + run.seconds
+        blocks = max(1, run.loader_state.get("blocks_per_epoch", 1))
+        state.epoch = run.loader_state.get("epoch", 0) + run.loader_state.get("position", 0) / blocks
 
     def _run_eval(self) -> None:
         state = self.parts.state
@@ -327,23 +282,9 @@ class Trainer:
             scheduler=p.scheduler,
             scaler=p.scaler,
             trainer_state=state.to_dict(),
-            sampler_state=self.loader_state,
+            sampler_state=self.progress.loader_state,
         )
         self.callbacks.fire("on_save", self.config, state, self.control, checkpoint=path)
-
-    def model_card(self, folder: Path) -> str:
-        """The model card of `folder` (final/ or a checkpoint) as the run stands now."""
-        p = self.parts
-        return render_model_card(
-            folder,
-            self.config,
-            p.state,
-            parameters=parameter_count(p.model.parameters()),
-            trainable=parameter_count(p.params),
-            precision=DTYPE_NAMES[p.compute_dtype],
-            hardware=hardware_name(p.device),
-            world_size=p.env.world_size,
-        )
 
     def _finish(self) -> None:
         """final/, train_results.json, loss.png and a summary of where everything went."""
@@ -351,22 +292,8 @@ class Trainer:
         final = p.checkpointer.save_final(p.model) if p.checkpointer is not None else None
         if not p.env.is_main:
             return
+        n_params = parameter_count(p.model.parameters())
         summary = write_run_summary(
-            p.output.folder,
-            state,
-            start_step=self.start_step,
-            start_tokens=self.start_tokens,
-            runtime_s=time.perf_counter() - self.run_start,
-            tokens_per_s=self.throughput.steady,
-            peak_mem_bytes=peak_memory_bytes(p.device),
-            n_params=parameter_count(p.model.parameters()),
-            device=p.device,
-            final=final,
+            p.output.folder, state, self.progress, n_params=n_params, device=p.device, final=final
         )
         self.metrics.message("\n" + summary)
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True for torch's fused Adam/AdamW, which skip the whole update when `optimizer.found_inf` is 1."""
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(fused)

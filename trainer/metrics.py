@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from trainer.parallel.distributed import all_reduce_sum
+from trainer.runtime import peak_memory_bytes
 
 
 def _clean(value):
@@ -123,21 +124,48 @@ class Throughput:
         return self.first_seconds / self.first_steps if self.first_steps else None
 
 
+class RunProgress:
+    """What the loop keeps between read-backs: the steps not read back yet, the throughput windows,
+    the non-finite streak, the data position after the last step, and where this session began."""
+
+    def __init__(self, device: torch.device, tokens_per_step: int, state, loader_state: dict):
+        self.device = device
+        self.pending = PendingSteps(device)
+        self.throughput = Throughput(tokens_per_step)
+        self.streak = 0  # non-finite steps in a row
+        self.loader_state = loader_state
+        self.start_time = time.perf_counter()
+        self.start_step, self.start_tokens, self.earlier_runtime_s = state.step, state.tokens_seen, state.runtime_s
+
+    def read_back(self, stop_vote: bool, first_step_figures) -> tuple[list[dict], bool]:
+        """PendingSteps.read, each record with the window's tokens/s and the peak memory; the last
+        with a mixture's tokens per source; the session's first step with `first_step_figures()`."""
+        records, voted = self.pending.read(stop_vote)
+        tokens_per_s, peak = self.throughput.window(len(records)), peak_memory_bytes(self.device)
+        by_source = self.loader_state.get("tokens_by_source")  # a mixture's tokens drawn per source, to date
+        for record in records:
+            record.update(tokens_per_s=tokens_per_s, peak_mem_bytes=peak)
+            if by_source and record is records[-1]:
+                record["tokens_by_source"] = by_source
+            if record["step"] == self.start_step + 1:
+                record.update(first_step_figures())
+        return records, voted
+
+    def eta_s(self, step: int, max_steps: int) -> float:
+        return self.throughput.seconds_per_step * (max_steps - step)
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since this session began."""
+        return time.perf_counter() - self.start_time
+
+
 class MetricsLogger:
-    def __init__(
-        self,
-        output_dir: Path,
-        *,
-        enabled: bool,
-        progress: str,
-        max_steps: int,
-        start_step: int,
-        log_every: int,
-        trackers=None,
-    ):
+    def __init__(self, output_dir: Path, train, start_step: int, *, enabled: bool, trackers=None):
+        """`train`: the [train] section (progress, max_steps, log_every)."""
         self.enabled = enabled
-        self.max_steps, self.log_every = max_steps, log_every
-        self.start_step = start_step
+        progress, max_steps = train.progress, train.max_steps
+        self.max_steps, self.log_every = max_steps, train.log_every
         self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"

@@ -5,24 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.metrics import format_duration, read_metrics
+from trainer.metrics import RunProgress, format_duration, read_metrics
 from trainer.plot import plot_losses
+from trainer.runtime import peak_memory_bytes
 
 
-def write_run_summary(
-    folder: Path,
-    state,
-    *,
-    start_step: int,
-    start_tokens: int,
-    runtime_s: float,
-    tokens_per_s: float | None,
-    peak_mem_bytes: int,
-    n_params: int,
-    device,
-    final: Path | None,
-) -> str:
-    """Writes train_results.json and loss.png into `folder`; returns the summary text."""
+def write_run_summary(folder: Path, state, progress: RunProgress, *, n_params: int, device, final: Path | None) -> str:
+    """Writes train_results.json and loss.png into `folder`; returns the summary text. `progress`
+    says where this session began and how fast it went."""
+    start_step, start_tokens, runtime_s = progress.start_step, progress.start_tokens, progress.seconds
+    tokens_per_s, peak_mem_bytes = progress.throughput.steady, peak_memory_bytes(device)
     records = read_metrics(folder / "metrics.jsonl")
     evals = [r for r in records if r.get("eval_loss") is not None]
     initial = next((r for r in evals if r["step"] == 0), None)

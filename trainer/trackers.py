@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.config import report_to, to_toml
 from trainer.errors import ConfigError, TrainerError
 
 DEFAULT_PROJECT = "kernel-trainer"  # the project (W&B, trackio) or experiment (MLflow) unless its env var names one
@@ -307,3 +308,19 @@ class Trackers:
             except Exception:
                 pass
         self.backends, self.failed = [], []
+
+
+def start_trackers(config, state, folder: Path, is_main: bool) -> Trackers:
+    """Rank 0's trackers, started (none elsewhere); a resumed run reopens the tracker runs its
+    checkpoint names, and `state.tracker_runs` keeps their ids for the next resume."""
+    trackers = Trackers(report_to(config.train) if is_main else [])
+    run = TrackedRun(
+        folder=folder,
+        name=folder.name,
+        config=config.to_dict(),
+        config_toml=to_toml(config),
+        resume_ids=dict(state.tracker_runs),
+        start_step=state.step,
+    )
+    state.tracker_runs.update(trackers.start(run))
+    return trackers

@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerError
 from trainer.optim.apollo import APOLLO_KEYS, Apollo
 from trainer.optim.galore import GaLore
 from trainer.optim.layerwise import LayerwiseOptimizer
@@ -172,3 +172,20 @@ __all__ = [
     "parse_name",
     "state_bytes",
 ]
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's fused Adam/AdamW, which skip the whole update when `optimizer.found_inf` is 1."""
+    fused = [group.get("fused") for group in optimizer.param_groups]
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(fused)
+
+
+def nonfinite_after_update(step: int, name: str, last_good) -> TrainerError:
+    """The error for a non-finite step of an optimizer that updated during backward (layer-wise):
+    the update cannot be skipped any more. `last_good`: the newest checkpoint, or None."""
+    return TrainerError(
+        f"step {step}: non-finite loss or gradient with optim.name={name}, whose updates already happened "
+        "during backward, so the step cannot be skipped and the weights may be damaged; stopped without "
+        f"saving. Resume from the last good checkpoint ({last_good or 'none'}) with a lower "
+        "optim.lr or train.dtype=fp32"
+    )
