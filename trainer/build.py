@@ -237,18 +237,16 @@ def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
             f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is only "
             f"{model.args.vocab_size}; {fix}"
         )
-    if t.seq_len > model.args.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} is longer than the model allows "
-            f"(max_seq_len {model.args.max_seq_len}); lower train.seq_len"
-        )
-    window = model.args.sliding_window
-    if window is not None and t.seq_len > window:
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} is longer than the model's sliding window ({window}), which "
-            f"this trainer does not implement; use train.seq_len <= {window}"
-        )
+    check_seq_len(t.seq_len, model.args)
     return model
+
+
+def check_seq_len(seq_len: int, args) -> None:
+    """train.seq_len against the model's limits (ModelArgs.seq_len_problem), as a one-line ConfigError."""
+    problem = args.seq_len_problem(seq_len)
+    if problem:
+        longest = min(args.max_seq_len, args.sliding_window or args.max_seq_len)
+        raise ConfigError(f"train.seq_len={seq_len} {problem}; use train.seq_len <= {longest}")
 
 
 def effective_warmup(config: TrainConfig, messages: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Run configuration: nested dataclasses, a TOML file, and --section.key=value overrides.
 
-Every key is spelled as the documentation spells it (DESIGN.md lists the ones other tools rely
-on). Unknown keys are refused with the closest valid key named, bad values with the allowed ones.
+Every key is spelled as README.md and docs/ spell it (other tools rely on those names). Unknown
+keys are refused with the closest valid key named, bad values with the allowed ones.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import re
 import sys
@@ -212,7 +213,7 @@ class BenchConfig:
     )
     profile: bool = False  # also write a torch.profiler chrome trace of the optimized run
     warmup_steps: int = 2  # first steps left out of tokens/s (compilation, allocator and cache warm-up)
-    tolerance: float = 0.0  # 0: chosen by what the optimized run changes (trainer/bench.py says how)
+    tolerance: float = 0.0  # 0: chosen by what the optimized run changes (trainer/bench/verdict.py says how)
     peak_tflops: float = 0.0  # MFU denominator per GPU; 0: the device's datasheet figure, if known
 
 
@@ -281,14 +282,14 @@ class TrainConfig:
                         + ", ".join(map(str, allowed))
                     )
         t = self.train
-        _positive("train.max_steps", t.max_steps)
+        check_positive("train.max_steps", t.max_steps)
         if t.micro_batch_size != "auto":
-            _positive("train.micro_batch_size", t.micro_batch_size)
-        _positive("train.grad_accum_steps", t.grad_accum_steps)
-        _positive("train.seq_len", t.seq_len)
-        _positive("train.log_every", t.log_every)
-        _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
-        _positive("optim.lr", self.optim.lr)
+            check_positive("train.micro_batch_size", t.micro_batch_size)
+        check_positive("train.grad_accum_steps", t.grad_accum_steps)
+        check_positive("train.seq_len", t.seq_len)
+        check_positive("train.log_every", t.log_every)
+        check_positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+        check_positive("optim.lr", self.optim.lr)
         for key in (
             "train.eval_every",
             "train.eval_batches",
@@ -344,9 +345,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _positive(key, value):
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+def check_positive(key: str, value):
+    """`value` if it is a number > 0; else a one-line ConfigError naming `key` (also for the data
+    loader's arguments, so the rule lives here once)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+    return value
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # train.report_to's names, in trainer/trackers.py
@@ -419,19 +423,16 @@ def _check_optim(cfg: TrainConfig) -> None:
     o, t = cfg.optim, cfg.train
     if not all(0 <= beta < 1 for beta in o.betas):
         raise ConfigError(f"optim.betas must both be in [0, 1), got {o.betas}")
-    _positive("optim.eps", o.eps)
+    check_positive("optim.eps", o.eps)
     if o.name.startswith("galore_"):
-        _positive("optim.galore_rank", o.galore_rank)
-        _positive("optim.galore_update_proj_gap", o.galore_update_proj_gap)
-        _positive("optim.galore_scale", o.galore_scale)
-        try:
-            re.compile(o.galore_target)
-        except re.error as e:
-            raise ConfigError(f"optim.galore_target={o.galore_target!r} is not a valid regex: {e}") from None
+        check_positive("optim.galore_rank", o.galore_rank)
+        check_positive("optim.galore_update_proj_gap", o.galore_update_proj_gap)
+        check_positive("optim.galore_scale", o.galore_scale)
+        _check_regex("optim.galore_target", o.galore_target)
     if o.name.startswith("apollo_"):
-        _positive("optim.apollo_rank", o.apollo_rank)
-        _positive("optim.apollo_update_proj_gap", o.apollo_update_proj_gap)
-        _positive("optim.apollo_scale", o.apollo_scale)
+        check_positive("optim.apollo_rank", o.apollo_rank)
+        check_positive("optim.apollo_update_proj_gap", o.apollo_update_proj_gap)
+        check_positive("optim.apollo_scale", o.apollo_scale)
         _check_regex("optim.apollo_target", o.apollo_target)
     # Layer-wise and 8-bit optimizers under DDP/FSDP are refused in validate() beside the other parallel checks.
     if o.name.startswith("galore_") and cfg.parallel.strategy != "none":
@@ -480,7 +481,7 @@ def _check_lora(cfg: TrainConfig) -> None:
                 "set lora.rank > 0 (e.g. 16) or lora.quantize=none"
             )
         return
-    _positive("lora.alpha", lo.alpha)
+    check_positive("lora.alpha", lo.alpha)
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     _check_regex("lora.target", lo.target)

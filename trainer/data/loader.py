@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from trainer.config import check_positive
+
 from .blocks import check_blocks, make_batch, rows_to_batch
 from .errors import DataError
 from .mixture import MixtureSampler, TokenMixture
@@ -28,14 +30,8 @@ MIXTURE_STATE_VERSION = 2  # a TokenMixture: per-source state
 log = logging.getLogger("trainer.data")
 
 
-def _positive(name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise DataError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_rank(world_size: int, rank: int) -> None:
-    _positive("world_size", world_size)
+    check_positive("world_size", world_size)
     if not 0 <= rank < world_size:
         raise DataError(f"rank must be in [0, {world_size}), got {rank}")
 
@@ -77,9 +73,9 @@ class BlockLoader:
         eos_id: int | None = None,
     ):
         self.tokens = tokens
-        self.seq_len = _positive("seq_len", seq_len)
-        self.micro_batch_size = _positive("micro_batch_size", micro_batch_size)
-        self.grad_accum_steps = _positive("grad_accum_steps", grad_accum_steps)
+        self.seq_len = check_positive("seq_len", seq_len)
+        self.micro_batch_size = check_positive("micro_batch_size", micro_batch_size)
+        self.grad_accum_steps = check_positive("grad_accum_steps", grad_accum_steps)
         _check_rank(world_size, rank)
         self.world_size, self.rank = int(world_size), int(rank)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -314,10 +310,10 @@ def eval_batches(
     Every rank yields the same number of non-empty batches (collectives on the loss must not
     hang). The last batch may be smaller; at most world_size - 1 trailing blocks are skipped.
     """
-    _positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size)
     _check_rank(world_size, rank)
     eos_id = _eos_of(tokens, eos_id, document_ids)
-    n = _count_blocks(tokens, _positive("seq_len", seq_len), "val")
+    n = _count_blocks(tokens, check_positive("seq_len", seq_len), "val")
     if n < world_size:
         raise DataError(f"the val split has {n} blocks of seq_len {seq_len}, fewer than world_size {world_size}")
     start, produced = 0, 0

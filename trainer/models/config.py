@@ -37,6 +37,18 @@ class ModelArgs:
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
 
+    def seq_len_problem(self, seq_len: int) -> str | None:
+        """Why a sequence of `seq_len` tokens cannot run on this model ("is longer than ..."), or None.
+        The one place that knows the limits: the model's forward, build_run and the planner ask it."""
+        if seq_len > self.max_seq_len:
+            return f"is longer than the model allows (max_seq_len {self.max_seq_len})"
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            return (
+                f"is longer than the model's sliding window ({self.sliding_window}), which this trainer does "
+                "not implement"
+            )
+        return None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from trainer import ops
+from trainer.constants import IGNORE_INDEX
 from trainer.models.config import ModelArgs
 from trainer.ops.dispatch import KernelChoice
 
@@ -272,19 +273,11 @@ class Transformer(nn.Module):
         document_ids=None,
         reduction="mean",
         normalizer=None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
     ):
-        if input_ids.shape[1] > self.args.max_seq_len:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's max_seq_len "
-                f"{self.args.max_seq_len}; use a shorter train.seq_len or a larger model.max_seq_len"
-            )
-        window = self.args.sliding_window
-        if window is not None and input_ids.shape[1] > window:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's sliding window {window}, "
-                "which this model does not implement; use sequences of at most that length"
-            )
+        problem = self.args.seq_len_problem(input_ids.shape[1])
+        if problem:
+            raise ValueError(f"a sequence of {input_ids.shape[1]} tokens {problem}")
         hidden = self.model(input_ids, position_ids, document_ids)
         if labels is None:
             return self.lm_head(hidden)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from trainer.constants import IGNORE_INDEX
 from trainer.errors import ConfigError
 from trainer.ops.dispatch import Impl, kernel_errors, use_triton
 
@@ -445,7 +446,7 @@ def _autocast_inputs(hidden, weight, bias):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:
     """Raises ConfigError naming the first label outside [0, vocab_size) that is not ignore_index.
 
     Meant for the host copy of a batch, before it moves to the GPU: there the check costs no device
@@ -468,7 +469,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     *,
     bias: torch.Tensor | None = None,

@@ -75,11 +75,9 @@ def make_setting(
 ) -> Setting:
     t, k, p = config.train, config.kernels, config.parallel
     args = args or model_args(config)
-    if t.seq_len > args.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} is longer than the model allows (max_seq_len "
-            f"{args.max_seq_len}); lower train.seq_len"
-        )
+    problem = args.seq_len_problem(t.seq_len)
+    if problem:
+        raise ConfigError(f"train.seq_len={t.seq_len} {problem}; lower train.seq_len")
     o = config.optim
     lora = config.lora if getattr(config, "lora", None) is not None and config.lora.rank > 0 else None
     target = {"galore": o.galore_target, "apollo": o.apollo_target}.get(o.name.split("_")[0])
