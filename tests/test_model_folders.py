@@ -47,6 +47,19 @@ def generated_length(folder: Path, eos_id: int) -> int:
     return out.shape[1] - prompt.shape[1]
 
 
+def train_lora(tmp_path: Path, base: Path) -> None:
+    """Two LoRA steps on `base` with the byte tokenizer, into tmp_path / "run"."""
+    cfg = tiny_config(
+        tmp_path,
+        model__from_hf=str(base),
+        model__preset="small",
+        model__allow_new_tokenizer=True,
+        lora__rank=4,
+        train__max_steps=2,
+    )
+    Trainer(cfg).train()
+
+
 def test_a_scratch_run_writes_the_tokenizers_special_tokens_so_generate_stops_at_its_eos(tmp_path):
     from transformers import AutoConfig, GenerationConfig
 
@@ -71,15 +84,7 @@ def test_a_lora_runs_merged_model_stops_at_the_tokenizers_eos_and_keeps_the_base
     save_hf(build("tiny", vocab_size=320, seed=3), base)
     # The base's own sampling defaults, and token ids of another tokenizer that the run's must replace.
     (base / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "eos_token_id": 2}))
-    cfg = tiny_config(
-        tmp_path,
-        model__from_hf=str(base),
-        model__preset="small",
-        model__allow_new_tokenizer=True,
-        lora__rank=4,
-        train__max_steps=2,
-    )
-    Trainer(cfg).train()
+    train_lora(tmp_path, base)
     merged = tmp_path / "run" / "final" / "merged"
     generation = GenerationConfig.from_pretrained(merged)
     assert (generation.eos_token_id, generation.temperature) == (256, 0.7)  # the byte tokenizer's EOS
@@ -120,15 +125,7 @@ def test_every_file_of_a_run_and_its_cache_follows_the_umask(tmp_path, umask_002
 def test_a_lora_runs_adapter_and_merged_weights_follow_the_umask(tmp_path, umask_002):
     base = tmp_path / "base"
     save_hf(build("tiny", vocab_size=320, seed=3), base)
-    cfg = tiny_config(
-        tmp_path,
-        model__from_hf=str(base),
-        model__preset="small",
-        model__allow_new_tokenizer=True,
-        lora__rank=4,
-        train__max_steps=2,
-    )
-    Trainer(cfg).train()
+    train_lora(tmp_path, base)
     final = tmp_path / "run" / "final"
     assert (final / "adapter_model.safetensors").is_file() and (final / "merged" / "model.safetensors").is_file()
     assert wrong_modes(tmp_path / "run", umask_002) == {}
