@@ -13,7 +13,15 @@ from trainer.errors import ConfigError
 
 
 def umask() -> int:
-    # The only way to read the umask is to set it; set it straight back.
+    """The process's umask: from /proc on Linux; elsewhere by setting it and setting it straight
+    back (not atomic, so only where /proc cannot say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
