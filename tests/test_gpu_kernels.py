@@ -1,7 +1,8 @@
 """The Triton kernels compiled for a real GPU, at Llama-3-8B shapes (hidden 4096, intermediate 14336,
 32 query / 8 key-value heads of 128, vocabulary 128256, 8192 tokens, bf16) and Llama-3-70B's hidden
-8192, forward and backward through the public ops, against fp64 references computed on the GPU from
-the same inputs, with every output allocation poisoned. Skipped without CUDA, with the reason shown
+8192, the gated activation and RMSNorm also at Gemma 2 9B/27B, Qwen3 8B/32B and Phi-4-mini's widths,
+forward and backward through the public ops, against fp64 references computed on the GPU from the
+same inputs, with every output allocation poisoned. Skipped without CUDA, with the reason shown
 (pytest -ra); benchmarks/gpu_suite.py runs them first on the lent GPU.
 """
 
@@ -20,6 +21,15 @@ TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}  # bf16: a few output rounding
 LLAMA_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 LLAMA_70B = dict(hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128, vocab=128256)
 SHAPES = {"llama-8b": LLAMA_8B, "llama-70b": LLAMA_70B}
+# The newer families' widths (their config.json files on the Hugging Face hub), with the MLP's
+# activation and the RMSNorm flavour each uses: Gemma's gelu_tanh and fp32 (1 + weight) norm.
+FAMILIES = {
+    "gemma2-9b": dict(hidden=3584, intermediate=14336, head_dim=256, heads=16, activation="gelu_tanh", norm="gemma"),
+    "gemma2-27b": dict(hidden=4608, intermediate=36864, head_dim=128, heads=32, activation="gelu_tanh", norm="gemma"),
+    "qwen3-8b": dict(hidden=4096, intermediate=12288, head_dim=128, heads=32, activation="silu", norm="llama"),
+    "qwen3-32b": dict(hidden=5120, intermediate=25600, head_dim=128, heads=64, activation="silu", norm="llama"),
+    "phi-4-mini": dict(hidden=3072, intermediate=8192, head_dim=128, heads=24, activation="silu", norm="llama"),
+}
 
 
 def randn(*shape, dtype=torch.bfloat16, scale=1.0, seed=0):
@@ -102,6 +112,31 @@ def test_swiglu(model):
         grads = torch.autograd.grad(out, leaves, d_out)
     gd, ud = gate.double().requires_grad_(), up.double().requires_grad_()
     ref = gd * torch.sigmoid(gd) * ud
+    ref_grads = grads64(ref, (gd, ud), (d_out,))
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+    for got, ref_grad in zip(grads, ref_grads, strict=True):
+        assert rel_err(got, ref_grad) <= TOL[torch.bfloat16]
+
+
+def act64(g, activation):
+    if activation == "silu":
+        return g * torch.sigmoid(g)
+    # Hendrycks & Gimpel 2016: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    return 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g**3)))
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_gated_activation(model):
+    m = FAMILIES[model]
+    inter, activation = m["intermediate"], m["activation"]
+    gate, up = randn(TOKENS, inter, seed=1), randn(TOKENS, inter, seed=2)
+    d_out = randn(TOKENS, inter, seed=3)
+    leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    with poisoned_allocations():
+        out = ops.gated_activation(*leaves, activation)
+        grads = torch.autograd.grad(out, leaves, d_out)
+    gd, ud = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref = act64(gd, activation) * ud
     ref_grads = grads64(ref, (gd, ud), (d_out,))
     assert rel_err(out, ref) <= TOL[torch.bfloat16]
     for got, ref_grad in zip(grads, ref_grads, strict=True):

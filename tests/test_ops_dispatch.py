@@ -163,7 +163,8 @@ def test_custom_op_registrations(triton_path):
             torch.ops.trainer.rope,
             (rnd(1, 2, 3, 4), rnd(1, 1, 3, 4), rnd(3, 4, grad=False), rnd(3, 4, grad=False), False, triton_path),
         ),
-        (torch.ops.trainer.swiglu, (rnd(3, 5), rnd(3, 5), triton_path)),
+        (torch.ops.trainer.gated_activation, (rnd(3, 5), rnd(3, 5), "silu", triton_path)),
+        (torch.ops.trainer.gated_activation, (rnd(3, 5), rnd(3, 5), "gelu_tanh", triton_path)),
         (
             torch.ops.trainer.linear_cross_entropy,
             (rnd(5, 8), rnd(11, 8), rnd(11), labels, -100, "sum", 0.1, 1e-3, 4.0, True, True, True, triton_path),

@@ -6,6 +6,15 @@ Every op takes `force` (trainer.ops.dispatch.Impl: auto, triton or reference) to
 from trainer.ops.cross_entropy import check_labels, linear_cross_entropy
 from trainer.ops.rms_norm import add_rms_norm, rms_norm
 from trainer.ops.rope import rope
-from trainer.ops.swiglu import swiglu
+from trainer.ops.swiglu import Activation, gated_activation, swiglu
 
-__all__ = ["add_rms_norm", "check_labels", "linear_cross_entropy", "rms_norm", "rope", "swiglu"]
+__all__ = [
+    "Activation",
+    "add_rms_norm",
+    "check_labels",
+    "gated_activation",
+    "linear_cross_entropy",
+    "rms_norm",
+    "rope",
+    "swiglu",
+]
