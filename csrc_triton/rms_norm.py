@@ -4,6 +4,11 @@ Forward: one program per row; the row's sum of squares and the normalisation hap
 whatever the storage dtype. Rows up to MAX_ONE_BLOCK elements stay in registers between the two;
 wider rows are streamed twice.
 
+Two model-family differences are parameters of the same kernels: `offset` is added to the weight
+(Gemma stores w and multiplies by 1 + w), and ROUND_NORMED says where the result meets the input's
+dtype. True: the normalised value is rounded to it before the weight multiplies (Llama's order);
+False: the weight multiplies in fp32 and only the output is rounded (Gemma 2/3, OLMo 2).
+
 Backward: a fixed number of programs each walks a contiguous range of rows and keeps its own fp32
 partial sum of dW, written once per program into a (programs, cols) buffer that torch reduces.
 That keeps dW free of atomics (one contended row of atomics serialises every program) and makes
@@ -39,6 +44,8 @@ def _rms_norm_fwd_kernel(
     n_cols,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
@@ -47,8 +54,8 @@ def _rms_norm_fwd_kernel(
     r_row = R + row * stride_r
     s_row = S + row * stride_s
     y_row = Y + row * stride_y
-    # The normalised value is rounded to the input's dtype before the weight multiplies it, the
-    # order Hugging Face Llama uses; with a residual the input is the stored sum.
+    # With ROUND_NORMED the normalised value is rounded to the input's dtype before the weight
+    # multiplies it, the order Hugging Face Llama uses; with a residual the input is the stored sum.
     norm_ty = S.dtype.element_ty if HAS_RESIDUAL else X.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
@@ -62,7 +69,11 @@ def _rms_norm_fwd_kernel(
             x = x_stored.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        normed = (x * rstd).to(norm_ty).to(tl.float32)
+        if OFFSET != 0.0:
+            w += OFFSET
+        normed = x * rstd
+        if ROUND_NORMED:
+            normed = normed.to(norm_ty).to(tl.float32)
         tl.store(y_row + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -87,7 +98,11 @@ def _rms_norm_fwd_kernel(
                 x += tl.load(r_row + c, mask=mask, other=0.0).to(tl.float32)
                 x = x.to(S.dtype.element_ty).to(tl.float32)
             w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-            normed = (x * rstd).to(norm_ty).to(tl.float32)
+            if OFFSET != 0.0:
+                w += OFFSET
+            normed = x * rstd
+            if ROUND_NORMED:
+                normed = normed.to(norm_ty).to(tl.float32)
             tl.store(y_row + c, (normed * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
@@ -109,10 +124,13 @@ def _rms_norm_bwd_kernel(
     n_cols,
     rows_per_program,
     HAS_DS: tl.constexpr,
+    OFFSET: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
-    # y = w * n with n = x * rstd:  dx = rstd * (g - n * mean(g * n)) with g = dy * w,  dw = sum dy * n.
+    # y = (w + offset) * n with n = x * rstd:  dx = rstd * (g - n * mean(g * n)) with
+    # g = dy * (w + offset),  dw = sum dy * n (the offset is a constant: d(w + offset)/dw = 1).
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -122,6 +140,8 @@ def _rms_norm_bwd_kernel(
     if ONE_BLOCK:
         mask = cols < n_cols
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if OFFSET != 0.0:
+            w += OFFSET
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         for row in range(row_start, row_end):
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
@@ -133,8 +153,12 @@ def _rms_norm_bwd_kernel(
             if HAS_DS:
                 dx += tl.load(DS + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            # The forward multiplied w by n rounded to the input dtype; its gradient sees the same.
-            dw += dy * n.to(norm_ty).to(tl.float32)
+            # The forward multiplied w by n, rounded to the input dtype with ROUND_NORMED; its
+            # gradient sees the same.
+            if ROUND_NORMED:
+                dw += dy * n.to(norm_ty).to(tl.float32)
+            else:
+                dw += dy * n
         tl.store(dw_row + cols, dw, mask=mask)
     else:
         # Rows too wide for registers: the program's dW partial row lives in the (zeroed) global
@@ -148,6 +172,8 @@ def _rms_norm_bwd_kernel(
                 dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
                 x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                if OFFSET != 0.0:
+                    w += OFFSET
                 gn += dy * w * (x * rstd)
             mean_gn = tl.sum(gn, axis=0) / n_cols
             for start in range(0, n_cols, BLOCK):
@@ -156,13 +182,19 @@ def _rms_norm_bwd_kernel(
                 dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
                 x = tl.load(X + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
                 w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                if OFFSET != 0.0:
+                    w += OFFSET
                 n = x * rstd
                 dx = (dy * w - n * mean_gn) * rstd
                 if HAS_DS:
                     dx += tl.load(DS + row * stride_ds + c, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * stride_dx + c, dx.to(DX.dtype.element_ty), mask=mask)
                 acc = tl.load(dw_row + c, mask=mask, other=0.0)
-                tl.store(dw_row + c, acc + dy * n.to(norm_ty).to(tl.float32), mask=mask)
+                if ROUND_NORMED:
+                    acc += dy * n.to(norm_ty).to(tl.float32)
+                else:
+                    acc += dy * n
+                tl.store(dw_row + c, acc, mask=mask)
             # The next row reads these partial sums back; make every thread's stores visible.
             tl.debug_barrier()
 
@@ -187,6 +219,13 @@ def backward_config(n_cols: int, max_block: int = MAX_ONE_BLOCK) -> dict:
     return config
 
 
+def _variant(offset: float, round_normed: bool) -> dict:
+    # The offset is a compile-time constant (the models use 0 or 1) that the kernels add only when
+    # non-zero: added at run time, even 0, the streamed fp32 backward over 16384 columns spilled
+    # 8 bytes on sm_90a (32 warps leave 64 registers a thread), and Llama's kernels would change.
+    return dict(OFFSET=float(offset), ROUND_NORMED=bool(round_normed))
+
+
 def _check_rows(name: str, t: torch.Tensor, n_cols: int) -> None:
     if t.dim() != 2 or t.shape[1] != n_cols or (n_cols > 1 and t.stride(1) != 1):
         raise ValueError(
@@ -201,12 +240,17 @@ def rms_norm_forward(
     eps: float,
     residual: torch.Tensor | None = None,
     *,
+    offset: float = 0.0,
+    round_normed: bool = True,
     max_block: int = MAX_ONE_BLOCK,
 ):
-    """RMSNorm over the rows of x (rows, cols), optionally of x + residual first.
+    """RMSNorm over the rows of x (rows, cols), optionally of x + residual first:
+    y = n * (weight + offset) with n = x / rms(x), n rounded to the input's dtype first when
+    round_normed (Llama), else kept in fp32 (Gemma).
 
-    Returns (y, s, rstd): y in promote(input, weight) dtype; s the stored sum x + residual (None
-    without a residual); rstd (rows,) fp32, the reciprocal RMS that the backward reuses.
+    Returns (y, s, rstd): y in promote(input, weight) dtype when round_normed, else in the input's
+    (Gemma's output.type_as(x)); s the stored sum x + residual (None without a residual); rstd
+    (rows,) fp32, the reciprocal RMS that the backward reuses.
     """
     n_rows, n_cols = x.shape
     _check_rows("x", x, n_cols)
@@ -217,7 +261,8 @@ def rms_norm_forward(
         s = torch.empty((n_rows, n_cols), dtype=sum_dtype, device=x.device)
     else:
         sum_dtype, s = x.dtype, None
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    y_dtype = torch.promote_types(sum_dtype, weight.dtype) if round_normed else sum_dtype
+    y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, s, rstd
@@ -240,7 +285,7 @@ def rms_norm_forward(
         _rms_norm_fwd_kernel,
         (n_rows,),
         args,
-        dict(HAS_RESIDUAL=has_res, **forward_config(n_cols, max_block)),
+        dict(HAS_RESIDUAL=has_res, **_variant(offset, round_normed), **forward_config(n_cols, max_block)),
         f"rows={n_rows} cols={n_cols} {x.dtype}",
     )
     return y, s, rstd
@@ -253,9 +298,12 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     dsum: torch.Tensor | None = None,
     *,
+    offset: float = 0.0,
+    round_normed: bool = True,
     max_block: int = MAX_ONE_BLOCK,
 ):
-    """Gradients of rms_norm_forward. x is what was normalised (the stored sum with a residual).
+    """Gradients of rms_norm_forward (same offset and round_normed). x is what was normalised (the
+    stored sum with a residual).
 
     dsum, the gradient reaching the stored sum directly, is added to dx. Returns (dx in x's dtype,
     dw in fp32).
@@ -296,7 +344,7 @@ def rms_norm_backward(
         _rms_norm_bwd_kernel,
         (programs,),
         args,
-        dict(HAS_DS=dsum is not None, **config),
+        dict(HAS_DS=dsum is not None, **_variant(offset, round_normed), **config),
         f"rows={n_rows} cols={n_cols} {x.dtype}",
     )
     return dx, dw_partial.sum(0)

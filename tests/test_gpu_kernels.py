@@ -71,6 +71,39 @@ def test_add_rms_norm_and_rms_norm(model, dtype):
         assert rel_err(got, ref) <= tol
 
 
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_rms_norm_families(model):
+    # The family's RMSNorm at its hidden size (add + norm, and the plain norm), and the q-norm over
+    # each head (Qwen3, Gemma 3) at its head_dim; Gemma's offset 1 on a weight stored near 0.
+    m = FAMILIES[model]
+    offset = 1.0 if m["norm"] == "gemma" else 0.0
+    eps = 1e-6
+    for rows, cols in ((TOKENS, m["hidden"]), (TOKENS * m["heads"], m["head_dim"])):
+        x, r = randn(rows, cols, seed=1), randn(rows, cols, seed=2)
+        w = (1 - offset + randn(cols, dtype=torch.float32, scale=0.2, seed=3)).to(torch.bfloat16)
+        dy, ds = randn(rows, cols, seed=4), randn(rows, cols, seed=5)
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        variant = dict(offset=offset, cast=m["norm"])
+        with poisoned_allocations():
+            total, y = ops.add_rms_norm(leaves[0], leaves[1], leaves[2], eps, **variant)
+            grads = torch.autograd.grad((y, total), leaves, (dy, ds))
+            plain = ops.rms_norm(leaves[0], leaves[2], eps, **variant)
+            plain_grads = torch.autograd.grad(plain, (leaves[0], leaves[2]), dy)
+
+        xd, rd, wd = (t.double().requires_grad_() for t in (x, r, w))
+        total_ref = xd + rd
+        y_ref = total_ref * torch.rsqrt(total_ref.pow(2).mean(-1, keepdim=True) + eps) * (wd + offset)
+        ref_grads = grads64((y_ref, total_ref), (xd, rd, wd), (dy, ds))
+        plain_ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * (wd + offset)
+        plain_ref_grads = grads64(plain_ref, (xd, wd), (dy,))
+
+        tol = TOL[torch.bfloat16]
+        assert y.dtype == plain.dtype == torch.bfloat16
+        assert rel_err(total, total_ref) <= tol and rel_err(y, y_ref) <= tol and rel_err(plain, plain_ref) <= tol
+        for got, ref in zip((*grads, *plain_grads), (*ref_grads, *plain_ref_grads), strict=True):
+            assert rel_err(got, ref) <= tol
+
+
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -157,8 +157,9 @@ def test_custom_op_registrations(triton_path):
 
     labels = torch.tensor([1, -100, 4, 0, 2], device=device)
     cases = [
-        (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), None, 1e-6, triton_path)),
-        (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), rnd(3, 8), 1e-6, triton_path)),
+        (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), None, 1e-6, 0.0, "llama", triton_path)),
+        (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), rnd(3, 8), 1e-6, 0.0, "llama", triton_path)),
+        (torch.ops.trainer.rms_norm, (rnd(3, 8), rnd(8), rnd(3, 8), 1e-6, 1.0, "gemma", triton_path)),
         (
             torch.ops.trainer.rope,
             (rnd(1, 2, 3, 4), rnd(1, 1, 3, 4), rnd(3, 4, grad=False), rnd(3, 4, grad=False), False, triton_path),
