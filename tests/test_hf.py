@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from trainer.errors import CheckpointError  # noqa: E402
 from trainer.models import load_hf, save_hf  # noqa: E402
+from trainer.models.families import BY_NAME  # noqa: E402
 
 SHAPE = dict(
     vocab_size=97,
@@ -26,6 +28,8 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 32}),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
 }
 
 
@@ -74,7 +78,7 @@ def assert_same_logits(ours, hf, x=None, tol=1e-5):
 def test_against_hf(tmp_path, family):
     hf, folder = hf_folder(tmp_path, family)
     ours = load_hf(folder)
-    assert ours.args.hf_architecture == type(hf).__name__
+    assert BY_NAME[ours.args.family].architecture == type(hf).__name__
     assert_same_logits(ours, hf)
 
 
@@ -184,12 +188,27 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
         load_hf(folder)
 
 
-def test_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
-    hf, folder = hf_folder(tmp_path, "mistral", sliding_window=16)
+@pytest.mark.parametrize(
+    "family, window_config",
+    [
+        ("mistral", {"sliding_window": 7}),  # every layer
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),  # layer 1 only
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+    ],
+)
+def test_against_hf_sliding_window_beyond_the_window(tmp_path, family, window_config):
+    hf, folder = hf_folder(tmp_path, family, **window_config)
     ours = load_hf(folder)
-    assert_same_logits(ours, hf, tokens(t=16))  # up to the window, the window changes nothing
-    with pytest.raises(ValueError, match=r"longer than the model's sliding window \(16\)"):
-        ours(tokens(t=17))
+    assert ours.args.sliding_window == 7
+    x = tokens(t=40)
+    assert_same_logits(ours, hf, x)
+    # The window matters at this length: the same weights with full attention give other logits.
+    full = load_hf(folder)
+    full.args.sliding_window, full.args.layer_types = None, None
+    with torch.no_grad():
+        assert rel(full(x), hf(x).logits) > 1e-3
+    save_hf(ours, tmp_path / "again")  # and what we write keeps the window for transformers
+    assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again"), hf, x)
 
 
 # ----------------------------------------------------------------------- tokenizer folders and SFT data
@@ -421,7 +440,8 @@ def test_patch_hf_refuses_other_models():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(
         ConfigError,
-        match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, not GPT2LMHeadModel",
+        match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+        "Olmo2ForCausalLM, not GPT2LMHeadModel",
     ):
         patch_hf(gpt2)
 
@@ -497,17 +517,17 @@ def test_fine_tune_from_hf_checkpoint_end_to_end(tmp_path, capsys):
     assert len(steps) == 3 and all(r["loss"] is not None and r["loss"] > 0 for r in steps)
     final = out / "final"
     assert json.loads((final / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
-    assert load_hf(final).args.hf_architecture == "Qwen2ForCausalLM"
+    assert load_hf(final).args.family == "qwen2"
     capsys.readouterr()
     for checkpoint in (final, out / "checkpoint-2"):
         assert main(["generate", str(checkpoint), "--prompt", "what is", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("\n") == 2
 
 
-def test_train_seq_len_beyond_the_sliding_window_is_refused(tmp_path):
+def test_packed_sft_rows_train_beyond_the_sliding_window(tmp_path):
     from trainer import Trainer
     from trainer.config import load_config
-    from trainer.errors import ConfigError
+    from trainer.metrics import read_metrics
 
     hf, folder = hf_folder(tmp_path, "mistral", sliding_window=16)
     tokenizer_folder(folder)
@@ -518,10 +538,12 @@ def test_train_seq_len_beyond_the_sliding_window_is_refused(tmp_path):
             "data.path": str(write_sft_jsonl(tmp_path / "d.jsonl")),
             "data.format": "sft",
             "train.seq_len": 32,
+            "train.max_steps": 2,
             "train.device": "cpu",
             "train.output_dir": str(tmp_path / "run"),
             "train.progress": "none",
         },
     )
-    with pytest.raises(ConfigError, match="longer than the model's sliding window"):
-        Trainer(cfg).train()
+    Trainer(cfg).train()  # a window of 16 inside rows of 32: the sliding and document masks together
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -81,12 +81,14 @@ def perturb_adapters(model, seed=0):
 
 def hf_base(tmp_path, family="llama", tie=False, name="base"):
     """A base model made by transformers itself (norms and biases perturbed so every tensor shows), saved."""
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    config_cls, model_cls, extra = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 12}),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
     }[family]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**HF_SHAPE, tie_word_embeddings=tie))
+    model = model_cls(config_cls(**HF_SHAPE, tie_word_embeddings=tie, **extra))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", "bias")):
@@ -276,6 +278,8 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(mode):
         ("llama", False, True, True),
         ("llama", True, True, False),
         ("qwen2", False, False, True),  # q/k/v biases stay in the base layers
+        ("qwen3", False, False, True),  # the q/k norms train with the other norms
+        ("olmo2", False, True, True),  # norms after attention and MLP, over the whole q/k projections
     ],
 )
 def test_peft_loads_our_adapter_and_merges_to_our_merged_model(tmp_path, family, tie, embeddings, norms):

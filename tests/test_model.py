@@ -86,7 +86,7 @@ def test_presets():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    for changes in ({}, {"tie_embeddings": True, "qkv_bias": True}):
+    for changes in ({}, {"tie_embeddings": True, "qkv_bias": True, "family": "qwen2"}):
         model = make(**changes).float()
         save_hf(model, tmp_path / str(len(changes)))
         loaded = load_hf(tmp_path / str(len(changes)))
@@ -94,7 +94,7 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(model(x), loaded(x))
 
 
-@pytest.mark.parametrize("changes", [{}, {"qkv_bias": True}, {"tie_embeddings": True}])
+@pytest.mark.parametrize("changes", [{}, {"qkv_bias": True, "family": "qwen2"}, {"tie_embeddings": True}])
 def test_against_hf_logits(tmp_path, changes):
     transformers = pytest.importorskip("transformers")
     model = make(seed=3, **changes).float()

@@ -29,34 +29,44 @@ def packed_document_ids(device="cpu"):
     return torch.tensor([[0] * 100 + [1] * 120 + [2] * 80, [0] * 290 + [1] * 10], device=device)
 
 
-def dense_oracle(document_ids):
-    """(batch, 1, seq, seq): query i sees key j when j <= i and both lie in the same document."""
+def dense_oracle(document_ids, window=None):
+    """(batch, 1, seq, seq): query i sees key j when j <= i, both lie in the same document, and
+    (with a sliding window) i - j < window, as transformers' sliding_window_overlay has it."""
     batch, seq = document_ids.shape
     mask = torch.zeros(batch, 1, seq, seq, dtype=torch.bool)
     for b in range(batch):
         for i in range(seq):
             for j in range(i + 1):
-                mask[b, 0, i, j] = bool(document_ids[b, i] == document_ids[b, j])
+                in_window = window is None or i - j < window
+                mask[b, 0, i, j] = bool(document_ids[b, i] == document_ids[b, j]) and in_window
     return mask
 
 
-def test_cpu_uses_the_dense_boolean_mask():
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_uses_the_dense_boolean_mask(window):
     doc = packed_document_ids()
-    mask = llama.document_attention_mask(doc)
+    mask = llama.attention_mask(doc, window, SEQ, "cpu")
     assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
-    assert torch.equal(mask, dense_oracle(doc))
+    assert torch.equal(mask, dense_oracle(doc, window))
 
 
-def test_mask_function_equals_the_dense_mask():
+def test_a_window_without_documents_is_one_mask_for_the_batch_and_none_when_it_covers_the_sequence():
+    one_document = torch.zeros(1, SEQ, dtype=torch.long)
+    assert torch.equal(llama.attention_mask(None, 5, SEQ, "cpu"), dense_oracle(one_document, 5))
+    assert llama.attention_mask(None, SEQ, SEQ, "cpu") is None and llama.attention_mask(None, None, SEQ, "cpu") is None
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_mask_function_equals_the_dense_mask(window):
     # The CUDA path's mask function, run through flex attention's unfused (eager, forward-only) CPU path.
     doc = packed_document_ids()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, SEQ, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    block_mask = create_block_mask(llama.document_mask_mod(doc), 2, None, SEQ, SEQ, device="cpu")
+    block_mask = create_block_mask(llama.mask_mod(doc, window), 2, None, SEQ, SEQ, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "called without torch.compile": unfused, which is the point here
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_oracle(doc), enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_oracle(doc, window), enable_gqa=True)
     assert rel_err(out, ref) <= 1e-12
 
 
@@ -86,12 +96,12 @@ def test_block_mask_attention_equals_dense_mask(dtype, tol):
     doc = packed_document_ids("cuda")
     x = torch.randn(2, SEQ, args.hidden_size, device="cuda", dtype=dtype, requires_grad=True)
     cos, sin = llama.RotaryEmbedding(args).cuda()(SEQ, None, "cuda")
-    block_mask = llama.document_attention_mask(doc)
+    block_mask = llama.attention_mask(doc, None, SEQ, "cuda")
     assert isinstance(block_mask, BlockMask)
     params = [x, *attn.parameters()]
     out = attn(x, cos, sin, block_mask)
     grads = torch.autograd.grad(out.float().square().sum(), params)
-    ref = attn(x, cos, sin, llama.document_causal_mask(doc))
+    ref = attn(x, cos, sin, dense_oracle(doc.cpu()).cuda())
     ref_grads = torch.autograd.grad(ref.float().square().sum(), params)
     assert rel_err(out, ref) <= tol
     for got, want in zip(grads, ref_grads, strict=True):

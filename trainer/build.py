@@ -245,8 +245,7 @@ def check_seq_len(seq_len: int, args) -> None:
     """train.seq_len against the model's limits (ModelArgs.seq_len_problem), as a one-line ConfigError."""
     problem = args.seq_len_problem(seq_len)
     if problem:
-        longest = min(args.max_seq_len, args.sliding_window or args.max_seq_len)
-        raise ConfigError(f"train.seq_len={seq_len} {problem}; use train.seq_len <= {longest}")
+        raise ConfigError(f"train.seq_len={seq_len} {problem}; use train.seq_len <= {args.max_seq_len}")
 
 
 def effective_warmup(config: TrainConfig, messages: list[str]) -> None:

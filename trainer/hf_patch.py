@@ -6,8 +6,9 @@ transformers is changed globally, so other models in the process keep their stoc
 
 With labels, the patched causal LM computes the loss from the hidden states without materialising
 the logits (the point of the fused loss) and returns logits=None; without labels it runs unchanged.
-The attention forward mirrors transformers 5's Llama/Mistral/Qwen2 attention with ops.rope in
-place of apply_rotary_pos_emb, and keeps whichever attention backend the model was loaded with.
+The attention forward mirrors transformers 5's attention of the families in
+trainer/models/families (q/k norms included) with ops.rope in place of apply_rotary_pos_emb, and
+keeps whichever attention backend the model was loaded with.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import torch.nn.functional as F
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
 from trainer.errors import ConfigError
+from trainer.models.families import FAMILIES
 
-FAMILIES = ("Llama", "Mistral", "Qwen2")
-SUPPORTED_MODELS = tuple(f"{family}ForCausalLM" for family in FAMILIES)
+SUPPORTED_MODELS = tuple(family.architecture for family in FAMILIES)
 
 
 def patch_hf(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True, fused_loss: bool = True):
-    """Swaps our ops into a transformers Llama/Mistral/Qwen2 causal LM, in place; returns the model."""
+    """Swaps our ops into a transformers causal LM of a family we know, in place; returns the model."""
     name = type(model).__name__
     if name not in SUPPORTED_MODELS:
         raise ConfigError(f"patch_hf supports {', '.join(SUPPORTED_MODELS)}, not {name}")
@@ -65,8 +66,16 @@ def _attention_forward(
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key = self.q_proj(hidden_states), self.k_proj(hidden_states)
+    # q/k norms: over the whole projection (OLMo 2) before the heads are split, or over each head (Qwen3).
+    q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+    per_head = q_norm is not None and q_norm.weight.shape[-1] == self.head_dim
+    if q_norm is not None and not per_head:
+        query, key = q_norm(query), k_norm(key)
+    query, key = query.view(hidden_shape), key.view(hidden_shape)
+    if per_head:
+        query, key = q_norm(query), k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = ops.rope(query, key, cos, sin)

@@ -40,7 +40,6 @@ from trainer.runtime import parameter_count
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM: PeftModel -> LoraModel -> the model
-NORM_MODULES = ("input_layernorm", "post_attention_layernorm", "norm")
 # adapter_config.json settings that change what an adapter computes and that we do not implement.
 UNSUPPORTED_PEFT_OPTIONS = (
     "use_dora",
@@ -143,7 +142,7 @@ def apply_lora(
     if lora_cfg.train_embeddings:
         modules_to_save += ["embed_tokens"] if model.args.tie_embeddings else ["embed_tokens", "lm_head"]
     if lora_cfg.train_norms:
-        modules_to_save += list(NORM_MODULES)
+        modules_to_save += norm_module_names(model)
     return add_adapters(
         model,
         targets,
@@ -199,6 +198,15 @@ def add_adapters(
                 module.weight.data = module.weight.data.float()  # .data keeps the tie of embedding and head
     model.lora = AdapterSpec(rank, alpha, dropout, quantize, list(targets), modules_to_save)
     return model
+
+
+def norm_module_names(model: nn.Module) -> list[str]:
+    """The names (last component) of the model's RMSNorm modules, in model order: what lora.train_norms
+    unfreezes, as PEFT's modules_to_save names them (input_layernorm, ..., Qwen3's q_norm and k_norm)."""
+    from trainer.models.llama import RMSNorm
+
+    names = [name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, RMSNorm)]
+    return list(dict.fromkeys(names))
 
 
 def _savable(module: nn.Module) -> bool:

@@ -1,9 +1,19 @@
-"""Shape of a Llama-family decoder, and the named presets."""
+"""Shape and switches of the decoder every family shares, and the named presets.
+
+One flag-driven model (litgpt's choice, not torchtitan's model file per family): the families this
+trainer takes are one pre-norm decoder with small differences, so each difference is a field here
+and trainer/models/llama.py builds them all; trainer/models/families/ says, per family, which
+fields its Hugging Face config sets.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+QK_NORMS = ("none", "head", "projection")
+NORM_PLACEMENTS = ("pre", "post")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -22,16 +32,35 @@ class ModelArgs:
     head_dim: int | None = None  # default hidden_size // n_heads
     # Hugging Face's rope scaling parameters ({"rope_type": "llama3" | "linear", ...}); None: plain RoPE.
     rope_scaling: dict | None = None
-    # Mistral's sliding-window attention span; sequences longer than it are refused (within it, the
-    # window changes nothing).
+    # Sliding-window attention (Mistral, Qwen2/3 with use_sliding_window): a query sees itself and
+    # the sliding_window - 1 keys before it, in the layers `layer_types` marks "sliding_attention".
     sliding_window: int | None = None
-    # The Hugging Face class a checkpoint came from, written back by save_hf; None: LlamaForCausalLM,
-    # or Qwen2ForCausalLM when qkv_bias.
-    hf_architecture: str | None = None
+    # "full_attention" / "sliding_attention" per layer; None: every layer sliding when sliding_window
+    # is set, else every layer full.
+    layer_types: tuple[str, ...] | None = None
+    # q/k normalisation (RMSNorm, before RoPE): "head" over each head (Qwen3), "projection" over the
+    # whole q and k projections (OLMo 2), "none".
+    qk_norm: str = "none"
+    # "pre": RMSNorm on the block's input before attention and MLP (Llama); "post": on their outputs,
+    # before the residual add (OLMo 2).
+    norm_placement: str = "pre"
+    # The registry name of the family (trainer/models/families): the Hugging Face class the model
+    # loads from and saves to.
+    family: str = "llama"
 
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.n_heads
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"layer_types must name one of {LAYER_TYPES} for each of the {self.n_layers} layers")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
@@ -42,12 +71,13 @@ class ModelArgs:
         The one place that knows the limits: the model's forward, build_run and the planner ask it."""
         if seq_len > self.max_seq_len:
             return f"is longer than the model allows (max_seq_len {self.max_seq_len})"
-        if self.sliding_window is not None and seq_len > self.sliding_window:
-            return (
-                f"is longer than the model's sliding window ({self.sliding_window}), which this trainer does "
-                "not implement"
-            )
         return None
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, None for full attention."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,6 +86,7 @@ class ModelArgs:
         h, kv = self.hidden_size, self.n_kv_heads * self.head_dim
         q = self.n_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        attn += {"none": 0, "head": 2 * self.head_dim, "projection": q + kv}[self.qk_norm]
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
         emb = self.vocab_size * h
@@ -136,6 +167,8 @@ def resolve_args(preset: str, tokenizer_vocab: int | None = None, **overrides) -
         if tokenizer_vocab is None:
             raise ValueError(f"preset {preset!r} takes its vocab_size from the tokenizer; none was given")
         values["vocab_size"] = pad_vocab(tokenizer_vocab)
+    if values.get("qkv_bias"):  # biases on q, k and v (not o) are Qwen2's: the family that saves them
+        values["family"] = "qwen2"
     if "head_dim" not in overrides or overrides.get("head_dim") is None:
         if "hidden_size" in overrides and overrides["hidden_size"] is not None:
             values.pop("head_dim", None)  # a new width keeps hidden_size // n_heads

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint folders: config.json + safetensors (single file or sharded with an index).
 
-Llama, Mistral and Qwen2 share one decoder shape; the config decides the differences (Qwen2's
-q/k/v bias, Mistral's sliding window, Llama 3.1's rope scaling). Loading streams the tensors one
-at a time into a model built on the meta device, so a checkpoint never sits in memory twice.
+Every family shares one decoder; config.json's keys that every family has are mapped here, each
+family's own in trainer/models/families (Qwen2's q/k/v bias, Qwen3's q/k norms, sliding windows).
+Loading streams the tensors one at a time into a model built on the meta device, so a checkpoint
+never sits in memory twice.
 """
 
 from __future__ import annotations
@@ -18,29 +19,14 @@ from torch import nn
 from trainer.errors import CheckpointError
 from trainer.files import follow_umask
 from trainer.models.config import ModelArgs
+from trainer.models.families import BY_NAME, family_of_config
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
-
-
-def architecture_of(cfg: dict) -> str:
-    """The config's causal-LM class, refused with the supported list when it is not one of ours."""
-    archs = cfg.get("architectures")
-    if archs:
-        arch = archs[0]
-    else:  # a config saved without a model (PretrainedConfig.save_pretrained) names only its model_type
-        by_type = {model_type: name for name, model_type in SUPPORTED_ARCHITECTURES.items()}
-        arch = by_type.get(cfg.get("model_type"), cfg.get("model_type") or "unknown")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return arch
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
@@ -61,14 +47,10 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
-    arch = architecture_of(cfg)
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise CheckpointError(f"{arch} checkpoints with attention_bias or mlp_bias set are not supported")
+    """ModelArgs of a config.json: the keys every family shares here, the family's own in its file."""
+    family = family_of_config(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported; only silu (SwiGLU)")
-    sliding_window = None
-    if arch == "MistralForCausalLM" or (arch == "Qwen2ForCausalLM" and cfg.get("use_sliding_window")):
-        sliding_window = cfg.get("sliding_window")
     rope_theta, rope_scaling = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
     return ModelArgs(
@@ -84,9 +66,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM",
-        sliding_window=sliding_window,
-        hf_architecture=arch,
+        family=family.name,
+        **family.args_from_config(cfg),
     )
 
 
@@ -98,12 +79,12 @@ def hf_config_from_args(
 ) -> dict:
     """config.json for `args`; keys of the `source` config it was loaded from are kept, and the
     tokenizer's `special_tokens` (Tokenizer.special_token_ids) set the token ids."""
-    arch = args.hf_architecture or ("Qwen2ForCausalLM" if args.qkv_bias else "LlamaForCausalLM")
+    family = BY_NAME[args.family]
     cfg = {k: v for k, v in (source or {}).items() if k not in ("rope_parameters", "rope_scaling")}
     cfg.update(
         {
-            "architectures": [arch],
-            "model_type": SUPPORTED_ARCHITECTURES[arch],
+            "architectures": [family.architecture],
+            "model_type": family.model_type,
             "vocab_size": args.vocab_size,
             "hidden_size": args.hidden_size,
             "intermediate_size": args.intermediate_size,
@@ -116,17 +97,13 @@ def hf_config_from_args(
             "rope_theta": args.rope_theta,
             "rms_norm_eps": args.norm_eps,
             "tie_word_embeddings": args.tie_embeddings,
-            "attention_bias": False,
             "torch_dtype": _DTYPE_NAMES[dtype],
             "dtype": _DTYPE_NAMES[dtype],  # transformers 5 renamed torch_dtype
         }
     )
     if args.rope_scaling:
         cfg["rope_scaling"] = dict(args.rope_scaling)
-    if arch != "LlamaForCausalLM":
-        cfg["sliding_window"] = args.sliding_window
-    if arch == "Qwen2ForCausalLM":
-        cfg["use_sliding_window"] = args.sliding_window is not None
+    cfg.update(family.config_from_args(args))
     return with_token_ids(cfg, special_tokens or {})
 
 

@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) built from trainer.ops.
+"""The decoder of every family (trainer/models/families), built from trainer.ops; ModelArgs'
+switches choose each family's differences (q/k norms, norm placement, sliding windows, biases).
 
-Module and parameter names follow Hugging Face's LlamaForCausalLM, so a state dict moves between
-the two without renaming.
+Module and parameter names follow the Hugging Face classes (LlamaForCausalLM, Qwen3ForCausalLM,
+Olmo2ForCausalLM, ...), so a state dict moves between the two without renaming.
 """
 
 from __future__ import annotations
@@ -78,18 +79,30 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        h = args.hidden_size
+        h, k_width = args.hidden_size, self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm != "none":  # over each head (Qwen3) or the whole projection (OLMo 2)
+            per_head = args.qk_norm == "head"
+            q_dim, k_dim = (self.head_dim, self.head_dim) if per_head else (self.n_heads * self.head_dim, k_width)
+            self.q_norm = RMSNorm(q_dim, args.norm_eps, kernels)
+            self.k_norm = RMSNorm(k_dim, args.norm_eps, kernels)
         self.kernels = kernels
 
     def forward(self, x, cos, sin, attn_mask):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.rope(q, k, cos, sin, force=self.kernels.rope)
         gqa = self.n_kv_heads != self.n_heads
         if attn_mask is None:
@@ -118,10 +131,17 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args, kernels)
         self.mlp = MLP(args, kernels)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        self.norm_placement = args.norm_placement
+        if args.norm_placement == "pre":
+            self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        if args.norm_placement == "post":
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
 
     def forward(self, x, cos, sin, attn_mask=None):
+        if self.norm_placement == "post":  # OLMo 2: x + norm(attention(x)), then x + norm(mlp(x))
+            h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, attn_mask))
+            return h + self.post_feedforward_layernorm(self.mlp(h))
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         norm = self.post_attention_layernorm
         h, normed = ops.add_rms_norm(attn_out, x, norm.weight, norm.eps, force=norm.kernels.rms_norm)
@@ -135,17 +155,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(args)
+        self.args = args
         self.neftune_alpha = 0.0  # > 0: NEFTune noise on the input embeddings in training (see neftune_noise)
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
         seq_len = input_ids.shape[1]
         cos, sin = self.rotary_emb(seq_len, position_ids, input_ids.device)
-        attn_mask = document_attention_mask(document_ids) if document_ids is not None else None
+        # One mask per distinct window, built once and shared by the layers that use it.
+        windows = [self.args.window_of(i) for i in range(len(self.layers))]
+        masks = {w: attention_mask(document_ids, w, seq_len, input_ids.device) for w in set(windows)}
         x = self.embed_tokens(input_ids)
         if self.training and self.neftune_alpha > 0:
             x = neftune_noise(x, self.neftune_alpha)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask)
+        for layer, window in zip(self.layers, windows):
+            x = layer(x, cos, sin, masks[window])
         return self.norm(x)
 
 
@@ -191,33 +214,44 @@ def compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def document_mask_mod(document_ids: torch.Tensor):
-    """Flex attention's mask function for packed documents: causal, and never across a document."""
+def mask_mod(document_ids: torch.Tensor | None, window: int | None):
+    """Flex attention's mask function: causal; never across a document (packed rows); and with a
+    sliding window, a query sees itself and the window - 1 keys before it (transformers' rule)."""
 
-    def same_document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+    def allowed(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if document_ids is not None:
+            keep = keep & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        return keep
 
-    return same_document_causal
-
-
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:
-    """The attention mask of packed documents, built once per forward and shared by every layer: a
-    flex-attention block mask on CUDA (it skips the blocks no query of a document can see), the exact
-    boolean SDPA mask elsewhere (flex attention has no backward on CPU)."""
-    if document_ids.device.type != "cuda":
-        return document_causal_mask(document_ids)
-    batch, seq_len = document_ids.shape
-    return compiled_create_block_mask()(
-        document_mask_mod(document_ids), batch, None, seq_len, seq_len, device=document_ids.device
-    )
+    return allowed
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq) boolean mask: causal, and never across a document boundary."""
-    t = document_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+def attention_mask(
+    document_ids: torch.Tensor | None, window: int | None, seq_len: int, device
+) -> torch.Tensor | BlockMask | None:
+    """The attention mask of a forward, shared by every layer with this window. None for plain causal
+    attention (SDPA's is_causal); on CUDA a flex-attention block mask (it skips the blocks no query
+    can see); elsewhere the exact boolean SDPA mask, (batch or 1, 1, seq, seq) (flex attention has no
+    backward on CPU)."""
+    if document_ids is None and (window is None or window >= seq_len):
+        return None
+    if torch.device(device).type == "cuda":
+        batch = 1 if document_ids is None else document_ids.shape[0]
+        return compiled_create_block_mask()(
+            mask_mod(document_ids, window), batch, None, seq_len, seq_len, device=device
+        )
+    positions = torch.arange(seq_len, device=device)
+    offset = positions[:, None] - positions[None, :]  # query position - key position
+    keep = offset >= 0
+    if window is not None:
+        keep = keep & (offset < window)
+    if document_ids is None:
+        return keep[None, None]
     same_doc = document_ids[:, :, None] == document_ids[:, None, :]
-    return (same_doc & causal)[:, None]
+    return (same_doc & keep)[:, None]
 
 
 class Transformer(nn.Module):
