@@ -49,6 +49,8 @@ class ModelShape:
 # Published configs (the models' config.json files on the Hugging Face hub). llama-1b/7b/8b are
 # trainer.models' presets (tests/test_compile_check.py keeps them equal); vocab-256k has Gemma-7B's
 # shape, the largest vocabulary and head_dim in common use; llama-405b is the widest hidden size.
+# Gemma 2, Qwen3 and Phi-4-mini are the newer families' widths (Phi-4-mini's head_dim is
+# 3072 / 24 heads; its RoPE rotates 96 of those 128 dimensions).
 MODELS: dict[str, ModelShape] = {
     "llama-1b": ModelShape(2048, 8192, 32, 8, 64, 128256),
     "llama-7b": ModelShape(4096, 11008, 32, 32, 128, 32000),
@@ -57,11 +59,19 @@ MODELS: dict[str, ModelShape] = {
     "qwen2-7b": ModelShape(3584, 18944, 28, 4, 128, 152064),
     "vocab-256k": ModelShape(3072, 24576, 16, 16, 256, 256000),
     "llama-405b": ModelShape(16384, 53248, 128, 8, 128, 128256),
+    "gemma2-9b": ModelShape(3584, 14336, 16, 8, 256, 256000),
+    "gemma2-27b": ModelShape(4608, 36864, 32, 16, 128, 256000),
+    "qwen3-8b": ModelShape(4096, 12288, 32, 8, 128, 151936),
+    "qwen3-32b": ModelShape(5120, 25600, 64, 8, 128, 151936),
+    "phi-4-mini": ModelShape(3072, 8192, 24, 8, 128, 200064),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BATCH, SEQ = 4, 2048  # 8192 tokens through the row-wise kernels
 CE_ROWS = 1024  # tokens in one chunk of the fused loss
-KERNELS = ("rms_norm", "add_rms_norm", "rope", "swiglu", "cross_entropy")
+# qk_norm: RMSNorm over each head of q (Qwen3, Gemma 3), head_dim wide. Each RMSNorm is recorded in
+# Llama's form and in Gemma's (offset 1, fp32 until the output); geglu is the gated kernel's tanh-GELU.
+KERNELS = ("rms_norm", "add_rms_norm", "qk_norm", "rope", "swiglu", "geglu", "cross_entropy")
+NORM_VARIANTS = {"": dict(), "gemma_": dict(offset=1.0, round_normed=False)}
 
 # Largest dynamic shared memory one block may use, by compute capability (CUDA programming guide,
 # "Technical Specifications per Compute Capability").
@@ -189,7 +199,7 @@ def launches(models=tuple(MODELS), dtypes=tuple(DTYPES), kernels=KERNELS) -> lis
     from csrc_triton.cross_entropy import cross_entropy_rows_
     from csrc_triton.rms_norm import rms_norm_backward, rms_norm_forward
     from csrc_triton.rope import rope_rotate
-    from csrc_triton.swiglu import swiglu_backward, swiglu_forward
+    from csrc_triton.swiglu import GELU_TANH, SILU, swiglu_backward, swiglu_forward
 
     out: list[Launch] = []
     for model in models:
@@ -203,16 +213,24 @@ def launches(models=tuple(MODELS), dtypes=tuple(DTYPES), kernels=KERNELS) -> lis
 
             x, r, w = _meta(rows, m.hidden, dtype=dt), _meta(rows, m.hidden, dtype=dt), _meta(m.hidden, dtype=dt)
             rstd = _meta(rows, dtype=torch.float32)
-            if "rms_norm" in kernels:
-                with rec("rms_norm.forward"):
-                    rms_norm_forward(x, w, 1e-5)
-                with rec("rms_norm.backward"):
-                    rms_norm_backward(x, x, w, rstd)
-            if "add_rms_norm" in kernels:
-                with rec("add_rms_norm.forward"):
-                    rms_norm_forward(x, w, 1e-5, residual=r)
-                with rec("add_rms_norm.backward"):
-                    rms_norm_backward(x, x, w, rstd, r)
+            q_heads = _meta(rows * m.heads, m.head_dim, dtype=dt)
+            q_w, q_rstd = _meta(m.head_dim, dtype=dt), _meta(rows * m.heads, dtype=torch.float32)
+            for prefix, variant in NORM_VARIANTS.items():
+                if "rms_norm" in kernels:
+                    with rec(f"{prefix}rms_norm.forward"):
+                        rms_norm_forward(x, w, 1e-5, **variant)
+                    with rec(f"{prefix}rms_norm.backward"):
+                        rms_norm_backward(x, x, w, rstd, **variant)
+                if "add_rms_norm" in kernels:
+                    with rec(f"{prefix}add_rms_norm.forward"):
+                        rms_norm_forward(x, w, 1e-5, residual=r, **variant)
+                    with rec(f"{prefix}add_rms_norm.backward"):
+                        rms_norm_backward(x, x, w, rstd, r, **variant)
+                if "qk_norm" in kernels:
+                    with rec(f"{prefix}qk_norm.forward"):
+                        rms_norm_forward(q_heads, q_w, 1e-6, **variant)
+                    with rec(f"{prefix}qk_norm.backward"):
+                        rms_norm_backward(q_heads, q_heads, q_w, q_rstd, **variant)
             if "rope" in kernels:
                 # The model's layout: (batch, seq, heads, dim) projections viewed as (batch, heads, seq, dim).
                 q = _meta(BATCH, SEQ, m.heads, m.head_dim, dtype=dt).transpose(1, 2)
@@ -222,12 +240,13 @@ def launches(models=tuple(MODELS), dtypes=tuple(DTYPES), kernels=KERNELS) -> lis
                     rope_rotate(q, k, cos, sin)
                 with rec("rope.backward"):
                     rope_rotate(q, k, cos, sin, inverse=True)
-            if "swiglu" in kernels:
-                gate = _meta(rows, m.intermediate, dtype=dt)
-                with rec("swiglu.forward"):
-                    swiglu_forward(gate, gate)
-                with rec("swiglu.backward"):
-                    swiglu_backward(gate, gate, gate)
+            for name, activation in (("swiglu", SILU), ("geglu", GELU_TANH)):
+                if name in kernels:
+                    gate = _meta(rows, m.intermediate, dtype=dt)
+                    with rec(f"{name}.forward"):
+                        swiglu_forward(gate, gate, activation)
+                    with rec(f"{name}.backward"):
+                        swiglu_backward(gate, gate, gate, activation)
             if "cross_entropy" in kernels:
                 logits = _meta(CE_ROWS, m.vocab, dtype=dt)
                 labels = _meta(CE_ROWS, dtype=torch.int64)

@@ -64,11 +64,40 @@ def test_every_kernel_is_recorded_in_every_direction():
         "rope.backward",
         "swiglu.forward",
         "swiglu.backward",
+        "geglu.forward",
+        "geglu.backward",
+        "gemma_rms_norm.forward",
+        "gemma_rms_norm.backward",
+        "gemma_add_rms_norm.forward",
+        "gemma_add_rms_norm.backward",
+        "qk_norm.forward",
+        "qk_norm.backward",
+        "gemma_qk_norm.forward",
+        "gemma_qk_norm.backward",
         "cross_entropy.loss_and_grad",
         "cross_entropy.loss",
         "cross_entropy.grad_scaled",
     } <= labels
     assert len(launches) == len(compile_check.MODELS) * len(compile_check.DTYPES) * len(labels)
+
+
+def test_model_variants_reach_the_kernels_as_constants():
+    # The new families' kernels: Gemma's RMSNorm (offset 1, fp32 until the output), the q-norm over
+    # head_dim, and the gated kernel's tanh-GELU, each at the model's own width.
+    launches = {x.kernel: x for x in compile_check.launches(["gemma2-9b"], ["bf16"])}
+    from csrc_triton.swiglu import GELU_TANH, SILU
+
+    def variant(label):
+        return launches[label].constexprs["OFFSET"], launches[label].constexprs["ROUND_NORMED"]
+
+    assert variant("rms_norm.forward") == variant("add_rms_norm.backward") == (0.0, True)
+    for label in ("gemma_rms_norm.forward", "gemma_add_rms_norm.backward", "gemma_qk_norm.backward"):
+        assert variant(label) == (1.0, False)
+    assert launches["gemma_rms_norm.forward"].shape == "rows=8192 cols=3584 torch.bfloat16"
+    assert launches["qk_norm.forward"].shape == f"rows={8192 * 16} cols=256 torch.bfloat16"
+    assert launches["geglu.forward"].constexprs["ACTIVATION"] == GELU_TANH
+    assert launches["swiglu.backward"].constexprs["ACTIVATION"] == SILU
+    assert launches["geglu.backward"].shape == "rows=8192 cols=14336 torch.bfloat16"
 
 
 def test_recorded_launch_carries_triton_specialisations():
@@ -114,7 +143,8 @@ def test_fast_subset_compiles_without_spills(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     records = report["records"]
-    assert len(records) == report["summary"]["configurations"] == 8
+    # rms_norm in Llama's and Gemma's form (4), rope (2), cross_entropy (4)
+    assert len(records) == report["summary"]["configurations"] == 10
     for r in records:
         assert r["ok"] and r["arch"] == "sm_90a" and r["dtype"] == "bf16" and r["model"] == "llama-8b"
         assert 0 < r["registers"] <= 255 and r["spill_bytes"] == 0 and r["shared_bytes"] >= 0
