@@ -297,7 +297,15 @@ def build_run(config: TrainConfig) -> RunParts:
         document_ids=cfg.data.document_mask,
     )
     state = resumed_state(
-        output, loader, t.max_steps, messages, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        output,
+        loader,
+        t.max_steps,
+        messages,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        sharded=is_sharded(model),
     )
 
     # Everything is checked: only now is the folder created, or a previous run's outputs replaced.
