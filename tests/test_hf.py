@@ -30,6 +30,7 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2}),
 }
 
 
@@ -102,6 +103,15 @@ def test_against_hf_llama_rope_scaling_llama3(tmp_path):
         assert rel(plain(tokens(t=60)), hf(tokens(t=60)).logits) > 1e-3
     save_hf(ours, tmp_path / "again")  # what we write keeps the scaling for transformers
     assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again"), hf, tokens(t=60))
+
+
+def test_against_hf_phi3_partial_rotary(tmp_path):
+    hf, folder = hf_folder(tmp_path, "phi3", partial_rotary_factor=0.5)
+    ours = load_hf(folder)
+    assert ours.args.rotary_dim == 4 and ours.args.fused_projections
+    assert_same_logits(ours, hf)
+    save_hf(ours, tmp_path / "again")
+    assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again"), hf)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -194,6 +204,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
         ("mistral", {"sliding_window": 7}),  # every layer
         ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),  # layer 1 only
         ("qwen3", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),
+        ("phi3", {"sliding_window": 7}),
     ],
 )
 def test_against_hf_sliding_window_beyond_the_window(tmp_path, family, window_config):
@@ -441,7 +452,7 @@ def test_patch_hf_refuses_other_models():
     with pytest.raises(
         ConfigError,
         match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-        "Olmo2ForCausalLM, not GPT2LMHeadModel",
+        "Phi3ForCausalLM, Olmo2ForCausalLM, not GPT2LMHeadModel",
     ):
         patch_hf(gpt2)
 

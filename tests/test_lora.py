@@ -86,6 +86,7 @@ def hf_base(tmp_path, family="llama", tie=False, name="base"):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 12}),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2}),
     }[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**HF_SHAPE, tie_word_embeddings=tie, **extra))
@@ -280,6 +281,7 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(mode):
         ("qwen2", False, False, True),  # q/k/v biases stay in the base layers
         ("qwen3", False, False, True),  # the q/k norms train with the other norms
         ("olmo2", False, True, True),  # norms after attention and MLP, over the whole q/k projections
+        ("phi3", False, False, False),  # adapters on the fused qkv_proj and gate_up_proj, as PEFT names them
     ],
 )
 def test_peft_loads_our_adapter_and_merges_to_our_merged_model(tmp_path, family, tie, embeddings, norms):
@@ -295,7 +297,9 @@ def test_peft_loads_our_adapter_and_merges_to_our_merged_model(tmp_path, family,
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["task_type"] == "CAUSAL_LM"
     assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, 8.0, 0.0)
-    assert sorted(written["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    # Phi-3's q, k and v are one qkv_proj, which "v_proj" also matches.
+    expected = ["down_proj", "qkv_proj"] if family == "phi3" else ["down_proj", "q_proj", "v_proj"]
+    assert sorted(written["target_modules"]) == expected
     assert written["base_model_name_or_path"] == str(base.resolve())
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(base)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from types import MethodType
 
+import torch
 import torch.nn.functional as F
 
 from trainer import ops
@@ -56,7 +57,11 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _swiglu_forward(self, x):
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    if hasattr(self, "gate_up_proj"):  # Phi-3's fused projection: gate first
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(ops.swiglu(gate, up))
 
 
 def _attention_forward(
@@ -66,7 +71,12 @@ def _attention_forward(
 
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key = self.q_proj(hidden_states), self.k_proj(hidden_states)
+    if hasattr(self, "qkv_proj"):  # Phi-3's fused projection: q, then k, then v
+        q_width = self.config.num_attention_heads * self.head_dim
+        k_width = self.config.num_key_value_heads * self.head_dim
+        query, key, value = self.qkv_proj(hidden_states).split((q_width, k_width, k_width), dim=-1)
+    else:
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
     # q/k norms: over the whole projection (OLMo 2) before the heads are split, or over each head (Qwen3).
     q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
     per_head = q_norm is not None and q_norm.weight.shape[-1] == self.head_dim
@@ -76,9 +86,15 @@ def _attention_forward(
     if per_head:
         query, key = q_norm(query), k_norm(key)
     query, key = query.transpose(1, 2), key.transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = value.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    query, key = ops.rope(query, key, cos, sin)
+    rotary = cos.shape[-1]  # Phi-3 turns only the first part of each head
+    if rotary == self.head_dim:
+        query, key = ops.rope(query, key, cos, sin)
+    else:
+        q_rot, k_rot = ops.rope(query[..., :rotary], key[..., :rotary], cos, sin)
+        query = torch.cat((q_rot, query[..., rotary:]), dim=-1)
+        key = torch.cat((k_rot, key[..., rotary:]), dim=-1)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
     # The eager fallback lives in the model's own modeling file.

@@ -44,6 +44,12 @@ class ModelArgs:
     # "pre": RMSNorm on the block's input before attention and MLP (Llama); "post": on their outputs,
     # before the residual add (OLMo 2).
     norm_placement: str = "pre"
+    # Rotary embedding on the first rotary_dim of each head's dimensions only (Phi-3's
+    # partial_rotary_factor); None: the whole head.
+    rotary_dim: int | None = None
+    # q, k and v as one qkv_proj and gate and up as one gate_up_proj (Phi-3): its checkpoints' layout
+    # and PEFT's target names; one matmul each instead of three and two.
+    fused_projections: bool = False
     # The registry name of the family (trainer/models/families): the Hugging Face class the model
     # loads from and saves to.
     family: str = "llama"
@@ -63,8 +69,10 @@ class ModelArgs:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if (self.rotary_dim or self.head_dim) % 2 or (self.rotary_dim or 0) > self.head_dim:
+            raise ValueError(
+                f"the rotary part of a head ({self.rotary_dim or self.head_dim}) must be even and <= head_dim"
+            )
 
     def seq_len_problem(self, seq_len: int) -> str | None:
         """Why a sequence of `seq_len` tokens cannot run on this model ("is longer than ..."), or None.

@@ -32,6 +32,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 5's `rope_parameters` or 4's `rope_scaling`."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -46,6 +47,12 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
+def _rotary_dim(cfg: dict, head_dim: int) -> int | None:
+    """The rotated part of each head (Phi-3's partial_rotary_factor); None: all of it."""
+    factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return None if factor == 1.0 else int(head_dim * factor)
+
+
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """ModelArgs of a config.json: the keys every family shares here, the family's own in its file."""
     family = family_of_config(cfg)
@@ -53,6 +60,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported; only silu (SwiGLU)")
     rope_theta, rope_scaling = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     return ModelArgs(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -60,7 +68,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        head_dim=head_dim,
+        rotary_dim=_rotary_dim(cfg, head_dim),
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
@@ -103,6 +112,8 @@ def hf_config_from_args(
     )
     if args.rope_scaling:
         cfg["rope_scaling"] = dict(args.rope_scaling)
+    if args.rotary_dim is not None:
+        cfg["partial_rotary_factor"] = args.rotary_dim / args.head_dim
     cfg.update(family.config_from_args(args))
     return with_token_ids(cfg, special_tokens or {})
 

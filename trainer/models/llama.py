@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty((args.rotary_dim or args.head_dim) // 2), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -80,9 +80,15 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         h, k_width = args.hidden_size, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.widths = (self.n_heads * self.head_dim, k_width, k_width)  # q, k, v
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3's qkv_proj
+            self.qkv_proj = nn.Linear(h, sum(self.widths), bias=args.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, self.widths[0], bias=args.qkv_bias)
+            self.k_proj = nn.Linear(h, k_width, bias=args.qkv_bias)
+            self.v_proj = nn.Linear(h, k_width, bias=args.qkv_bias)
+        self.rotary_dim = args.rotary_dim
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.qk_norm = args.qk_norm
         if args.qk_norm != "none":  # over each head (Qwen3) or the whole projection (OLMo 2)
@@ -94,7 +100,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask):
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.widths, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -103,7 +112,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.rope(q, k, cos, sin, force=self.kernels.rope)
+        if self.rotary_dim is None:
+            q, k = ops.rope(q, k, cos, sin, force=self.kernels.rope)
+        else:  # partial rotary (Phi-3): the first rotary_dim dimensions of each head turn, the rest pass
+            r = self.rotary_dim
+            q_rot, k_rot = ops.rope(q[..., :r], k[..., :r], cos, sin, force=self.kernels.rope)
+            q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
         gqa = self.n_kv_heads != self.n_heads
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -117,13 +131,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.fused = args.fused_projections
+        if self.fused:  # Phi-3's gate_up_proj: gate first, up second
+            self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.kernels = kernels
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), force=self.kernels.swiglu))
+        # The two halves of gate_up_proj are strided views: the SwiGLU kernel reads them without a copy.
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(ops.swiglu(gate, up, force=self.kernels.swiglu))
 
 
 class DecoderLayer(nn.Module):
@@ -182,7 +202,8 @@ def neftune_noise(embeddings: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Rotary frequencies in fp32, with Hugging Face's "linear" or "llama3" (Llama 3.1) scaling applied."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+    dim = args.rotary_dim or args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scaling = args.rope_scaling
     if not scaling:
         return inv_freq

@@ -11,10 +11,17 @@ tests/test_hf.py checks each family against transformers' own model.
 from __future__ import annotations
 
 from trainer.errors import CheckpointError
-from trainer.models.families import llama, mistral, olmo2, qwen2, qwen3
+from trainer.models.families import llama, mistral, olmo2, phi3, qwen2, qwen3
 from trainer.models.families.family import Family
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, olmo2.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen2.FAMILY,
+    qwen3.FAMILY,
+    phi3.FAMILY,
+    olmo2.FAMILY,
+)
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 BY_NAME = {f.name: f for f in FAMILIES}
 
