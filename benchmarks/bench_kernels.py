@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 import trainer.ops as ops  # noqa: E402
 from trainer.ops.rms_norm import rms_norm_reference  # noqa: E402
 from trainer.ops.rope import rope_reference  # noqa: E402
-from trainer.ops.swiglu import swiglu_reference  # noqa: E402
+from trainer.ops.swiglu import gated_activation_reference  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
@@ -151,16 +151,18 @@ def case_rope(
     return Case(inputs, 4 * batch * (q_heads + k_heads) * seq * dim * e, providers)
 
 
-def case_swiglu(tokens=SIZES["tokens"], inter=SIZES["inter"], dtype=torch.bfloat16):
+def case_gated(tokens=SIZES["tokens"], inter=SIZES["inter"], dtype=torch.bfloat16, activation="silu"):
+    """SwiGLU (silu) or GeGLU (gelu_tanh, Gemma's), at the same shape so the two compare directly."""
     e = torch.finfo(dtype).bits // 8
     inputs = dict(gate=_rand(tokens, inter, dtype=dtype), up=_rand(tokens, inter, dtype=dtype))
+    eager = lambda gate, up: gated_activation_reference(gate, up, activation)  # noqa: E731
     providers = _providers(
-        ours=lambda gate, up: ops.swiglu(gate, up, force="triton"),
-        eager=swiglu_reference,
-        compile=_compiled(swiglu_reference),
+        ours=lambda gate, up: ops.gated_activation(gate, up, activation, force="triton"),
+        eager=eager,
+        compile=_compiled(eager),
     )
     if liger is not None:
-        providers["liger"] = lambda gate, up: liger.liger_swiglu(gate, up)
+        providers["liger"] = liger.liger_swiglu if activation == "silu" else liger.liger_geglu
     # forward: read gate, up, write out; backward: read d_out, gate, up, write d_gate, d_up
     return Case(inputs, 8 * tokens * inter * e, providers)
 
@@ -206,7 +208,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "rms_norm_wide": lambda: case_rms_norm(tokens=SIZES["tokens"] // 2, hidden=SIZES["wide"]),
     "add_rms_norm": case_add_rms_norm,
     "rope": case_rope,
-    "swiglu": case_swiglu,
+    "swiglu": case_gated,
+    "geglu": lambda: case_gated(activation="gelu_tanh"),
     "fused_linear_cross_entropy": case_fused_linear_cross_entropy,
 }
 
