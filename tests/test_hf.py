@@ -31,6 +31,32 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2}),
+    # Small softcaps, a scalar other than head_dim and a window shorter than tokens(): each one shows.
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 7,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 7,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+    ),
 }
 
 
@@ -112,6 +138,49 @@ def test_against_hf_phi3_partial_rotary(tmp_path):
     assert_same_logits(ours, hf)
     save_hf(ours, tmp_path / "again")
     assert_same_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again"), hf)
+
+
+@pytest.mark.parametrize(
+    "switch, off",
+    [
+        ("attn_softcap", None),
+        ("final_softcap", None),
+        ("query_pre_attn_scalar", None),
+        ("embed_scale", False),
+        ("norm_offset", 0.0),
+        ("layer_types", None),  # every layer sliding
+        ("rope_local_theta", None),  # gemma3: the local layers' own RoPE base
+        ("qk_norm", "none"),  # gemma3
+    ],
+)
+def test_against_hf_gemma_every_switch_matters(tmp_path, switch, off):
+    """With caps small enough to bend these random models' scores and logits, our Gemma matches
+    transformers', and the same weights with one switch turned off do not."""
+    family = "gemma3" if switch in ("rope_local_theta", "qk_norm") else "gemma2"
+    changes = {"attn_logit_softcapping": 0.01, "final_logit_softcapping": 0.05} if family == "gemma2" else {}
+    hf, folder = hf_folder(tmp_path, family, **changes)
+    x = tokens(t=23)
+    ours = load_hf(folder)
+    assert_same_logits(ours, hf, x)
+    changed = load_hf(folder)
+    setattr(changed.args, switch, off)
+    if switch == "qk_norm":  # the modules read it at construction
+        for layer in changed.model.layers:
+            layer.self_attn.qk_norm = "none"
+    if switch == "norm_offset":
+        for module in changed.modules():
+            if hasattr(module, "offset"):
+                module.offset = off
+    if switch == "query_pre_attn_scalar":
+        for layer in changed.model.layers:
+            layer.self_attn.scale = None
+    if switch == "attn_softcap":
+        for layer in changed.model.layers:
+            layer.self_attn.softcap = None
+    if switch == "rope_local_theta":
+        changed.model.rotary_emb_local = changed.model.rotary_emb
+    with torch.no_grad():
+        assert rel(changed(x), hf(x).logits) > 1e-4
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -452,7 +521,7 @@ def test_patch_hf_refuses_other_models():
     with pytest.raises(
         ConfigError,
         match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-        "Phi3ForCausalLM, Olmo2ForCausalLM, not GPT2LMHeadModel",
+        "Phi3ForCausalLM, Olmo2ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, not GPT2LMHeadModel",
     ):
         patch_hf(gpt2)
 

@@ -87,6 +87,16 @@ def hf_base(tmp_path, family="llama", tie=False, name="base"):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 12}),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 2}),
+        "gemma2": (
+            transformers.Gemma2Config,
+            transformers.Gemma2ForCausalLM,
+            {"head_dim": 12, "sliding_window": 5, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0},
+        ),
+        "gemma3": (
+            transformers.Gemma3TextConfig,
+            transformers.Gemma3ForCausalLM,
+            {"head_dim": 12, "sliding_window": 5},
+        ),
     }[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**HF_SHAPE, tie_word_embeddings=tie, **extra))
@@ -282,6 +292,8 @@ def test_activation_checkpointing_with_dropout_gives_the_same_gradients(mode):
         ("qwen3", False, False, True),  # the q/k norms train with the other norms
         ("olmo2", False, True, True),  # norms after attention and MLP, over the whole q/k projections
         ("phi3", False, False, False),  # adapters on the fused qkv_proj and gate_up_proj, as PEFT names them
+        ("gemma2", True, False, True),  # four norms a block with (1 + weight), tied head, softcaps
+        ("gemma3", True, True, True),  # q/k norms among the unfrozen norms
     ],
 )
 def test_peft_loads_our_adapter_and_merges_to_our_merged_model(tmp_path, family, tie, embeddings, norms):

@@ -14,6 +14,7 @@ keeps whichever attention backend the model was loaded with.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from types import MethodType
 
 import torch
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
-from trainer.errors import ConfigError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.models.families import FAMILIES
+from trainer.models.hf import args_from_hf_config
 
 SUPPORTED_MODELS = tuple(family.architecture for family in FAMILIES)
 
@@ -32,19 +34,19 @@ def patch_hf(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = 
     name = type(model).__name__
     if name not in SUPPORTED_MODELS:
         raise ConfigError(f"patch_hf supports {', '.join(SUPPORTED_MODELS)}, not {name}")
-    family = name.removesuffix("ForCausalLM")
-    if swiglu and model.config.hidden_act != "silu":
-        raise ConfigError(
-            f"patch_hf: hidden_act={model.config.hidden_act!r} is not SwiGLU's silu; "
-            "pass swiglu=False to keep the model's MLP"
-        )
+    try:  # the family's switches (norm offset and rounding, MLP activation), as our own model reads them
+        args = args_from_hf_config({**model.config.to_dict(), "architectures": [name]})
+    except CheckpointError as e:
+        raise ConfigError(f"patch_hf: {e}") from None
+    prefix = name.removesuffix("ForCausalLM")  # Gemma3ForCausalLM's modules are Gemma3TextAttention, ...
     replacements = {
-        f"{family}RMSNorm": (rms_norm, _rms_norm_forward),
-        f"{family}MLP": (swiglu, _swiglu_forward),
-        f"{family}Attention": (rope, _attention_forward),
+        "RMSNorm": (rms_norm, partial(_rms_norm_forward, args)),
+        "MLP": (swiglu, partial(_gated_mlp_forward, args)),
+        "Attention": (rope, _attention_forward),
     }
     for module in model.modules():
-        enabled, forward = replacements.get(type(module).__name__, (False, None))
+        kind = type(module).__name__.removeprefix(prefix).removeprefix("Text")
+        enabled, forward = replacements.get(kind, (False, None))
         if enabled:
             module.forward = MethodType(forward, module)
     if fused_loss:
@@ -52,16 +54,20 @@ def patch_hf(model, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = 
     return model
 
 
-def _rms_norm_forward(self, hidden_states):
-    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+# The two below take the family's ModelArgs first (functools.partial), then the module (MethodType).
 
 
-def _swiglu_forward(self, x):
+def _rms_norm_forward(args, self, hidden_states):
+    eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))  # Gemma's modules name it eps
+    return ops.rms_norm(hidden_states, self.weight, eps, offset=args.norm_offset, cast=args.norm_cast)
+
+
+def _gated_mlp_forward(args, self, x):
     if hasattr(self, "gate_up_proj"):  # Phi-3's fused projection: gate first
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(ops.swiglu(gate, up))
+    return self.down_proj(ops.gated_activation(gate, up, args.mlp_activation))
 
 
 def _attention_forward(
@@ -111,6 +117,7 @@ def _attention_forward(
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
         sliding_window=sliding_window,
+        softcap=getattr(self, "attn_logit_softcapping", None),  # Gemma 2
         **kwargs,
     )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -165,6 +172,7 @@ def _causal_lm_forward(
         "mean",
         bias=self.lm_head.bias,
         normalizer=num_items_in_batch,
+        softcap=getattr(self.config, "final_logit_softcapping", None),  # Gemma 2
     )
     return CausalLMOutputWithPast(
         loss=loss,

@@ -536,7 +536,7 @@ def merged_model(model: nn.Module, dtype: torch.dtype | None = None, device: str
     for name, tensor in state.items():
         module_name, _, leaf = name.rpartition(".")
         setattr(plain.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
-    plain.model.rotary_emb.to_empty(device=device)  # recomputes the (non-persistent) rotary frequencies
+    plain.materialize_rotary(device)
     plain.tie_weights()
     plain.hf_config, plain.hf_generation_config = model.hf_config, model.hf_generation_config
     return plain.eval()

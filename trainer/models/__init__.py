@@ -37,7 +37,7 @@ def load_hf(path, kernels: KernelChoice | None = None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args, kernels)
     assign_weights(model, path)
-    model.model.rotary_emb.to_empty(device="cpu")  # recomputes the (non-persistent) rotary frequencies
+    model.materialize_rotary("cpu")
     model.tie_weights()
     model.hf_config = config
     model.hf_generation_config = read_generation_config(path)

@@ -12,7 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 QK_NORMS = ("none", "head", "projection")
-NORM_PLACEMENTS = ("pre", "post")
+NORM_PLACEMENTS = ("pre", "post", "sandwich")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # trainer.ops.Activation
+NORM_CASTS = ("llama", "gemma")  # trainer.ops.NormCast
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -42,8 +44,21 @@ class ModelArgs:
     # whole q and k projections (OLMo 2), "none".
     qk_norm: str = "none"
     # "pre": RMSNorm on the block's input before attention and MLP (Llama); "post": on their outputs,
-    # before the residual add (OLMo 2).
+    # before the residual add (OLMo 2); "sandwich": both, four norms a block (Gemma 2/3).
     norm_placement: str = "pre"
+    # RMSNorm multiplies by (norm_offset + weight) (Gemma: 1), rounded as norm_cast says: "llama" casts
+    # the normalised input to its dtype before the weight, "gemma" multiplies in fp32 and casts last.
+    norm_offset: float = 0.0
+    norm_cast: str = "llama"
+    mlp_activation: str = "silu"  # the gate's: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in their dtype (Gemma)
+    # Attention scores scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (Gemma).
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the logits, in the loss too (Gemma 2)
+    # The RoPE base of sliding-window layers when it differs from rope_theta (Gemma 3's local layers,
+    # which take no rope scaling either).
+    rope_local_theta: float | None = None
     # Rotary embedding on the first rotary_dim of each head's dimensions only (Phi-3's
     # partial_rotary_factor); None: the whole head.
     rotary_dim: int | None = None
@@ -59,8 +74,13 @@ class ModelArgs:
             self.head_dim = self.hidden_size // self.n_heads
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
-        if self.norm_placement not in NORM_PLACEMENTS:
-            raise ValueError(f"norm_placement must be one of {NORM_PLACEMENTS}, got {self.norm_placement!r}")
+        for name, allowed in (
+            ("norm_placement", NORM_PLACEMENTS),
+            ("mlp_activation", MLP_ACTIVATIONS),
+            ("norm_cast", NORM_CASTS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(LAYER_TYPES):
@@ -96,7 +116,7 @@ class ModelArgs:
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += {"none": 0, "head": 2 * self.head_dim, "projection": q + kv}[self.qk_norm]
         mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        per_layer = attn + mlp + {"pre": 2, "post": 2, "sandwich": 4}[self.norm_placement] * h
         emb = self.vocab_size * h
         total = self.n_layers * per_layer + h + (emb if self.tie_embeddings else 2 * emb)
         return total if include_embedding else total - emb

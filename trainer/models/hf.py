@@ -32,6 +32,8 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default shard size
 def _rope(cfg: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 5's `rope_parameters` or 4's `rope_scaling`."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if "full_attention" in params:  # per layer type (Gemma 3): the global layers' here, the family reads the rest
+        params = dict(params["full_attention"])
     params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
@@ -56,12 +58,10 @@ def _rotary_dim(cfg: dict, head_dim: int) -> int | None:
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """ModelArgs of a config.json: the keys every family shares here, the family's own in its file."""
     family = family_of_config(cfg)
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act={cfg['hidden_act']!r} is not supported; only silu (SwiGLU)")
     rope_theta, rope_scaling = _rope(cfg)
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-    return ModelArgs(
+    shared = dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -76,8 +76,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         family=family.name,
-        **family.args_from_config(cfg),
     )
+    return ModelArgs(**{**shared, **family.args_from_config(cfg)})
 
 
 def hf_config_from_args(
@@ -101,7 +101,6 @@ def hf_config_from_args(
             "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.n_kv_heads,
             "head_dim": args.head_dim,
-            "hidden_act": "silu",
             "max_position_embeddings": args.max_seq_len,
             "rope_theta": args.rope_theta,
             "rms_norm_eps": args.norm_eps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +23,22 @@ from trainer.ops.dispatch import KernelChoice
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, kernels: KernelChoice):
+    """RMSNorm with the family's offset and rounding (ModelArgs.norm_offset, norm_cast)."""
+
+    def __init__(self, dim: int, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset, self.cast = args.norm_eps, args.norm_offset, args.norm_cast
         self.kernels = kernels
 
     def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.eps, force=self.kernels.rms_norm)
+        return ops.rms_norm(x, self.weight, self.eps, offset=self.offset, cast=self.cast, force=self.kernels.rms_norm)
+
+    def add_forward(self, x, residual):
+        """(x + residual, this norm of it), in one pass."""
+        return ops.add_rms_norm(
+            x, residual, self.weight, self.eps, offset=self.offset, cast=self.cast, force=self.kernels.rms_norm
+        )
 
 
 class RotaryEmbedding(nn.Module):
@@ -89,13 +98,15 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(h, k_width, bias=args.qkv_bias)
             self.v_proj = nn.Linear(h, k_width, bias=args.qkv_bias)
         self.rotary_dim = args.rotary_dim
+        self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar**-0.5
+        self.softcap = args.attn_softcap
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         self.qk_norm = args.qk_norm
         if args.qk_norm != "none":  # over each head (Qwen3) or the whole projection (OLMo 2)
             per_head = args.qk_norm == "head"
             q_dim, k_dim = (self.head_dim, self.head_dim) if per_head else (self.n_heads * self.head_dim, k_width)
-            self.q_norm = RMSNorm(q_dim, args.norm_eps, kernels)
-            self.k_norm = RMSNorm(k_dim, args.norm_eps, kernels)
+            self.q_norm = RMSNorm(q_dim, args, kernels)
+            self.k_norm = RMSNorm(k_dim, args, kernels)
         self.kernels = kernels
 
     def forward(self, x, cos, sin, attn_mask):
@@ -119,12 +130,16 @@ class Attention(nn.Module):
             q_rot, k_rot = ops.rope(q[..., :r], k[..., :r], cos, sin, force=self.kernels.rope)
             q, k = torch.cat((q_rot, q[..., r:]), dim=-1), torch.cat((k_rot, k[..., r:]), dim=-1)
         gqa = self.n_kv_heads != self.n_heads
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(attn_mask, BlockMask):
-            out = compiled_flex_attention()(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        if isinstance(attn_mask, BlockMask):
+            score_mod = None if self.softcap is None else softcap_score_mod(self.softcap)
+            flex = compiled_flex_attention()
+            out = flex(q, k, v, score_mod=score_mod, block_mask=attn_mask, scale=self.scale, enable_gqa=gqa)
+        elif self.softcap is not None:  # SDPA has no softcap: the scores are computed here
+            out = softcapped_attention(q, k, v, attn_mask, self.scale, self.softcap)
+        elif attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -138,12 +153,13 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
             self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.activation = args.mlp_activation
         self.kernels = kernels
 
     def forward(self, x):
-        # The two halves of gate_up_proj are strided views: the SwiGLU kernel reads them without a copy.
+        # The two halves of gate_up_proj are strided views: the kernel reads them without a copy.
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(ops.swiglu(gate, up, force=self.kernels.swiglu))
+        return self.down_proj(ops.gated_activation(gate, up, self.activation, force=self.kernels.swiglu))
 
 
 class DecoderLayer(nn.Module):
@@ -151,20 +167,24 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(args, kernels)
         self.mlp = MLP(args, kernels)
-        self.norm_placement = args.norm_placement
-        if args.norm_placement == "pre":
-            self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
-        if args.norm_placement == "post":
-            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        self.norm_placement = placement = args.norm_placement
+        if placement in ("pre", "sandwich"):
+            self.input_layernorm = RMSNorm(args.hidden_size, args, kernels)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args, kernels)
+        if placement == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args, kernels)
+        if placement in ("post", "sandwich"):
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args, kernels)
 
     def forward(self, x, cos, sin, attn_mask=None):
         if self.norm_placement == "post":  # OLMo 2: x + norm(attention(x)), then x + norm(mlp(x))
             h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, attn_mask))
             return h + self.post_feedforward_layernorm(self.mlp(h))
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
-        norm = self.post_attention_layernorm
-        h, normed = ops.add_rms_norm(attn_out, x, norm.weight, norm.eps, force=norm.kernels.rms_norm)
+        if self.norm_placement == "sandwich":  # Gemma: normed on the way in and on the way out of each
+            h, normed = self.pre_feedforward_layernorm.add_forward(self.post_attention_layernorm(attn_out), x)
+            return h + self.post_feedforward_layernorm(self.mlp(normed))
+        h, normed = self.post_attention_layernorm.add_forward(attn_out, x)
         return h + self.mlp(normed)
 
 
@@ -173,21 +193,29 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.hidden_size, args.norm_eps, kernels)
+        self.norm = RMSNorm(args.hidden_size, args, kernels)
         self.rotary_emb = RotaryEmbedding(args)
+        if args.rope_local_theta is not None:  # Gemma 3's sliding layers: their own base, no scaling
+            self.rotary_emb_local = RotaryEmbedding(replace(args, rope_theta=args.rope_local_theta, rope_scaling=None))
         self.args = args
         self.neftune_alpha = 0.0  # > 0: NEFTune noise on the input embeddings in training (see neftune_noise)
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
-        seq_len = input_ids.shape[1]
-        cos, sin = self.rotary_emb(seq_len, position_ids, input_ids.device)
+        seq_len, device, args = input_ids.shape[1], input_ids.device, self.args
+        rope = {None: self.rotary_emb(seq_len, position_ids, device)}
+        if args.rope_local_theta is not None:
+            rope["local"] = self.rotary_emb_local(seq_len, position_ids, device)
         # One mask per distinct window, built once and shared by the layers that use it.
-        windows = [self.args.window_of(i) for i in range(len(self.layers))]
-        masks = {w: attention_mask(document_ids, w, seq_len, input_ids.device) for w in set(windows)}
+        windows = [args.window_of(i) for i in range(len(self.layers))]
+        flex = args.attn_softcap is not None
+        masks = {w: attention_mask(document_ids, w, seq_len, device, flex_on_cuda=flex) for w in set(windows)}
         x = self.embed_tokens(input_ids)
+        if args.embed_scale:  # Gemma: sqrt(hidden) rounded to the embeddings' dtype first, as transformers does
+            x = x * torch.tensor(args.hidden_size**0.5, dtype=x.dtype)
         if self.training and self.neftune_alpha > 0:
             x = neftune_noise(x, self.neftune_alpha)
         for layer, window in zip(self.layers, windows):
+            cos, sin = rope["local" if window is not None and "local" in rope else None]
             x = layer(x, cos, sin, masks[window])
         return self.norm(x)
 
@@ -235,6 +263,29 @@ def compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
+def softcap_score_mod(softcap: float):
+    """Flex attention's score function for attention-logit softcapping (Gemma 2)."""
+
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return capped
+
+
+def softcapped_attention(q, k, v, attn_mask, scale: float | None, softcap: float) -> torch.Tensor:
+    """Attention with softcap * tanh(scores / softcap) before the softmax (fp32), as transformers'
+    eager Gemma 2 attention computes it; `attn_mask` is boolean (True: may attend) or None (causal)."""
+    t = q.shape[-2]
+    if attn_mask is None:
+        attn_mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 def mask_mod(document_ids: torch.Tensor | None, window: int | None):
     """Flex attention's mask function: causal; never across a document (packed rows); and with a
     sliding window, a query sees itself and the window - 1 keys before it (transformers' rule)."""
@@ -251,15 +302,17 @@ def mask_mod(document_ids: torch.Tensor | None, window: int | None):
 
 
 def attention_mask(
-    document_ids: torch.Tensor | None, window: int | None, seq_len: int, device
+    document_ids: torch.Tensor | None, window: int | None, seq_len: int, device, flex_on_cuda: bool = False
 ) -> torch.Tensor | BlockMask | None:
     """The attention mask of a forward, shared by every layer with this window. None for plain causal
-    attention (SDPA's is_causal); on CUDA a flex-attention block mask (it skips the blocks no query
-    can see); elsewhere the exact boolean SDPA mask, (batch or 1, 1, seq, seq) (flex attention has no
+    attention (SDPA's is_causal) unless `flex_on_cuda` asks for flex attention on CUDA anyway (a
+    softcap, which SDPA lacks); on CUDA a flex-attention block mask (it skips the blocks no query can
+    see); elsewhere the exact boolean SDPA mask, (batch or 1, 1, seq, seq) (flex attention has no
     backward on CPU)."""
-    if document_ids is None and (window is None or window >= seq_len):
+    on_cuda = torch.device(device).type == "cuda"
+    if document_ids is None and (window is None or window >= seq_len) and not (flex_on_cuda and on_cuda):
         return None
-    if torch.device(device).type == "cuda":
+    if on_cuda:
         batch = 1 if document_ids is None else document_ids.shape[0]
         return compiled_create_block_mask()(
             mask_mod(document_ids, window), batch, None, seq_len, seq_len, device=device
@@ -296,6 +349,12 @@ class Transformer(nn.Module):
         if self.args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def materialize_rotary(self, device) -> None:
+        """After building on the meta device: the rotary tables' (non-persistent) frequencies, recomputed."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.to_empty(device=device)
+
     def set_kernels(self, kernels: KernelChoice) -> None:
         """Switches every op of the model at once: each module that runs an op holds the choice."""
         self.kernels = kernels
@@ -317,7 +376,7 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                nn.init.constant_(module.weight, 1.0 - module.offset)  # a scale of 1 either way
 
     def forward(
         self,
@@ -334,11 +393,15 @@ class Transformer(nn.Module):
         if problem:
             raise ValueError(f"a sequence of {input_ids.shape[1]} tokens {problem}")
         hidden = self.model(input_ids, position_ids, document_ids)
+        cap = self.args.final_softcap
         if labels is None:
-            return self.lm_head(hidden)
+            logits = self.lm_head(hidden)
+            return logits if cap is None else cap * torch.tanh(logits / cap)
         if self.kernels.materialize_logits:
             logits = self.lm_head(hidden)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits upcast
+            if cap is not None:
+                logits = cap * torch.tanh(logits / cap)
             loss = F.cross_entropy(
                 logits.flatten(0, 1),
                 labels.flatten(),
@@ -359,5 +422,6 @@ class Transformer(nn.Module):
             reduction,
             bias=self.lm_head.bias,
             normalizer=normalizer,
+            softcap=cap,
             force=self.kernels.fused_ce,
         )

@@ -11,7 +11,7 @@ tests/test_hf.py checks each family against transformers' own model.
 from __future__ import annotations
 
 from trainer.errors import CheckpointError
-from trainer.models.families import llama, mistral, olmo2, phi3, qwen2, qwen3
+from trainer.models.families import gemma2, gemma3, llama, mistral, olmo2, phi3, qwen2, qwen3
 from trainer.models.families.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -21,6 +21,8 @@ FAMILIES: tuple[Family, ...] = (
     qwen3.FAMILY,
     phi3.FAMILY,
     olmo2.FAMILY,
+    gemma2.FAMILY,
+    gemma3.FAMILY,
 )
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 BY_NAME = {f.name: f for f in FAMILIES}

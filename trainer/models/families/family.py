@@ -44,3 +44,10 @@ def no_qkv_bias(args, architecture: str) -> None:
     also puts one on o_proj: such a model is family "qwen2"."""
     if args.qkv_bias:
         raise ValueError(f"{architecture} cannot hold q/k/v biases without an o_proj bias; use family='qwen2'")
+
+
+def silu_only(cfg: dict, architecture: str) -> dict:
+    """The MLP activation of the SwiGLU families: silu, anything else refused."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{architecture} with hidden_act={cfg['hidden_act']!r} is not supported; only silu")
+    return {"mlp_activation": "silu"}

@@ -1,15 +1,16 @@
 """Qwen2 and Qwen2.5 (Qwen2ForCausalLM): Llama's block with biases on q, k and v; sliding windows
 in the layers from max_window_layers on when use_sliding_window is set."""
 
-from trainer.models.families.family import Family, sliding_layers
+from trainer.models.families.family import Family, silu_only, sliding_layers
 
 
 def args_from_config(cfg: dict) -> dict:
-    return {"qkv_bias": True, **sliding_layers(cfg, cfg.get("max_window_layers", 28))}
+    activation = silu_only(cfg, "Qwen2ForCausalLM")
+    return {**activation, "qkv_bias": True, **sliding_layers(cfg, cfg.get("max_window_layers", 28))}
 
 
 def config_from_args(args) -> dict:
-    return window_config(args)
+    return {"hidden_act": "silu", **window_config(args)}
 
 
 def window_config(args) -> dict:
