@@ -65,6 +65,9 @@ class ModelArgs:
     # q, k and v as one qkv_proj and gate and up as one gate_up_proj (Phi-3): its checkpoints' layout
     # and PEFT's target names; one matmul each instead of three and two.
     fused_projections: bool = False
+    # The embedding row of the checkpoint's pad_token_id, which (as in transformers' nn.Embedding with
+    # padding_idx) gets no gradient; None: every row trains.
+    padding_idx: int | None = None
     # The registry name of the family (trainer/models/families): the Hugging Face class the model
     # loads from and saves to.
     family: str = "llama"

@@ -75,6 +75,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         rope_scaling=rope_scaling,
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        padding_idx=pad if isinstance(pad := cfg.get("pad_token_id"), int) and 0 <= pad < cfg["vocab_size"] else None,
         family=family.name,
     )
     return ModelArgs(**{**shared, **family.args_from_config(cfg)})

@@ -191,7 +191,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.padding_idx)
         self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args, kernels)
         self.rotary_emb = RotaryEmbedding(args)
