@@ -126,13 +126,13 @@ def hf_folder_without_weights(tmp_path):
     return folder
 
 
-def hf_folder_of_another_architecture(tmp_path):
+def hf_folder_with_config(tmp_path, **changes):
     from trainer.models import build, save_hf
 
     folder = tmp_path / "pretrained"
     save_hf(build("tiny", vocab_size=320), folder)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPTNeoXForCausalLM"]}))
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
     return folder
 
 
@@ -146,8 +146,18 @@ def hf_folder_of_another_architecture(tmp_path):
             "has no model.safetensors (nor a model.safetensors.index.json): its weights are missing",
         ),
         (
-            lambda tmp: {"model__from_hf": str(hf_folder_of_another_architecture(tmp))},
+            lambda tmp: {"model__from_hf": str(hf_folder_with_config(tmp, architectures=["GPTNeoXForCausalLM"]))},
             "architecture 'GPTNeoXForCausalLM' is not supported",
+        ),
+        (  # a config feature the trainer does not implement
+            lambda tmp: {
+                "model__from_hf": str(hf_folder_with_config(tmp, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+            },
+            "rope scaling type 'yarn' is not supported; supported: default, linear, llama3",
+        ),
+        (
+            lambda tmp: {"model__from_hf": str(hf_folder_with_config(tmp, hidden_act="gelu"))},
+            "LlamaForCausalLM with hidden_act='gelu' is not supported; only silu",
         ),
     ],
 )
