@@ -84,3 +84,17 @@ def test_qlora_on_a_family_writes_an_adapter_peft_loads(tmp_path, family):
     peft_model = PeftModel.from_pretrained(base, tmp_path / "qlora" / "final")
     changed = sum(p.abs().sum() for n, p in peft_model.named_parameters() if "lora_B" in n)
     assert changed > 0  # the trained adapters arrived
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])  # the most distinct blocks: sandwich norms, fused layers
+def test_a_family_on_two_fsdp_ranks_equals_one_process(tmp_path, family):
+    from tests.helpers import write_corpus
+    from tests.test_parallel import _overrides, assert_same_steps, train_one_process, train_two_ranks
+
+    _, folder = hf_folder(tmp_path, family, vocab_size=320)
+    write_corpus(tmp_path / "corpus")
+    common = {"model__from_hf": str(folder), "model__preset": "small", "model__allow_new_tokenizer": "true"}
+    train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=4, **common))
+    train_two_ranks(_overrides(tmp_path, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp", **common))
+    assert_same_steps(tmp_path / "fsdp", tmp_path / "one", range(1, 6))
