@@ -87,8 +87,10 @@ def test_qlora_on_a_family_writes_an_adapter_peft_loads(tmp_path, family):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", ["gemma2", "phi3"])  # the most distinct blocks: sandwich norms, fused layers
-def test_a_family_on_two_fsdp_ranks_equals_one_process(tmp_path, family):
+@pytest.mark.parametrize(  # the most distinct blocks: sandwich norms and softcaps, fused layers
+    "family, strategy", [("gemma2", "fsdp"), ("phi3", "fsdp"), ("gemma2", "ddp")]
+)
+def test_a_family_on_two_ranks_equals_one_process(tmp_path, family, strategy):
     from tests.helpers import write_corpus
     from tests.test_parallel import _overrides, assert_same_steps, train_one_process, train_two_ranks
 
@@ -96,8 +98,8 @@ def test_a_family_on_two_fsdp_ranks_equals_one_process(tmp_path, family):
     write_corpus(tmp_path / "corpus")
     common = {"model__from_hf": str(folder), "model__preset": "small", "model__allow_new_tokenizer": "true"}
     train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=4, **common))
-    train_two_ranks(_overrides(tmp_path, "fsdp", train__micro_batch_size=2, parallel__strategy="fsdp", **common))
-    assert_same_steps(tmp_path / "fsdp", tmp_path / "one", range(1, 6))
+    train_two_ranks(_overrides(tmp_path, strategy, train__micro_batch_size=2, parallel__strategy=strategy, **common))
+    assert_same_steps(tmp_path / strategy, tmp_path / "one", range(1, 6))
 
 
 @pytest.mark.slow
