@@ -27,36 +27,56 @@ from trainer.plan.shapes import lm_head_name
 F32 = 4
 
 
-def _rms_extra(s: Setting, n_elems: int, triton: bool, backward: bool) -> int:
+def _rms_extra(s: Setting, n_elems: int, rows: int, in_bytes: int, triton: bool, backward: bool) -> int:
     """Temporaries of trainer.ops.rms_norm's reference beyond its outputs (0 for the Triton kernel)."""
     if triton:
         return 0
-    rows = n_elems // s.args.hidden_size
-    if s.param_bytes == F32:  # no dtype conversions: one (backward: two) fp32 intermediates of the input's size
+    if in_bytes == F32:  # no dtype conversions: one (backward: two) fp32 intermediates of the input's size
         return (2 * n_elems + rows) * F32 if backward else n_elems * F32
-    # bf16 input: fp32 copies of it, of the normalised values and (backward) of the gradient
-    return 5 * n_elems * F32 if backward else (2 * n_elems * F32 + n_elems * s.param_bytes)
+    if backward:  # fp32 copies of the input, of the normalised values and of the gradient
+        return 5 * n_elems * F32
+    if s.args.norm_cast == "gemma":  # the input, the normalised values and their product with the weight, in fp32
+        return 3 * n_elems * F32
+    # the input and the normalised values in fp32, then rounded to the input's dtype
+    return 2 * n_elems * F32 + n_elems * in_bytes
 
 
 def rms_op(
-    s: Setting, name: str, x: str, y: str, rstd: str, weight: str, residual: str | None = None, total: str | None = None
+    s: Setting,
+    name: str,
+    x: str,
+    y: str,
+    rstd: str,
+    weight: str,
+    residual: str | None = None,
+    total: str | None = None,
+    x_bytes: int | None = None,
+    width: int | None = None,
+    elems: int | None = None,
 ) -> Op:
-    """RMSNorm of x (add_rms_norm: of residual + x, which it also returns as `total`)."""
-    n = s.tokens * s.args.hidden_size
+    """RMSNorm of x over its last `width` (default hidden) of `elems` values (default the residual
+    stream's), x_bytes per value (default the weights'); add_rms_norm: of residual + x, which it
+    also returns as `total`. The output dtype follows trainer.ops.rms_norm: promoted with the
+    weight's for the "llama" cast, the input's for "gemma"."""
     r = s.param_bytes
-    outputs = {y: n * r, rstd: s.tokens * F32}
+    xb = r if x_bytes is None else x_bytes
+    n = s.tokens * s.args.hidden_size if elems is None else elems
+    rows = n // (width or s.args.hidden_size)
+    sum_bytes = xb if residual is None else max(xb, r)  # the residual stream is in the weights' dtype
+    y_bytes = max(sum_bytes, r) if s.args.norm_cast == "llama" else sum_bytes
+    outputs = {y: n * y_bytes, rstd: rows * F32}
     saved_input = x
-    grads = {x: n * r}
+    grads = {x: n * xb}
     shared = {}
     if residual is not None:
-        outputs = {total: n * r, **outputs}
+        outputs = {total: n * sum_bytes, **outputs}
         saved_input = total
         # The gradient of the sum reaches both addends: the same tensor when their dtypes match.
         grads = {residual: n * r}
-        if s.compute_bytes == r:
+        if xb == r:
             shared = {x: residual}
         else:
-            grads[x] = n * s.compute_bytes
+            grads[x] = n * xb
     triton = s.runs_triton(s.kernels.rms_norm)
     return Op(
         name,
@@ -67,8 +87,8 @@ def rms_op(
         shared_grads=shared,
         weights=(weight,),
         nondiff=(rstd,),
-        fwd_extra=_rms_extra(s, n, triton, False),
-        bwd_extra=_rms_extra(s, n, triton, True),
+        fwd_extra=_rms_extra(s, n, rows, sum_bytes, triton, False),
+        bwd_extra=_rms_extra(s, n, rows, sum_bytes, triton, True),
     )
 
 
@@ -236,7 +256,25 @@ def _cpu_attention_blocks(s: Setting) -> tuple[int, int]:
     return min(q, t), min(512, t)
 
 
-def attention_op(s: Setting) -> Op:
+def _linear_out_bytes(s: Setting) -> int:
+    return s.compute_bytes if s.autocast else s.param_bytes
+
+
+def _masked(s: Setting, layer: int) -> bool:
+    """Whether layer `layer`'s attention takes an explicit mask (trainer.models.llama.attention_mask):
+    packed documents, or a sliding window shorter than the sequence."""
+    window = s.args.window_of(layer)
+    return s.document_mask or (window is not None and window < s.seq_len)
+
+
+def _mask_elems(s: Setting) -> int:
+    """Values of a CPU attention mask: (batch, 1, seq, seq) with packed documents, else (1, 1, seq, seq)."""
+    return (s.micro_batch if s.document_mask else 1) * s.seq_len * s.seq_len
+
+
+def attention_op(s: Setting, layer: int, q: str, k: str, v: str) -> Op:
+    """SDPA (CPU flash attention, CUDA flash attention; flex attention on CUDA with a window or
+    softcap keeps the same tensors) on q, k, v in the compute dtype; output "attn"."""
     a, c = s.args, s.compute_bytes
     n, d = s.tokens, a.head_dim
     q_bytes, kv_bytes = n * a.n_heads * d * c, n * a.n_kv_heads * d * c
@@ -250,17 +288,17 @@ def attention_op(s: Setting) -> Op:
         bwd = n * a.n_heads * d * F32 + lse  # fp32 dq accumulator and softmax_d
         if a.n_kv_heads != a.n_heads:
             bwd += 2 * q_bytes  # dk, dv expanded to every query head
-    outputs, saves, nondiff = {"attn": q_bytes, "lse": lse}, ("q2", "k2", "v", "attn", "lse"), ("lse",)
-    if s.document_mask and s.device == "cpu":
-        # SDPA turns the boolean document mask into an additive one in q's dtype, per call, and keeps it
-        outputs["float_mask"] = s.micro_batch * s.seq_len * s.seq_len * c
+    outputs, saves, nondiff = {"attn": q_bytes, "lse": lse}, (q, k, v, "attn", "lse"), ("lse",)
+    if _masked(s, layer) and s.device == "cpu":
+        # SDPA turns the boolean mask into an additive one in q's dtype, per call, and keeps it
+        outputs["float_mask"] = _mask_elems(s) * c
         saves, nondiff = (*saves, "float_mask"), (*nondiff, "float_mask")
     return Op(
         "attention",
-        inputs=("q2", "k2", "v"),
+        inputs=(q, k, v),
         outputs=outputs,
         saves=saves,
-        grads={"q2": q_bytes, "k2": kv_bytes, "v": kv_bytes},
+        grads={q: q_bytes, k: kv_bytes, v: kv_bytes},
         nondiff=nondiff,
         fwd_extra=fwd,
         bwd_extra=bwd,
@@ -268,55 +306,234 @@ def attention_op(s: Setting) -> Op:
     )
 
 
-def rope_op(s: Setting) -> Op:
+def softcapped_attention_op(s: Setting, q: str, k: str, v: str) -> Op:
+    """trainer.models.llama.softcapped_attention (attention-logit softcapping off CUDA): the scores
+    made explicitly. It keeps k and v repeated to every query head, the tanh of the scores, the fp32
+    softmax and its cast to the compute dtype, and the boolean mask; output "attn" (the reshaped
+    copy o_proj reads, the matmul's own output a temporary)."""
     a, c = s.args, s.compute_bytes
-    q, k = s.tokens * a.n_heads * a.head_dim * c, s.tokens * a.n_kv_heads * a.head_dim * c
+    n, d = s.tokens, a.head_dim
+    q_bytes, kv_bytes = n * a.n_heads * d * c, n * a.n_kv_heads * d * c
+    scores = s.micro_batch * a.n_heads * s.seq_len * s.seq_len
+    mask = _mask_elems(s)
+    kept = {"k_rep": q_bytes, "v_rep": q_bytes, "scores_tanh": scores * c, "probs": scores * F32, "not_mask": mask}
+    if c != F32:
+        kept["probs_c"] = scores * c
+    return Op(
+        "attention (softcapped)",
+        inputs=(q, k, v),
+        outputs={"attn": q_bytes, **kept},
+        saves=(q, *kept),
+        grads={q: q_bytes, k: kv_bytes, v: kv_bytes},
+        nondiff=("not_mask",),
+        # the scores and their scaled, divided, capped and masked copies are made one from another;
+        # two are alive at a time, and the unreshaped output
+        fwd_extra=2 * scores * c + q_bytes,
+        # the gradients of the probabilities, the scores (fp32 softmax) and the repeated k and v
+        bwd_extra=2 * scores * F32 + scores * c + 2 * q_bytes,
+        must_save=True,
+    )
+
+
+def rope_op(s: Setting, q: str, k: str, x_bytes: int, rotary_dim: int, q_out: str, k_out: str) -> Op:
+    """trainer.ops.rope on the first rotary_dim of each head of q and k (x_bytes per value)."""
+    a = s.args
+    q_elems, k_elems = s.tokens * a.n_heads * rotary_dim, s.tokens * a.n_kv_heads * rotary_dim
+    qb, kb = q_elems * x_bytes, k_elems * x_bytes
     fwd = bwd = 0
     if not s.runs_triton(s.kernels.rope):
         # trainer.ops.rope's reference: q * cos, rotate_half(q) (a half-size negation and a cat),
         # its product with sin, then the sum; k the same while q's result is held.
-        fwd = max(3 * q, q + 3 * k) - (q + k)
-        bwd = max(7 * q // 2, q + 7 * k // 2) - (q + k)
-    return Op(
-        "rope", inputs=("q", "k"), outputs={"q2": q, "k2": k}, grads={"q": q, "k": k}, fwd_extra=fwd, bwd_extra=bwd
-    )
+        fwd = max(3 * qb, qb + 3 * kb) - (qb + kb)
+        bwd = max(7 * qb // 2, qb + 7 * kb // 2) - (qb + kb)
+    if rotary_dim != a.head_dim:  # slices of q and k: their gradients are full-size tensors
+        grads = {q: qb * a.head_dim // rotary_dim, k: kb * a.head_dim // rotary_dim}
+    else:
+        grads = {q: qb, k: kb}
+    return Op("rope", inputs=(q, k), outputs={q_out: qb, k_out: kb}, grads=grads, fwd_extra=fwd, bwd_extra=bwd)
 
 
-def swiglu_op(s: Setting) -> Op:
+def swiglu_op(s: Setting, gate: str = "gate", up: str = "up") -> Op:
+    """trainer.ops.gated_activation (SwiGLU or GeGLU: the reference makes the same temporaries)."""
     e = s.tokens * s.args.intermediate_size
     c = s.compute_bytes
     fwd = bwd = 0
     if not s.runs_triton(s.kernels.swiglu):
-        fwd = e * c  # silu(gate), then the product
+        fwd = e * c  # act(gate), then the product
         # in fp32 (copies of gate, up and the gradient when they are not fp32): d_gate from ATen's
-        # silu_backward(do * up, gate), then silu(gate) and do * silu; the fp32 d_gate is kept while
-        # the up gradient is made, and each result is cast to its input's dtype
+        # silu_backward / gelu_backward(do * up, gate), then act(gate) and do * act; the fp32 d_gate
+        # is kept while the up gradient is made, and each result is cast to its input's dtype
         bwd = e * F32 if c == F32 else 6 * e * F32 - e * c
     return Op(
         "swiglu",
-        inputs=("gate", "up"),
+        inputs=(gate, up),
         outputs={"act": e * c},
-        saves=("gate", "up"),
-        grads={"gate": e * c, "up": e * c},
+        saves=(gate, up),
+        grads={gate: e * c, up: e * c},
         fwd_extra=fwd,
         bwd_extra=bwd,
     )
 
 
-def block_ops(s: Setting, i: int) -> list[Op]:
-    """One decoder layer: input "x", output "out" (trainer.models.llama.DecoderLayer.forward)."""
-    a, c, r = s.args, s.compute_bytes, s.param_bytes
+def _split_op(name: str, whole: str, parts: tuple[str, ...], nbytes: int) -> Op:
+    """Views of one fused projection's output (Phi-3's qkv_proj, gate_up_proj). A view is counted
+    as free and its base as kept for backward: some view of it (v, or gate and up) is. Backward
+    joins the parts' gradients into one new tensor."""
+    return Op(f"{name} split", inputs=(whole,), outputs=dict.fromkeys(parts, 0), saves=(whole,), grads={whole: nbytes})
+
+
+def attention_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
+    """Attention.forward on x (the normed residual stream): projections, q/k norms, RoPE, attention,
+    o_proj; output "attn_out"."""
+    a, c = s.args, s.compute_bytes
     h, hd, kd = a.hidden_size, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    pre = f"model.layers.{i}."
-    att, mlp = pre + "self_attn.", pre + "mlp."
-    bias = (lambda proj: att + proj + ".bias") if a.qkv_bias else (lambda proj: None)
-    ops = [rms_op(s, "input_layernorm", "x", "y1", "rstd1", pre + "input_layernorm.weight")]
-    ops += linear_ops(s, "q_proj", "y1", h, r, "q", hd, att + "q_proj.weight", bias("q_proj"))
-    ops += linear_ops(s, "k_proj", "y1", h, r, "k", kd, att + "k_proj.weight", bias("k_proj"))
-    ops += linear_ops(s, "v_proj", "y1", h, r, "v", kd, att + "v_proj.weight", bias("v_proj"))
-    ops.append(rope_op(s))
-    ops.append(attention_op(s))
+    att = f"model.layers.{layer}.self_attn."
+    ob = _linear_out_bytes(s)
+    n = s.tokens
+    if a.fused_projections:
+        qkv = hd + 2 * kd
+        bias = att + "qkv_proj.bias" if a.qkv_bias else None
+        ops = linear_ops(s, "qkv_proj", x, h, x_bytes, "qkv", qkv, att + "qkv_proj.weight", bias)
+        ops.append(_split_op("qkv", "qkv", ("q", "k", "v"), n * qkv * ob))
+    else:
+        bias = (lambda proj: att + proj + ".bias") if a.qkv_bias else (lambda proj: None)
+        ops = linear_ops(s, "q_proj", x, h, x_bytes, "q", hd, att + "q_proj.weight", bias("q_proj"))
+        ops += linear_ops(s, "k_proj", x, h, x_bytes, "k", kd, att + "k_proj.weight", bias("k_proj"))
+        ops += linear_ops(s, "v_proj", x, h, x_bytes, "v", kd, att + "v_proj.weight", bias("v_proj"))
+    q, k, qk_bytes = "q", "k", ob
+    if a.qk_norm != "none":  # RMSNorm over each head (Qwen3) or the whole projection (OLMo 2)
+        qw, kw = (a.head_dim, a.head_dim) if a.qk_norm == "head" else (hd, kd)
+        ops.append(rms_op(s, "q_norm", "q", "qn", "q_rstd", att + "q_norm.weight", x_bytes=ob, width=qw, elems=n * hd))
+        ops.append(rms_op(s, "k_norm", "k", "kn", "k_rstd", att + "k_norm.weight", x_bytes=ob, width=kw, elems=n * kd))
+        q, k = "qn", "kn"
+        qk_bytes = max(ob, s.param_bytes) if a.norm_cast == "llama" else ob
+    rotary = a.rotary_dim or a.head_dim
+    if rotary == a.head_dim:
+        ops.append(rope_op(s, q, k, qk_bytes, rotary, "q2", "k2"))
+    else:  # Phi-3: the first rotary_dim of each head turned, then joined to the rest again
+        ops.append(rope_op(s, q, k, qk_bytes, rotary, "q_rot", "k_rot"))
+        ops.append(
+            Op(
+                "rotary join",
+                inputs=("q_rot", "k_rot", q, k),
+                outputs={"q2": n * hd * qk_bytes, "k2": n * kd * qk_bytes},
+                # the turned parts' gradients are views of the joined ones'; the rest's come back
+                # through a slice: full-size tensors
+                grads={"q_rot": 0, "k_rot": 0, q: n * hd * qk_bytes, k: n * kd * qk_bytes},
+            )
+        )
+    q, k = "q2", "k2"
+    if s.autocast and qk_bytes != c:  # normed q and k in fp32: attention casts them to the compute dtype
+        ops.append(_cast(s, "q cast", q, "qc", n * hd, qk_bytes, c))
+        ops.append(_cast(s, "k cast", k, "kc", n * kd, qk_bytes, c))
+        q, k = "qc", "kc"
+    if a.attn_softcap is not None and s.device != "cuda":
+        ops.append(softcapped_attention_op(s, q, k, "v"))
+    else:
+        ops.append(attention_op(s, layer, q, k, "v"))
     ops += linear_ops(s, "o_proj", "attn", hd, c, "attn_out", h, att + "o_proj.weight")
+    return ops
+
+
+def mlp_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
+    """MLP.forward on x: gate and up projections, the gated activation, down_proj; output "mlp_out"."""
+    a, c, i = s.args, s.compute_bytes, s.args.intermediate_size
+    mlp = f"model.layers.{layer}.mlp."
+    if a.fused_projections:
+        ops = linear_ops(s, "gate_up_proj", x, a.hidden_size, x_bytes, "gate_up", 2 * i, mlp + "gate_up_proj.weight")
+        ops.append(_split_op("gate_up", "gate_up", ("gate", "up"), s.tokens * 2 * i * _linear_out_bytes(s)))
+    else:
+        ops = linear_ops(s, "gate_proj", x, a.hidden_size, x_bytes, "gate", i, mlp + "gate_proj.weight")
+        ops += linear_ops(s, "up_proj", x, a.hidden_size, x_bytes, "up", i, mlp + "up_proj.weight")
+    ops.append(swiglu_op(s))
+    ops += linear_ops(s, "down_proj", "act", i, c, "mlp_out", a.hidden_size, mlp + "down_proj.weight")
+    return ops
+
+
+def _residual_add(s: Setting, name: str, residual: str, x: str, x_bytes: int, out: str, holds=()) -> Op:
+    """residual + x, in the residual stream's dtype (the weights')."""
+    n, r = s.tokens * s.args.hidden_size, s.param_bytes
+    grads = {} if x_bytes == r else {x: n * x_bytes}  # autograd casts the gradient back to x's dtype
+    alias = (residual, x) if x_bytes == r else (residual,)
+    return Op(name, inputs=(residual, x), holds=holds, outputs={out: n * r}, grads=grads, alias_grads=alias)
+
+
+def block_ops(s: Setting, i: int) -> list[Op]:
+    """One decoder layer: input "x", output "out" (trainer.models.llama.DecoderLayer.forward, with
+    the family's norm placement: "pre" (Llama), "post" (OLMo 2) or "sandwich" (Gemma))."""
+    a, r = s.args, s.param_bytes
+    ob = _linear_out_bytes(s)
+    pre = f"model.layers.{i}."
+    placement = a.norm_placement
+    if placement == "post":  # x + norm(attention(x)), then h + norm(mlp(h))
+        ops = attention_ops(s, i, "x", r)
+        ops.append(
+            rms_op(
+                s,
+                "post_attention_layernorm",
+                "attn_out",
+                "an",
+                "rstd_an",
+                pre + "post_attention_layernorm.weight",
+                x_bytes=ob,
+            )
+        )
+        ops.append(_residual_add(s, "attention residual add", "x", "an", r, "h"))
+        ops += mlp_ops(s, i, "h", r)
+        ops.append(
+            rms_op(
+                s,
+                "post_feedforward_layernorm",
+                "mlp_out",
+                "mn",
+                "rstd_mn",
+                pre + "post_feedforward_layernorm.weight",
+                x_bytes=ob,
+            )
+        )
+        ops.append(_residual_add(s, "residual add", "h", "mn", r, "out"))
+        return ops
+    ops = [rms_op(s, "input_layernorm", "x", "y1", "rstd1", pre + "input_layernorm.weight")]
+    ops += attention_ops(s, i, "y1", r)
+    if placement == "sandwich":  # norms on the way out of attention and into and out of the MLP
+        ops.append(
+            rms_op(
+                s,
+                "post_attention_layernorm",
+                "attn_out",
+                "an",
+                "rstd_an",
+                pre + "post_attention_layernorm.weight",
+                x_bytes=ob,
+            )
+        )
+        ops.append(
+            rms_op(
+                s,
+                "pre_feedforward_layernorm",
+                "an",
+                "y2",
+                "rstd2",
+                pre + "pre_feedforward_layernorm.weight",
+                residual="x",
+                total="h",
+                x_bytes=ob,
+            )
+        )
+        ops += mlp_ops(s, i, "y2", r)
+        ops.append(
+            rms_op(
+                s,
+                "post_feedforward_layernorm",
+                "mlp_out",
+                "mn",
+                "rstd_mn",
+                pre + "post_feedforward_layernorm.weight",
+                x_bytes=ob,
+            )
+        )
+        ops.append(_residual_add(s, "residual add", "h", "mn", ob, "out", holds=("attn_out",)))
+        return ops
     ops.append(
         rms_op(
             s,
@@ -327,39 +544,27 @@ def block_ops(s: Setting, i: int) -> list[Op]:
             pre + "post_attention_layernorm.weight",
             residual="x",
             total="h",
+            x_bytes=ob,
         )
     )
-    ops += linear_ops(s, "gate_proj", "y2", h, r, "gate", a.intermediate_size, mlp + "gate_proj.weight")
-    ops += linear_ops(s, "up_proj", "y2", h, r, "up", a.intermediate_size, mlp + "up_proj.weight")
-    ops.append(swiglu_op(s))
-    ops += linear_ops(s, "down_proj", "act", a.intermediate_size, c, "mlp_out", h, mlp + "down_proj.weight")
-    n = s.tokens * h
-    grads = {} if c == r else {"mlp_out": n * c}  # autograd casts the gradient back to mlp_out's dtype
-    alias = ("h", "mlp_out") if c == r else ("h",)
+    ops += mlp_ops(s, i, "y2", r)
     # `attn_out` stays alive until the layer returns (a local variable of DecoderLayer.forward).
-    ops.append(
-        Op(
-            "residual add",
-            inputs=("h", "mlp_out"),
-            holds=("attn_out",),
-            outputs={"out": n * r},
-            grads=grads,
-            alias_grads=alias,
-        )
-    )
+    ops.append(_residual_add(s, "residual add", "h", "mlp_out", ob, "out", holds=("attn_out",)))
     return ops
 
 
 def embedding_ops(s: Setting) -> list[Op]:
-    n = s.tokens * s.args.hidden_size
-    nbytes = n * s.param_bytes
-    if not s.neftune:
-        return [Op("embed_tokens", outputs={"x": nbytes}, weights=("model.embed_tokens.weight",))]
-    # NEFTune: the embeddings plus a uniform noise tensor of their size (trainer.models.llama.neftune_noise)
-    return [
-        Op("embed_tokens", outputs={"x0": nbytes}, weights=("model.embed_tokens.weight",)),
-        Op("neftune noise", inputs=("x0",), outputs={"x": nbytes}, fwd_extra=nbytes, alias_grads=("x0",)),
-    ]
+    """The embedding lookup, Gemma's scaling by sqrt(hidden) and NEFTune's noise; output "x"."""
+    nbytes = s.tokens * s.args.hidden_size * s.param_bytes
+    steps = ["embed_tokens"] + ["embed scale"] * s.args.embed_scale + ["neftune noise"] * s.neftune
+    names = [f"x{i}" for i in range(len(steps) - 1)] + ["x"]
+    ops = [Op("embed_tokens", outputs={names[0]: nbytes}, weights=("model.embed_tokens.weight",))]
+    for step, src, out in zip(steps[1:], names, names[1:]):
+        if step == "embed scale":  # a product by a scalar tensor: its gradient is a new tensor too
+            ops.append(Op(step, inputs=(src,), outputs={out: nbytes}, grads={src: nbytes}))
+        else:  # plus a uniform noise tensor of the embeddings' size (trainer.models.llama.neftune_noise)
+            ops.append(Op(step, inputs=(src,), outputs={out: nbytes}, fwd_extra=nbytes, alias_grads=(src,)))
+    return ops
 
 
 def ce_chunk_tokens(s: Setting, hidden_bytes: int) -> int:
@@ -388,6 +593,8 @@ def loss_ops(s: Setting) -> list[Op]:
             # fp32 logits of the previous and current chunk and logsumexp's temporary (plus the
             # matmul's own output before the fp32 cast when hidden is not fp32)
             chunks = 3 * cs * v * F32 + (2 * cs * v * hb if hb != F32 else 0)
+            if a.final_softcap is not None:  # the capped logits and the cap's slope, per chunk
+                chunks += 2 * cs * v * F32
         fwd = n * F32 + chunks + sum(copies.values())  # per-token losses, chunks, the cast weight
         # Backward scales the forward's gradient buffers in place: the hidden one is the hidden's
         # gradient, the fp32 weight one is the weight's when the weight is fp32 (else cast once).
@@ -428,6 +635,12 @@ def loss_ops(s: Setting) -> list[Op]:
             Op("logits upcast", inputs=("logits",), outputs={"logits32": n * v * F32}, grads={"logits": n * v * c})
         )
         logits = "logits32"
+    if a.final_softcap is not None:  # cap * tanh(logits / cap): tanh keeps its output
+        elems = n * v * F32
+        ops.append(Op("logits / cap", inputs=(logits,), outputs={"scaled": elems}, grads={logits: elems}))
+        ops.append(Op("tanh", inputs=("scaled",), outputs={"tanh": elems}, saves=("tanh",), grads={"scaled": elems}))
+        ops.append(Op("cap * tanh", inputs=("tanh",), outputs={"capped": elems}, grads={"tanh": elems}))
+        logits = "capped"
     ops.append(
         Op("log_softmax", inputs=(logits,), outputs={"logp": n * v * F32}, saves=("logp",), grads={logits: n * v * F32})
     )
@@ -435,19 +648,24 @@ def loss_ops(s: Setting) -> list[Op]:
     return ops
 
 
+def _rotary_embeddings(s: Setting) -> int:
+    """RotaryEmbedding modules: one, and Gemma 3's second for its sliding layers."""
+    return 1 if s.args.rope_local_theta is None else 2
+
+
 def rotary_table_bytes(s: Setting) -> int:
     """cos and sin for every position up to max_seq_len (fp32), cached by the model, and inv_freq."""
-    d = s.args.head_dim
+    d = s.args.rotary_dim or s.args.head_dim
     if s.document_mask:
-        return d // 2 * F32
-    return 2 * s.args.max_seq_len * d * F32 + d // 2 * F32
+        return _rotary_embeddings(s) * d // 2 * F32
+    return _rotary_embeddings(s) * (2 * s.args.max_seq_len * d * F32 + d // 2 * F32)
 
 
 def per_batch_position_bytes(s: Setting) -> int:
     """With position_ids (packed documents): cos and sin per token, and the attention mask on CPU."""
     if not s.document_mask:
         return 0
-    tables = 2 * s.tokens * s.args.head_dim * F32
+    tables = _rotary_embeddings(s) * 2 * s.tokens * (s.args.rotary_dim or s.args.head_dim) * F32
     mask = s.micro_batch * s.seq_len * s.seq_len if s.device == "cpu" else 0  # bool (B, 1, T, T)
     return tables + mask
 
