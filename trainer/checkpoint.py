@@ -33,7 +33,15 @@ from trainer.lora import (
     merged_model,
     save_adapter,
 )
-from trainer.models.hf import args_from_hf_config, load_state_dict, load_weights, read_hf_config, save_hf, weight_files
+from trainer.models.hf import (
+    args_from_hf_config,
+    load_state_dict,
+    load_weights,
+    model_state,
+    read_hf_config,
+    save_hf,
+    weight_files,
+)
 from trainer.parallel.distributed import barrier
 from trainer.parallel.sharded_checkpoint import full_model_state, load_full_state, load_sharded, save_sharded
 
@@ -311,7 +319,7 @@ def load_checkpoint(
                 optimizer.load_state_dict(extra["optimizer"])
         else:
             try:
-                state = load_state_dict(path)
+                state = model_state(model.args, load_state_dict(path))
             except Exception as e:
                 raise _damaged(weight_files(path)[0], e) from None
             if sharded:

@@ -68,6 +68,17 @@ class ModelArgs:
     # The embedding row of the checkpoint's pad_token_id, which (as in transformers' nn.Embedding with
     # padding_idx) gets no gradient; None: every row trains.
     padding_idx: int | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE; trainer/models/moe.py): n_experts > 0 replaces the MLP of
+    # every layer not in dense_layers by experts_per_token of n_experts SwiGLU experts, each of width
+    # moe_intermediate_size (default intermediate_size, which the dense layers keep).
+    n_experts: int = 0
+    experts_per_token: int = 2
+    moe_intermediate_size: int | None = None
+    dense_layers: tuple[int, ...] = ()
+    moe_norm_topk: bool = True  # the top-k router probabilities renormalised to sum to 1
+    router_round_weights: bool = False  # and rounded to the router logits' dtype (Qwen3-MoE)
+    # The load-balancing loss's weight in the training loss (the checkpoint's router_aux_loss_coef).
+    router_aux_loss_coef: float = 0.0
     # The registry name of the family (trainer/models/families): the Hugging Face class the model
     # loads from and saves to.
     family: str = "llama"
@@ -90,12 +101,22 @@ class ModelArgs:
                 raise ValueError(f"layer_types must name one of {LAYER_TYPES} for each of the {self.n_layers} layers")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        self.dense_layers = tuple(self.dense_layers)
+        if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
+            raise ValueError(f"experts_per_token must be in 1..n_experts ({self.n_experts}), got {self.experts_per_token}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if (self.rotary_dim or self.head_dim) % 2 or (self.rotary_dim or 0) > self.head_dim:
             raise ValueError(
                 f"the rotary part of a head ({self.rotary_dim or self.head_dim}) must be even and <= head_dim"
             )
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer not in self.dense_layers
 
     def seq_len_problem(self, seq_len: int) -> str | None:
         """Why a sequence of `seq_len` tokens cannot run on this model ("is longer than ..."), or None.
@@ -118,10 +139,12 @@ class ModelArgs:
         q = self.n_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
         attn += {"none": 0, "head": 2 * self.head_dim, "projection": q + kv}[self.qk_norm]
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + {"pre": 2, "post": 2, "sandwich": 4}[self.norm_placement] * h
+        dense = 3 * h * self.intermediate_size
+        moe = self.n_experts * (3 * h * self.expert_intermediate_size + h)  # experts and router
+        norms = {"pre": 2, "post": 2, "sandwich": 4}[self.norm_placement] * h
         emb = self.vocab_size * h
-        total = self.n_layers * per_layer + h + (emb if self.tie_embeddings else 2 * emb)
+        total = sum(attn + norms + (moe if self.is_moe_layer(i) else dense) for i in range(self.n_layers))
+        total += h + (emb if self.tie_embeddings else 2 * emb)
         return total if include_embedding else total - emb
 
 

@@ -9,6 +9,7 @@ never sits in memory twice.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -161,6 +162,7 @@ def save_hf(
     state = model.state_dict()
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    state = checkpoint_state(model.args, state)
     shards, size = [[]], 0
     for name, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -226,36 +228,102 @@ def _skipped(name: str, model) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (model.args.tie_embeddings and name == "lm_head.weight")
 
 
+def expert_sources(args: ModelArgs) -> dict[str, list[str]]:
+    """The state-dict adapter of a mixture-of-experts family: each of our tensors that a checkpoint
+    stores differently -> the checkpoint tensors it is made of (trainer.models.moe stacks the
+    experts; the family's ExpertLayout says how the checkpoint names them)."""
+    layout = BY_NAME[args.family].experts
+    if layout is None:
+        return {}
+    sources = {}
+    for i in range(args.n_layers):
+        if not args.is_moe_layer(i):
+            continue
+        ours, theirs = f"model.layers.{i}.mlp.", f"model.layers.{i}.{layout.block}."
+        expert = [f"{theirs}experts.{e}." for e in range(args.n_experts)]
+        sources[ours + "gate.weight"] = [theirs + "gate.weight"]
+        sources[ours + "experts.gate_up_proj"] = [f"{x}{layout.gate}.weight" for x in expert] + [
+            f"{x}{layout.up}.weight" for x in expert
+        ]
+        sources[ours + "experts.down_proj"] = [f"{x}{layout.down}.weight" for x in expert]
+    return sources
+
+
+def _join(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Our tensor `name` from its checkpoint tensors (expert_sources' order)."""
+    if name.endswith("experts.gate_up_proj"):  # each expert's gate rows, then its up rows
+        n = len(tensors) // 2
+        return torch.stack([torch.cat(pair) for pair in zip(tensors[:n], tensors[n:])])
+    if name.endswith("experts.down_proj"):
+        return torch.stack(tensors)
+    return tensors[0]
+
+
+def _split(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of _join."""
+    if name.endswith("experts.gate_up_proj"):
+        gate, up = tensor.chunk(2, dim=1)
+        return list(gate.unbind(0)) + list(up.unbind(0))
+    if name.endswith("experts.down_proj"):
+        return list(tensor.unbind(0))
+    return [tensor]
+
+
+def checkpoint_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict under the checkpoint's names and layout (the family's transformers class)."""
+    sources = expert_sources(args)
+    out = {}
+    for name, tensor in state.items():
+        out.update(zip(sources.get(name, [name]), _split(name, tensor) if name in sources else [tensor]))
+    return out
+
+
+def model_state(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict under our names and layout (the inverse of checkpoint_state); a
+    tensor the adapter expects but the checkpoint lacks stays out, for load_weights to name."""
+    sources = expert_sources(args)
+    used = {n for names in sources.values() for n in names}
+    out = {name: t for name, t in state.items() if name not in used}
+    for name, names in sources.items():
+        if all(n in state for n in names):
+            out[name] = _join(name, [state[n] for n in names])
+    return out
+
+
 def assign_weights(model, path: str | Path) -> None:
     """Fills a model built on the meta device from a folder's safetensors, one tensor at a time.
 
     Each tensor read becomes the parameter itself (in the checkpoint's dtype), so memory holds at
-    most one copy of the weights. Checkpoints of another shape are refused with the mismatch named.
+    most one copy of the weights (an MoE layer's experts: their checkpoint tensors and the stack).
+    Checkpoints of another shape are refused with the mismatch named.
     """
     own = {name: p for name, p in model.named_parameters(remove_duplicate=False) if not _skipped(name, model)}
-    seen = set()
-    for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if _skipped(name, model):
-                    continue
-                if name not in own:
-                    raise CheckpointError(f"checkpoint {path} does not fit this model: unexpected tensor {name}")
-                tensor = f.get_tensor(name)
-                if tensor.shape != own[name].shape:
-                    raise CheckpointError(
-                        f"checkpoint {path} does not fit this model: {name} is "
-                        f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here"
-                    )
-                module_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
-                seen.add(name)
-    missing = sorted(set(own) - seen)
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model: missing {missing[:3]}"
-            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        )
+    sources = expert_sources(model.args)
+    with ExitStack() as files:
+        where = {}
+        for file in weight_files(path):
+            handle = files.enter_context(safe_open(str(file), framework="pt"))
+            where.update({name: handle for name in handle.keys() if not _skipped(name, model)})
+        expected = {n for name in own for n in sources.get(name, [name])}
+        unexpected = sorted(set(where) - expected)
+        if unexpected:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: unexpected tensor {unexpected[0]}")
+        missing = sorted(n for n in expected if n not in where)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: missing {missing[:3]}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            )
+        for name, param in own.items():
+            names = sources.get(name, [name])
+            tensor = _join(name, [where[n].get_tensor(n) for n in names])
+            if tensor.shape != param.shape:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this model: {names[0]} is "
+                    f"{tuple(tensor.shape)} there but {tuple(param.shape)} here"
+                )
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
 
 
 def load_weights(model, state: dict[str, torch.Tensor], source: str) -> None:

@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
 from trainer.models.config import ModelArgs
+from trainer.models.moe import MoE, Experts, Routing, load_balancing_loss
 from trainer.ops.dispatch import KernelChoice
 
 
@@ -163,10 +164,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+    def __init__(self, args: ModelArgs, kernels: KernelChoice, layer: int):
         super().__init__()
         self.self_attn = Attention(args, kernels)
-        self.mlp = MLP(args, kernels)
+        self.mlp = MoE(args, kernels) if args.is_moe_layer(layer) else MLP(args, kernels)
         self.norm_placement = placement = args.norm_placement
         if placement in ("pre", "sandwich"):
             self.input_layernorm = RMSNorm(args.hidden_size, args, kernels)
@@ -192,7 +193,7 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, padding_idx=args.padding_idx)
-        self.layers = nn.ModuleList(DecoderLayer(args, kernels) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, kernels, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args, kernels)
         self.rotary_emb = RotaryEmbedding(args)
         if args.rope_local_theta is not None:  # Gemma 3's sliding layers: their own base, no scaling
@@ -359,7 +360,7 @@ class Transformer(nn.Module):
         """Switches every op of the model at once: each module that runs an op holds the choice."""
         self.kernels = kernels
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
+            if isinstance(module, (RMSNorm, Attention, MLP, Experts)):
                 module.kernels = kernels
 
     @torch.no_grad()
@@ -377,6 +378,19 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 1.0 - module.offset)  # a scale of 1 either way
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, out_std)
+
+    def routings(self) -> list[Routing]:
+        """What each MoE layer's router did in the last forward (empty for a dense model)."""
+        return [m.routing for m in self.modules() if isinstance(m, MoE) and m.routing is not None]
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward (trainer.models.moe), unweighted; None
+        for a dense model. The training loss adds args.router_aux_loss_coef times it."""
+        routings = self.routings()
+        return load_balancing_loss(routings, self.args.n_experts) if routings else None
 
     def forward(
         self,

@@ -11,7 +11,7 @@ tests/test_hf.py checks each family against transformers' own model.
 from __future__ import annotations
 
 from trainer.errors import CheckpointError
-from trainer.models.families import gemma2, gemma3, llama, mistral, olmo2, phi3, qwen2, qwen3
+from trainer.models.families import gemma2, gemma3, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe
 from trainer.models.families.family import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -23,6 +23,8 @@ FAMILIES: tuple[Family, ...] = (
     olmo2.FAMILY,
     gemma2.FAMILY,
     gemma3.FAMILY,
+    mixtral.FAMILY,
+    qwen3_moe.FAMILY,
 )
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 BY_NAME = {f.name: f for f in FAMILIES}

@@ -9,6 +9,18 @@ from trainer.errors import CheckpointError
 
 
 @dataclass(frozen=True)
+class ExpertLayout:
+    """How a mixture-of-experts checkpoint stores the experts our model stacks (trainer.models.moe):
+    the sparse block's module name, and each expert's gate, up and down projections as separate
+    linears under `{block}.experts.{e}.`; the router is `{block}.gate`."""
+
+    block: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # ModelArgs.family
     architecture: str  # the transformers class: config.json's "architectures"
@@ -18,6 +30,8 @@ class Family:
     args_from_config: Callable[[dict], dict]
     # ModelArgs -> the config.json keys this family writes beyond the shared ones.
     config_from_args: Callable[[object], dict]
+    # Where a mixture-of-experts checkpoint keeps its experts; None for a dense family.
+    experts: ExpertLayout | None = None
 
 
 def sliding_layers(cfg: dict, window_layers_from: int | None) -> dict:
@@ -51,3 +65,22 @@ def silu_only(cfg: dict, architecture: str) -> dict:
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{architecture} with hidden_act={cfg['hidden_act']!r} is not supported; only silu")
     return {"mlp_activation": "silu"}
+
+
+def n_experts(cfg: dict) -> int:
+    # transformers 5 writes num_local_experts for every MoE family; 4 wrote num_experts for Qwen3-MoE
+    return cfg["num_local_experts"] if "num_local_experts" in cfg else cfg["num_experts"]
+
+
+def moe_args(cfg: dict, architecture: str) -> dict:
+    """What the MoE families share: experts, top-k, the load-balancing loss weight; refuses router
+    settings the trainer does not implement."""
+    if cfg.get("router_jitter_noise"):
+        raise CheckpointError(
+            f"{architecture} with router_jitter_noise={cfg['router_jitter_noise']} is not supported; set it to 0"
+        )
+    return {
+        "n_experts": n_experts(cfg),
+        "experts_per_token": cfg.get("num_experts_per_tok", 2),
+        "router_aux_loss_coef": float(cfg.get("router_aux_loss_coef", 0.0)),
+    }

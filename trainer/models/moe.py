@@ -1,0 +1,144 @@
+"""The mixture-of-experts feed-forward of Mixtral and Qwen3-MoE: a linear router picks the top-k
+experts of each token, and the experts (SwiGLU MLPs, their weights stacked in 3-D tensors as
+transformers 5 holds them) run grouped: the token copies sorted by expert, one grouped matrix
+multiply per projection (`torch._grouped_mm`) instead of a Python loop of small matmuls.
+
+Router semantics follow the families' Hugging Face modules: softmax over the experts in fp32, the
+top-k probabilities, renormalised to sum to one when `moe_norm_topk` (always in Mixtral; Qwen3-MoE's
+norm_topk_prob), rounded to the router logits' dtype when `router_round_weights` (Qwen3-MoE).
+
+The load-balancing loss is transformers' `load_balancing_loss_func` (Switch Transformer, Fedus et
+al., arXiv:2101.03961, eqs. 4-6, with top-k assignments counted): over every MoE layer of one
+forward, E * sum_e f_e * P_e, with f_e the share of top-k assignments expert e received per token
+and P_e its mean router probability, each averaged over the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trainer import ops
+from trainer.models.config import ModelArgs
+from trainer.ops.dispatch import KernelChoice
+
+
+@dataclass
+class Routing:
+    """What one MoE layer's router did in the last forward: assignments per expert (no gradient),
+    the sum of each expert's router probability over the tokens (with gradient), and the tokens."""
+
+    assignments: Tensor  # (E,) float
+    probability_sum: Tensor  # (E,) fp32
+    tokens: int
+
+
+def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch._grouped_mm runs x @ weight[e] here: the installed torch has it, CPU in fp32 or
+    bf16, CUDA in bf16 on compute capability 9.0 or newer, rows 16-byte aligned."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    align = 16 // x.element_size()
+    return x.shape[-1] % align == 0 and weight.shape[-1] % align == 0
+
+
+def grouped_mm(x: Tensor, weight: Tensor, ends: Tensor, grouped: bool | None = None) -> Tensor:
+    """Rows of x sorted by group, group e (rows ends[e-1]:ends[e]) times weight[e]: (rows, out).
+
+    weight is (groups, in, out). torch._grouped_mm where it runs (grouped_mm_supported), else a loop
+    over the groups' slices, which reads the group sizes on the host (fp64 references, older torch)."""
+    if grouped is None:
+        grouped = grouped_mm_supported(x, weight)
+    if grouped:
+        return torch._grouped_mm(x, weight, offs=ends.to(torch.int32))
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[e]
+        start = end
+    return out
+
+
+def autocast_to(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in autocast's dtype when it is on: torch._grouped_mm is not on its lists."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts: gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I)."""
+
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        e, h, i = args.n_experts, args.hidden_size, args.expert_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.activation = args.mlp_activation
+        self.kernels = kernels
+
+    def forward(self, x: Tensor, ends: Tensor) -> Tensor:
+        """x: token copies sorted by expert, expert e's rows ending at ends[e]."""
+        x, gate_up, down = autocast_to(x, self.gate_up_proj, self.down_proj)
+        gate, up = grouped_mm(x, gate_up.transpose(1, 2), ends).chunk(2, dim=-1)
+        act = ops.gated_activation(gate, up, self.activation, force=self.kernels.swiglu)
+        return grouped_mm(act, down.transpose(1, 2), ends)
+
+
+class MoE(nn.Module):
+    """The sparse feed-forward: router `gate` (a linear to E logits) and the `experts`."""
+
+    def __init__(self, args: ModelArgs, kernels: KernelChoice):
+        super().__init__()
+        self.n_experts, self.top_k = args.n_experts, args.experts_per_token
+        self.norm_topk, self.round_weights = args.moe_norm_topk, args.router_round_weights
+        self.gate = nn.Linear(args.hidden_size, args.n_experts, bias=False)
+        self.experts = Experts(args, kernels)
+        self.routing: Routing | None = None  # the last forward's, for the load-balancing loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (tokens, k)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.round_weights:
+            weights = weights.to(logits.dtype)
+        flat = chosen.flatten()
+        # Counted by scatter_add rather than bincount, whose output size needs a host sync.
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
+        self.routing = Routing(counts.float(), probs.sum(dim=0), x.shape[0])
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k  # the token each sorted copy comes from
+        out = self.experts(x[token], torch.cumsum(counts, 0))
+        out = out * weights.flatten()[order, None]
+        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        return y.view(shape)
+
+
+def load_balancing_loss(routings: list[Routing], n_experts: int) -> Tensor:
+    """transformers' load_balancing_loss_func over the MoE layers of one forward (module docstring)."""
+    tokens = sum(r.tokens for r in routings)
+    assigned = torch.stack([r.assignments for r in routings]).sum(0) / tokens
+    probability = torch.stack([r.probability_sum for r in routings]).sum(0) / tokens
+    return n_experts * (assigned * probability).sum()
+
+
+def expert_load(routings: list[Routing]) -> Tensor:
+    """Per MoE layer, the most assignments any expert received over the mean per expert (1: even)."""
+    counts = torch.stack([r.assignments for r in routings])
+    return counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
