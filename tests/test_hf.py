@@ -57,6 +57,25 @@ FAMILIES = {
             },
         },
     ),
+    # Five experts, top-2; Qwen3-MoE with a dense layer and without renormalised top-k weights.
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        {"num_local_experts": 5, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02},
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        {
+            "num_experts": 5,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "head_dim": 8,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": False,
+            "router_aux_loss_coef": 0.02,
+        },
+    ),
 }
 
 
@@ -72,6 +91,8 @@ def hf_model(family="llama", seed=0, dtype=torch.float32, **changes):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            if ".experts." in name or name.endswith("mlp.gate.weight"):  # some start at zero; routing should vary
+                p.normal_(0.0, 0.2)
     return model.to(dtype)
 
 
@@ -521,7 +542,8 @@ def test_patch_hf_refuses_other_models():
     with pytest.raises(
         ConfigError,
         match="patch_hf supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-        "Phi3ForCausalLM, Olmo2ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, not GPT2LMHeadModel",
+        "Phi3ForCausalLM, Olmo2ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, "
+        "Qwen3MoeForCausalLM, not GPT2LMHeadModel",
     ):
         patch_hf(gpt2)
 

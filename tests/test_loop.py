@@ -27,11 +27,11 @@ def test_grad_accumulation_matches_one_big_batch_with_ignored_labels(tmp_path):
     for row, n_ignored in enumerate([0, 5, 20, 31]):
         batch["labels"][row, :n_ignored] = -100
 
-    loss_big, n_big = trainer.forward_backward_step(make_step_batch([batch], loader_state={}))
+    loss_big, n_big, _ = trainer.forward_backward_step(make_step_batch([batch], loader_state={}))
     big = grads_of(trainer)
     trainer.parts.optimizer.zero_grad(set_to_none=True)
     micro = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
-    loss_acc, n_acc = trainer.forward_backward_step(make_step_batch(micro, loader_state={}))
+    loss_acc, n_acc, _ = trainer.forward_backward_step(make_step_batch(micro, loader_state={}))
     acc = grads_of(trainer)
 
     assert n_big == n_acc == 4 * 32 - 56

@@ -45,6 +45,9 @@ class StepResult:
     loss: torch.Tensor  # this rank's share of the step's mean token loss
     label_tokens: torch.Tensor  # over all ranks
     grad_norm: torch.Tensor  # over all ranks, before clipping
+    # MoE: this rank's share of the step's load-balancing loss, then the tokens each expert of each
+    # MoE layer received on this rank (PendingSteps.add); None for a dense model
+    routing: torch.Tensor | None = None
 
 
 class Trainer:
@@ -83,14 +86,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def forward_backward_step(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulates the step's gradients; returns (this rank's share of the step loss, global label tokens)."""
+    def forward_backward_step(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Accumulates the step's gradients; returns (this rank's share of the step loss, global label
+        tokens, MoE routing figures or None). An MoE model's objective adds router_aux_loss_coef times
+        the mean over the step's micro-batches (on every rank) of each one's load-balancing loss."""
         p = self.parts
         world_size = p.env.world_size
         label_tokens = all_reduce_sum(batch.label_tokens.to(p.device, non_blocking=True))
         normalizer = label_tokens.clamp(min=1)
         micro_batches = batch.to(p.device)
         loss_sum = torch.zeros((), device=p.device)
+        routing = None
+        aux_share = 1 / (len(micro_batches) * world_size)  # each micro-batch's part of the mean
         for index, mb in enumerate(micro_batches):
             # Gradients cross ranks once per step, on the last micro-batch's backward.
             with gradient_sync(p.train_model, enabled=index == len(micro_batches) - 1):
@@ -105,17 +112,24 @@ class Trainer:
                         )
                         / normalizer
                     )
+                    objective = loss
+                    aux = p.model.aux_loss()
+                    if aux is not None:
+                        objective = loss + p.model.args.router_aux_loss_coef * aux_share * aux
+                        counts = torch.stack([r.assignments for r in p.model.routings()]).flatten()
+                        figures = torch.cat([(aux_share * aux.detach()).view(1), counts]).float()
+                        routing = figures if routing is None else routing + figures
                 # DDP and FSDP average gradients over ranks; scaled by the world size, that average
                 # is the sum over the global batch, i.e. the one-process gradient.
-                grad_loss = loss * world_size if world_size > 1 else loss
+                grad_loss = objective * world_size if world_size > 1 else objective
                 (p.scaler.scale(grad_loss) if p.scaler is not None else grad_loss).backward()
             loss_sum += loss.detach().float()
-        return loss_sum, label_tokens
+        return loss_sum, label_tokens, routing
 
     def train_step(self, batch: StepBatch) -> StepResult:
         """One optimizer step, with no host sync when the optimizer can skip a non-finite update itself."""
         p = self.parts
-        loss, label_tokens = self.forward_backward_step(batch)
+        loss, label_tokens, routing = self.forward_backward_step(batch)
         if p.scaler is not None:
             p.scaler.unscale_(p.optimizer)
         steps_in_backward = getattr(p.optimizer, "steps_in_backward", False)
@@ -139,7 +153,7 @@ class Trainer:
                 )
         p.scheduler.step()
         p.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, label_tokens, grad_norm)
+        return StepResult(loss, label_tokens, grad_norm, routing)
 
     def evaluate(self) -> dict | None:
         """The validation loss of the current weights (None when the run has no validation data)."""
@@ -190,7 +204,8 @@ class Trainer:
             self.metrics.log_eval(self.evaluate())  # the starting point of the eval curve
         # The loader's position is taken before the prefetcher's thread takes the loader over.
         tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size
-        run = self.progress = RunProgress(p.device, tokens_per_step, state, p.loader.state_dict())
+        n_experts = p.model.args.n_experts
+        run = self.progress = RunProgress(p.device, tokens_per_step, state, p.loader.state_dict(), n_experts)
         if p.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(p.device)
         save_every, eval_every = self.config.checkpoint.save_every, t.eval_every
@@ -202,7 +217,7 @@ class Trainer:
             result = self.train_step(batch)
             state.step += 1
             run.loader_state = batch.loader_state
-            run.pending.add(state.step, lr, result.loss, result.label_tokens, result.grad_norm)
+            run.pending.add(state.step, lr, result.loss, result.label_tokens, result.grad_norm, result.routing)
             self.callbacks.fire("on_step_end", self.config, state, control, model=p.model)
 
             last = state.step == t.max_steps

@@ -50,12 +50,24 @@ class PendingSteps:
     one all-reduce, and returns one record per step.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, n_experts: int = 0):
         self.device = device
+        self.n_experts = n_experts  # > 0: a mixture of experts, whose steps add their routing figures
         self.steps: list[tuple[int, float]] = []
         self.values: list[torch.Tensor] = []
+        self.routing: list[torch.Tensor] = []
 
-    def add(self, step: int, lr: float, loss: torch.Tensor, label_tokens: torch.Tensor, grad_norm: torch.Tensor):
+    def add(
+        self,
+        step: int,
+        lr: float,
+        loss: torch.Tensor,
+        label_tokens: torch.Tensor,
+        grad_norm: torch.Tensor,
+        routing: torch.Tensor | None = None,
+    ):
+        """routing (MoE): this rank's share of the step's load-balancing loss, then the tokens each
+        expert of each MoE layer received (layers x experts, flattened)."""
         self.steps.append((step, lr))
         # The norm is on the CPU under fsdp_cpu_offload: a no-op copy elsewhere.
         self.values.append(
@@ -63,6 +75,8 @@ class PendingSteps:
                 [loss.double(), label_tokens.to(self.device, torch.float64), grad_norm.to(self.device, torch.float64)]
             )
         )
+        if self.n_experts:
+            self.routing.append(routing.double())
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -71,16 +85,26 @@ class PendingSteps:
         """(records with step, loss, lr, grad_norm, tokens; whether any rank voted to stop): the host sync."""
         n = len(self.steps)
         values = torch.stack(self.values) if n else torch.zeros(0, 3, dtype=torch.float64, device=self.device)
-        summed = torch.cat([values[:, 0], torch.tensor([float(stop_vote)], dtype=torch.float64, device=self.device)])
-        all_reduce_sum(summed)  # losses and votes over ranks; tokens and norms are already global
+        vote = torch.tensor([float(stop_vote)], dtype=torch.float64, device=self.device)
+        routing = torch.cat(self.routing) if self.routing else vote[:0]
+        summed = torch.cat([values[:, 0], vote, routing])
+        all_reduce_sum(summed)  # losses, votes and routing over ranks; tokens and norms are already global
+        routing = summed[n + 1 :].view(n, -1)
+        summed = summed[: n + 1]
         flat = torch.cat([summed, values[:, 1], values[:, 2]]).tolist()
         losses, votes, tokens, norms = flat[:n], flat[n], flat[n + 1 : 2 * n + 1], flat[2 * n + 1 :]
         records = [
             {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": int(count)}
             for (step, lr), loss, count, norm in zip(self.steps, losses, tokens, norms)
         ]
+        if self.n_experts:
+            counts = routing[:, 1:].reshape(n, -1, self.n_experts)  # steps x MoE layers x experts
+            load = counts.max(dim=-1).values / counts.mean(dim=-1).clamp(min=1e-9)
+            for record, aux, layers in zip(records, routing[:, 0].tolist(), load.tolist()):
+                record.update(aux_loss=aux, expert_load=[round(x, 4) for x in layers])
         self.steps.clear()
         self.values.clear()
+        self.routing.clear()
         return records, votes > 0
 
 
@@ -128,9 +152,9 @@ class RunProgress:
     """What the loop keeps between read-backs: the steps not read back yet, the throughput windows,
     the non-finite streak, the data position after the last step, and where this session began."""
 
-    def __init__(self, device: torch.device, tokens_per_step: int, state, loader_state: dict):
+    def __init__(self, device: torch.device, tokens_per_step: int, state, loader_state: dict, n_experts: int = 0):
         self.device = device
-        self.pending = PendingSteps(device)
+        self.pending = PendingSteps(device, n_experts)
         self.throughput = Throughput(tokens_per_step)
         self.streak = 0  # non-finite steps in a row
         self.loader_state = loader_state
@@ -210,7 +234,9 @@ class MetricsLogger:
         elif self.lines and (step % self.log_every == 0 or step == self.max_steps):
             self.message(
                 f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+                f"grad_norm {record['grad_norm']:.3f} | "
+                + (f"aux_loss {record['aux_loss']:.4f} | " if "aux_loss" in record else "")
+                + f"{record['tokens_per_s']:,.0f} tok/s"
                 f"{' (warm-up)' if warming_up else ''} | eta {'--' if eta_s is None else format_duration(eta_s)}"
             )
 

@@ -103,7 +103,9 @@ class ModelArgs:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         self.dense_layers = tuple(self.dense_layers)
         if self.n_experts and not 0 < self.experts_per_token <= self.n_experts:
-            raise ValueError(f"experts_per_token must be in 1..n_experts ({self.n_experts}), got {self.experts_per_token}")
+            raise ValueError(
+                f"experts_per_token must be in 1..n_experts ({self.n_experts}), got {self.experts_per_token}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if (self.rotary_dim or self.head_dim) % 2 or (self.rotary_dim or 0) > self.head_dim:

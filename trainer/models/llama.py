@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
 from trainer.models.config import ModelArgs
-from trainer.models.moe import MoE, Experts, Routing, load_balancing_loss
+from trainer.models.moe import Experts, MoE, Router, Routing, load_balancing_loss
 from trainer.ops.dispatch import KernelChoice
 
 
@@ -378,6 +378,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.constant_(module.weight, 1.0 - module.offset)  # a scale of 1 either way
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, Experts):
                 nn.init.normal_(module.gate_up_proj, 0.0, std)
                 nn.init.normal_(module.down_proj, 0.0, out_std)
@@ -389,6 +391,8 @@ class Transformer(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (trainer.models.moe), unweighted; None
         for a dense model. The training loss adds args.router_aux_loss_coef times it."""
+        if not self.args.n_experts:
+            return None
         routings = self.routings()
         return load_balancing_loss(routings, self.args.n_experts) if routings else None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer import ops
@@ -95,6 +96,18 @@ class Experts(nn.Module):
         return grouped_mm(act, down.transpose(1, 2), ends)
 
 
+class Router(nn.Module):
+    """The router's linear map to one logit per expert. Not an nn.Linear, as in transformers 5: the
+    adapters and projections that target linear layers (LoRA, GaLore, APOLLO) leave it alone."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.n_experts, args.hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class MoE(nn.Module):
     """The sparse feed-forward: router `gate` (a linear to E logits) and the `experts`."""
 
@@ -102,7 +115,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = args.n_experts, args.experts_per_token
         self.norm_topk, self.round_weights = args.moe_norm_topk, args.router_round_weights
-        self.gate = nn.Linear(args.hidden_size, args.n_experts, bias=False)
+        self.gate = Router(args)
         self.experts = Experts(args, kernels)
         self.routing: Routing | None = None  # the last forward's, for the load-balancing loss
 

@@ -1,0 +1,173 @@
+"""Mixture of experts (trainer/models/moe.py) against transformers' own Mixtral and Qwen3-MoE, the
+grouped matmul against an fp64 loop, and what training records: the load-balancing loss in the
+objective and in metrics.jsonl, the experts' load, no host read between log steps.
+
+The family-wide checks (logits, save round trip, from_hf training with resume, LoRA and QLoRA with
+PEFT, patch_hf) run on both MoE families in tests/test_hf.py, test_families.py and test_lora.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import tiny_config
+from tests.test_cli import run_cli, tiny_args
+from tests.test_hf import hf_folder, rel, tokens
+from tests.test_sync_free import CountHostReads
+from trainer import Trainer
+from trainer.constants import IGNORE_INDEX
+from trainer.metrics import read_metrics
+from trainer.models import load_hf
+from trainer.models.moe import grouped_mm
+
+transformers = pytest.importorskip("transformers")
+
+CASES = {
+    "mixtral": ("mixtral", {}),
+    "qwen3_moe": ("qwen3_moe", {}),  # a dense layer among the MoE ones, top-k weights not renormalised
+    "qwen3_moe-top3-every-second-layer": (
+        "qwen3_moe",
+        {"num_experts_per_tok": 3, "decoder_sparse_step": 2, "mlp_only_layers": [], "norm_topk_prob": True},
+    ),
+}
+
+
+def labels_of(x):
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE_INDEX)], dim=1)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "loop"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_against_hf_with_the_load_balancing_loss(tmp_path, monkeypatch, case, grouped):
+    """`loop`: the per-expert loop that runs where torch._grouped_mm does not."""
+    if not grouped:
+        monkeypatch.setattr("trainer.models.moe.grouped_mm_supported", lambda x, weight: False)
+    family, changes = CASES[case]
+    hf, folder = hf_folder(tmp_path, family, num_hidden_layers=3, **changes)
+    hf.train()
+    ours = load_hf(folder).train()
+    x = tokens(t=23)
+    out = hf(x, labels=x, output_router_logits=True)
+    loss = ours(x, labels=labels_of(x))
+    aux = ours.aux_loss()
+    assert rel(aux.detach(), out.aux_loss.detach()) <= 1e-6
+    total = loss + ours.args.router_aux_loss_coef * aux
+    assert rel(total.detach(), out.loss.detach()) <= 1e-5
+    out.loss.backward()
+    total.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and rel(p.grad, theirs[name].grad) <= 1e-4, name
+
+
+def test_the_aux_loss_reaches_the_router():
+    """Without the load-balancing term the router's gradient differs: the term is not dropped."""
+    from trainer.models import build
+    from trainer.models.config import ModelArgs
+
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2)
+    args.n_experts, args.experts_per_token = 4, 2
+    model = build(args, seed=0)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x, labels=labels_of(x)).backward()
+    without = model.model.layers[0].mlp.gate.weight.grad.clone()
+    model.zero_grad()
+    (model(x, labels=labels_of(x)) + 0.5 * model.aux_loss()).backward()
+    assert rel(model.model.layers[0].mlp.gate.weight.grad, without) > 1e-3
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("sizes", [[3, 0, 7, 1], [16, 16], [0, 0, 5], [1, 9, 2, 0, 4]])
+def test_grouped_mm_against_an_fp64_loop(sizes, dtype, tol):
+    """Forward and backward of x's groups times their expert's weight, empty groups included."""
+    g = torch.Generator().manual_seed(len(sizes) * 7 + sum(sizes))
+    groups, d_in, d_out = len(sizes), 24, 40
+    x = torch.randn(sum(sizes), d_in, generator=g)
+    w = torch.randn(groups, d_out, d_in, generator=g)  # stored (out, in), used transposed as the model does
+    grad = torch.randn(sum(sizes), d_out, generator=g)
+    ends = torch.cumsum(torch.tensor(sizes), 0)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.cat([x64[e - n : e] @ w64[i].T for i, (n, e) in enumerate(zip(sizes, ends.tolist()))])
+    ref.backward(grad.double())
+    xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    out = grouped_mm(xs, ws.transpose(1, 2), ends, grouped=True)
+    out.backward(grad.to(dtype))
+    assert rel(out.detach().double(), ref.detach()) <= tol
+    assert rel(xs.grad.double(), x64.grad) <= tol
+    assert rel(ws.grad.double(), w64.grad) <= tol
+    loop = grouped_mm(xs.detach(), ws.detach().transpose(1, 2), ends, grouped=False)
+    assert rel(loop.double(), ref.detach()) <= tol
+
+
+def test_full_activation_checkpointing_keeps_the_aux_loss_gradient(tmp_path):
+    from trainer.parallel.checkpointing import apply_activation_checkpointing
+
+    _, folder = hf_folder(tmp_path, "mixtral")
+    x = tokens(t=19)
+    grads = []
+    for mode in ("none", "full"):
+        model = load_hf(folder).train()
+        apply_activation_checkpointing(model, mode)
+        (model(x, labels=labels_of(x)) + model.args.router_aux_loss_coef * model.aux_loss()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert rel(grads[1][name], grad) <= 1e-6, name
+
+
+def moe_run(tmp_path, name, **overrides):
+    _, folder = hf_folder(tmp_path, "mixtral", vocab_size=320, router_aux_loss_coef=0.5)
+    cfg = tiny_config(
+        tmp_path,
+        model__from_hf=str(folder),
+        model__preset="small",
+        model__allow_new_tokenizer=True,
+        train__output_dir=str(tmp_path / name),
+        train__seq_len=24,
+        **overrides,
+    )
+    return folder, cfg
+
+
+def test_a_step_records_the_mean_aux_loss_of_its_micro_batches_and_the_expert_load(tmp_path, monkeypatch):
+    """Step 1's aux_loss is the mean of transformers' aux_loss over the step's micro-batches (the
+    weights before the update); expert_load is max/mean of the experts' tokens per MoE layer."""
+    folder, cfg = moe_run(
+        tmp_path, "run", train__max_steps=2, train__micro_batch_size=2, train__grad_accum_steps=3, train__log_every=1
+    )
+    first_step = []
+    original = Trainer.forward_backward_step
+
+    def recording(self, batch):
+        if not first_step:
+            first_step.extend(mb["input_ids"].clone() for mb in batch.to(torch.device("cpu")))
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "forward_backward_step", recording)
+    Trainer(cfg).train()
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        aux = [hf(x, output_router_logits=True).aux_loss.item() for x in first_step]
+    assert len(aux) == 3
+    assert records[0]["aux_loss"] == pytest.approx(sum(aux) / 3, rel=1e-5)
+    assert len(records[0]["expert_load"]) == 2 and all(x >= 1 for x in records[0]["expert_load"])
+
+
+def test_no_host_read_between_log_steps_with_experts(tmp_path, monkeypatch):
+    counter = CountHostReads(monkeypatch)
+    _, cfg = moe_run(tmp_path, "run", train__max_steps=6, train__log_every=3, train__grad_accum_steps=2)
+    Trainer(cfg, callbacks=[counter]).train()
+    reads = {step: n for step, n in counter.per_step.items() if isinstance(step, int)}
+    assert set(reads) == set(range(1, 7)) and all(n == 0 for n in reads.values()), reads
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert all(r["aux_loss"] > 0 and len(r["expert_load"]) == 2 for r in records)
+
+
+def test_router_jitter_is_refused_in_one_line(tmp_path):
+    _, folder = hf_folder(tmp_path, "mixtral", vocab_size=320, router_jitter_noise=0.1)
+    overrides = {"model__preset": "small", "model__allow_new_tokenizer": True, "model__from_hf": str(folder)}
+    proc = run_cli("train", *tiny_args(tmp_path, **overrides), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MixtralForCausalLM with router_jitter_noise=0.1 is not supported" in lines[0]
+    assert not (tmp_path / "cache").exists()
