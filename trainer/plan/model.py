@@ -353,9 +353,14 @@ def rope_op(s: Setting, q: str, k: str, x_bytes: int, rotary_dim: int, q_out: st
     return Op("rope", inputs=(q, k), outputs={q_out: qb, k_out: kb}, grads=grads, fwd_extra=fwd, bwd_extra=bwd)
 
 
-def swiglu_op(s: Setting, gate: str = "gate", up: str = "up") -> Op:
-    """trainer.ops.gated_activation (SwiGLU or GeGLU: the reference makes the same temporaries)."""
-    e = s.tokens * s.args.intermediate_size
+def swiglu_op(s: Setting) -> Op:
+    return _gated_op(s, s.tokens * s.args.intermediate_size)
+
+
+def _gated_op(s: Setting, e: int) -> Op:
+    """trainer.ops.gated_activation on gate and up of e values each (SwiGLU or GeGLU: the reference
+    makes the same temporaries)."""
+    gate, up = "gate", "up"
     c = s.compute_bytes
     fwd = bwd = 0
     if not s.runs_triton(s.kernels.swiglu):
@@ -450,12 +455,91 @@ def mlp_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
     return ops
 
 
+def moe_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
+    """trainer.models.moe.MoE.forward on x: the router (logits, fp32 softmax, top-k), the token copies
+    gathered in expert order, the grouped gate/up and down matmuls (the stacked expert weights cast to
+    the compute dtype once per forward and kept for backward), the gated activation, the product
+    with the router weights and the sum back per token; output "mlp_out"."""
+    a, c, r = s.args, s.compute_bytes, s.param_bytes
+    n, k, e, h, i = s.tokens, a.experts_per_token, a.n_experts, a.hidden_size, a.expert_intermediate_size
+    pre = f"model.layers.{layer}.mlp."
+    copies = n * k  # token copies
+    ob = _linear_out_bytes(s)
+    w_bytes = ob if a.router_round_weights else F32  # the router weights: fp32, or the logits' dtype
+    ops = linear_ops(s, "router", x, h, x_bytes, "logits", e, pre + "gate.weight")
+    ops.append(
+        Op(
+            "router softmax and top-k",
+            inputs=("logits",),
+            outputs={"probs": n * e * F32, "topk": n * k * F32, "weights": n * k * w_bytes, "chosen": n * k * 8},
+            saves=("probs", "topk", "chosen"),
+            grads={"logits": n * e * ob},
+            nondiff=("chosen",),
+            fwd_extra=n * e * F32 if ob != F32 else 0,  # the logits' fp32 copy
+            bwd_extra=2 * n * e * F32,
+        )
+    )
+    xs, xs_bytes = "expert_inputs", x_bytes
+    ops.append(Op("gather", inputs=(x,), outputs={xs: copies * h * x_bytes}, grads={x: n * h * x_bytes}))
+    if s.autocast and x_bytes != c:
+        ops.append(_cast(s, "expert inputs cast", xs, "expert_inputs_c", copies * h, x_bytes, c))
+        xs, xs_bytes = "expert_inputs_c", c
+    experts = pre + "experts."
+    cast = s.autocast and r != c
+
+    def grouped(name, inp, in_bytes, in_features, out, out_features, weight):
+        return Op(
+            name,
+            inputs=(inp,),
+            outputs={out: copies * out_features * ob},
+            saves_for_weights=(inp,),
+            grads={inp: copies * in_features * in_bytes},
+            weights=(weight,),
+            weight_copies={weight: e * in_features * out_features * c} if cast else {},
+            must_save=True,
+        )
+
+    ops.append(grouped("experts gate_up", xs, xs_bytes, h, "gate_up", 2 * i, experts + "gate_up_proj"))
+    ops.append(_split_op("gate_up", "gate_up", ("gate", "up"), copies * 2 * i * ob))
+    ops.append(_gated_op(s, copies * i))
+    ops.append(grouped("experts down", "act", c, i, "expert_out", h, experts + "down_proj"))
+    prod_bytes = max(ob, w_bytes)
+    ops.append(
+        Op(
+            "router weighting",
+            inputs=("expert_out", "weights"),
+            outputs={"weighted": copies * h * prod_bytes},
+            saves=("expert_out", "weights"),
+            grads={"expert_out": copies * h * ob, "weights": n * k * w_bytes},
+            bwd_extra=copies * h * prod_bytes,  # the product for the weights' gradient
+        )
+    )
+    weighted = "weighted"
+    if prod_bytes != x_bytes:
+        ops.append(_cast(s, "weighted cast", weighted, "weighted_x", copies * h, prod_bytes, x_bytes))
+        weighted = "weighted_x"
+    ops.append(
+        Op(
+            "index_add",
+            inputs=(weighted,),
+            outputs={"mlp_out": n * h * x_bytes},
+            grads={weighted: copies * h * x_bytes},
+        )
+    )
+    return ops
+
+
 def _residual_add(s: Setting, name: str, residual: str, x: str, x_bytes: int, out: str, holds=()) -> Op:
     """residual + x, in the residual stream's dtype (the weights')."""
     n, r = s.tokens * s.args.hidden_size, s.param_bytes
     grads = {} if x_bytes == r else {x: n * x_bytes}  # autograd casts the gradient back to x's dtype
     alias = (residual, x) if x_bytes == r else (residual,)
     return Op(name, inputs=(residual, x), holds=holds, outputs={out: n * r}, grads=grads, alias_grads=alias)
+
+
+def ffn_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
+    """The layer's feed-forward: the experts in an MoE layer, else the MLP."""
+    return moe_ops(s, layer, x, x_bytes) if s.args.is_moe_layer(layer) else mlp_ops(s, layer, x, x_bytes)
 
 
 def block_ops(s: Setting, i: int) -> list[Op]:
@@ -479,7 +563,7 @@ def block_ops(s: Setting, i: int) -> list[Op]:
             )
         )
         ops.append(_residual_add(s, "attention residual add", "x", "an", r, "h"))
-        ops += mlp_ops(s, i, "h", r)
+        ops += ffn_ops(s, i, "h", r)
         ops.append(
             rms_op(
                 s,
@@ -520,7 +604,7 @@ def block_ops(s: Setting, i: int) -> list[Op]:
                 x_bytes=ob,
             )
         )
-        ops += mlp_ops(s, i, "y2", r)
+        ops += ffn_ops(s, i, "y2", r)
         ops.append(
             rms_op(
                 s,
@@ -547,7 +631,7 @@ def block_ops(s: Setting, i: int) -> list[Op]:
             x_bytes=ob,
         )
     )
-    ops += mlp_ops(s, i, "y2", r)
+    ops += ffn_ops(s, i, "y2", r)
     # `attn_out` stays alive until the layer returns (a local variable of DecoderLayer.forward).
     ops.append(_residual_add(s, "residual add", "h", "mlp_out", ob, "out", holds=("attn_out",)))
     return ops
