@@ -171,3 +171,45 @@ def test_router_jitter_is_refused_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "MixtralForCausalLM with router_jitter_noise=0.1 is not supported" in lines[0]
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_ranks_equal_one_process_with_the_aux_loss(tmp_path, strategy):
+    """Each rank's micro-batch is one of the one-process run's two micro-batches, so the mean
+    load-balancing loss, the gradients and the losses are the same."""
+    from tests.helpers import write_corpus
+    from tests.test_parallel import _overrides, assert_same_steps, step_records, train_one_process, train_two_ranks
+
+    _, folder = hf_folder(tmp_path, "qwen3_moe", vocab_size=320, router_aux_loss_coef=0.5)
+    write_corpus(tmp_path / "corpus")
+    common = {"model__from_hf": str(folder), "model__preset": "small", "model__allow_new_tokenizer": "true"}
+    train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=2, train__grad_accum_steps=2, **common))
+    train_two_ranks(
+        _overrides(
+            tmp_path,
+            strategy,
+            train__micro_batch_size=2,
+            parallel__strategy=strategy,
+            checkpoint__save_every=2,
+            **common,
+        )
+    )
+    assert_same_steps(tmp_path / strategy, tmp_path / "one", range(1, 6))
+    got, want = step_records(tmp_path / strategy), step_records(tmp_path / "one")
+    for step in range(1, 6):
+        assert got[step]["aux_loss"] == pytest.approx(want[step]["aux_loss"], rel=1e-5)
+        assert got[step]["expert_load"] == pytest.approx(want[step]["expert_load"], rel=1e-4)
+    # The 2-rank checkpoint (DCP shards under FSDP) resumed in one process continues with the same losses.
+    resumed = "resumed"
+    train_one_process(
+        _overrides(
+            tmp_path,
+            resumed,
+            train__micro_batch_size=2,
+            train__grad_accum_steps=2,
+            checkpoint__resume_from=str(tmp_path / strategy / "checkpoint-2"),
+            **common,
+        )
+    )
+    assert_same_steps(tmp_path / resumed, tmp_path / "one", range(3, 6))
