@@ -243,6 +243,10 @@ class ParallelConfig:
     # false: keep blocks gathered from forward to backward (faster, more memory)
     fsdp_reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False  # parameters, gradients and optimizer states live in CPU memory
+    # Mixture-of-experts models: each of N ranks holds 1/N of every MoE layer's experts, and token
+    # copies travel to their expert's rank and back by all-to-all (with parallel.strategy=fsdp; N
+    # must divide the experts and, for now, equal the number of ranks). 1: every rank holds them all.
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -337,6 +341,12 @@ class TrainConfig:
             )
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
+        if p.expert_parallel < 1:
+            raise ConfigError(f"parallel.expert_parallel must be 1 or more, got {p.expert_parallel}")
+        if p.expert_parallel > 1 and p.strategy != "fsdp":
+            raise ConfigError(
+                f"parallel.expert_parallel={p.expert_parallel} needs parallel.strategy=fsdp, got {p.strategy}"
+            )
         _check_optim(self)
         _check_lora(self)
         return self
