@@ -213,3 +213,75 @@ def test_two_ranks_equal_one_process_with_the_aux_loss(tmp_path, strategy):
         )
     )
     assert_same_steps(tmp_path / resumed, tmp_path / "one", range(3, 6))
+
+
+@pytest.mark.distributed
+def test_expert_parallel_on_two_ranks_equals_one_process_and_resumes(tmp_path):
+    """parallel.expert_parallel=2 with FSDP2: each rank holds 2 of the 4 experts; the one-process
+    losses, gradient norms and load-balancing figures; its checkpoint resumes in one process."""
+    from tests.helpers import write_corpus
+    from tests.test_parallel import _overrides, assert_same_steps, step_records, torchrun, train_one_process
+
+    _, folder = hf_folder(tmp_path, "mixtral", vocab_size=320, num_local_experts=4, router_aux_loss_coef=0.5)
+    write_corpus(tmp_path / "corpus")
+    common = {"model__from_hf": str(folder), "model__preset": "small", "model__allow_new_tokenizer": "true"}
+    train_one_process(_overrides(tmp_path, "one", train__micro_batch_size=2, train__grad_accum_steps=2, **common))
+    ep = torchrun(
+        [
+            "-m",
+            "trainer",
+            "train",
+            *_overrides(
+                tmp_path,
+                "ep",
+                train__micro_batch_size=2,
+                parallel__strategy="fsdp",
+                parallel__expert_parallel=2,
+                checkpoint__save_every=2,
+                **common,
+            ),
+        ]
+    )
+    assert ep.returncode == 0, (ep.stdout + ep.stderr)[-3000:]
+    assert "each of the 2 ranks holds 2 of the 4 experts of each MoE layer" in ep.stdout + ep.stderr
+    assert_same_steps(tmp_path / "ep", tmp_path / "one", range(1, 6))
+    got, want = step_records(tmp_path / "ep"), step_records(tmp_path / "one")
+    for step in range(1, 6):
+        assert got[step]["aux_loss"] == pytest.approx(want[step]["aux_loss"], rel=1e-5)
+        assert got[step]["expert_load"] == pytest.approx(want[step]["expert_load"], rel=1e-4)
+    train_one_process(
+        _overrides(
+            tmp_path,
+            "resumed",
+            train__micro_batch_size=2,
+            train__grad_accum_steps=2,
+            checkpoint__resume_from=str(tmp_path / "ep" / "checkpoint-2"),
+            **common,
+        )
+    )
+    assert_same_steps(tmp_path / "resumed", tmp_path / "one", range(3, 6))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ep" / "final")  # the gathered export
+    assert back.config.num_local_experts == 4
+
+
+@pytest.mark.parametrize(
+    "degree, experts, message",
+    [
+        (3, 4, "parallel.expert_parallel=3 must equal the number of ranks (1) for now"),
+        (2, 0, "parallel.expert_parallel=2 needs a mixture-of-experts model; this one has none"),
+    ],
+)
+def test_expert_parallel_that_cannot_split_is_one_line(degree, experts, message):
+    from trainer.errors import ConfigError
+    from trainer.parallel.expert_parallel import check_expert_parallel
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_expert_parallel(degree, experts, 1)
+
+
+def test_expert_parallel_must_divide_the_experts():
+    from trainer.errors import ConfigError
+    from trainer.parallel.expert_parallel import check_expert_parallel
+
+    with pytest.raises(ConfigError, match="does not divide the model's 6 experts; choose one of 1, 2, 3, 6"):
+        check_expert_parallel(4, 6, 4)

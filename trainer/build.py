@@ -32,8 +32,10 @@ from trainer.models.hf import args_from_hf_config, read_hf_config, weight_files
 from trainer.optim import build_optimizer, build_scheduler, state_bytes
 from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
-from trainer.parallel.distributed import barrier
+from trainer.parallel.distributed import barrier, env_from_launcher
+from trainer.parallel.expert_parallel import check_expert_parallel
 from trainer.plan import choose_micro_batch, resolve_budget
+from trainer.plan.shapes import model_args
 from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
 
 MODEL_SHAPE_KEYS = (
@@ -264,6 +266,9 @@ def build_run(config: TrainConfig) -> RunParts:
     cfg, t = config.validate(), config.train
     messages: list[str] = []
     check_pretrained_fit(cfg)
+    if cfg.parallel.expert_parallel > 1:
+        n_experts = model_args(cfg).n_experts
+        check_expert_parallel(cfg.parallel.expert_parallel, n_experts, env_from_launcher().world_size)
     output = plan_output(t, cfg.checkpoint)
     t.output_dir = str(output.folder)
     messages += output.messages
@@ -283,6 +288,11 @@ def build_run(config: TrainConfig) -> RunParts:
     place_model(model, cfg, device, compute_dtype, messages)
     # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
     train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+    if cfg.parallel.expert_parallel > 1:
+        n, e = cfg.parallel.expert_parallel, model.args.n_experts
+        messages.append(
+            f"expert parallelism: each of the {n} ranks holds {e // n} of the {e} experts of each MoE layer"
+        )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None

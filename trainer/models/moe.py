@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -89,11 +90,18 @@ class Experts(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: Tensor, ends: Tensor) -> Tensor:
-        """x: token copies sorted by expert, expert e's rows ending at ends[e]."""
-        x, gate_up, down = autocast_to(x, self.gate_up_proj, self.down_proj)
+        """x: token copies sorted by expert, expert e's rows ending at ends[e] (under expert
+        parallelism: this rank's experts, whose weights are the local shards)."""
+        x, gate_up, down = autocast_to(x, local(self.gate_up_proj), local(self.down_proj))
         gate, up = grouped_mm(x, gate_up.transpose(1, 2), ends).chunk(2, dim=-1)
         act = ops.gated_activation(gate, up, self.activation, force=self.kernels.swiglu)
         return grouped_mm(act, down.transpose(1, 2), ends)
+
+
+def local(weight: Tensor) -> Tensor:
+    """This rank's part of an expert-parallel weight (a DTensor sharded over the experts), with
+    autograd; a plain tensor as it is."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 class Router(nn.Module):
@@ -118,6 +126,9 @@ class MoE(nn.Module):
         self.gate = Router(args)
         self.experts = Experts(args, kernels)
         self.routing: Routing | None = None  # the last forward's, for the load-balancing loss
+        # Expert parallelism (trainer/parallel/expert_parallel.py sets it): the process group whose
+        # ranks each hold n_experts / size of the experts; None: this process holds them all.
+        self.expert_group: dist.ProcessGroup | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -137,10 +148,51 @@ class MoE(nn.Module):
         self.routing = Routing(counts.float(), probs.sum(dim=0), x.shape[0])
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k  # the token each sorted copy comes from
-        out = self.experts(x[token], torch.cumsum(counts, 0))
+        if self.expert_group is None:
+            out = self.experts(x[token], torch.cumsum(counts, 0))
+        else:
+            out = self._experts_across_ranks(x[token], counts)
         out = out * weights.flatten()[order, None]
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
         return y.view(shape)
+
+    def _experts_across_ranks(self, x: Tensor, counts: Tensor) -> Tensor:
+        """The experts on token copies x sorted by expert, when each rank of expert_group holds a
+        contiguous block of experts: the copies travel to their expert's rank (all-to-all), are
+        regrouped by local expert, computed, and travel back in x's order.
+
+        The split sizes must be on the host for the all-to-all: one sync per MoE layer (torchtitan
+        makes the same one; a fixed per-expert capacity would avoid it at the cost of dropped or
+        padded tokens)."""
+        import torch.distributed._functional_collectives as funcol  # seconds to import: only EP runs pay it
+
+        group = self.expert_group
+        ranks = dist.get_world_size(group)
+        per_rank = self.n_experts // ranks
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=group)  # [source rank, local expert] counts
+        received = received.view(ranks, per_rank)
+        send_splits = counts.view(ranks, per_rank).sum(1).tolist()
+        recv_splits = received.sum(1).tolist()
+        arrived = funcol.all_to_all_single_autograd(x, recv_splits, send_splits, group)
+        # arrived rows run by source rank, then local expert: regroup them by local expert
+        by_expert = _source_major_to_expert_major(received, sum(recv_splits))
+        out = self.experts(arrived[by_expert], torch.cumsum(received.sum(0), 0))
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(by_expert.numel(), device=by_expert.device)
+        return funcol.all_to_all_single_autograd(out[back], send_splits, recv_splits, group)
+
+
+def _source_major_to_expert_major(counts: Tensor, total: int) -> Tensor:
+    """Row indices that reorder `total` rows laid out by (source, expert) blocks, of sizes
+    counts[source, expert], into (expert, source) order."""
+    sources, experts = counts.shape
+    starts = (torch.cumsum(counts.flatten(), 0) - counts.flatten()).view(sources, experts)
+    block_starts, block_sizes = starts.t().flatten(), counts.t().flatten()
+    within = torch.arange(total, device=counts.device) - torch.repeat_interleave(
+        torch.cumsum(block_sizes, 0) - block_sizes, block_sizes, output_size=total
+    )
+    return torch.repeat_interleave(block_starts, block_sizes, output_size=total) + within
 
 
 def load_balancing_loss(routings: list[Routing], n_experts: int) -> Tensor:

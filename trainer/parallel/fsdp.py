@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,23 +30,38 @@ def apply_fsdp(
     param_dtype: torch.dtype | None,
     reshard_after_forward: bool,
     cpu_offload: bool,
+    mesh: DeviceMesh | None = None,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> None:
-    """Shards `model` in place over all ranks of the default process group.
+    """Shards `model` in place over all ranks of the default process group (or `mesh`), leaving
+    `ignored_params` (expert-parallel experts, already sharded) as they are.
 
     param_dtype: the dtype blocks compute in (bf16 gathers bf16 parameters; None keeps the
     stored dtype). Gradients are reduced in fp32 whatever it is, so the average over ranks does
     not lose bits to bf16.
     """
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     mixed_precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     blocks = list(model.model.layers)
     for index, block in enumerate(blocks):
         # Backward starts with the last block, so resharding it after forward would only gather it again.
         reshard = reshard_after_forward and index < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard, offload_policy=offload)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mixed_precision,
+            reshard_after_forward=reshard,
+            offload_policy=offload,
+            ignored_params=ignored_params,
+        )
     fully_shard(
-        model, mesh=mesh, mp_policy=mixed_precision, reshard_after_forward=reshard_after_forward, offload_policy=offload
+        model,
+        mesh=mesh,
+        mp_policy=mixed_precision,
+        reshard_after_forward=reshard_after_forward,
+        offload_policy=offload,
+        ignored_params=ignored_params,
     )
 
 

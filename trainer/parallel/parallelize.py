@@ -8,6 +8,7 @@ from torch import nn
 from trainer.parallel.checkpointing import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
 from trainer.parallel.distributed import ParallelEnv
+from trainer.parallel.expert_parallel import apply_expert_parallel, world_mesh
 from trainer.parallel.fsdp import apply_ddp, apply_fsdp
 
 
@@ -27,12 +28,18 @@ def parallelize(
     if not env.distributed:
         return model
     if parallel.strategy == "fsdp":
+        mesh, experts = None, None
+        if parallel.expert_parallel > 1:
+            mesh = world_mesh(device.type)
+            experts = set(apply_expert_parallel(model, mesh))
         apply_fsdp(
             model,
             device,
             param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
             reshard_after_forward=parallel.fsdp_reshard_after_forward,
             cpu_offload=parallel.fsdp_cpu_offload,
+            mesh=mesh,
+            ignored_params=experts,
         )
         return model
     return apply_ddp(model, device)
