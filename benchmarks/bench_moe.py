@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import trainer.models.moe as moe
+    import trainer.ops.grouped_mm as moe
 
     ours, theirs = build(args)
     g = torch.Generator().manual_seed(1)

@@ -18,7 +18,7 @@ from trainer import Trainer
 from trainer.constants import IGNORE_INDEX
 from trainer.metrics import read_metrics
 from trainer.models import load_hf
-from trainer.models.moe import grouped_mm
+from trainer.ops.grouped_mm import grouped_mm
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,7 @@ def labels_of(x):
 def test_against_hf_with_the_load_balancing_loss(tmp_path, monkeypatch, case, grouped):
     """`loop`: the per-expert loop that runs where torch._grouped_mm does not."""
     if not grouped:
-        monkeypatch.setattr("trainer.models.moe.grouped_mm_supported", lambda x, weight: False)
+        monkeypatch.setattr("trainer.ops.grouped_mm.grouped_mm_supported", lambda x, weight: False)
     family, changes = CASES[case]
     hf, folder = hf_folder(tmp_path, family, num_hidden_layers=3, **changes)
     hf.train()
@@ -76,9 +76,10 @@ def test_the_aux_loss_reaches_the_router():
     assert rel(model.model.layers[0].mlp.gate.weight.grad, without) > 1e-3
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "loop"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("sizes", [[3, 0, 7, 1], [16, 16], [0, 0, 5], [1, 9, 2, 0, 4]])
-def test_grouped_mm_against_an_fp64_loop(sizes, dtype, tol):
+def test_grouped_mm_against_an_fp64_loop(sizes, dtype, tol, grouped):
     """Forward and backward of x's groups times their expert's weight, empty groups included."""
     g = torch.Generator().manual_seed(len(sizes) * 7 + sum(sizes))
     groups, d_in, d_out = len(sizes), 24, 40
@@ -90,13 +91,11 @@ def test_grouped_mm_against_an_fp64_loop(sizes, dtype, tol):
     ref = torch.cat([x64[e - n : e] @ w64[i].T for i, (n, e) in enumerate(zip(sizes, ends.tolist()))])
     ref.backward(grad.double())
     xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-    out = grouped_mm(xs, ws.transpose(1, 2), ends, grouped=True)
+    out = grouped_mm(xs, ws.transpose(1, 2), ends, grouped=grouped)
     out.backward(grad.to(dtype))
     assert rel(out.detach().double(), ref.detach()) <= tol
     assert rel(xs.grad.double(), x64.grad) <= tol
     assert rel(ws.grad.double(), w64.grad) <= tol
-    loop = grouped_mm(xs.detach(), ws.detach().transpose(1, 2), ends, grouped=False)
-    assert rel(loop.double(), ref.detach()) <= tol
 
 
 def test_full_activation_checkpointing_keeps_the_aux_loss_gradient(tmp_path):
@@ -285,3 +284,24 @@ def test_expert_parallel_must_divide_the_experts():
 
     with pytest.raises(ConfigError, match="does not divide the model's 6 experts; choose one of 1, 2, 3, 6"):
         check_expert_parallel(4, 6, 4)
+
+
+@pytest.mark.slow
+def test_mixtral_compiled_and_checkpointed_equals_eager(tmp_path):
+    """The MoE block (router, top-k, sort, grouped matmuls, index_add, the routing figures kept for
+    the loss) under torch.compile and selective checkpointing: the eager losses and aux losses."""
+    from tests.test_families import family_run
+
+    _, folder = hf_folder(tmp_path, "mixtral", vocab_size=320, num_hidden_layers=1, router_aux_loss_coef=0.5)
+    eager = family_run(tmp_path, folder, "eager")
+    torch._dynamo.reset()
+    compiled = family_run(
+        tmp_path, folder, "compiled", parallel__compile=True, parallel__activation_checkpointing="selective"
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert [compiled[s] for s in sorted(compiled)] == pytest.approx([eager[s] for s in sorted(eager)], rel=1e-5)
+    aux = {
+        name: [r["aux_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        for name in ("eager", "compiled")
+    }
+    assert aux["compiled"] == pytest.approx(aux["eager"], rel=1e-5)

@@ -116,7 +116,7 @@ class Trainer:
                     aux = p.model.aux_loss()
                     if aux is not None:
                         objective = loss + p.model.args.router_aux_loss_coef * aux_share * aux
-                        counts = torch.stack([r.assignments for r in p.model.routings()]).flatten()
+                        counts = p.model.expert_assignments().flatten()
                         figures = torch.cat([(aux_share * aux.detach()).view(1), counts]).float()
                         routing = figures if routing is None else routing + figures
                 # DDP and FSDP average gradients over ranks; scaled by the world size, that average

@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
 from trainer.models.config import ModelArgs
-from trainer.models.moe import Experts, MoE, Router, Routing, load_balancing_loss
+from trainer.models.moe import Experts, MoE, Router, load_balancing_loss
 from trainer.ops.dispatch import KernelChoice
 
 
@@ -177,16 +177,23 @@ class DecoderLayer(nn.Module):
         if placement in ("post", "sandwich"):
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args, kernels)
 
-    def forward(self, x, cos, sin, attn_mask=None):
+    def forward(self, x, cos, sin, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the layer's output, an MoE layer's routing figures or None)."""
         if self.norm_placement == "post":  # OLMo 2: x + norm(attention(x)), then x + norm(mlp(x))
             h = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, attn_mask))
-            return h + self.post_feedforward_layernorm(self.mlp(h))
+            ffn, routing = self._ffn(h)
+            return h + self.post_feedforward_layernorm(ffn), routing
         attn_out = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         if self.norm_placement == "sandwich":  # Gemma: normed on the way in and on the way out of each
             h, normed = self.pre_feedforward_layernorm.add_forward(self.post_attention_layernorm(attn_out), x)
-            return h + self.post_feedforward_layernorm(self.mlp(normed))
+            ffn, routing = self._ffn(normed)
+            return h + self.post_feedforward_layernorm(ffn), routing
         h, normed = self.post_attention_layernorm.add_forward(attn_out, x)
-        return h + self.mlp(normed)
+        ffn, routing = self._ffn(normed)
+        return h + ffn, routing
+
+    def _ffn(self, x) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
 
 
 class LlamaModel(nn.Module):
@@ -200,6 +207,10 @@ class LlamaModel(nn.Module):
             self.rotary_emb_local = RotaryEmbedding(replace(args, rope_theta=args.rope_local_theta, rope_scaling=None))
         self.args = args
         self.neftune_alpha = 0.0  # > 0: NEFTune noise on the input embeddings in training (see neftune_noise)
+        # The last forward's routing figures of the MoE layers, (MoE layers, 2, n_experts) (see
+        # MoE.forward), and the tokens each layer routed; None for a dense model.
+        self.routing: torch.Tensor | None = None
+        self.routed_tokens = 0
 
     def forward(self, input_ids, position_ids=None, document_ids=None):
         seq_len, device, args = input_ids.shape[1], input_ids.device, self.args
@@ -215,9 +226,14 @@ class LlamaModel(nn.Module):
             x = x * torch.tensor(args.hidden_size**0.5, dtype=x.dtype)
         if self.training and self.neftune_alpha > 0:
             x = neftune_noise(x, self.neftune_alpha)
+        routings = []
         for layer, window in zip(self.layers, windows):
             cos, sin = rope["local" if window is not None and "local" in rope else None]
-            x = layer(x, cos, sin, masks[window])
+            x, routing = layer(x, cos, sin, masks[window])
+            if routing is not None:
+                routings.append(routing)
+        self.routing = torch.stack(routings) if routings else None
+        self.routed_tokens = input_ids.numel()
         return self.norm(x)
 
 
@@ -384,17 +400,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.gate_up_proj, 0.0, std)
                 nn.init.normal_(module.down_proj, 0.0, out_std)
 
-    def routings(self) -> list[Routing]:
-        """What each MoE layer's router did in the last forward (empty for a dense model)."""
-        return [m.routing for m in self.modules() if isinstance(m, MoE) and m.routing is not None]
+    def expert_assignments(self) -> torch.Tensor | None:
+        """The token copies each expert of each MoE layer received in the last forward, (MoE layers,
+        n_experts); None for a dense model."""
+        routing = self.model.routing
+        return None if routing is None else routing[:, 0]
 
     def aux_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (trainer.models.moe), unweighted; None
         for a dense model. The training loss adds args.router_aux_loss_coef times it."""
-        if not self.args.n_experts:
-            return None
-        routings = self.routings()
-        return load_balancing_loss(routings, self.args.n_experts) if routings else None
+        routing = self.model.routing
+        return None if routing is None else load_balancing_loss(routing, self.model.routed_tokens, self.args.n_experts)
 
     def forward(
         self,

@@ -15,8 +15,6 @@ and P_e its mean router probability, each averaged over the layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,48 +23,7 @@ from torch import Tensor, nn
 from trainer import ops
 from trainer.models.config import ModelArgs
 from trainer.ops.dispatch import KernelChoice
-
-
-@dataclass
-class Routing:
-    """What one MoE layer's router did in the last forward: assignments per expert (no gradient),
-    the sum of each expert's router probability over the tokens (with gradient), and the tokens."""
-
-    assignments: Tensor  # (E,) float
-    probability_sum: Tensor  # (E,) fp32
-    tokens: int
-
-
-def grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
-    """Whether torch._grouped_mm runs x @ weight[e] here: the installed torch has it, CPU in fp32 or
-    bf16, CUDA in bf16 on compute capability 9.0 or newer, rows 16-byte aligned."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
-        return False
-    if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
-            return False
-    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    align = 16 // x.element_size()
-    return x.shape[-1] % align == 0 and weight.shape[-1] % align == 0
-
-
-def grouped_mm(x: Tensor, weight: Tensor, ends: Tensor, grouped: bool | None = None) -> Tensor:
-    """Rows of x sorted by group, group e (rows ends[e-1]:ends[e]) times weight[e]: (rows, out).
-
-    weight is (groups, in, out). torch._grouped_mm where it runs (grouped_mm_supported), else a loop
-    over the groups' slices, which reads the group sizes on the host (fp64 references, older torch)."""
-    if grouped is None:
-        grouped = grouped_mm_supported(x, weight)
-    if grouped:
-        return torch._grouped_mm(x, weight, offs=ends.to(torch.int32))
-    out = x.new_empty(x.shape[0], weight.shape[-1])
-    start = 0
-    for e, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = x[start:end] @ weight[e]
-        start = end
-    return out
+from trainer.ops.grouped_mm import grouped_mm
 
 
 def autocast_to(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -125,12 +82,15 @@ class MoE(nn.Module):
         self.norm_topk, self.round_weights = args.moe_norm_topk, args.router_round_weights
         self.gate = Router(args)
         self.experts = Experts(args, kernels)
-        self.routing: Routing | None = None  # the last forward's, for the load-balancing loss
         # Expert parallelism (trainer/parallel/expert_parallel.py sets it): the process group whose
         # ranks each hold n_experts / size of the experts; None: this process holds them all.
         self.expert_group: dist.ProcessGroup | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the output, the routing figures): a (2, n_experts) fp32 tensor of the token copies each
+        expert received (no gradient) and the sum of each expert's router probability over the
+        tokens (with gradient), for the load-balancing loss. Returned, not kept on the module, so
+        the layer stays a pure function under torch.compile and activation checkpointing."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.gate(x)
@@ -145,7 +105,6 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )
-        self.routing = Routing(counts.float(), probs.sum(dim=0), x.shape[0])
         order = torch.argsort(flat, stable=True)
         token = order // self.top_k  # the token each sorted copy comes from
         if self.expert_group is None:
@@ -154,7 +113,7 @@ class MoE(nn.Module):
             out = self._experts_across_ranks(x[token], counts)
         out = out * weights.flatten()[order, None]
         y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
-        return y.view(shape)
+        return y.view(shape), torch.stack([counts.float(), probs.sum(dim=0)])
 
     def _experts_across_ranks(self, x: Tensor, counts: Tensor) -> Tensor:
         """The experts on token copies x sorted by expert, when each rank of expert_group holds a
@@ -195,15 +154,9 @@ def _source_major_to_expert_major(counts: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(block_starts, block_sizes, output_size=total) + within
 
 
-def load_balancing_loss(routings: list[Routing], n_experts: int) -> Tensor:
-    """transformers' load_balancing_loss_func over the MoE layers of one forward (module docstring)."""
-    tokens = sum(r.tokens for r in routings)
-    assigned = torch.stack([r.assignments for r in routings]).sum(0) / tokens
-    probability = torch.stack([r.probability_sum for r in routings]).sum(0) / tokens
+def load_balancing_loss(routing: Tensor, tokens: int, n_experts: int) -> Tensor:
+    """transformers' load_balancing_loss_func over the MoE layers of one forward (module docstring);
+    routing: (MoE layers, 2, n_experts), each layer's MoE.forward figures; tokens: per layer."""
+    assigned = routing[:, 0].sum(0) / (routing.shape[0] * tokens)
+    probability = routing[:, 1].sum(0) / (routing.shape[0] * tokens)
     return n_experts * (assigned * probability).sum()
-
-
-def expert_load(routings: list[Routing]) -> Tensor:
-    """Per MoE layer, the most assignments any expert received over the mean per expert (1: even)."""
-    counts = torch.stack([r.assignments for r in routings])
-    return counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
