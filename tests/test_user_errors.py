@@ -91,6 +91,17 @@ def test_more_user_errors_give_one_line_and_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
+def test_a_tile_count_that_does_not_divide_seq_len_is_one_line_before_anything_is_read(tmp_path):
+    proc = run_cli("train", *tiny_args(tmp_path), "--parallel.tiled_mlp=3", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        "error: parallel.tiled_mlp=3 does not divide train.seq_len=32 into equal tiles; "
+        "use 2 or 4 (the nearest divisors of 32)"
+    ), proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing read or written
+
+
 def test_a_run_without_validation_data_says_it_will_not_be_evaluated(tmp_path, capsys):
     from trainer import Trainer
 

@@ -243,6 +243,13 @@ class ParallelConfig:
     # false: keep blocks gathered from forward to backward (faster, more memory)
     fsdp_reshard_after_forward: bool = True
     fsdp_cpu_offload: bool = False  # parameters, gradients and optimizer states live in CPU memory
+    # Tiled MLP: every dense MLP computed over this many tiles of its tokens, the (tokens x
+    # intermediate_size) activations recomputed tile by tile in backward (trainer/parallel/tiled_mlp.py);
+    # must divide train.seq_len. 0: off. MoE layers stay untiled.
+    tiled_mlp: int = 0
+    # What each block saves for backward waits in pinned host memory, prefetched one block ahead in
+    # backward (trainer/parallel/offload.py). Saves memory on CUDA only; on CPU a pass-through.
+    activation_offloading: bool = False
     # Mixture-of-experts models: each of N ranks holds 1/N of every MoE layer's experts, and token
     # copies travel to their expert's rank and back by all-to-all (with parallel.strategy=fsdp; N
     # must divide the experts and, for now, equal the number of ranks). 1: every rank holds them all.
@@ -341,6 +348,7 @@ class TrainConfig:
             )
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
+        _check_tiled_mlp(p, t)
         if p.expert_parallel < 1:
             raise ConfigError(f"parallel.expert_parallel must be 1 or more, got {p.expert_parallel}")
         if p.expert_parallel > 1 and p.strategy != "fsdp":
@@ -426,6 +434,30 @@ def parse_data_weights(weights, entries: list[str]) -> list[float]:
         values.append(value)
     total = sum(values)
     return [v / total for v in values]
+
+
+def _check_tiled_mlp(p: ParallelConfig, t: TrainingConfig) -> None:
+    """parallel.tiled_mlp: a tile count that splits every training sequence evenly, without compile."""
+    n = p.tiled_mlp
+    if isinstance(n, bool) or n < 0:
+        raise ConfigError(f"parallel.tiled_mlp must be >= 0 (0 turns tiling off), got {n!r}")
+    if n == 0:
+        return
+    if t.seq_len % n:
+        divisors = [d for d in range(1, t.seq_len + 1) if t.seq_len % d == 0]
+        below = max(d for d in divisors if d < n)
+        above = [d for d in divisors if d > n]
+        nearest = f"{below} or {above[0]}" if above else str(below)
+        raise ConfigError(
+            f"parallel.tiled_mlp={n} does not divide train.seq_len={t.seq_len} into equal tiles; "
+            f"use {nearest} (the nearest divisors of {t.seq_len})"
+        )
+    if p.compile:
+        raise ConfigError(
+            "parallel.tiled_mlp with parallel.compile=true is not supported: the tiled MLP's backward "
+            "re-runs the MLP inside an autograd Function that torch.compile(fullgraph=True) cannot "
+            "trace; set parallel.compile=false or parallel.tiled_mlp=0"
+        )
 
 
 def _check_optim(cfg: TrainConfig) -> None:

@@ -52,6 +52,12 @@ _SAVED_HIGHER_ORDER_OPS = frozenset(
 
 
 def _save_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if not torch.is_grad_enabled():
+        # An op run without a graph keeps nothing for backward (the tiled MLP's forward,
+        # trainer/parallel/tiled_mlp.py, runs its tiles so): caching its output would hold on to
+        # every tile's matmul outputs, what tiling exists to free. The re-run sees the same grad
+        # mode, so forward and re-run decide alike.
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if op in _SAVED_HIGHER_ORDER_OPS or getattr(op, "overloadpacket", None) in _SAVED_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE

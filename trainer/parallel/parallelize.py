@@ -10,6 +10,8 @@ from trainer.parallel.compile import apply_compile
 from trainer.parallel.distributed import ParallelEnv
 from trainer.parallel.expert_parallel import apply_expert_parallel, world_mesh
 from trainer.parallel.fsdp import apply_ddp, apply_fsdp
+from trainer.parallel.offload import apply_activation_offloading
+from trainer.parallel.tiled_mlp import apply_tiled_mlp
 
 
 def parallelize(
@@ -17,14 +19,19 @@ def parallelize(
 ) -> nn.Module:
     """Applies `parallel` (a ParallelConfig) to `model` in place; returns the module to call for training.
 
-    That is the DDP wrapper under DDP, else `model` itself (FSDP2 shards it in place). Order:
-    checkpointing replaces each block's forward, compile then traces it (checkpoint regions and
-    all), and FSDP/DDP hooks go on last, outside the compiled code. With one process, ddp and fsdp
-    have nothing to distribute and the model stays as it is.
+    That is the DDP wrapper under DDP, else `model` itself (FSDP2 shards it in place). Order: the
+    tiled MLP replaces each dense MLP's forward (inside the block, so a checkpoint re-runs it
+    tiled), checkpointing replaces each block's forward, compile then traces it (checkpoint regions
+    and all), activation offloading wraps each block's call outside the checkpoint and the compiled
+    code (so its hooks see what they save), and FSDP/DDP hooks go on last. With one process, ddp
+    and fsdp have nothing to distribute and the model stays as it is.
     """
+    apply_tiled_mlp(model, parallel.tiled_mlp)
     apply_activation_checkpointing(model, parallel.activation_checkpointing)
     if parallel.compile:
         apply_compile(model)
+    if parallel.activation_offloading:
+        apply_activation_offloading(model, device)
     if not env.distributed:
         return model
     if parallel.strategy == "fsdp":
