@@ -250,12 +250,21 @@ def expert_sources(args: ModelArgs) -> dict[str, list[str]]:
 
 
 def _join(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Our tensor `name` from its checkpoint tensors (expert_sources' order)."""
+    """Our tensor `name` from its checkpoint tensors (expert_sources' order), written straight into
+    one new tensor (no per-expert intermediate: the allocator would keep their memory)."""
     if name.endswith("experts.gate_up_proj"):  # each expert's gate rows, then its up rows
         n = len(tensors) // 2
-        return torch.stack([torch.cat(pair) for pair in zip(tensors[:n], tensors[n:])])
+        rows = tensors[0].shape[0]
+        out = tensors[0].new_empty(n, 2 * rows, tensors[0].shape[1])
+        for e in range(n):
+            out[e, :rows] = tensors[e]
+            out[e, rows:] = tensors[n + e]
+        return out
     if name.endswith("experts.down_proj"):
-        return torch.stack(tensors)
+        out = tensors[0].new_empty(len(tensors), *tensors[0].shape)
+        for e, tensor in enumerate(tensors):
+            out[e] = tensor
+        return out
     return tensors[0]
 
 
@@ -316,7 +325,11 @@ def assign_weights(model, path: str | Path) -> None:
             )
         for name, param in own.items():
             names = sources.get(name, [name])
-            tensor = _join(name, [where[n].get_tensor(n) for n in names])
+            tensor = (
+                _join(name, [where[n].get_tensor(n) for n in names])
+                if name in sources
+                else where[name].get_tensor(name)
+            )
             if tensor.shape != param.shape:
                 raise CheckpointError(
                     f"checkpoint {path} does not fit this model: {names[0]} is "
