@@ -49,6 +49,13 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "eos_token_id": 2}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 128, "query_pre_attn_scalar": 32}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 128, "query_pre_attn_scalar": 32}),
+    # 8 experts of a quarter of the dense width, top-2 (the active MLP compute of the dense models' half)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 8, "intermediate_size": 176}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 8, "moe_intermediate_size": 176, "norm_topk_prob": True},
+    ),
 }
 
 
@@ -59,7 +66,12 @@ def make_checkpoint(family: str, folder: Path) -> None:
     config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_name)(**{**SHAPE, **extra})
-    getattr(transformers, model_name)(config).save_pretrained(folder)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # transformers 5 leaves stacked expert weights and routers at zero here
+        for name, p in model.named_parameters():
+            if (".experts." in name or name.endswith("mlp.gate.weight")) and not p.any():
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(folder)
 
 
 def bench_family(family: str, work: Path, steps: int) -> dict:

@@ -50,7 +50,9 @@ class ModelShape:
 # trainer.models' presets (tests/test_compile_check.py keeps them equal); vocab-256k has Gemma-7B's
 # shape, the largest vocabulary and head_dim in common use; llama-405b is the widest hidden size.
 # Gemma 2, Qwen3 and Phi-4-mini are the newer families' widths (Phi-4-mini's head_dim is
-# 3072 / 24 heads; its RoPE rotates 96 of those 128 dimensions).
+# 3072 / 24 heads; its RoPE rotates 96 of those 128 dimensions). For the mixtures of experts
+# (Mixtral-8x7B, Qwen3-30B-A3B) `intermediate` is one expert's width: the gated activation runs on
+# the token copies routed to the experts, rows of that width.
 MODELS: dict[str, ModelShape] = {
     "llama-1b": ModelShape(2048, 8192, 32, 8, 64, 128256),
     "llama-7b": ModelShape(4096, 11008, 32, 32, 128, 32000),
@@ -64,6 +66,8 @@ MODELS: dict[str, ModelShape] = {
     "qwen3-8b": ModelShape(4096, 12288, 32, 8, 128, 151936),
     "qwen3-32b": ModelShape(5120, 25600, 64, 8, 128, 151936),
     "phi-4-mini": ModelShape(3072, 8192, 24, 8, 128, 200064),
+    "mixtral-8x7b": ModelShape(4096, 14336, 32, 8, 128, 32000),
+    "qwen3-30b-a3b": ModelShape(2048, 768, 32, 4, 128, 151936),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BATCH, SEQ = 4, 2048  # 8192 tokens through the row-wise kernels
