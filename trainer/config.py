@@ -181,6 +181,10 @@ class LoraConfig:
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input, in training only
     target: str = r"self_attn|mlp"  # regex searched in the nn.Linear module names that get adapters
+    # Mixture-of-experts models: regex searched in the names of the stacked expert weights
+    # (model.layers.N.mlp.experts.gate_up_proj / down_proj) that get per-expert adapters, as PEFT's
+    # target_parameters does ("experts" for all); "" for none. Takes no lora.dropout (nor does PEFT).
+    target_parameters: str = ""
     quantize: str = choice(
         "none", "none", "nf4", help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes)"
     )
@@ -527,6 +531,18 @@ def _check_lora(cfg: TrainConfig) -> None:
     if not 0 <= lo.dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
     _check_regex("lora.target", lo.target)
+    if lo.target_parameters:
+        _check_regex("lora.target_parameters", lo.target_parameters)
+        if lo.dropout > 0:
+            raise ConfigError(
+                f"lora.target_parameters={lo.target_parameters!r} takes no lora.dropout (PEFT's expert adapters "
+                f"have none); set lora.dropout=0, or lora.target_parameters='' to adapt only linear layers"
+            )
+        if cfg.parallel.expert_parallel > 1:
+            raise ConfigError(
+                "lora.target_parameters with parallel.expert_parallel > 1 is not supported; adapt the "
+                "experts in one process or under FSDP without expert parallelism"
+            )
     name = cfg.optim.name
     if name.startswith(("galore_", "apollo_")):
         method = "GaLore" if name.startswith("galore_") else "APOLLO"
