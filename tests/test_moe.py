@@ -7,6 +7,9 @@ PEFT, patch_hf) run on both MoE families in tests/test_hf.py, test_families.py a
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -305,3 +308,114 @@ def test_mixtral_compiled_and_checkpointed_equals_eager(tmp_path):
         for name in ("eager", "compiled")
     }
     assert aux["compiled"] == pytest.approx(aux["eager"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- LoRA on the experts
+
+
+@pytest.mark.parametrize(
+    "family, target_parameters, written",
+    [
+        ("mixtral", "experts", ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),
+        ("qwen3_moe", "gate_up_proj", ["mlp.experts.gate_up_proj"]),  # one weight: no nesting in PEFT's keys
+        ("mixtral", r"layers\.1\..*down_proj", ["model.layers.1.mlp.experts.down_proj"]),
+    ],
+)
+def test_peft_loads_expert_adapters_and_merges_to_our_merged_model(tmp_path, family, target_parameters, written):
+    """Per-expert adapters on the stacked expert weights, saved in PEFT's target_parameters format:
+    PEFT's model gives our logits, and its merge our merged model's."""
+    import peft
+
+    from tests.test_lora import perturb_adapters, settings
+    from trainer import lora
+    from trainer.models import save_hf
+
+    _, base = hf_folder(tmp_path, family)
+    model = load_hf(base)
+    lora.apply_lora(model, settings(target="q_proj", target_parameters=target_parameters))
+    perturb_adapters(model)
+    model.eval()
+    x = tokens()
+    with torch.no_grad():
+        ours = model(x)
+    lora.save_adapter(model, tmp_path / "adapter", base)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == written and config["target_modules"] == ["q_proj"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        base_logits = hf(x).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a missing adapter key would only warn
+            peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        assert rel(peft_model(x).logits, ours) <= 1e-5
+        peft_merged = peft_model.merge_and_unload()(x).logits
+    assert rel(peft_merged, base_logits) > 1e-3  # the adapters changed the model
+    save_hf(lora.merged_model(model), tmp_path / "merged")
+    with torch.no_grad():
+        ours_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(x).logits
+    assert rel(ours_merged, peft_merged) <= 1e-5
+    reloaded = lora.load_adapter_model(tmp_path / "adapter")
+    with torch.no_grad():
+        assert rel(reloaded(x), ours) <= 1e-6
+
+
+def test_expert_adapters_against_an_fp64_reference():
+    """ExpertLora's grouped path: each expert's rows times W_e + s B_e A_e, forward and backward."""
+    from trainer.lora import ExpertLora
+
+    g = torch.Generator().manual_seed(3)
+    experts, out_features, in_features, rank = 3, 24, 16, 4
+    weight = torch.randn(experts, out_features, in_features, generator=g)
+    adapter = ExpertLora(weight, rank, alpha=8.0)
+    with torch.no_grad():
+        adapter.lora_B.normal_(generator=g)
+    sizes = [5, 0, 7]
+    ends = torch.cumsum(torch.tensor(sizes), 0)
+    x = torch.randn(sum(sizes), in_features, generator=g, requires_grad=True)
+    out = adapter(x, ends)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    a64 = adapter.lora_A.detach().double().requires_grad_()
+    b64 = adapter.lora_B.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    a_e = a64.view(experts, rank, in_features)
+    b_e = b64.view(out_features, rank, experts).permute(2, 0, 1)
+    rows, start = [], 0
+    for e, n in enumerate(sizes):
+        rows.append(x64[start : start + n] @ (b_e[e] @ a_e[e]).T * 2.0)
+        start += n
+    ref = torch.cat(rows)
+    ref.backward(grad.double())
+    assert rel(out.detach(), ref.detach()) <= 1e-6
+    assert rel(x.grad, x64.grad) <= 1e-6
+    assert rel(adapter.lora_A.grad, a64.grad) <= 1e-6 and rel(adapter.lora_B.grad, b64.grad) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_lora_run_on_the_experts_trains_resumes_and_writes_an_adapter_peft_loads(tmp_path):
+    """lora.target_parameters=experts from model.from_hf: only the adapters train, the run resumes
+    exactly, and PEFT loads final/'s adapter."""
+    import peft
+
+    from tests.test_families import family_run
+
+    hf, folder = hf_folder(tmp_path, "mixtral", vocab_size=320)
+    extra = dict(lora__rank=4, lora__target="self_attn", lora__target_parameters="experts")
+    full = family_run(tmp_path, folder, "run", **extra)
+    assert len(full) == 4 and full[4] < full[1]
+    (tmp_path / "run" / "checkpoint-4").rename(tmp_path / "run" / "later")
+    resumed = family_run(
+        tmp_path, folder, "run", checkpoint__resume_from=str(tmp_path / "run" / "checkpoint-2"), **extra
+    )
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([full[s] for s in (3, 4)], rel=1e-6)
+    adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "final")
+    changed = [n for n, p in adapter.named_parameters() if "experts" in n and "lora_B" in n and p.abs().sum() > 0]
+    assert changed  # the trained expert adapters arrived
+
+
+def test_expert_adapters_refuse_dropout_in_one_line(tmp_path):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="takes no lora.dropout"):
+        load_config(None, ["--lora.rank=4", "--lora.target_parameters=experts", "--lora.dropout=0.1"])

@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,7 +50,6 @@ UNSUPPORTED_PEFT_OPTIONS = (
     "fan_in_fan_out",
     "layers_to_transform",
     "layer_replication",
-    "target_parameters",
     "exclude_modules",
     "trainable_token_indices",
     "use_qalora",
@@ -69,6 +68,8 @@ class AdapterSpec:
     quantize: str  # "none" | "nf4"
     targets: list[str]  # the full names of the linear layers that carry adapters
     modules_to_save: list[str]  # PEFT's modules_to_save: names of the unfrozen embedding / norm modules
+    # the full names of the stacked expert weights (MoE) that carry per-expert adapters
+    target_parameters: list[str] = field(default_factory=list)
 
     @property
     def scaling(self) -> float:
@@ -107,6 +108,53 @@ class LoraLinear(nn.Module):
         return weight.detach()
 
 
+class ExpertLora(nn.Module):
+    """Per-expert adapters on one stacked expert weight W (experts, out, in) of trainer.models.moe:
+    expert e computes with W[e] + alpha / rank * B_e @ A_e, A_e (rank x in), B_e (out x rank), in fp32.
+
+    Stored as PEFT stores a targeted 3-D parameter (its lora ParamWrapper), so saving is a renaming
+    away: lora_A (experts * rank, in) with expert e's rows at e * rank; lora_B (out, rank * experts)
+    with expert e's columns at j * experts + e. Initialised as LoraLinear (B at zero)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        self.experts, out_features, in_features = weight.shape
+        self.rank, self.scaling = rank, alpha / rank
+        kw = dict(device=weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(self.experts * rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank * self.experts, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (PEFT's) init of lora_A
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (experts, rank, in), B (experts, out, rank))."""
+        a = self.lora_A.view(self.experts, self.rank, -1)
+        b = self.lora_B.view(self.lora_B.shape[0], self.rank, self.experts).permute(2, 0, 1)
+        return a, b
+
+    def delta(self) -> torch.Tensor:
+        """alpha / rank * B_e @ A_e for every expert: (experts, out, in), fp32."""
+        a, b = self.factors()
+        return torch.bmm(b, a) * self.scaling
+
+    def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The adapters' part of x's rows (sorted by expert, expert e's ending at ends[e])."""
+        from trainer.models.moe import autocast_to
+        from trainer.ops.grouped_mm import grouped_mm
+
+        a, b = self.factors()
+        x, a, b = autocast_to(x.to(a.dtype), a, b)
+        return grouped_mm(grouped_mm(x, a.transpose(1, 2), ends), b.transpose(1, 2).contiguous(), ends) * self.scaling
+
+
+def expert_weight_names(model: nn.Module) -> list[str]:
+    """The full names of the model's stacked expert weights (MoE layers), in model order."""
+    from trainer.models.moe import Experts
+
+    return [
+        f"{name}.{leaf}" for name, m in model.named_modules() if isinstance(m, Experts) for leaf in Experts.ADAPTABLE
+    ]
+
+
 # ---------------------------------------------------------------- adding adapters
 
 
@@ -138,6 +186,19 @@ def apply_lora(
             "fused loss reads its weight directly); exclude it, e.g. lora.target='self_attn|mlp', "
             "and set lora.train_embeddings=true to train the head itself"
         )
+    target_parameters = []
+    if getattr(lora_cfg, "target_parameters", ""):
+        weights = expert_weight_names(model)
+        target_parameters = [name for name in weights if re.search(lora_cfg.target_parameters, name)]
+        if not target_parameters:
+            raise ConfigError(
+                f"lora.target_parameters={lora_cfg.target_parameters!r} matches no stacked expert weight of "
+                + (
+                    f"this model; write a regex over names such as {', '.join(weights[:2])}"
+                    if weights
+                    else "this model (it has no mixture-of-experts layer); set it to ''"
+                )
+            )
     modules_to_save = []
     if lora_cfg.train_embeddings:
         modules_to_save += ["embed_tokens"] if model.args.tie_embeddings else ["embed_tokens", "lm_head"]
@@ -153,6 +214,7 @@ def apply_lora(
         compute_dtype=compute_dtype,
         modules_to_save=modules_to_save,
         device=device,
+        target_parameters=target_parameters,
     )
 
 
@@ -167,9 +229,11 @@ def add_adapters(
     compute_dtype: torch.dtype = torch.float32,
     modules_to_save: Iterable[str] = (),
     device: torch.device | None = None,
+    target_parameters: Iterable[str] = (),
 ) -> nn.Module:
-    """apply_lora with the targets named: adapters on the linear layers `targets` (full names);
-    the modules whose names end with an entry of `modules_to_save` (PEFT's rule) stay trainable."""
+    """apply_lora with the targets named: adapters on the linear layers `targets` (full names) and
+    per-expert adapters on the stacked expert weights `target_parameters` (full names); the modules
+    whose names end with an entry of `modules_to_save` (PEFT's rule) stay trainable."""
     if getattr(model, "lora", None) is not None:
         raise ValueError("this model already carries LoRA adapters")
     if rank <= 0:
@@ -184,6 +248,11 @@ def add_adapters(
         linear = getattr(parent, leaf)
         base = quantized(linear, device or linear.weight.device) if quantized else linear
         setattr(parent, leaf, LoraLinear(base, rank, alpha, dropout))
+    target_parameters = list(target_parameters)
+    for name in target_parameters:
+        experts_name, _, leaf = name.rpartition(".")
+        experts = model.get_submodule(experts_name)
+        experts.set_adapter(leaf, ExpertLora(getattr(experts, leaf), rank, alpha))
     for entry in modules_to_save:
         matched = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name.endswith(entry)]
         unsupported = [name for name, m in matched if not _savable(m)]
@@ -196,7 +265,7 @@ def add_adapters(
             module.weight.requires_grad_(True)
             if module.weight.dtype != torch.float32:
                 module.weight.data = module.weight.data.float()  # .data keeps the tie of embedding and head
-    model.lora = AdapterSpec(rank, alpha, dropout, quantize, list(targets), modules_to_save)
+    model.lora = AdapterSpec(rank, alpha, dropout, quantize, list(targets), modules_to_save, target_parameters)
     return model
 
 
@@ -269,7 +338,9 @@ def lora_summary(model: nn.Module) -> str:
     extra = f", {', '.join(spec.modules_to_save)} unfrozen" if spec.modules_to_save else ""
     base = "4-bit nf4 base" if spec.quantize == "nf4" else "frozen base"
     return (
-        f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {len(spec.targets)} linear layers ({base}{extra}): "
+        f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {len(spec.targets)} linear layers"
+        + (f" and {len(spec.target_parameters)} stacked expert weights" if spec.target_parameters else "")
+        + f" ({base}{extra}): "
         f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train ({100 * trainable / total:.2f}%)"
     )
 
@@ -278,7 +349,7 @@ def lora_summary(model: nn.Module) -> str:
 
 
 def is_lora_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B"))
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -344,7 +415,8 @@ def save_adapter(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = trainable_state_dict(model) if state is None else state
-    tensors = {PEFT_PREFIX + name: t.detach().cpu().contiguous() for name, t in state.items()}
+    peft_names = peft_expert_keys(spec)
+    tensors = {PEFT_PREFIX + peft_names.get(name, name): t.detach().cpu().contiguous() for name, t in state.items()}
     tied = model.args.tie_embeddings and "embed_tokens" in spec.modules_to_save
     if tied:  # PEFT saves the tied head under its own name too (a copy: safetensors refuses shared memory)
         tensors[PEFT_PREFIX + "lm_head.weight"] = tensors[PEFT_PREFIX + "model.embed_tokens.weight"].clone()
@@ -354,6 +426,7 @@ def save_adapter(
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=peft_target_modules(model),
+        target_parameters=peft_target_parameters(model) or None,
         modules_to_save=spec.modules_to_save or None,
         task_type="CAUSAL_LM",
         bias="none",
@@ -377,6 +450,39 @@ def peft_target_modules(model: nn.Module) -> list[str]:
         if isinstance(m, (nn.Linear, LoraLinear)) and name.rpartition(".")[2] in leaves
     }
     return sorted(leaves) if by_leaf == targets else sorted(targets)
+
+
+def peft_target_parameters(model: nn.Module) -> list[str]:
+    """target_parameters for adapter_config.json: "mlp.experts.<weight>" when every MoE layer's
+    weight is adapted, else the full names."""
+
+    def short(name: str) -> str:
+        return "mlp." + name.split(".mlp.", 1)[1]
+
+    targets = set(model.lora.target_parameters)
+    shorts = {short(name) for name in targets}
+    covered = {name for name in expert_weight_names(model) if short(name) in shorts}
+    return sorted(shorts) if covered == targets else sorted(targets)
+
+
+def peft_expert_keys(spec: AdapterSpec) -> dict[str, str]:
+    """Our names of the expert adapters -> PEFT's. PEFT wraps each targeted parameter of a module in
+    one more ParamWrapper, the first in the module's parameter order innermost: with both weights
+    adapted, gate_up_proj's adapters sit under `experts.base_layer.` and down_proj's under `experts.`."""
+    from trainer.models.moe import Experts
+
+    by_module: dict[str, list[str]] = {}
+    for name in spec.target_parameters:
+        module, _, leaf = name.rpartition(".")
+        by_module.setdefault(module, []).append(leaf)
+    keys = {}
+    for module, leaves in by_module.items():
+        ordered = [leaf for leaf in Experts.ADAPTABLE if leaf in leaves]
+        for depth, leaf in enumerate(ordered):
+            wrapper = "base_layer." * (len(ordered) - 1 - depth)
+            for part in ("lora_A", "lora_B"):
+                keys[f"{module}.{leaf}_lora.{part}"] = f"{module}.{wrapper}{part}.weight"
+    return keys
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -430,6 +536,7 @@ def load_adapter_model(
     if quantize != "nf4":  # a 4-bit base is quantized layer by layer on its way to the device
         model.to(device)
     targets = _peft_targets(model, config.get("target_modules"), folder)
+    target_parameters = _peft_target_parameters(model, config.get("target_parameters"), folder)
     add_adapters(
         model,
         targets,
@@ -440,6 +547,7 @@ def load_adapter_model(
         compute_dtype=compute_dtype,
         modules_to_save=config.get("modules_to_save") or (),
         device=device,
+        target_parameters=target_parameters,
     )
     load_adapter_weights(model, folder)
     return model.to(device).eval()
@@ -460,9 +568,26 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
                 f"(they start with {PEFT_PREFIX!r})"
             )
         state[key.removeprefix(PEFT_PREFIX)] = tensor
+    ours = {peft: name for name, peft in peft_expert_keys(model.lora).items()}
+    state = {ours.get(key, key): tensor for key, tensor in state.items()}
     if model.args.tie_embeddings:
         state.pop("lm_head.weight", None)  # the tied head is the embedding
     load_trainable_state_dict(model, state, str(folder))
+
+
+def _peft_target_parameters(model: nn.Module, target_parameters, folder: Path) -> list[str]:
+    """The stacked expert weights PEFT's target_parameters select (names matched exactly or as a
+    dotted suffix)."""
+    wanted = list(target_parameters or [])
+    if not wanted:
+        return []
+    weights = expert_weight_names(model)
+    targets = [name for name in weights if name in wanted or any(name.endswith("." + t) for t in wanted)]
+    if not targets:
+        raise CheckpointError(
+            f"{folder}: target_parameters={wanted!r} matches no stacked expert weight of its base model"
+        )
+    return targets
 
 
 def _peft_targets(model: nn.Module, target_modules, folder: Path) -> list[str]:
@@ -491,6 +616,14 @@ def merge_state_dict(
     merged = {}
     for key, tensor in state.items():
         if is_lora_key(key):
+            continue
+        if f"{key}_lora.lora_A" in state:  # a stacked expert weight (experts, out, in) with ExpertLora adapters
+            a, b = state[f"{key}_lora.lora_A"].float(), state[f"{key}_lora.lora_B"].float()
+            experts = tensor.shape[0]
+            rank = a.shape[0] // experts
+            delta = torch.bmm(b.view(b.shape[0], rank, experts).permute(2, 0, 1), a.view(experts, rank, -1))
+            tensor = (tensor.float() + scaling * delta.to(tensor.device)).to(tensor.dtype)
+            merged[key] = tensor.detach().to(device, dtype or tensor.dtype)
             continue
         prefix, marker, leaf = key.partition(".base_layer.")
         if marker and leaf == "weight":

@@ -38,6 +38,8 @@ def autocast_to(*tensors: Tensor) -> tuple[Tensor, ...]:
 class Experts(nn.Module):
     """E SwiGLU experts: gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I)."""
 
+    ADAPTABLE = ("gate_up_proj", "down_proj")  # the weights LoRA may adapt, in PEFT's nesting order
+
     def __init__(self, args: ModelArgs, kernels: KernelChoice):
         super().__init__()
         e, h, i = args.n_experts, args.hidden_size, args.expert_intermediate_size
@@ -45,14 +47,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.activation = args.mlp_activation
         self.kernels = kernels
+        # LoRA's per-expert adapters (trainer.lora.ExpertLora), set by set_adapter; None: none.
+        self.gate_up_proj_lora: nn.Module | None = None
+        self.down_proj_lora: nn.Module | None = None
+
+    def set_adapter(self, weight: str, adapter: nn.Module) -> None:
+        """Adapters for `weight` (one of ADAPTABLE), which is frozen."""
+        if weight not in self.ADAPTABLE:
+            raise ValueError(f"{weight!r} is not one of {self.ADAPTABLE}")
+        getattr(self, weight).requires_grad_(False)
+        setattr(self, f"{weight}_lora", adapter)
 
     def forward(self, x: Tensor, ends: Tensor) -> Tensor:
         """x: token copies sorted by expert, expert e's rows ending at ends[e] (under expert
         parallelism: this rank's experts, whose weights are the local shards)."""
         x, gate_up, down = autocast_to(x, local(self.gate_up_proj), local(self.down_proj))
-        gate, up = grouped_mm(x, gate_up.transpose(1, 2), ends).chunk(2, dim=-1)
+        gate_up_out = grouped_mm(x, gate_up.transpose(1, 2), ends)
+        if self.gate_up_proj_lora is not None:
+            gate_up_out = gate_up_out + self.gate_up_proj_lora(x, ends).to(gate_up_out.dtype)
+        gate, up = gate_up_out.chunk(2, dim=-1)
         act = ops.gated_activation(gate, up, self.activation, force=self.kernels.swiglu)
-        return grouped_mm(act, down.transpose(1, 2), ends)
+        out = grouped_mm(act, down.transpose(1, 2), ends)
+        if self.down_proj_lora is not None:
+            out = out + self.down_proj_lora(act, ends).to(out.dtype)
+        return out
 
 
 def local(weight: Tensor) -> Tensor:
