@@ -9,6 +9,8 @@ by the `gpu` test at the end (not run on this machine)."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -148,6 +150,37 @@ def test_the_previous_block_is_prefetched_one_block_ahead():
         assert max(where("fetch", b - 1)) < min(where("take", b))  # block b - 1 is on its way before block b runs
         if b + 1 < layers:
             assert min(where("fetch", b - 1)) > max(where("take", b + 1))  # but not two blocks ahead
+
+
+class WeakPassThrough(PassThrough):
+    """A pass-through that remembers, weakly, each tensor it was handed."""
+
+    def __init__(self):
+        self.refs = []
+
+    def store(self, tensor):
+        self.refs.append(weakref.ref(tensor))
+        return tensor
+
+
+def test_saved_tensors_are_freed_by_backward_not_by_the_garbage_collector():
+    """Nothing of the hooks' keeps a saved tensor past its backward: with the cyclic garbage
+    collector off, every tensor the hooks handled is gone once backward is over (a reference
+    cycle between a block's record and its handles once kept them all until a collection)."""
+    _, wrapped, _ = _pair()
+    mover = WeakPassThrough()
+    apply_activation_offloading(wrapped, torch.device("cpu"), min_bytes=0, mover=mover)
+    ids = torch.randint(0, 320, (2, 32))
+    gc.collect()
+    gc.disable()
+    try:
+        loss = wrapped(ids, labels=ids)
+        assert any(ref() is not None for ref in mover.refs)
+        loss.backward()
+        del loss
+        assert mover.refs and all(ref() is None for ref in mover.refs)
+    finally:
+        gc.enable()
 
 
 def test_weights_and_the_shared_inputs_stay_on_the_device():

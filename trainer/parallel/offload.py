@@ -101,7 +101,7 @@ class _Handle:
     """One offloaded tensor: its host copy, the device copy while backward needs it, and how many
     saved-tensor slots still have to unpack it."""
 
-    __slots__ = ("group", "stored", "device", "fetched", "uses")
+    __slots__ = ("group", "stored", "device", "fetched", "uses", "__weakref__")
 
     def __init__(self, group: _Group, stored, device: torch.device):
         self.group, self.stored, self.device = group, stored, device
@@ -116,7 +116,10 @@ class _Group:
         self.offload = offload
         self.keep = keep  # (device, storage pointer) of the block's shared inputs
         self.previous = weakref.ref(previous) if previous is not None else None
-        self.handles: list[_Handle] = []
+        # Weak: a handle (and its host copy) lives as long as autograd's saved slots hold it, and a
+        # strong list here would make a cycle (each handle refers to its group) that only the
+        # garbage collector frees, keeping every saved tensor past its backward.
+        self.handles: list[weakref.ref] = []
         self.index: dict[tuple, _Handle] | None = {}  # open while the block's forward runs
         self.alive: list[torch.Tensor] = []  # the device tensors, until the forward ends (see close)
         self.fetched = False  # its tensors are on their way back (on demand or prefetched)
@@ -135,7 +138,7 @@ class _Group:
             stats.deduplicated += 1
             return handle
         handle = _Handle(self, self.offload.mover.store(tensor), tensor.device)
-        self.handles.append(handle)
+        self.handles.append(weakref.ref(handle))
         if self.index is not None:
             self.index[key] = handle
             # Held until the forward ends: while the key is in the index, its memory must not be
@@ -162,8 +165,9 @@ class _Group:
             return
         self.fetched = True
         mover = self.offload.mover
-        for handle in self.handles:
-            if handle.uses > 0 and handle.fetched is None:
+        for ref in self.handles:
+            handle = ref()
+            if handle is not None and handle.uses > 0 and handle.fetched is None:
                 handle.fetched = mover.fetch(handle.stored, handle.device)
         self.offload.stats.fetched_groups += 1
 

@@ -109,7 +109,9 @@ class TiledMLPFunction(torch.autograd.Function):
             n = min(ctx.tiles, max(rows.shape[0], 1))
             for tile, grad in zip(rows.tensor_split(n), grads.tensor_split(n)):
                 tile = tile.detach().requires_grad_(needs_x)
-                y = ctx.forward(tile)
+                # Through a view: autocast caches its casts of leaf tensors that require grad until
+                # it exits, which would keep every tile's cast input to the end of the loop.
+                y = ctx.forward(tile.view_as(tile))
                 inputs = ([tile] if needs_x else []) + aliases
                 if inputs and y.requires_grad:
                     torch.autograd.backward(y, grad, inputs=inputs)
@@ -118,7 +120,7 @@ class TiledMLPFunction(torch.autograd.Function):
                 elif needs_x:
                     grad_x[start : start + tile.shape[0]] = 0
                 start += tile.shape[0]
-                del y, tile
+                del y, tile, inputs  # the tile's gradient too, before the next tile runs
         param_grads: list[torch.Tensor | None] = [None] * (len(ctx.needs_input_grad) - 4)
         for i, alias in zip(wanted, aliases):
             param_grads[i] = alias.grad
