@@ -104,6 +104,12 @@ def describe_run(config, plan: Plan) -> str:
         f"optim {o.name}",
         f"checkpointing {p.activation_checkpointing}",
     ]
+    if getattr(p, "tiled_mlp", 0):
+        lines.append(f"MLP in {p.tiled_mlp} tiles")
+    if getattr(p, "activation_offloading", False):
+        lines.append(
+            "activations offloaded" if plan.device != "cpu" else "activation offloading (nothing moves on CPU)"
+        )
     if plan.world_size > 1:
         lines.append(f"{p.strategy} over {plan.world_size} ranks (per rank)")
     return ", ".join(lines)
@@ -121,6 +127,8 @@ def format_plan(config, plan: Plan, budget: int, device: str, suggestions: list,
         out.append(f"+ {name:<{width}}{human_bytes(nbytes):>12}")
     phases = ", ".join(f"{name} {human_bytes(v)}" for name, v in plan.phase_peaks.items() if name != "between steps")
     out.append(f"peak by phase: {phases}")
+    if plan.host_bytes:
+        out.append(f"pinned host memory for offloaded activations: {human_bytes(plan.host_bytes)} (not in the peak)")
     need = plan.required_bytes
     if plan.fits(budget):
         out.append(f"fits: needs {human_bytes(need)} of {human_bytes(budget)} ({human_bytes(budget - need)} to spare)")

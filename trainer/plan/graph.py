@@ -16,8 +16,9 @@ as the real step does:
   first contributions in its input buffer and adds the rest in place, then hands the sum on;
 - activation checkpointing: `full` keeps only the block's input and re-runs the block's forward
   when backward reaches it; `selective` also keeps the outputs of the ops marked `must_save` (the
-  matmuls and attention) and re-runs the others. Re-running stops at the last op that saves
-  something (torch's non-reentrant checkpoint stops early by default).
+  matmuls and attention) and re-runs the others. Re-running stops at the op that makes the last
+  tensor some op saves (torch's non-reentrant checkpoint stops early by default), or runs through
+  an autograd Function that saves after its forward (`saves_after_forward`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class Op:
     weights: tuple[str, ...] = ()  # parameters whose gradient backward makes
     weight_copies: dict[str, int] = field(default_factory=dict)  # autocast casts of weights: param -> bytes
     copies_saved: bool = True  # False: the cast weights live only during the op
+    # False: autocast's cache holds the cast weights to the end of the forward, but backward does not
+    # keep them (an op that runs its matmuls without a graph and casts again in backward: the tiled MLP)
+    copies_backward: bool = True
+    # An autograd Function packs what it saves after its forward has run, where an ATen op saves its
+    # inputs before computing: a checkpoint's re-run that stops at this op's save runs all of it.
+    saves_after_forward: bool = False
     fwd_extra: int = 0  # bytes of the op's own temporaries at its peak, beyond its outputs
     bwd_extra: int = 0  # the same for its backward, beyond the gradients it makes
     must_save: bool = False  # selective checkpointing keeps its outputs
@@ -93,18 +100,30 @@ class Graph:
         self.kept: dict[tuple[str, str], tuple[str, ...]] = {}  # what each op run kept: (region prefix, op name)
         self.copy_kept: dict[tuple[str, str], bool] = {}
         self.taken: dict[str, bool] = {}  # op buffers that became a weight's gradient
+        self.offloaded: dict[str, int] = {}  # storage -> bytes, while its saved copy waits in host memory
 
     # ---------------------------------------------------------------- lifetimes
 
     def _maybe_free(self, storage: str) -> None:
-        if (
-            self.tape.alive(storage)
-            and self.readers[storage] <= 0
-            and self.saved[storage] <= 0
-            and self.held[storage] <= 0
-            and self.grad_refs.get(storage, 0) <= 0
-        ):
+        # An offloaded storage's saved and held references are to its host copy: they keep nothing here.
+        kept = storage not in self.offloaded and (self.saved[storage] > 0 or self.held[storage] > 0)
+        if self.tape.alive(storage) and self.readers[storage] <= 0 and not kept and self.grad_refs.get(storage, 0) <= 0:
             self.tape.free(storage)
+
+    def offload(self, storage: str) -> int:
+        """Activation offloading: what keeps `storage` for backward now keeps a host copy, so the
+        device copy goes once nothing else reads it. Returns its bytes (now in host memory)."""
+        if storage in self.offloaded or not self.tape.alive(storage):
+            return 0
+        nbytes = self.offloaded[storage] = self.tape.size(storage)
+        self._maybe_free(storage)
+        return nbytes
+
+    def fetch(self, storage: str) -> None:
+        """Back on the device for backward (from here on kept as any saved tensor)."""
+        nbytes = self.offloaded.pop(storage, None)
+        if nbytes is not None and not self.tape.alive(storage):
+            self.tape.alloc(storage, nbytes, ACTIVATIONS, what="fetched from host")
 
     def hold(self, storage: str) -> None:
         self.held[storage] += 1
@@ -140,6 +159,7 @@ class Graph:
         if stop_after_last_save:  # up to the op that makes the last tensor some op saves
             saved = {name for op in ops for name in op.saves + op.saves_for_weights}
             last = max((i for i, op in enumerate(ops) if saved & set(op.outputs)), default=-1)
+            last = max([last] + [i for i, op in enumerate(ops) if op.saves_after_forward and op.saves])
             ops = ops[: last + 1]
         local_reads: dict[str, int] = defaultdict(int)
         for op in ops:
@@ -164,7 +184,7 @@ class Graph:
             copy = f"copy.{param}"
             if not tape.alive(copy):
                 tape.alloc(copy, nbytes, WEIGHT_COPIES, what=f"{op.name} (weight cast)")
-            if keep_saves and op.copies_saved and input_grad:  # a cast weight is kept for the input's gradient
+            if keep_saves and op.copies_saved and op.copies_backward and input_grad:  # kept for the input's gradient
                 self.copy_refs[copy] += 1
         new = []
         for name, nbytes in op.outputs.items():
@@ -186,7 +206,7 @@ class Graph:
         for name in saves:
             self.saved[ns[name]] += 1
         self.kept[(prefix, op.name)] = saves
-        self.copy_kept[(prefix, op.name)] = keep_saves and op.copies_saved and input_grad
+        self.copy_kept[(prefix, op.name)] = keep_saves and op.copies_saved and op.copies_backward and input_grad
         if keep_must_save is not None and op.must_save:
             for name in op.outputs:
                 self.hold(ns[name])
@@ -306,7 +326,7 @@ class Graph:
             tape.recategorize(grad, GRADIENTS)
             self.taken[grad] = True
             return grad
-        if param in op.weight_copies and op.weight_copies[param] != nbytes:
+        if param in op.weight_copies and op.weight_copies[param] != nbytes and op.copies_backward:
             # The gradient of the autocast copy, then cast back to the parameter's dtype.
             low = tape.alloc(
                 tape.fresh(f"dcopy.{param}"), op.weight_copies[param], TEMPORARIES, what=f"{op.name} backward"

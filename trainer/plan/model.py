@@ -19,10 +19,13 @@ Sizes follow trainer/models/llama.py and the ops in trainer/ops (N = micro_batch
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from trainer.ops.cross_entropy import chunk_tokens
-from trainer.plan.graph import Op
+from trainer.plan.graph import ACTIVATIONS, WEIGHT_COPIES, GradSink, Graph, Op
 from trainer.plan.setting import Setting
 from trainer.plan.shapes import lm_head_name
+from trainer.plan.tape import Tape
 
 F32 = 4
 
@@ -441,7 +444,89 @@ def attention_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
 
 
 def mlp_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
-    """MLP.forward on x: gate and up projections, the gated activation, down_proj; output "mlp_out"."""
+    """MLP.forward on x: gate and up projections, the gated activation, down_proj; output "mlp_out".
+    With parallel.tiled_mlp, one op for the whole tiled MLP (tiled_mlp_op)."""
+    if s.tiled_mlp:
+        return [tiled_mlp_op(s, layer, x, x_bytes)]
+    return _mlp_ops(s, layer, x, x_bytes)
+
+
+def tiled_mlp_op(s: Setting, layer: int, x: str, x_bytes: int) -> Op:
+    """trainer.parallel.tiled_mlp: the MLP as one autograd Function that keeps only x and outputs
+    "mlp_out". Forward runs the tiles without a graph (under autocast each weight cast once, held
+    by autocast's cache to the end of the forward); backward allocates x's gradient and the summed
+    weight gradients, then runs each tile's forward and backward again: one tile's MLP at a time.
+    The tile's own peaks are replayed from the untiled MLP's ops at the tile's token count
+    (_tile_extra), so whatever the MLP is made of (LoRA, fused gate_up_proj, autocast) is counted
+    as it is untiled."""
+    ops = _mlp_ops(s, layer, x, x_bytes)
+    weights = tuple(dict.fromkeys(w for op in ops for w in op.weights))
+    copies = {p: n for op in ops for p, n in op.weight_copies.items()}
+    fwd, bwd = _tile_extra(s, layer, x, x_bytes)
+    n, h = s.tokens, s.args.hidden_size
+    return Op(
+        "tiled mlp",
+        inputs=(x,),
+        outputs={"mlp_out": n * h * _linear_out_bytes(s)},
+        saves=(x,),
+        grads={x: n * h * x_bytes},
+        weights=weights,
+        weight_copies=copies,
+        copies_backward=False,
+        saves_after_forward=True,
+        fwd_extra=fwd,
+        bwd_extra=bwd,
+    )
+
+
+class _Discard(GradSink):
+    """A tile's weight gradients: added into the summed ones and gone (the tiled op holds the sums)."""
+
+    def grad_ready(self, tape: Tape, param: str, storage: str) -> None:
+        tape.free(storage)
+
+
+def _tile_extra(s: Setting, layer: int, x: str, x_bytes: int) -> tuple[int, int]:
+    """(forward, backward) peaks of one tile of the tiled MLP above what is alive around it: the
+    untiled MLP's ops replayed on a tile's tokens, forward without a graph (the cast weights
+    already alive), backward as the recompute runs it: the tile's forward with a graph, then its
+    backward, each tile weight gradient added into the sums and freed."""
+    tile = replace(s, micro_batch=1, seq_len=max(s.tokens // s.tiled_mlp, 1), tiled_mlp=0)
+    ops = _mlp_ops(tile, layer, x, x_bytes)
+    x_tile = tile.tokens * s.args.hidden_size * x_bytes  # a view of x: there before the tile runs
+    params = {p.name: p for p in s.params}
+    trainable = {p.name for p in s.params if p.trainable}
+
+    def grad_bytes(name: str) -> int:
+        p = params[name]
+        return p.numel * (p.itemsize or s.param_bytes)
+
+    peaks = []
+    for backward in (False, True):
+        tape = Tape()
+        graph = Graph(tape, _Discard(), {}, grad_bytes, trainable if backward else set())
+        tape.alloc(x, x_tile, ACTIVATIONS)
+        if not backward:  # forward: autocast's cache already holds the cast weights
+            for op in ops:
+                for param, nbytes in op.weight_copies.items():
+                    if not tape.alive(f"copy.{param}"):
+                        tape.alloc(f"copy.{param}", nbytes, WEIGHT_COPIES)
+        base = tape.total
+        ns = {x: x}
+        graph.requires_grad[x] = backward
+        graph.forward(ops, ns, "tile.", exports=("mlp_out",) if backward else ())
+        if backward:
+            # The recompute's autocast context caches the cast weights for all tiles: none goes
+            # with its op's backward.
+            for copy in [name for name in tape.storages if name.startswith("copy.")]:
+                graph.copy_refs[copy] += 1
+            graph.seed_grad(ns["mlp_out"], 0)  # the tile's incoming gradient is a view of the whole one
+            graph.backward(ops, ns, "tile.")
+        peaks.append(tape.peak.bytes - base)
+    return peaks[0], peaks[1]
+
+
+def _mlp_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
     a, c, i = s.args, s.compute_bytes, s.args.intermediate_size
     mlp = f"model.layers.{layer}.mlp."
     if a.fused_projections:

@@ -53,6 +53,9 @@ class Plan:
     world_size: int = 1
     parameters: int = 0
     compute_dtype: str = ""  # train.dtype as resolved for the device (auto -> bf16 on a GPU)
+    # parallel.activation_offloading on CUDA: the most pinned host memory the offloaded saved
+    # tensors take at once (one micro-batch's, at the end of its forward); not in peak_bytes
+    host_bytes: int = 0
 
     @property
     def required_bytes(self) -> int:
@@ -77,6 +80,7 @@ class Plan:
             "grad_accum_steps": self.grad_accum_steps,
             "world_size": self.world_size,
             "parameters": self.parameters,
+            "host_bytes": self.host_bytes,
         }
 
 
@@ -124,10 +128,11 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
     graph = Graph(tape, opt, param_uses(s), opt.grad_bytes, {p.name for p in s.params if p.trainable})
     if s.device == "cpu":  # the loop draws all micro-batches of the step at once, on the host
         tape.alloc("batches", s.grad_accum * batch_bytes(s), DATA)
+    host = _Host()
     for micro in range(min(s.grad_accum, 2)):
         if s.device == "cuda":
             tape.alloc(f"batch{micro}", batch_bytes(s), DATA)
-        _forward_backward(s, graph, tape, micro)
+        _forward_backward(s, graph, tape, micro, host)
         if s.device == "cuda":
             tape.free(f"batch{micro}")
     tape.set_phase("optimizer step")
@@ -154,11 +159,57 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
         world_size=s.world_size,
         parameters=sum(p.numel for p in s.params),
         compute_dtype=s.compute_dtype,
+        host_bytes=host.peak,
     )
 
 
-def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
+class _Host:
+    """Pinned host memory of offloaded activations: now and at most."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+
+def _offload_block(s: Setting, graph: Graph, ops, ns: dict[str, str], prefix: str, host: _Host) -> dict[str, int]:
+    """trainer.parallel.offload after a block's forward: what its ops keep for backward (with
+    checkpointing, the block's input, which the checkpoint keeps), of offload_min_bytes or more,
+    leaves the device for pinned host memory. Weights and their autocast copies are not among the
+    saved activations here; selective checkpointing's kept matmul outputs are held by the
+    checkpoint, not saved through the hooks, and stay. Returns storage -> bytes moved."""
+    if s.checkpointing == "none":
+        storages = dict.fromkeys(ns[name] for op in ops for name in graph.kept.get((prefix, op.name), ()))
+    else:
+        storages = {ns["x"]: None}
+    moved = {}
+    for storage in storages:
+        if tape_size(graph, storage) >= s.offload_min_bytes:
+            nbytes = graph.offload(storage)
+            if nbytes:
+                moved[storage] = nbytes
+    host.add(sum(moved.values()))
+    return moved
+
+
+def tape_size(graph: Graph, storage: str) -> int:
+    return graph.tape.size(storage) if graph.tape.alive(storage) else 0
+
+
+def _fetch_blocks(graph: Graph, moved: list[dict[str, int]], i: int) -> None:
+    """Block i's backward begins: its tensors come back, and block i - 1's are prefetched."""
+    for block in (i, i - 1):
+        if block >= 0:
+            for storage in moved[block]:
+                graph.fetch(storage)
+
+
+def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int, host: _Host) -> None:
     mode = s.checkpointing
+    offload = s.offload and s.device == "cuda"  # on CPU the hooks pass every tensor through
+    moved: list[dict[str, int]] = []
     tape.set_phase("forward")
     positions = per_batch_position_bytes(s)
     if positions:
@@ -187,6 +238,7 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
             )
             cached = {local: ns[local] for op in ops if op.must_save for local in op.outputs} if kept else None
         blocks.append((ops, ns, cached))
+        moved.append(_offload_block(s, graph, ops, ns, prefix, host) if offload else {})
         x = ns["out"]
     ns_loss = {"x": x}
     graph.forward(loss_ops(s), ns_loss, f"m{micro}.loss.")
@@ -197,8 +249,10 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
     graph.backward(loss_ops(s), ns_loss, f"m{micro}.loss.")
     for i in reversed(range(s.args.n_layers)):
         ops, ns, cached = blocks[i]
+        _fetch_blocks(graph, moved, i)
         if mode == "none":
             graph.backward(ops, ns, f"m{micro}.L{i}.")
+            host.now -= sum(moved[i].values())  # its saved tensors, host copies and all, are released
             continue
         # Backward reaches a checkpointed block: its forward runs again, keeping what backward needs.
         rerun = {"x": ns["x"], "out": ns["out"]}
@@ -212,6 +266,7 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int) -> None:
         for storage in later:
             graph.release(storage)
         graph.release(ns["x"])
+        host.now -= sum(moved[i].values())
     graph.backward(embedding_ops(s), ns_embed, f"m{micro}.embed.")
     if positions:
         tape.free(f"positions{micro}")

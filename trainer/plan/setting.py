@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from trainer.errors import ConfigError
 from trainer.models.config import ModelArgs
 from trainer.ops.dispatch import Impl, KernelChoice
+from trainer.parallel.offload import MIN_OFFLOAD_BYTES
 from trainer.plan.shapes import Param, model_args, parameters
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -35,6 +36,9 @@ class Setting:
     max_grad_norm: float
     lora: object | None = None  # the [lora] section when lora.rank > 0
     neftune: bool = False  # train.neftune_alpha > 0: noise added to the embeddings
+    tiled_mlp: int = 0  # parallel.tiled_mlp: row tiles of each dense MLP (0: untiled)
+    offload: bool = False  # parallel.activation_offloading: saved tensors to pinned host memory (CUDA)
+    offload_min_bytes: int = 0  # the smallest saved tensor that travels (trainer.parallel.offload)
 
     def runs_triton(self, impl: Impl) -> bool:
         """Whether an op configured as `impl` runs its Triton kernel on the planned device (on CUDA
@@ -107,4 +111,7 @@ def make_setting(
         max_grad_norm=t.max_grad_norm,
         lora=lora,
         neftune=getattr(t, "neftune_alpha", 0) > 0,
+        tiled_mlp=getattr(p, "tiled_mlp", 0),
+        offload=getattr(p, "activation_offloading", False),
+        offload_min_bytes=MIN_OFFLOAD_BYTES,
     )
