@@ -57,6 +57,8 @@ class OffloadStats:
 class PassThrough:
     """The mover where there is no host to move to (CPU): every tensor stays where it is."""
 
+    device_type = None  # any device's tensors take the same path (and stay)
+
     def store(self, tensor: torch.Tensor):
         return tensor
 
@@ -70,9 +72,12 @@ class PassThrough:
 class CudaMover:
     """Device -> pinned host and back on one side stream, ordered against the compute stream by events."""
 
+    device_type = "cuda"  # a CPU tensor saved in a CUDA run stays where it is
+
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
 
+    @torch.no_grad()  # the copies are data, not part of the graph (the pack hook runs in forward)
     def store(self, tensor: torch.Tensor):
         host = torch.empty_like(tensor, device="cpu", pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor has been computed
@@ -82,6 +87,7 @@ class CudaMover:
         tensor.record_stream(self.stream)
         return host
 
+    @torch.no_grad()
     def fetch(self, host: torch.Tensor, device: torch.device):
         with torch.cuda.stream(self.stream):  # after the host copy: the same stream, in order
             back = host.to(device, non_blocking=True)
@@ -150,6 +156,8 @@ class _Group:
 
     def _travels(self, tensor: torch.Tensor) -> bool:
         if tensor.numel() * tensor.element_size() < self.offload.min_bytes:
+            return False
+        if getattr(self.offload.mover, "device_type", None) not in (None, tensor.device.type):
             return False
         if _is_weight(tensor):
             return False
