@@ -26,7 +26,7 @@ from trainer.evaluation import Evaluator
 from trainer.lora import apply_lora, lora_summary
 from trainer.metrics import truncate_metrics
 from trainer.model_card import hardware_name, render_model_card
-from trainer.models import KernelChoice, build, load_hf
+from trainer.models import KernelChoice, Transformer, build, empty_hf, load_hf
 from trainer.models.config import PRESETS, resolve_args
 from trainer.models.hf import args_from_hf_config, read_hf_config, weight_files
 from trainer.optim import build_optimizer, build_scheduler, state_bytes
@@ -34,6 +34,7 @@ from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
 from trainer.parallel.distributed import barrier, env_from_launcher
 from trainer.parallel.expert_parallel import check_expert_parallel
+from trainer.parallel.materialize import materialize
 from trainer.plan import choose_micro_batch, resolve_budget
 from trainer.plan.shapes import model_args
 from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
@@ -215,12 +216,14 @@ def own_tokenizer(config: TrainConfig) -> bool:
     return build_tokenizer(spec).fingerprint == build_tokenizer(str(folder)).fingerprint
 
 
-def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
-    """The model in fp32 on the CPU (from model.from_hf or the preset), checked against the tokenizer and seq_len."""
+def build_model(config: TrainConfig, tokenizer_vocab: int, on_meta: bool = False) -> nn.Module:
+    """The model (from model.from_hf or the preset), checked against the tokenizer and seq_len: in
+    the checkpoint's dtype (fp32 from scratch) on the CPU, or `on_meta` without weights (a sharded
+    run materializes it after sharding: trainer/parallel/materialize.py)."""
     m, t = config.model, config.train
     kernels = KernelChoice.from_config(config.kernels)
     if m.from_hf:
-        model = load_hf(m.from_hf, kernels)
+        model = empty_hf(m.from_hf, kernels) if on_meta else load_hf(m.from_hf, kernels)
     else:
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
@@ -228,7 +231,11 @@ def build_model(config: TrainConfig, tokenizer_vocab: int) -> nn.Module:
             args = resolve_args(m.preset, tokenizer_vocab, **{k: getattr(m, k) for k in MODEL_SHAPE_KEYS})
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
-        model = build(args, kernels=kernels, seed=t.seed)
+        if on_meta:
+            with torch.device("meta"):
+                model = Transformer(args, kernels)
+        else:
+            model = build(args, kernels=kernels, seed=t.seed)
     if tokenizer_vocab > model.args.vocab_size:
         fix = (
             "use the model's own tokenizer"
@@ -284,10 +291,20 @@ def build_run(config: TrainConfig) -> RunParts:
         data = load_run_data(cfg)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg, data.tokenizer.vocab_size)
-    place_model(model, cfg, device, compute_dtype, messages)
-    # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
-    train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+    # FSDP2 without adapters: built on the meta device, sharded, then each rank writes its shards
+    # only (no rank holds the whole model). LoRA's adapters are added to a whole model.
+    sharded_build = cfg.parallel.strategy == "fsdp" and env.distributed and cfg.lora.rank == 0
+    model = build_model(cfg, data.tokenizer.vocab_size, on_meta=sharded_build)
+    if sharded_build:
+        model.to(dtype=DTYPES[t.param_dtype])
+        model.model.neftune_alpha = t.neftune_alpha
+        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+        materialize(model, device, cfg.model.from_hf or None, t.seed)
+        model.train()
+    else:
+        place_model(model, cfg, device, compute_dtype, messages)
+        # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
+        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
     if cfg.parallel.expert_parallel > 1:
         n, e = cfg.parallel.expert_parallel, model.args.n_experts
         messages.append(

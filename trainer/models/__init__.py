@@ -18,10 +18,8 @@ def build(
 ) -> Transformer:
     """A randomly initialised model from a preset name (vocab from `vocab_size` if the preset has none)."""
     args = resolve_args(preset_or_args, vocab_size) if isinstance(preset_or_args, str) else preset_or_args
-    if seed is not None:
-        torch.manual_seed(seed)
     model = Transformer(args, kernels)
-    model.init_weights()
+    model.init_weights(seed=seed or 0)
     return model
 
 
@@ -32,16 +30,22 @@ def load_hf(path, kernels: KernelChoice | None = None) -> Transformer:
     once. The source config.json and generation_config.json ride along as `model.hf_config` and
     `model.hf_generation_config`, so save_hf keeps their extra keys.
     """
-    config = read_hf_config(path)
-    args = args_from_hf_config(config)
-    with torch.device("meta"):
-        model = Transformer(args, kernels)
+    model = empty_hf(path, kernels)
     assign_weights(model, path)
     model.materialize_rotary("cpu")
     model.tie_weights()
+    return model
+
+
+def empty_hf(path, kernels: KernelChoice | None = None) -> Transformer:
+    """The model of a Hugging Face folder on the meta device (no weights, no memory), with the folder's
+    config.json and generation_config.json attached as load_hf attaches them."""
+    config = read_hf_config(path)
+    with torch.device("meta"):
+        model = Transformer(args_from_hf_config(config), kernels)
     model.hf_config = config
     model.hf_generation_config = read_generation_config(path)
     return model
 
 
-__all__ = ["PRESETS", "KernelChoice", "ModelArgs", "Transformer", "build", "load_hf", "save_hf"]
+__all__ = ["PRESETS", "KernelChoice", "ModelArgs", "Transformer", "build", "empty_hf", "load_hf", "save_hf"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from dataclasses import replace
 
 import torch
@@ -19,7 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from trainer import ops
 from trainer.constants import IGNORE_INDEX
 from trainer.models.config import ModelArgs
-from trainer.models.moe import Experts, MoE, Router, load_balancing_loss
+from trainer.models.moe import Experts, MoE, load_balancing_loss
 from trainer.ops.dispatch import KernelChoice
 
 
@@ -380,25 +381,37 @@ class Transformer(nn.Module):
                 module.kernels = kernels
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random initial weights, each parameter from its own generator (initial_weights)."""
+        for _, param, values in self.initial_weights(seed, std):
+            param.copy_(values)
+
+    def initial_weights(self, seed: int = 0, std: float = 0.02):
+        """(name, parameter, its whole initial value on the CPU in fp32) for every parameter, one at
+        a time. Each value comes from a generator seeded with `seed` and the parameter's name, so it
+        does not depend on the order, on the other parameters, or on how the model is sharded: a
+        sharded model (trainer/parallel/materialize.py) writes each rank's rows of the same values."""
         # Residual-branch outputs are scaled by 1/sqrt(2 * n_layers) (GPT-2 paper, section 2.3) so the
         # residual stream's variance does not grow with depth.
         out_std = std / math.sqrt(2 * self.args.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_out = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.constant_(module.weight, 1.0 - module.offset)  # a scale of 1 either way
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, Experts):
-                nn.init.normal_(module.gate_up_proj, 0.0, std)
-                nn.init.normal_(module.down_proj, 0.0, out_std)
+        owners = {}
+        for module_name, module in self.named_modules():
+            for leaf, param in module.named_parameters(recurse=False):
+                owners.setdefault(id(param), (module_name, module, leaf))
+        for name, param in self.named_parameters():
+            module_name, module, leaf = owners[id(param)]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            values = torch.empty(param.shape)
+            if isinstance(module, RMSNorm):
+                values.fill_(1.0 - module.offset)  # a scale of 1 either way
+            elif leaf == "bias":
+                values.zero_()
+            else:
+                is_out = module_name.endswith(("o_proj", "down_proj")) or (
+                    isinstance(module, Experts) and leaf == "down_proj"
+                )
+                values.normal_(0.0, out_std if is_out else std, generator=generator)
+            yield name, param, values
 
     def expert_assignments(self) -> torch.Tensor | None:
         """The token copies each expert of each MoE layer received in the last forward, (MoE layers,

@@ -75,8 +75,28 @@ class Experts(nn.Module):
 
 def local(weight: Tensor) -> Tensor:
     """This rank's part of an expert-parallel weight (a DTensor sharded over the experts), with
-    autograd; a plain tensor as it is."""
-    return weight.to_local() if hasattr(weight, "to_local") else weight
+    autograd; a plain tensor as it is.
+
+    The loop scales each rank's loss by the world size so that FSDP's average over ranks gives the
+    one-process gradient. An expert's gradient is not averaged (every token that reached it, from
+    any rank, came through the all-to-all), so its gradient is divided by the world size here, in
+    the graph (a hook on the parameter would not survive its materialization)."""
+    if not hasattr(weight, "to_local"):
+        return weight
+    return _ScaleGrad.apply(weight.to_local(), 1.0 / weight.device_mesh.size())
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
 
 
 class Router(nn.Module):

@@ -5,9 +5,8 @@ layer sends token copies to their expert's rank and back by all-to-all (trainer/
 The other parameters are sharded by FSDP2 as usual; the experts are left out of FSDP (each rank
 already holds only its own). Their gradients need no reduction: every token that reached an expert,
 from whichever rank, came through the all-to-all, whose backward returns its gradient to the
-expert's rank. The loop scales each rank's loss by the world size so that FSDP's average over ranks
-is the one-process gradient; an expert's gradient is not averaged, so a hook divides it by the
-world size instead.
+expert's rank (trainer.models.moe.local divides it by the world size, as FSDP's average does the
+others').
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ def check_expert_parallel(degree: int, n_experts: int, world_size: int) -> None:
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
     """Shards every MoE layer's experts over `mesh` (1-D, every rank) in place; returns the expert
     parameters (for FSDP to leave alone)."""
-    world = mesh.size()
     experts = []
     for module in model.modules():
         if not isinstance(module, MoE):
@@ -51,7 +49,6 @@ def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> list[nn.Paramet
         module.expert_group = mesh.get_group()
         for name, param in list(module.experts.named_parameters(recurse=False)):
             sharded = nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)]), requires_grad=param.requires_grad)
-            sharded.register_hook(lambda grad: grad / world)
             setattr(module.experts, name, sharded)
             experts.append(sharded)
     return experts

@@ -1,0 +1,107 @@
+"""A sharded model's weights written shard by shard: the model is built on the meta device, sharded
+by FSDP2 (its parameters become DTensors split along their first dimension), and only then given
+storage, each rank filling its own rows. No rank ever holds the whole model.
+
+- From a Hugging Face folder, each rank reads only its rows of each tensor with safetensors'
+  slicing (`get_slice`), one tensor at a time; an MoE layer's stacked experts read only the experts
+  of the rank's rows.
+- From scratch, each parameter's whole initial value is made from a generator seeded with the run's
+  seed and the parameter's name (Transformer.initial_weights) and each rank keeps its rows: the same
+  weights on 1, 2 or N ranks, with one parameter at a time in memory (torchtitan builds a seed
+  checkpoint on one rank instead; a per-parameter seed needs no extra step or file).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from trainer.errors import CheckpointError
+from trainer.models.hf import _join, _skipped, expert_sources, weight_files
+
+
+def local_rows(param: torch.Tensor) -> slice:
+    """The rows (first dimension) of `param`'s whole value that this rank holds: all of a plain
+    tensor's, a DTensor's own shard's (FSDP2 and expert parallelism shard dimension 0)."""
+    if not hasattr(param, "device_mesh"):
+        return slice(0, param.shape[0] if param.dim() else None)
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in param.placements):
+        raise ValueError(f"expected a DTensor sharded along dimension 0, got placements {param.placements}")
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return slice(offset[0], offset[0] + shape[0])
+
+
+def write_local(param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Copies this rank's rows (already selected) into `param`'s local storage."""
+    local = param.to_local() if hasattr(param, "to_local") else param
+    local.copy_(rows.to(local.dtype).view(local.shape))
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, from_hf: str | None, seed: int) -> None:
+    """Storage for a model sharded on the meta device, then this rank's part of each weight: read
+    from the Hugging Face folder `from_hf`, or the seeded initial weights."""
+    model.to_empty(device=device)
+    model.materialize_rotary(device)
+    if from_hf:
+        read_local_rows(model, from_hf)
+        return
+    for _, param, values in model.initial_weights(seed):
+        write_local(param, values[local_rows(param)])
+
+
+def read_local_rows(model: nn.Module, path: str | Path) -> None:
+    """Each parameter's local rows from a folder's safetensors, read by slice: a rank reads its part
+    of each tensor and nothing else. Checkpoint tensors the model lacks, or a missing or misshapen
+    one, are refused as assign_weights refuses them."""
+    own = {name: p for name, p in model.named_parameters() if not _skipped(name, model)}
+    sources = expert_sources(model.args)
+    with ExitStack() as files:
+        where = {}
+        for file in weight_files(path):
+            handle = files.enter_context(safe_open(str(file), framework="pt"))
+            where.update({name: handle for name in handle.keys() if not _skipped(name, model)})
+        expected = {n for name in own for n in sources.get(name, [name])}
+        unexpected = sorted(set(where) - expected)
+        missing = sorted(n for n in expected if n not in where)
+        if unexpected or missing:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: "
+                + (f"unexpected tensor {unexpected[0]}" if unexpected else f"missing {missing[:3]}")
+            )
+        for name, param in own.items():
+            rows = local_rows(param)
+            names = sources.get(name, [name])
+            if len(names) > 1:  # stacked experts: dimension 0 is the experts, read only this rank's
+                experts = param.shape[0]
+                chosen = range(rows.start, rows.stop)  # experts (dimension 0) this rank holds
+                if name.endswith("gate_up_proj"):
+                    picked = [names[e] for e in chosen] + [names[experts + e] for e in chosen]
+                else:
+                    picked = [names[e] for e in chosen]
+                per_expert = tuple(where[names[0]].get_slice(names[0]).get_shape())
+                stored = len(names) // 2 if name.endswith("gate_up_proj") else len(names)
+                shape = (
+                    (stored, 2 * per_expert[0], per_expert[1])
+                    if name.endswith("gate_up_proj")
+                    else (stored, *per_expert)
+                )
+                values = _join(name, [where[n].get_tensor(n) for n in picked]) if picked else None
+            else:  # one checkpoint tensor, maybe under another name (the MoE router)
+                sliced = where[names[0]].get_slice(names[0])
+                shape = tuple(sliced.get_shape())
+                values = sliced[rows.start : rows.stop]
+            if tuple(shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this model: {name} is {tuple(shape)} there but "
+                    f"{tuple(param.shape)} here"
+                )
+            if values is not None:
+                write_local(param, values)
