@@ -7,11 +7,12 @@ Each setting trains the same model on the same batches (small preset, byte token
 CPU): tiled MLP (parallel.tiled_mlp) and activation offloading (parallel.activation_offloading)
 each on and off, alone and under full activation checkpointing. Step times: the settings run
 round-robin, `--rounds` times, `--steps` timed steps each after one warm-up step, all in this one
-process, and the median step of each setting is reported (interleaving spreads a busy machine's
-slow moments over every setting). Peak memory: a separate two-step run per setting under the CPU
-allocator's recorder (trainer/plan/measure.py), beside the planner's prediction. On CPU offloading
-moves nothing (the hooks pass each tensor through): its time is the hooks' own cost, its memory
-that of the run without it; what it saves on a GPU needs a GPU run.
+process, and each setting's median and fastest step are reported (interleaving spreads a busy
+machine's slow moments over every setting; the fastest step is the least disturbed). Peak memory:
+a separate two-step run per setting under the CPU allocator's recorder (trainer/plan/measure.py),
+beside the planner's prediction. On CPU offloading moves nothing (the hooks pass each tensor
+through): its time is the hooks' own cost, its memory that of the run without it; what it saves
+on a GPU needs a GPU run.
 """
 
 from __future__ import annotations
@@ -134,10 +135,14 @@ def main() -> None:
     base = rows[0]["step_s_median"]
     header = f"small preset, {args.micro_batch} x {args.seq_len} tokens, fp32, {args.threads} threads, on {cpu_name()}"
     print(header)
-    print(f"{'setting':<32}{'step (median)':>14}{'vs baseline':>12}{'peak (measured)':>17}{'planned':>11}")
+    fastest = min(rows[0]["step_s"])
+    columns = [("setting", -32), ("step (median)", 14), ("vs baseline", 12), ("fastest", 9), ("vs baseline", 12)]
+    columns += [("peak (measured)", 17), ("planned", 11)]
+    print("".join(f"{name:<{-w}}" if w < 0 else f"{name:>{w}}" for name, w in columns))
     for r in rows:
         print(
             f"{r['setting']:<32}{r['step_s_median']:>13.3f}s{r['step_s_median'] / base:>11.2f}x"
+            f"{min(r['step_s']):>8.3f}s{min(r['step_s']) / fastest:>11.2f}x"
             f"{r['measured_peak_bytes'] / 2**20:>14.1f} MiB{r['predicted_peak_bytes'] / 2**20:>7.1f} MiB"
         )
     if args.json:
