@@ -9,6 +9,7 @@ so the losses must agree step by step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -320,3 +321,78 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_pa
         )
     ).train()
     assert state.step == last + 1
+
+
+READ_COUNTER = textwrap.dedent(
+    """
+    import json, os, sys
+    import safetensors
+    import trainer.models.hf as hf
+    import trainer.parallel.materialize as materialize
+    from trainer.build import build_run
+    from trainer.config import load_config
+
+    read = {"bytes": 0}
+
+    class Counting:
+        # safe_open, counting the bytes of every tensor (or slice of one) it hands out
+        def __init__(self, *args, **kwargs):
+            self.inner = safetensors.safe_open(*args, **kwargs)
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+        def keys(self):
+            return self.inner.keys()
+        def get_tensor(self, name):
+            t = self.inner.get_tensor(name)
+            read["bytes"] += t.numel() * t.element_size()
+            return t
+        def get_slice(self, name):
+            inner = self.inner.get_slice(name)
+            class Slice:
+                def get_shape(self):
+                    return inner.get_shape()
+                def __getitem__(self, index):
+                    t = inner[index]
+                    read["bytes"] += t.numel() * t.element_size()
+                    return t
+            return Slice()
+
+    hf.safe_open = materialize.safe_open = Counting
+    build_run(load_config(None, sys.argv[2:]))
+    rank = os.environ["RANK"]
+    open(os.path.join(sys.argv[1], f"read-{rank}.json"), "w").write(json.dumps(read))
+    """
+)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy, most", [("fsdp", 0.6), ("ddp", None)])
+def test_an_fsdp_rank_reads_only_its_part_of_the_checkpoint(tmp_path, strategy, most):
+    """Under FSDP2 the model is never whole on a rank: each reads about half of a 2-rank run's
+    checkpoint (its rows of each tensor); under DDP each reads all of it."""
+    from tests.test_hf import hf_folder
+
+    _, folder = hf_folder(tmp_path, "llama", vocab_size=320, hidden_size=64, intermediate_size=176)
+    checkpoint = (folder / "model.safetensors").stat().st_size
+    write_corpus(tmp_path / "corpus")
+    args = _overrides(
+        tmp_path,
+        strategy,
+        model__from_hf=str(folder),
+        model__preset="small",
+        model__allow_new_tokenizer="true",
+        parallel__strategy=strategy,
+    )
+    script = tmp_path / "count_reads.py"
+    script.write_text(READ_COUNTER)
+    result = torchrun([str(script), str(tmp_path), *args])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    for rank in (0, 1):
+        read = json.loads((tmp_path / f"read-{rank}.json").read_text())["bytes"]
+        if most is None:
+            assert read >= 0.95 * checkpoint
+        else:
+            assert 0.3 * checkpoint < read <= most * checkpoint
