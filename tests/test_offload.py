@@ -278,3 +278,25 @@ def test_cuda_offloading_frees_device_memory_and_keeps_gradients():
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=0)
     assert offload.stats.offloaded > 0 and peaks[1] < peaks[0]
+
+
+def test_a_compiled_block_is_wrapped_outside_its_compiled_code():
+    """parallel.compile then offloading: the hooks go around the compiled call (dynamo cannot trace
+    their storage bookkeeping) and see what the compiled block saves; the gradients are those of
+    the compiled model without offloading. aot_eager: the same wrapping as inductor, without a C++
+    compiler's time."""
+    torch.manual_seed(0)
+    plain = build("tiny", vocab_size=320, seed=0)
+    wrapped = copy.deepcopy(plain)
+    for model in (plain, wrapped):
+        for block in model.model.layers:
+            block.compile(fullgraph=True, backend="aot_eager")
+    offload = apply_activation_offloading(wrapped, torch.device("cpu"), min_bytes=0, mover=CopyingMover())
+    assert all("forward" not in vars(block) for block in wrapped.model.layers)
+    ids = torch.randint(0, 320, (2, 32))
+    want_loss, want = _step(plain, ids)
+    got_loss, got = _step(wrapped, ids)
+    assert torch.equal(got_loss, want_loss) and all(torch.equal(got[n], want[n]) for n in want)
+    assert (
+        offload.stats.offloaded > 0 and offload.stats.unpacked == offload.stats.offloaded + offload.stats.deduplicated
+    )
