@@ -6,10 +6,10 @@ before the meta-device build).
     python benchmarks/bench_sharded_load.py --folder /tmp/ckpt --ranks 2       # FSDP and DDP, 2 ranks each
 
 Each rank builds the run (trainer.build.build_run: data, model, sharding, optimizer) and reports
-the growth of its peak RSS (VmHWM, reset just before) over its RSS then, and in a second launch the
-most tensor bytes alive at once (the CPU allocator's recorder, which counts safetensors' mapping of
-each file whole although only the pages read become resident). Printed as a fraction of the
-checkpoint's bytes; the larger rank's figure.
+the growth of its peak RSS (VmHWM, reset just before) over its RSS then: the weights it holds, the
+checkpoint pages resident while it reads, the data and the process group. Printed as a fraction of
+the checkpoint's bytes; the larger rank's figure. (Not the CPU allocator's recorder: it counts
+safetensors' mapping of each file whole, although only the pages read become resident.)
 """
 
 from __future__ import annotations
@@ -52,14 +52,12 @@ def _status_bytes(key: str) -> int:
 
 
 def rank_main(args) -> None:
-    """One rank: build the run under the recorder, write its figures."""
+    """One rank: build the run, write its peak RSS growth."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
 
     from tests.helpers import write_corpus
     from trainer.build import build_run
     from trainer.config import load_config
-    from trainer.plan.measure import STEP_MARK, replay
 
     work = Path(args.work)
     if not (work / "corpus").exists() and os.environ.get("RANK", "0") == "0":
@@ -78,20 +76,14 @@ def rank_main(args) -> None:
         "parallel.strategy": args.strategy,
     }
     config = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
-    if args.measure == "tensors":
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            with record_function(STEP_MARK):
-                build_run(config)
-        figure = replay(prof.profiler.kineto_results.experimental_event_tree()).peak_bytes
-    else:
-        import trainer.data  # noqa: F401  (imports are not what is measured)
+    import trainer.data  # noqa: F401  (imports are not what is measured)
 
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-        before = _status_bytes("VmRSS")
-        build_run(config)
-        figure = _status_bytes("VmHWM") - before
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    before = _status_bytes("VmRSS")
+    build_run(config)
+    figure = _status_bytes("VmHWM") - before
     rank = int(os.environ.get("RANK", "0"))
-    (work / f"{args.strategy}-rank{rank}.json").write_text(json.dumps({args.measure: figure}))
+    (work / f"{args.strategy}-rank{rank}.json").write_text(json.dumps({"rss_growth_bytes": figure}))
     torch.distributed.destroy_process_group()
 
 
@@ -103,7 +95,6 @@ def main() -> None:
     parser.add_argument("--strategies", default="fsdp,ddp")
     parser.add_argument("--json", default=None)
     parser.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", default="rss", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="fsdp", help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,22 +108,19 @@ def main() -> None:
     results = {"checkpoint_bytes": checkpoint, "ranks": args.ranks}
     with tempfile.TemporaryDirectory() as work:
         for strategy in args.strategies.split(","):
-            results[strategy] = {}
-            for measure in ("rss", "tensors"):
-                command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-                command += ["--nproc_per_node", str(args.ranks), __file__, "--rank-main", f"--folder={folder}"]
-                command += [f"--strategy={strategy}", f"--work={work}", f"--measure={measure}"]
-                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-                done = subprocess.run(command, env=env, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
-                files = [Path(work) / f"{strategy}-rank{r}.json" for r in range(args.ranks)]
-                results[strategy][measure] = max(json.loads(f.read_text())[measure] for f in files)
-            rss, tensors = results[strategy]["rss"], results[strategy]["tensors"]
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            command += ["--nproc_per_node", str(args.ranks), __file__, "--rank-main", f"--folder={folder}"]
+            command += [f"--strategy={strategy}", f"--work={work}"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
+            files = [Path(work) / f"{strategy}-rank{r}.json" for r in range(args.ranks)]
+            rss = max(json.loads(f.read_text())["rss_growth_bytes"] for f in files)
+            results[strategy] = {"rss_growth_bytes": rss}
             print(
                 f"{strategy}: per rank, peak RSS growth while building the run {rss / 2**20:,.0f} MiB "
-                f"({rss / checkpoint:.2f}x the checkpoint); peak of live tensor bytes {tensors / 2**20:,.0f} MiB "
-                f"({tensors / checkpoint:.2f}x; it counts the mapped checkpoint file whole)"
+                f"({rss / checkpoint:.2f}x the checkpoint)"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

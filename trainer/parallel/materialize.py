@@ -13,7 +13,6 @@ storage, each rank filling its own rows. No rank ever holds the whole model.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -60,48 +59,49 @@ def materialize(model: nn.Module, device: torch.device, from_hf: str | None, see
 def read_local_rows(model: nn.Module, path: str | Path) -> None:
     """Each parameter's local rows from a folder's safetensors, read by slice: a rank reads its part
     of each tensor and nothing else. Checkpoint tensors the model lacks, or a missing or misshapen
-    one, are refused as assign_weights refuses them."""
+    one, are refused as assign_weights refuses them.
+
+    safetensors maps a file whole, and every page a slice touches stays resident (in RSS) while the
+    file is open; the file is opened again for each tensor, so at most one tensor's pages are."""
     own = {name: p for name, p in model.named_parameters() if not _skipped(name, model)}
     sources = expert_sources(model.args)
-    with ExitStack() as files:
-        where = {}
-        for file in weight_files(path):
-            handle = files.enter_context(safe_open(str(file), framework="pt"))
-            where.update({name: handle for name in handle.keys() if not _skipped(name, model)})
-        expected = {n for name in own for n in sources.get(name, [name])}
-        unexpected = sorted(set(where) - expected)
-        missing = sorted(n for n in expected if n not in where)
-        if unexpected or missing:
+    file_of = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            file_of.update({name: str(file) for name in f.keys() if not _skipped(name, model)})
+    expected = {n for name in own for n in sources.get(name, [name])}
+    unexpected = sorted(set(file_of) - expected)
+    missing = sorted(n for n in expected if n not in file_of)
+    if unexpected or missing:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: "
+            + (f"unexpected tensor {unexpected[0]}" if unexpected else f"missing {missing[:3]}")
+        )
+
+    def read(name: str, rows: slice | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+        with safe_open(file_of[name], framework="pt") as f:
+            sliced = f.get_slice(name)
+            shape = tuple(sliced.get_shape())
+            return (sliced[:] if rows is None else sliced[rows.start : rows.stop]), shape
+
+    for name, param in own.items():
+        rows = local_rows(param)
+        names = sources.get(name, [name])
+        if len(names) > 1:  # stacked experts: dimension 0 is the experts, read only this rank's
+            gate_up = name.endswith("gate_up_proj")
+            stored = len(names) // 2 if gate_up else len(names)
+            chosen = range(rows.start, rows.stop)  # the experts (dimension 0) this rank holds
+            picked = [names[e] for e in chosen] + ([names[stored + e] for e in chosen] if gate_up else [])
+            parts = [read(n) for n in picked]
+            per_expert = parts[0][1] if parts else read(names[0], slice(0, 0))[1]
+            shape = (stored, 2 * per_expert[0], per_expert[1]) if gate_up else (stored, *per_expert)
+            values = _join(name, [t for t, _ in parts]) if parts else None
+        else:  # one checkpoint tensor, maybe under another name (the MoE router)
+            values, shape = read(names[0], rows)
+        if tuple(shape) != tuple(param.shape):
             raise CheckpointError(
-                f"checkpoint {path} does not fit this model: "
-                + (f"unexpected tensor {unexpected[0]}" if unexpected else f"missing {missing[:3]}")
+                f"checkpoint {path} does not fit this model: {name} is {tuple(shape)} there but "
+                f"{tuple(param.shape)} here"
             )
-        for name, param in own.items():
-            rows = local_rows(param)
-            names = sources.get(name, [name])
-            if len(names) > 1:  # stacked experts: dimension 0 is the experts, read only this rank's
-                experts = param.shape[0]
-                chosen = range(rows.start, rows.stop)  # experts (dimension 0) this rank holds
-                if name.endswith("gate_up_proj"):
-                    picked = [names[e] for e in chosen] + [names[experts + e] for e in chosen]
-                else:
-                    picked = [names[e] for e in chosen]
-                per_expert = tuple(where[names[0]].get_slice(names[0]).get_shape())
-                stored = len(names) // 2 if name.endswith("gate_up_proj") else len(names)
-                shape = (
-                    (stored, 2 * per_expert[0], per_expert[1])
-                    if name.endswith("gate_up_proj")
-                    else (stored, *per_expert)
-                )
-                values = _join(name, [where[n].get_tensor(n) for n in picked]) if picked else None
-            else:  # one checkpoint tensor, maybe under another name (the MoE router)
-                sliced = where[names[0]].get_slice(names[0])
-                shape = tuple(sliced.get_shape())
-                values = sliced[rows.start : rows.stop]
-            if tuple(shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"checkpoint {path} does not fit this model: {name} is {tuple(shape)} there but "
-                    f"{tuple(param.shape)} here"
-                )
-            if values is not None:
-                write_local(param, values)
+        if values is not None:
+            write_local(param, values)
