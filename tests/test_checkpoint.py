@@ -129,3 +129,100 @@ def test_best_checkpoint_survives_rotation_in_a_run(tmp_path):
     names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
     assert names == ["checkpoint-2", "checkpoint-6"]
     assert state.best_checkpoint.endswith("checkpoint-2")
+
+
+# ---------------------------------------------------------------- checkpoint.async_save
+
+
+def test_async_saves_resume_to_the_uninterrupted_losses_exactly(tmp_path):
+    """Checkpoints written by a thread while training goes on hold their own step's state: the
+    run resumed from the step-4 one continues with the losses of a run never stopped."""
+    common = dict(train__max_steps=7, checkpoint__save_every=2, train__eval_every=2, train__grad_accum_steps=2)
+    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "a"), **common)).train()
+    Trainer(tiny_config(tmp_path, train__output_dir=str(tmp_path / "b"), checkpoint__async_save=True, **common)).train()
+    run = tmp_path / "b"
+    assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-6", "checkpoint-7"]
+    assert not list(run.glob(".tmp-*"))  # every background save finished before train() returned
+    (run / "checkpoint-6").rename(run / "later-6")
+    (run / "checkpoint-7").rename(run / "later-7")
+    Trainer(tiny_config(tmp_path, train__output_dir=str(run), checkpoint__resume_from="latest", **common)).train()
+    # the resumed run drops the records past step 4 from metrics.jsonl and logs them again
+    assert losses(run) == losses(tmp_path / "a")  # exact, not approximate
+
+
+def test_an_async_save_writes_the_state_of_its_own_step(tmp_path):
+    """The weights and optimizer state are copied when save() returns: changing them right after
+    does not reach the checkpoint the thread is still writing."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.build import build_run
+    from trainer.config import load_config, to_toml
+
+    cfg = tiny_config(tmp_path, checkpoint__async_save=True)
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    parts = build_run(load_config(str(tmp_path / "c.toml")))
+    model, optimizer = parts.model, parts.optimizer
+    model(torch.randint(0, 200, (2, 16)), labels=torch.randint(0, 200, (2, 16))).backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moment = next(iter(optimizer.state.values()))["exp_avg"].clone()
+    path = parts.checkpointer.save(
+        1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=parts.scheduler,
+        scaler=None,
+        trainer_state={"step": 1},
+        sampler_state={},
+    )
+    with torch.no_grad():  # what the next step would do, at once
+        for p in model.parameters():
+            p.add_(1.0)
+        for state in optimizer.state.values():
+            state["exp_avg"].add_(1.0)
+    parts.checkpointer.wait()
+    saved = load_file(path / "model.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, before[name]), name
+    written = torch.load(path / "training_state.pt", weights_only=False)
+    assert torch.equal(next(iter(written["optimizer"]["state"].values()))["exp_avg"], moment)
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    cfg = tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2, checkpoint__async_save=True)
+    script = textwrap.dedent(f"""
+        import os, time, torch
+        import trainer.checkpoint as ck
+        from trainer import Trainer, load_config
+        real_save = torch.save
+        def dying_save(obj, path, *a, **k):
+            real_save(obj, path, *a, **k)
+            if "checkpoint-4" in str(path):
+                os._exit(9)  # the process dies while the thread writes checkpoint-4
+        ck.torch.save = dying_save
+        Trainer(load_config({str(tmp_path / "run" / "config.toml")!r})).train()
+    """)
+    (tmp_path / "run").mkdir()
+    from trainer.config import to_toml
+
+    (tmp_path / "run" / "config.toml").write_text(to_toml(cfg))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 9, proc.stderr
+    run = tmp_path / "run"
+    assert any(p.name.startswith(".tmp-checkpoint-4") for p in run.iterdir())
+    assert latest_checkpoint(run).name == "checkpoint-2"
+    saved = load_checkpoint(run / "checkpoint-2", model=build("tiny", vocab_size=257))
+    assert saved["trainer"]["step"] == 2
+    state = Trainer(
+        tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2, checkpoint__resume_from="latest")
+    ).train()
+    assert state.step == 6 and latest_checkpoint(run).name == "checkpoint-6"
+
+
+def test_async_save_with_fsdp_is_refused_in_one_line():
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.async_save=true is not supported with parallel.strategy=fsdp"):
+        load_config(None, ["--checkpoint.async_save=true", "--parallel.strategy=fsdp"])

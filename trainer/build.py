@@ -359,6 +359,7 @@ def build_run(config: TrainConfig) -> RunParts:
         is_main=env.is_main,
         lora_base=cfg.model.from_hf or None,
         save_merged=cfg.lora.save_merged,
+        async_save=cfg.checkpoint.async_save,
     )
     return RunParts(
         config=cfg,

@@ -10,11 +10,13 @@ mid-save never leaves a checkpoint that looks complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -136,9 +138,7 @@ def save_checkpoint(
             tmp,
             final,
             write_model,
-            optimizer=None if sharded else optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
+            training_state=training_state(None if sharded else optimizer, scheduler, scaler),
             trainer_state=trainer_state,
             sampler_state=sampler_state,
             config_toml=config_toml,
@@ -148,6 +148,39 @@ def save_checkpoint(
     if sharded:
         barrier()  # no rank moves on (or rotates, or saves again) before the rename
     return final
+
+
+def training_state(optimizer, scheduler, scaler, copy: bool = False) -> dict:
+    """training_state.pt's content: the optimizer (None: in distributed/), scheduler, scaler and RNG
+    states; `copy`: every tensor copied to host memory, so training may go on while it is written."""
+    state = {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+    }
+    return _host_copy(state) if copy else state
+
+
+def _host_copy(value):
+    """`value` with every tensor in it copied to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def snapshot_writer(model, lora_base: str | None, special_tokens: dict):
+    """model_writer for a one-process (or DDP) run, from a host copy of the weights taken now: what
+    it writes later is this step's model whatever training does meanwhile."""
+    if is_lora(model):
+        state = {name: _host_copy(p) for name, p in model.named_parameters() if p.requires_grad}
+        return lambda folder: save_adapter(model, folder, lora_base, state=state)
+    export = GatheredModel(model, {name: _host_copy(t) for name, t in model.state_dict().items()})
+    return lambda folder: save_hf(export, folder, special_tokens)
 
 
 class GatheredModel:
@@ -186,9 +219,7 @@ def _write_checkpoint(
     final: Path,
     write_model,
     *,
-    optimizer,
-    scheduler,
-    scaler,
+    training_state: dict,
     trainer_state: dict,
     sampler_state: dict,
     config_toml: str,
@@ -200,15 +231,7 @@ def _write_checkpoint(
     (tmp / "run_config.toml").write_text(config_toml)
     if readme is not None:  # the model card (trainer/model_card.py)
         (tmp / "README.md").write_text(readme)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,  # None: in distributed/
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
-        },
-        tmp / "training_state.pt",
-    )
+    torch.save(training_state, tmp / "training_state.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"trainer": trainer_state, "sampler": sampler_state}, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # saving the same step again (a resumed run): swap, then drop the old one
@@ -399,16 +422,28 @@ class Checkpointer:
         is_main: bool,
         lora_base: str | None = None,
         save_merged: bool = True,
+        async_save: bool = False,
     ):
         self.folder, self.keep_last, self.config_toml = Path(folder), keep_last, config_toml
         self.tokenizer, self.sharded, self.is_main = tokenizer, sharded, is_main
         self.lora_base, self.save_merged = lora_base, save_merged  # LoRA runs: the base model's folder
         self.model_card = None  # folder -> its README.md (the loop sets it: trainer/model_card.py); None: no card
+        # checkpoint.async_save: the save being written by a thread, and what it raised
+        self.async_save = async_save and not sharded
+        self._writing: threading.Thread | None = None
+        self._failed: CheckpointError | None = None
 
     def save(
         self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict, sampler_state: dict
     ) -> Path | None:
-        """checkpoint-<step>, then rotation (the best checkpoint is kept); collective under FSDP."""
+        """checkpoint-<step>, then rotation (the best checkpoint is kept); collective under FSDP.
+        With async_save the weights and states are copied to host memory here and written by a
+        thread; the next save (or save_final, or wait) waits for it and raises what it raised."""
+        self.wait()
+        if self.async_save:
+            if self.is_main:
+                self._save_in_background(step, model, optimizer, scheduler, scaler, trainer_state, sampler_state)
+            return self.folder / f"checkpoint-{step}"
         path = None
         if self.is_main or self.sharded:  # every rank writes its own shards
             try:
@@ -441,6 +476,50 @@ class Checkpointer:
             rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
         return path
 
+    def _save_in_background(self, step, model, optimizer, scheduler, scaler, trainer_state, sampler_state) -> None:
+        final = self.folder / f"checkpoint-{step}"
+        tmp = self.folder / f".tmp-checkpoint-{step}-{os.getpid()}"
+        write_model = snapshot_writer(model, self.lora_base, self.tokenizer.special_token_ids())
+        states = training_state(optimizer, scheduler, scaler, copy=True)
+        trainer_state, sampler_state = copy.deepcopy(trainer_state), copy.deepcopy(sampler_state)
+        readme = self.model_card(final) if self.model_card else None
+
+        def write() -> None:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                _write_checkpoint(
+                    tmp,
+                    final,
+                    write_model,
+                    training_state=states,
+                    trainer_state=trainer_state,
+                    sampler_state=sampler_state,
+                    config_toml=self.config_toml,
+                    tokenizer=self.tokenizer,
+                    readme=readme,
+                )
+                rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                self._failed = CheckpointError(
+                    f"could not write checkpoint-{step} into {self.folder}: {e.strerror or e}; nothing was "
+                    f"replaced (newest complete checkpoint: {latest_checkpoint(self.folder) or 'none'}); free "
+                    f"space and continue with --checkpoint.resume_from=latest --train.output_dir={self.folder}"
+                )
+
+        self._writing = threading.Thread(target=write, name=f"checkpoint-{step}")
+        self._writing.start()
+
+    def wait(self) -> None:
+        """Returns once no save is being written; raises what a background save raised."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+
     def save_final(self, model) -> Path:
         """final/: the model as a Hugging Face folder with the tokenizer; collective under FSDP.
 
@@ -448,6 +527,7 @@ class Checkpointer:
         and adapters merged into one Hugging Face model (dequantized for QLoRA) unless
         lora.save_merged=false.
         """
+        self.wait()
         special_tokens = self.tokenizer.special_token_ids()
         write_model = model_writer(model, self.sharded, self.lora_base, special_tokens)
         merged = None

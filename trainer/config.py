@@ -198,6 +198,9 @@ class CheckpointConfig:
     save_every: int = 0  # 0: only at the end (a final checkpoint is always written)
     keep_last: int = 3  # 0: keep all; the best checkpoint by eval_loss is never deleted
     resume_from: str = ""  # a checkpoint folder, or "latest"
+    # true: a save costs the step only a copy of the weights and optimizer state to host memory; a
+    # thread writes them while training goes on (the checkpoint appears when complete, as always).
+    async_save: bool = False
 
 
 @dataclass
@@ -353,6 +356,11 @@ class TrainConfig:
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         _check_tiled_mlp(p, t)
+        if self.checkpoint.async_save and p.strategy == "fsdp":
+            raise ConfigError(
+                "checkpoint.async_save=true is not supported with parallel.strategy=fsdp yet (its save "
+                "gathers the model across ranks); set checkpoint.async_save=false"
+            )
         if p.expert_parallel < 1:
             raise ConfigError(f"parallel.expert_parallel must be 1 or more, got {p.expert_parallel}")
         if p.expert_parallel > 1 and p.strategy != "fsdp":

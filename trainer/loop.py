@@ -235,6 +235,8 @@ class Trainer:
             if stopping:
                 break
 
+        if p.checkpointer is not None:
+            p.checkpointer.wait()  # a save written in the background (checkpoint.async_save) is complete
         if self.stop_requested:
             by = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another rank"
             self.metrics.message(
