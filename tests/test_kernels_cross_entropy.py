@@ -270,6 +270,105 @@ def test_reference_fp64_matches_oracle(reduction, option):
         assert rel_err(g, ref) <= 1e-12
 
 
+# ---- chunks capped by a memory budget (chunk_bytes: KernelChoice.ce_chunk_bytes) ----
+
+
+def _chunk_rows(monkeypatch, name):
+    """Records the rows of each chunk the op computes through ce_module.<name>."""
+    rows, inner = [], getattr(ce_module, name)
+
+    def spy(h, *args, **kwargs):
+        rows.append(h.shape[0])
+        return inner(h, *args, **kwargs)
+
+    monkeypatch.setattr(ce_module, name, spy)
+    return rows
+
+
+# (leading shape, hidden, vocab, tokens the budget allows): odd sizes, where no chunk divides the
+# tokens, and round ones
+CAPPED = [((3, 13), 24, 67, 5), ((1, 29), 17, 131, 3), ((2, 32), 32, 128, 8)]  # shape chunks: 13, 4, 16
+
+
+@pytest.mark.parametrize("lead,hidden_size,vocab,tokens", CAPPED)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_reference_capped_chunks_match_the_oracle(monkeypatch, lead, hidden_size, vocab, tokens, reduction):
+    """A budget of `tokens` tokens' logits (the reference keeps three fp64 buffers of a chunk's
+    logits: the previous chunk's, the current one and logsumexp's temporary) splits the tokens into
+    chunks of at most that many, far below the shape's chunk, and the loss and every gradient still
+    equal the fp64 materialised logits (reduction none recomputes the chunks in backward)."""
+    n = lead[0] * lead[1]
+    budget = tokens * 3 * vocab * 8 + 3 * vocab * 8 - 1  # one byte short of tokens + 1
+    hidden, weight, bias, labels = make(lead, hidden_size, vocab, torch.float64, seed=n, with_bias=True, n_ignored=3)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    grad_out = (torch.randn(lead) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
+    rows = _chunk_rows(monkeypatch, "_chunk_loss_and_grad")
+    loss = ops.linear_cross_entropy(
+        hidden, weight, labels, IGNORE, reduction, bias=bias, force="reference", chunk_bytes=budget, z_loss=1e-3
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    passes = 2 if reduction == "none" else 1  # forward, and the recompute in backward
+    assert rows == [tokens] * (n // tokens) * passes or rows == ([tokens] * (n // tokens) + [n % tokens]) * passes
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, grad_out=grad_out, z_loss=1e-3)
+    assert rel_err(loss, ref_loss) <= 1e-12
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, ref) <= 1e-12
+
+
+def test_reference_capped_chunks_fp32_against_fp64(monkeypatch):
+    """fp32 inputs at 7-token chunks (a budget of 7 tokens' three fp32 buffers) against the fp64
+    oracle, to fp32's accuracy."""
+    hidden, weight, _, labels = make((5, 11), 20, 89, torch.float32, seed=3, n_ignored=4)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    rows = _chunk_rows(monkeypatch, "_chunk_loss_and_grad")
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", chunk_bytes=7 * 3 * 89 * 4)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    assert rows == [7] * 7 + [6]
+    ref_loss, ref_grads = oracle(hidden, weight, labels)
+    assert rel_err(loss, ref_loss) <= 1e-6
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, ref) <= 1e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_triton_capped_chunks_match_the_oracle(monkeypatch, reduction):
+    """The Triton path: its chunk buffers hold the logits in the hidden dtype, the previous chunk's
+    and the current one; a budget of 4 tokens' gives chunks of 4 rows out of 23 (the shape's: 6)."""
+    hidden, weight, bias, labels = make((1, 23), 64, 251, torch.float32, seed=5, with_bias=True, n_ignored=2)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    grad_out = (torch.randn(1, 23) if reduction == "none" else torch.tensor(1.0)).to(DEVICE)
+    rows = _chunk_rows(monkeypatch, "_triton_chunk")
+    loss = ops.linear_cross_entropy(
+        hidden, weight, labels, IGNORE, reduction, bias=bias, force="triton", chunk_bytes=4 * 2 * 251 * 4
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    assert rows == ([4] * 5 + [3]) * (2 if reduction == "none" else 1)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, grad_out=grad_out)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, ref) <= 1e-5
+
+
+def test_a_budget_only_ever_shrinks_the_chunk():
+    """chunk_tokens: a budget larger than the shape's chunk needs leaves it; a smaller one caps it,
+    never below one token; a budget without the chunk's bytes per token is refused."""
+    shape = ce_module.chunk_tokens(1000, 64, 640, 4, False)  # 1000 tokens over ceil(640 / 64) = 10 chunks
+    assert shape == 100
+    per_token = sum(ce_module.chunk_buffers(640, 4, triton=False))
+    assert per_token == 3 * 640 * 4  # the previous chunk's gradient, the logits, logsumexp's temporary
+    assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=10**12, token_bytes=per_token) == 100
+    assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=37 * per_token, token_bytes=per_token) == 37
+    assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=1, token_bytes=per_token) == 1
+    with pytest.raises(ValueError, match="token_bytes"):
+        ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=10)
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 0"):
+        ops.linear_cross_entropy(torch.zeros(2, 4), torch.zeros(8, 4), torch.zeros(2, dtype=torch.long), chunk_bytes=-1)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_low_precision(dtype):
     hidden, weight, _, labels = make((4, 5), 16, 120, dtype, seed=9)

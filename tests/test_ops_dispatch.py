@@ -174,6 +174,10 @@ def test_custom_op_registrations(triton_path):
             torch.ops.trainer.linear_cross_entropy,
             (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0, None, True, True, False, triton_path),
         ),
+        (  # chunks capped at 264 bytes (chunk_bytes): 2 tokens of the reference's, 3 of the Triton path's
+            torch.ops.trainer.linear_cross_entropy,
+            (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0, None, True, True, False, triton_path, 264),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

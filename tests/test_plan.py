@@ -16,7 +16,7 @@ import torch
 from tests.helpers import tiny_config
 from trainer.errors import ConfigError
 from trainer.optim import optimizer_names
-from trainer.plan import choose_micro_batch, plan_command, predict_peak
+from trainer.plan import choose_micro_batch, loss_chunk_bytes, plan_command, predict_peak
 from trainer.plan.devices import CPU_RUNTIME_BYTES, GPUS
 from trainer.plan.measure import measure_training_peak
 
@@ -323,6 +323,156 @@ def test_offloading_on_cpu_moves_nothing_and_the_plan_says_so(tmp_path, mode):
     assert plan.peak_bytes == plain.peak_bytes and plan.host_bytes == 0
     measured = measure_training_peak(config).peak_bytes
     assert abs(plan.peak_bytes / measured - 1) <= LADDER_TOLERANCE, f"predicted {plan.peak_bytes:,} vs {measured:,}"
+
+
+# ---------------------------------------------------------------- the fused loss's chunks
+
+
+@pytest.mark.parametrize(
+    "n, hidden, vocab, dtype, softcap, cap_tokens",
+    [
+        (2048, 128, 128, torch.float32, None, 0),  # one chunk
+        (2048, 128, 1024, torch.float32, None, 0),  # eight chunks of 256
+        (1337, 96, 257, torch.float32, None, 0),  # odd: three chunks, the last shorter
+        (1337, 96, 257, torch.float32, None, 101),  # capped to 101 tokens: 14 chunks, the last 24
+        (2048, 128, 1024, torch.bfloat16, None, 0),
+        (999, 64, 320, torch.bfloat16, 3.0, 0),  # softcapped
+        (2048, 128, 1024, torch.float64, None, 0),
+    ],
+)
+def test_the_loss_chunks_take_what_the_planner_counts(n, hidden, vocab, dtype, softcap, cap_tokens):
+    """The fused loss's chunks on the CPU allocator against chunk_peak_bytes (what loss_ops counts):
+    the op's peak above its inputs minus what it keeps (the hidden's and the weight's gradients,
+    the per-token losses), within 1% plus 16 KiB of small tensors (labels' masks, the row sums)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import trainer.ops as ops
+    from trainer.ops.cross_entropy import chunk_buffers, chunk_peak_bytes, chunk_tokens
+    from trainer.plan.measure import STEP_MARK, replay
+
+    gen = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, hidden.shape[1], generator=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    elem = hidden.element_size()
+    kept, working = chunk_buffers(vocab, elem, triton=False, softcap=softcap is not None)
+    cap = cap_tokens * (kept + working)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function(STEP_MARK):
+            ops.linear_cross_entropy(hidden, weight, labels, force="reference", softcap=softcap, chunk_bytes=cap)
+    measured = replay(prof.profiler.kineto_results.experimental_event_tree()).peak_bytes
+    acc = max(elem, 4)
+    stash = n * hidden.shape[1] * elem + vocab * hidden.shape[1] * acc + n * acc
+    tokens = chunk_tokens(n, hidden.shape[1], vocab, elem, False, budget_bytes=cap, token_bytes=kept + working)
+    if cap_tokens:
+        assert tokens == cap_tokens
+    planned = chunk_peak_bytes(n, tokens, kept, working)
+    assert abs(measured - stash - planned) <= 0.01 * planned + 16384, f"measured {measured - stash:,} vs {planned:,}"
+
+
+LOSS_BOUND = {  # the loss's moment sets the forward's peak: a wide vocabulary, a thin MLP, one layer
+    "train.seq_len": 512,
+    "train.micro_batch_size": 4,
+    "model.hidden_size": 320,
+    "model.n_heads": 5,
+    "model.n_kv_heads": 1,
+    "model.intermediate_size": 32,
+    "model.n_layers": 1,
+    "plan.device": "cpu",
+}
+LOSS_BOUND_ODD = {
+    **LOSS_BOUND,
+    "train.seq_len": 448,
+    "train.micro_batch_size": 3,
+    "model.hidden_size": 192,
+    "model.n_heads": 3,
+}
+
+
+def _capped_loss(monkeypatch, cap: int):
+    """trainer.models.llama does not hand KernelChoice.ce_chunk_bytes to the loss yet (see
+    test_the_model_passes_the_chunk_cap_to_the_loss): the run's loss gets it here instead."""
+    import functools
+
+    import trainer.ops
+
+    monkeypatch.setattr(
+        trainer.ops, "linear_cross_entropy", functools.partial(trainer.ops.linear_cross_entropy, chunk_bytes=cap)
+    )
+
+
+@pytest.mark.parametrize("shape", [LOSS_BOUND, LOSS_BOUND_ODD], ids=["one-chunk", "odd"])
+def test_a_chunk_budget_lowers_the_loss_peak_as_planned(tmp_path, monkeypatch, shape):
+    """A budget 6% under the forward's predicted need (the loss's chunks take more than that): the
+    planner caps the chunks to the room left at the loss (plan.budget on cpu), its predicted
+    forward peak drops within the budget, and training with that cap measures the forward and step
+    peaks it predicted, the forward's 6% below the uncapped one's."""
+    plain_config = _config(tmp_path / "plain", **shape)
+    plain = predict_peak(plain_config)
+    budget = CPU_RUNTIME_BYTES + int(0.94 * plain.phase_peaks["forward"])
+    config = _config(tmp_path / "capped", **shape, **{"plan.budget": budget})
+    capped = predict_peak(config)
+    cap = loss_chunk_bytes(config)
+    assert cap > 0 and capped.ce_chunk_bytes == cap
+    assert capped.ce_chunk_tokens < capped.ce_shape_chunk_tokens == plain.ce_chunk_tokens
+    assert capped.phase_peaks["forward"] + CPU_RUNTIME_BYTES <= budget
+    assert capped.phase_peaks["forward"] < (1 - 3 * CHUNK_TOLERANCE) * plain.phase_peaks["forward"]
+
+    measured_plain = measure_training_peak(plain_config, phase="forward").peak_bytes
+    _capped_loss(monkeypatch, cap)
+    measured = measure_training_peak(config, phase="forward").peak_bytes
+    measured_step = measure_training_peak(_config(tmp_path / "step", **shape, **{"plan.budget": budget})).peak_bytes
+    assert abs(plain.phase_peaks["forward"] / measured_plain - 1) <= CHUNK_TOLERANCE
+    assert abs(capped.phase_peaks["forward"] / measured - 1) <= CHUNK_TOLERANCE, f"{capped.phase_peaks} vs {measured:,}"
+    assert abs(capped.peak_bytes / measured_step - 1) <= CHUNK_TOLERANCE
+    assert measured < (1 - 5 * CHUNK_TOLERANCE) * measured_plain
+
+
+CHUNK_TOLERANCE = 0.01  # fp32: the loss and the norms agree with the allocator to 0.1%
+
+
+def test_no_budget_on_cpu_keeps_the_shape_chunk(tmp_path):
+    """A CPU run without plan.budget or train.memory_budget sizes the chunks from the shape, and a
+    budget the shape's chunks fit leaves them too: the cap exists only where it binds."""
+    config = _config(tmp_path, **LOSS_BOUND)
+    assert loss_chunk_bytes(config) == 0
+    roomy = _config(tmp_path, **LOSS_BOUND, **{"plan.budget": 10**12})
+    assert loss_chunk_bytes(roomy) == 0 and predict_peak(roomy).peak_bytes == predict_peak(config).peak_bytes
+
+
+def test_the_run_is_built_with_the_planned_cap(tmp_path):
+    from trainer.build import build_run
+
+    config = _config(tmp_path, **LOSS_BOUND)
+    budget = CPU_RUNTIME_BYTES + int(0.94 * predict_peak(config).phase_peaks["forward"])
+    config = _config(tmp_path, **LOSS_BOUND, **{"plan.budget": budget})
+    cap = loss_chunk_bytes(config)
+    parts = build_run(config)
+    assert cap > 0 and parts.model.kernels.ce_chunk_bytes == cap
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainer/models/llama.py calls ops.linear_cross_entropy without chunk_bytes=self.kernels.ce_chunk_bytes "
+    "(a file of the models' owner; the one-line change is in docs/memory.md)",
+)
+def test_the_model_passes_the_chunk_cap_to_the_loss(monkeypatch):
+    import trainer.ops.cross_entropy as ce
+    from trainer.models import Transformer
+    from trainer.models.config import resolve_args
+    from trainer.ops.dispatch import KernelChoice
+
+    model = Transformer(resolve_args("tiny", 257), KernelChoice(ce_chunk_bytes=1234))
+    caps, op = [], ce._lce_op
+
+    def spy(*args):
+        caps.append(args[13])  # the op's chunk_bytes
+        return op(*args)
+
+    monkeypatch.setattr(ce, "_lce_op", spy)
+    ids = torch.randint(0, 257, (1, 8))
+    model(ids, labels=ids)
+    assert caps == [1234]
 
 
 # ---------------------------------------------------------------- micro_batch_size=auto

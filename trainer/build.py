@@ -10,7 +10,7 @@ evaluator, the checkpointer), and hand them in.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_pro
 from trainer.parallel.distributed import barrier, env_from_launcher
 from trainer.parallel.expert_parallel import check_expert_parallel
 from trainer.parallel.materialize import materialize
-from trainer.plan import choose_micro_batch, resolve_budget
+from trainer.plan import choose_micro_batch, loss_chunk_bytes, resolve_budget
 from trainer.plan.shapes import model_args
 from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
 
@@ -216,12 +216,13 @@ def own_tokenizer(config: TrainConfig) -> bool:
     return build_tokenizer(spec).fingerprint == build_tokenizer(str(folder)).fingerprint
 
 
-def build_model(config: TrainConfig, tokenizer_vocab: int, on_meta: bool = False) -> nn.Module:
+def build_model(config: TrainConfig, tokenizer_vocab: int, on_meta: bool = False, ce_chunk_bytes: int = 0) -> nn.Module:
     """The model (from model.from_hf or the preset), checked against the tokenizer and seq_len: in
     the checkpoint's dtype (fp32 from scratch) on the CPU, or `on_meta` without weights (a sharded
-    run materializes it after sharding: trainer/parallel/materialize.py)."""
+    run materializes it after sharding: trainer/parallel/materialize.py). ce_chunk_bytes: the cap
+    on the fused loss's logit chunks (KernelChoice.ce_chunk_bytes; 0: sized from the shape)."""
     m, t = config.model, config.train
-    kernels = KernelChoice.from_config(config.kernels)
+    kernels = replace(KernelChoice.from_config(config.kernels), ce_chunk_bytes=ce_chunk_bytes)
     if m.from_hf:
         model = empty_hf(m.from_hf, kernels) if on_meta else load_hf(m.from_hf, kernels)
     else:
@@ -285,6 +286,15 @@ def build_run(config: TrainConfig) -> RunParts:
     if t.micro_batch_size == "auto":  # the largest micro-batch the planner predicts to fit; saved in config.toml
         t.micro_batch_size, t.grad_accum_steps, note = choose_micro_batch(cfg, resolve_budget(cfg), env.world_size)
         messages.append(note)
+    # The fused loss's chunks sized by the memory the planner predicts is left for them, once, here:
+    # reading the free memory at each call would sync with the GPU. 0 (the shape's chunk) unless
+    # that room is smaller than the shape's chunk needs.
+    ce_chunk_bytes = loss_chunk_bytes(cfg, env.world_size)
+    if ce_chunk_bytes:
+        messages.append(
+            f"the fused loss's logit chunks are kept within {ce_chunk_bytes / 2**20:,.0f} MiB, "
+            "the memory the planner predicts is left for them (python -m trainer plan shows the chunk)"
+        )
     if t.threads:
         torch.set_num_threads(t.threads)
     with main_process_first(env):  # rank 0 fills the token cache first; the others read it
@@ -294,7 +304,7 @@ def build_run(config: TrainConfig) -> RunParts:
     # FSDP2 without adapters: built on the meta device, sharded, then each rank writes its shards
     # only (no rank holds the whole model). LoRA's adapters are added to a whole model.
     sharded_build = cfg.parallel.strategy == "fsdp" and env.distributed and cfg.lora.rank == 0
-    model = build_model(cfg, data.tokenizer.vocab_size, on_meta=sharded_build)
+    model = build_model(cfg, data.tokenizer.vocab_size, on_meta=sharded_build, ce_chunk_bytes=ce_chunk_bytes)
     if sharded_build:
         model.to(dtype=DTYPES[t.param_dtype])
         model.model.neftune_alpha = t.neftune_alpha

@@ -34,7 +34,16 @@ MIN_TRITON_CHUNK_TOKENS = 1024
 MAX_TRITON_CHUNK_BYTES = 256 << 20
 
 
-def chunk_tokens(n_tokens: int, hidden_size: int, vocab_size: int, elem_bytes: int, triton_on_gpu: bool) -> int:
+def chunk_tokens(
+    n_tokens: int,
+    hidden_size: int,
+    vocab_size: int,
+    elem_bytes: int,
+    triton_on_gpu: bool,
+    *,
+    budget_bytes: int = 0,
+    token_bytes: int = 0,
+) -> int:
     """Tokens per chunk: the op's one chunking policy (the planner counts the same chunks).
 
     A chunk's logits are kept about as large as the hidden states themselves (the idea behind
@@ -43,13 +52,50 @@ def chunk_tokens(n_tokens: int, hidden_size: int, vocab_size: int, elem_bytes: i
     buffer: with a few hundred tokens per chunk that traffic, not the math, sets the time on an
     H100 (the GEMM turns compute-bound near 1k tokens), so there chunks grow to ~1k tokens while
     their logits stay within MAX_TRITON_CHUNK_BYTES.
+
+    Sized from the shape alone, a chunk grows with the sequence (a 128k-token sequence of an 8B
+    Llama makes chunks of 4k tokens: 1 GiB of bf16 logits, twice). budget_bytes > 0 caps what the
+    chunks take at once (chunk_peak_bytes) at token_bytes per token of a chunk, the sum of
+    chunk_buffers' kept and working bytes (exact from three chunks on, an upper bound for one or
+    two), at least one token. It only ever shrinks the chunk: the memory left, not speed, is what
+    it answers to.
     """
     n_chunks = math.ceil(vocab_size / hidden_size)
     size = max(1, min(n_tokens, math.ceil(n_tokens / n_chunks)))
     if triton_on_gpu:
         budget = max(1, MAX_TRITON_CHUNK_BYTES // (vocab_size * elem_bytes))
         size = max(size, min(n_tokens, MIN_TRITON_CHUNK_TOKENS, budget))
+    if budget_bytes > 0:
+        if token_bytes <= 0:
+            raise ValueError("chunk_tokens: a budget_bytes needs the chunk's token_bytes (chunk_buffers, summed)")
+        size = min(size, max(1, budget_bytes // token_bytes))
     return size
+
+
+def chunk_buffers(vocab_size: int, elem_bytes: int, triton: bool, softcap: bool = False) -> tuple[int, int]:
+    """(kept, working): bytes per token of a chunk while the chunks run, beyond what the loss keeps
+    anyway. `kept`: a finished chunk's d loss / d logits, still bound while the next chunk is
+    computed; `working`: the chunk being computed. Triton: the logits in the hidden dtype, which
+    the kernel overwrites with their gradient, one buffer each. Reference: in the accumulation
+    dtype (fp32; fp64 for fp64 inputs), the previous chunk's gradient kept, and the chunk's logits
+    and logsumexp's temporary working (a bf16 matmul output and the bf16 copy of the gradient are
+    made while fewer are alive), plus the cap's slope with a softcap. Measured with the CPU
+    allocator: 8 and 12 bytes per token per vocabulary entry for one and for several fp32 or bf16
+    chunks, 12 and 16 with a softcap, 16 and 24 in fp64. chunk_peak_bytes adds them up."""
+    if triton:
+        return vocab_size * elem_bytes, vocab_size * elem_bytes
+    acc = max(elem_bytes, 4)
+    return vocab_size * acc, (3 if softcap else 2) * vocab_size * acc
+
+
+def chunk_peak_bytes(n_tokens: int, chunk: int, kept: int, working: int) -> int:
+    """The most bytes the chunks take at once (kept and working per token: chunk_buffers): the
+    first chunk alone, then each chunk beside the previous one's kept buffer. The memory planner
+    counts this (trainer/plan/model.py loss_ops)."""
+    chunk = min(chunk, n_tokens)
+    if chunk >= n_tokens:
+        return n_tokens * working
+    return max(chunk * working, chunk * kept + min(chunk, n_tokens - chunk) * working)
 
 
 def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad):
@@ -179,14 +225,25 @@ def _chunked(
     need_w,
     need_b,
     row_scale=None,
+    chunk_bytes=0,
 ):
     """One pass over the token chunks: per-token losses and/or the gradients.
 
     row_scale (tokens,) multiplies each token's d loss / d logits (the upstream gradient of
-    reduction="none"). Returns (losses, grad_h, grad_w fp32, grad_b fp32), None where not wanted.
+    reduction="none"); chunk_bytes > 0 caps the chunks' logits (chunk_tokens). Returns (losses,
+    grad_h, grad_w fp32, grad_b fp32), None where not wanted.
     """
     n, hidden_size = hidden.shape
-    size = chunk_tokens(n, hidden_size, weight.shape[0], hidden.element_size(), triton and hidden.is_cuda)
+    vocab, elem = weight.shape[0], hidden.element_size()
+    size = chunk_tokens(
+        n,
+        hidden_size,
+        vocab,
+        elem,
+        triton and hidden.is_cuda,
+        budget_bytes=chunk_bytes,
+        token_bytes=sum(chunk_buffers(vocab, elem, triton, softcap is not None)),
+    )
     want_grad = need_h or need_w or need_b
     losses = torch.empty(n, dtype=_loss_dtype(hidden.dtype, triton), device=hidden.device) if want_loss else None
     grad_h = torch.empty_like(hidden) if need_h else None
@@ -244,6 +301,7 @@ def _lce_op(
     grad_weight: bool,
     grad_bias: bool,
     triton: bool,
+    chunk_bytes: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """reduction "sum": (summed loss, grad_hidden, grad_weight fp32, grad_bias fp32) for an upstream
     gradient of 1, the gradients computed along the way (empty where not asked for).
@@ -266,6 +324,7 @@ def _lce_op(
             need_h=grads_in_forward and grad_hidden,
             need_w=grads_in_forward and grad_weight,
             need_b=grads_in_forward and grad_bias,
+            chunk_bytes=chunk_bytes,
         )
     loss = losses.sum() if grads_in_forward else losses
     return (
@@ -291,6 +350,7 @@ def _(
     grad_weight,
     grad_bias,
     triton,
+    chunk_bytes=0,
 ):
     grads_in_forward = reduction == "sum"
     acc = torch.promote_types(weight.dtype, torch.float32)
@@ -317,6 +377,7 @@ def _lce_backward_op(
     grad_weight: bool,
     grad_bias: bool,
     triton: bool,
+    chunk_bytes: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for reduction="none", recomputing each chunk with the per-token upstream gradient."""
     with torch.autocast(hidden.device.type, enabled=False):
@@ -335,6 +396,7 @@ def _lce_backward_op(
             need_w=grad_weight,
             need_b=grad_bias and bias is not None,
             row_scale=grad_losses,
+            chunk_bytes=chunk_bytes,
         )
     return (
         _empty(hidden) if grad_h is None else grad_h,
@@ -358,6 +420,7 @@ def _(
     grad_weight,
     grad_bias,
     triton,
+    chunk_bytes=0,
 ):
     return (
         torch.empty_like(hidden) if grad_hidden else _empty(hidden),
@@ -381,6 +444,7 @@ def _setup_context(ctx, inputs, output):
         grad_weight,
         grad_bias,
         triton,
+        chunk_bytes,
     ) = inputs
     _, grad_h, grad_w, grad_b = output
     # The stashed gradients are outputs only so that they can be saved; nothing differentiates them.
@@ -393,11 +457,11 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
     else:
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, triton)
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, triton, chunk_bytes)
 
 
 def _backward(ctx, grad_loss, *_stashed_grads):
-    none = (None,) * 10
+    none = (None,) * 11  # the op's arguments after hidden, weight and bias
     want_h, want_w, want_b = ctx.flags
     if grad_loss is None:
         return (None, None, None, *none)
@@ -413,7 +477,7 @@ def _backward(ctx, grad_loss, *_stashed_grads):
         grad_b = grad_b.mul_(grad_loss).to(b_dtype) if want_b else None
     else:
         hidden, weight, bias, labels = ctx.saved_tensors
-        ignore_index, label_smoothing, z_loss, softcap, triton = ctx.args
+        ignore_index, label_smoothing, z_loss, softcap, triton, chunk_bytes = ctx.args
         grad_h, grad_w, grad_b = _lce_backward_op(
             hidden,
             weight,
@@ -428,6 +492,7 @@ def _backward(ctx, grad_loss, *_stashed_grads):
             want_w,
             want_b,
             triton,
+            chunk_bytes,
         )
         grad_h, grad_w, grad_b = (g if want else None for g, want in zip((grad_h, grad_w, grad_b), ctx.flags))
     return (grad_h, grad_w, grad_b, *none)
@@ -478,13 +543,16 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     force: Impl = Impl.AUTO,
+    chunk_bytes: int = 0,
 ) -> torch.Tensor:
     """Cross-entropy of (hidden @ weight.T + bias) against labels, logits never materialised.
 
     hidden is (..., hidden_size), labels (...) with the same leading shape. reduction="mean" divides
     the summed token losses by `normalizer` when given (for example the label-token count of a
     whole optimizer step), else by the count of non-ignored labels. z_loss adds z_loss * lse^2 per
-    token; softcap applies softcap * tanh(logits / softcap) before the softmax.
+    token; softcap applies softcap * tanh(logits / softcap) before the softmax. chunk_bytes > 0
+    caps the bytes the logits' chunks take at once (the model passes KernelChoice.ce_chunk_bytes,
+    the memory the planner leaves them); 0 sizes the chunks from the shape alone (chunk_tokens).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -492,6 +560,8 @@ def linear_cross_entropy(
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} need the same leading shape")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap!r}")
+    if chunk_bytes < 0:
+        raise ValueError(f"chunk_bytes must be >= 0 (0: chunks sized from the shape), got {chunk_bytes!r}")
     triton = use_triton(force, hidden)
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -511,6 +581,7 @@ def linear_cross_entropy(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
         triton,
+        int(chunk_bytes),
     )[0]
     if reduction == "none":
         return loss.view(labels.shape)

@@ -57,13 +57,16 @@ def use_triton(force: Impl | str, x: torch.Tensor) -> bool:
 class KernelChoice:
     """How the model runs each op. `materialize_logits=True` computes the full logits and
     F.cross_entropy (the plain eager reference; [kernels] fused_ce=false) instead of the fused loss,
-    whose implementation `fused_ce` chooses."""
+    whose implementation `fused_ce` chooses. `ce_chunk_bytes` > 0 caps the bytes the fused loss's
+    logit chunks take at once (linear_cross_entropy's chunk_bytes): the memory the planner predicts
+    is left for them, set once when the run is built (trainer/build.py); 0 sizes them from the shape."""
 
     rms_norm: Impl = Impl.AUTO
     rope: Impl = Impl.AUTO
     swiglu: Impl = Impl.AUTO
     fused_ce: Impl = Impl.AUTO
     materialize_logits: bool = False
+    ce_chunk_bytes: int = 0
 
     @classmethod
     def everywhere(cls, impl: Impl | str) -> KernelChoice:

@@ -5,6 +5,7 @@
 - choose_micro_batch(config, budget_bytes, world_size) -> (micro_batch_size, grad_accum_steps, note):
   train.micro_batch_size=auto;
 - plan_command(argv) -> int: `python -m trainer plan`;
+- loss_chunk_bytes(config, world_size): the cap on the fused loss's logit chunks the run is built with;
 - DEVICES: the device table (name -> Device with .memory_bytes); resolve_budget(config): the bytes
   a run may use.
 How each term is counted, and how the prediction compares with measurement: docs/memory.md.
@@ -14,7 +15,7 @@ from trainer.plan.choose import choose_micro_batch, is_auto, resolve_budget, sug
 from trainer.plan.command import plan_command
 from trainer.plan.devices import DEVICE_NAMES, resolve_device
 from trainer.plan.devices import GPUS as DEVICES
-from trainer.plan.predict import Plan, predict_peak
+from trainer.plan.predict import Plan, loss_chunk_bytes, predict_peak
 
 __all__ = [
     "DEVICES",
@@ -22,6 +23,7 @@ __all__ = [
     "Plan",
     "choose_micro_batch",
     "is_auto",
+    "loss_chunk_bytes",
     "plan_command",
     "predict_peak",
     "resolve_budget",

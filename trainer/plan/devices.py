@@ -57,6 +57,14 @@ def allocator_slack(peak_bytes: int) -> int:
     return int(peak_bytes * ALLOCATOR_SLACK)
 
 
+def peak_within(budget: int, kind: str) -> int:
+    """The largest allocator peak whose need (Plan.required_bytes: the peak plus the overheads
+    above) is within `budget` bytes on a device of `kind` ("cuda" or "cpu")."""
+    if kind == "cuda":
+        return int((budget - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))
+    return budget - CPU_RUNTIME_BYTES
+
+
 def library_workspace_bytes(device_name: str) -> int:
     """cuBLAS and cuBLASLt workspaces, which PyTorch allocates through its caching allocator (pytorch#83461).
 

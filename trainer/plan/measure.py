@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from trainer.callbacks import TrainerCallback
 
 STEP_MARK = "trainer.plan::step"
+FORWARD_MARK = "trainer.plan::forward"
 
 
 class _MarkSteps(TrainerCallback):
@@ -40,6 +41,35 @@ class _MarkSteps(TrainerCallback):
         if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
+
+
+class _MarkForwards(TrainerCallback):
+    """Brackets each training forward (the model's forward, loss included, while it trains) with a
+    profiler range: the planner's "forward" phase, against which its peak is compared."""
+
+    def __init__(self):
+        self._range = None
+        self._handles = []
+
+    def on_train_begin(self, config, state, control, model=None, **kwargs):
+        def begin(module, args, kwargs_):
+            if module.training:
+                self._range = record_function(FORWARD_MARK)
+                self._range.__enter__()
+
+        def end(module, args, kwargs_, output):
+            if self._range is not None:
+                self._range.__exit__(None, None, None)
+                self._range = None
+
+        self._handles = [
+            model.register_forward_pre_hook(begin, with_kwargs=True),
+            model.register_forward_hook(end, with_kwargs=True),
+        ]
+
+    def on_train_end(self, config, state, control, **kwargs):
+        for handle in self._handles:
+            handle.remove()
 
 
 @dataclass
@@ -67,15 +97,16 @@ def _op_name(event) -> str:
     return " < ".join(names)
 
 
-def replay(tree) -> Measurement:
-    """The step peaks from a profiler event tree (allocations and the step ranges)."""
+def replay(tree, mark: str = STEP_MARK) -> Measurement:
+    """The step peaks from a profiler event tree (allocations and the step ranges; with
+    mark=FORWARD_MARK, the ranges of the training forwards)."""
     from torch._C._profiler import _EventType
 
     allocations, steps = [], []
     for event in _walk(tree):
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
             allocations.append(event)
-        elif event.name == STEP_MARK:
+        elif event.name == mark:
             steps.append((event.start_time_ns, event.end_time_ns))
     allocations.sort(key=lambda e: (e.start_time_ns, e.id))
     steps.sort()
@@ -111,12 +142,15 @@ def replay(tree) -> Measurement:
     return Measurement(step_peaks[best], step_peaks, step_start, peak_op[best])
 
 
-def measure_training_peak(config, callbacks=()) -> Measurement:
-    """Trains `config` (on CPU) under the allocation recorder; returns the peak of its steps.
+def measure_training_peak(config, callbacks=(), phase: str = "step") -> Measurement:
+    """Trains `config` (on CPU) under the allocation recorder; returns the peak of its steps, or
+    with phase="forward" of the training forwards alone (loss included; Plan.phase_peaks["forward"]).
 
     The Trainer is built inside the recording, so the model, the optimizer and the data batches
     are all counted from their first byte.
     """
+    if phase not in ("step", "forward"):
+        raise ValueError(f"phase must be step or forward, got {phase!r}")
     from trainer.loop import Trainer  # what `from trainer import Trainer` gives, from below the package
 
     if config.train.device == "cuda":
@@ -126,7 +160,10 @@ def measure_training_peak(config, callbacks=()) -> Measurement:
     threads = torch.get_num_threads()
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            Trainer(config, callbacks=[_MarkSteps(), *callbacks]).train()
+            marks = [_MarkSteps()] if phase == "step" else [_MarkForwards()]
+            Trainer(config, callbacks=[*marks, *callbacks]).train()
     finally:
         torch.set_num_threads(threads)  # train.threads changes it for the whole process
-    return replay(prof.profiler.kineto_results.experimental_event_tree())
+    return replay(
+        prof.profiler.kineto_results.experimental_event_tree(), STEP_MARK if phase == "step" else FORWARD_MARK
+    )

@@ -11,13 +11,24 @@ at any moment, with what was alive then.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from trainer.plan.devices import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, allocator_slack, library_workspace_bytes
+from trainer.ops.cross_entropy import chunk_peak_bytes
+from trainer.plan.devices import (
+    CPU_RUNTIME_BYTES,
+    CUDA_CONTEXT_BYTES,
+    Device,
+    allocator_slack,
+    budget_bytes,
+    library_workspace_bytes,
+    peak_within,
+)
 from trainer.plan.graph import ACTIVATIONS, Graph
 from trainer.plan.model import (
+    LOSS_OP,
     batch_bytes,
     block_ops,
+    ce_chunk,
     embedding_ops,
     loss_ops,
     param_uses,
@@ -56,6 +67,11 @@ class Plan:
     # parallel.activation_offloading on CUDA: the most pinned host memory the offloaded saved
     # tensors take at once (one micro-batch's, at the end of its forward); not in peak_bytes
     host_bytes: int = 0
+    # The fused loss's tokens per chunk, and what the shape alone would give (more when the memory
+    # left for the chunks caps them: ce_chunk_bytes, KernelChoice's); 0 with materialised logits
+    ce_chunk_tokens: int = 0
+    ce_shape_chunk_tokens: int = 0
+    ce_chunk_bytes: int = 0
 
     @property
     def required_bytes(self) -> int:
@@ -81,6 +97,9 @@ class Plan:
             "world_size": self.world_size,
             "parameters": self.parameters,
             "host_bytes": self.host_bytes,
+            "ce_chunk_tokens": self.ce_chunk_tokens,
+            "ce_shape_chunk_tokens": self.ce_shape_chunk_tokens,
+            "ce_chunk_bytes": self.ce_chunk_bytes,
         }
 
 
@@ -98,16 +117,106 @@ def predict_peak(
     which kernels run (Triton on CUDA) and what is counted. micro_batch_size replaces
     train.micro_batch_size and grad_accum_steps train.grad_accum_steps (for `auto`).
     """
+    s, dev = run_setting(
+        config, world_size, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps, device=device
+    )
+    return simulate(s, dev.name)
+
+
+# A chunk the memory left caps is never smaller than this many tokens: below it each chunk's
+# weight-gradient GEMM reads and writes the whole (vocab x hidden) fp32 buffer for a handful of
+# rows, and the loss slows by orders of magnitude to save bytes that are then a small part of the
+# step (at 128 tokens an 8B Llama's bf16 chunks take 64 MiB).
+MIN_CAPPED_CHUNK_TOKENS = 128
+
+
+def run_setting(
+    config,
+    world_size: int = 1,
+    *,
+    micro_batch_size: int | None = None,
+    grad_accum_steps: int | None = None,
+    device: str | None = None,
+) -> tuple[Setting, Device]:
+    """The Setting the run will have, and its device: the configuration read off (make_setting),
+    and the fused loss's chunk cap that trainer/build.py gives the model (ce_chunk_budget)."""
     from trainer.plan.devices import resolve_device
 
     dev = resolve_device(config, device)
     s = make_setting(config, dev.kind, world_size=world_size, micro_batch=micro_batch_size)
     if grad_accum_steps is not None:
         s.grad_accum = grad_accum_steps
-    return simulate(s, dev.name)
+    if has_budget(config, dev):
+        s.kernels = replace(s.kernels, ce_chunk_bytes=ce_chunk_budget(s, budget_bytes(config, dev), dev.name))
+    return s, dev
+
+
+def loss_chunk_bytes(config, world_size: int = 1) -> int:
+    """KernelChoice.ce_chunk_bytes for the configured run (trainer/build.py hands it to the model):
+    the cap run_setting plans with, 0 where there is no budget or it does not bind."""
+    from trainer.plan.devices import resolve_device
+
+    if not has_budget(config, resolve_device(config)):
+        return 0
+    return run_setting(config, world_size)[0].kernels.ce_chunk_bytes
+
+
+def has_budget(config, dev: Device) -> bool:
+    """Whether the run has a memory limit to size the loss's chunks by: a GPU's memory, or a budget
+    given (plan.budget, train.memory_budget). A CPU run without one sizes them from the shape: its
+    limit is the machine's RAM, shared with everything else the machine runs."""
+    return dev.kind == "cuda" or bool(config.plan.budget or config.train.memory_budget)
+
+
+def ce_chunk_budget(s: Setting, budget: int, device_name: str = "") -> int:
+    """KernelChoice.ce_chunk_bytes for setting `s` within `budget` bytes: the room the loss's chunks
+    have, the largest peak the budget allows minus what the step replayed without them holds while
+    the loss runs (at least MIN_CAPPED_CHUNK_TOKENS tokens' worth); 0 (the shape's chunk) when that
+    room does not make the chunk smaller, or the logits are materialised. The moment of the loss,
+    not the step's peak: a step whose backward goes over the budget does not fit with any chunk,
+    and shrinking the loss's chunks for it would only slow it."""
+    if s.kernels.materialize_logits:
+        return 0
+    tape, _ = replay(replace(s, loss_chunks=False), device_name)
+    room = peak_within(budget, s.device) - tape.op_peaks[LOSS_OP]
+    shape_tokens, kept, working = ce_chunk(replace(s, kernels=replace(s.kernels, ce_chunk_bytes=0)))
+    if room >= chunk_peak_bytes(s.tokens, shape_tokens, kept, working):
+        return 0
+    cap = max(room, MIN_CAPPED_CHUNK_TOKENS * (kept + working))
+    return cap if cap // (kept + working) < shape_tokens else 0
 
 
 def simulate(s: Setting, device_name: str = "") -> Plan:
+    tape, host = replay(s, device_name)
+    peak = tape.peak
+    if s.device == "cuda":
+        overheads = {
+            "CUDA context (outside the allocator)": CUDA_CONTEXT_BYTES,
+            "allocator slack (assumed)": allocator_slack(peak.bytes),
+        }
+    else:
+        overheads = {"Python and torch runtime": CPU_RUNTIME_BYTES}
+    return Plan(
+        peak_bytes=peak.bytes,
+        breakdown=dict(sorted(peak.breakdown.items(), key=lambda kv: -kv[1])),
+        phase=peak.phase,
+        at=peak.what,
+        phase_peaks={k: v.bytes for k, v in tape.phase_peaks.items()},
+        overheads=overheads,
+        device=device_name or s.device,
+        micro_batch_size=s.micro_batch,
+        grad_accum_steps=s.grad_accum,
+        world_size=s.world_size,
+        parameters=sum(p.numel for p in s.params),
+        compute_dtype=s.compute_dtype,
+        host_bytes=host.peak,
+        **_chunk_fields(s),
+    )
+
+
+def replay(s: Setting, device_name: str = "") -> tuple[Tape, _Host]:
+    """One step of `s` on a fresh Tape: the tape (its peak, each phase's and each op's) and the
+    pinned host memory of offloaded activations."""
     tape = Tape()
     fsdp = s.strategy == "fsdp" and s.world_size > 1
     shard = s.world_size if fsdp else 1
@@ -138,29 +247,18 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
     tape.set_phase("optimizer step")
     opt.step(tape)
     opt.zero_grad(tape)
-    peak = tape.peak
-    if s.device == "cuda":
-        overheads = {
-            "CUDA context (outside the allocator)": CUDA_CONTEXT_BYTES,
-            "allocator slack (assumed)": allocator_slack(peak.bytes),
-        }
-    else:
-        overheads = {"Python and torch runtime": CPU_RUNTIME_BYTES}
-    return Plan(
-        peak_bytes=peak.bytes,
-        breakdown=dict(sorted(peak.breakdown.items(), key=lambda kv: -kv[1])),
-        phase=peak.phase,
-        at=peak.what,
-        phase_peaks={k: v.bytes for k, v in tape.phase_peaks.items()},
-        overheads=overheads,
-        device=device_name or s.device,
-        micro_batch_size=s.micro_batch,
-        grad_accum_steps=s.grad_accum,
-        world_size=s.world_size,
-        parameters=sum(p.numel for p in s.params),
-        compute_dtype=s.compute_dtype,
-        host_bytes=host.peak,
-    )
+    return tape, host
+
+
+def _chunk_fields(s: Setting) -> dict[str, int]:
+    if s.kernels.materialize_logits:
+        return {}
+    shape_tokens = ce_chunk(replace(s, kernels=replace(s.kernels, ce_chunk_bytes=0)))[0]
+    return {
+        "ce_chunk_tokens": ce_chunk(s)[0],
+        "ce_shape_chunk_tokens": shape_tokens,
+        "ce_chunk_bytes": s.kernels.ce_chunk_bytes,
+    }
 
 
 class _Host:

@@ -39,6 +39,9 @@ class Setting:
     tiled_mlp: int = 0  # parallel.tiled_mlp: row tiles of each dense MLP (0: untiled)
     offload: bool = False  # parallel.activation_offloading: saved tensors to pinned host memory (CUDA)
     offload_min_bytes: int = 0  # the smallest saved tensor that travels (trainer.parallel.offload)
+    # False: the fused loss's logit chunks left out of the replay, to find the room they have
+    # (trainer.plan.predict.ce_chunk_budget)
+    loss_chunks: bool = True
 
     def runs_triton(self, impl: Impl) -> bool:
         """Whether an op configured as `impl` runs its Triton kernel on the planned device (on CUDA

@@ -30,6 +30,7 @@ class Tape:
         self.phase = ""
         self.peak = Peak()
         self.phase_peaks: dict[str, Peak] = {}
+        self.op_peaks: dict[str, int] = defaultdict(int)  # the most alive while each op (or event) ran
         self._serial = 0
         self.log: list[tuple[str, int, int, str]] | None = None  # (phase, total, change, what) when tracing
 
@@ -85,6 +86,8 @@ class Tape:
 
     def _observe(self, what: str, extra: int, extra_category: str) -> None:
         now = self.total + extra
+        if now > self.op_peaks[what]:
+            self.op_peaks[what] = now
         for peak in (self.peak, self.phase_peaks.setdefault(self.phase, Peak())):
             if now > peak.bytes:
                 breakdown = {k: v for k, v in self.by_category.items() if v}
