@@ -396,3 +396,49 @@ def test_an_fsdp_rank_reads_only_its_part_of_the_checkpoint(tmp_path, strategy, 
             assert read >= 0.95 * checkpoint
         else:
             assert 0.3 * checkpoint < read <= most * checkpoint
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_one_machine_stop_together_on_sigterm_and_resume(tmp_path):
+    """The multi-node recipe rehearsed: two torchrun agents (--nnodes 2, one process each) meet by
+    c10d rendezvous on 127.0.0.1; SIGTERM to node 1's worker stops both at the same step with a
+    checkpoint, which resumes."""
+    import socket
+
+    write_corpus(tmp_path / "corpus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = _overrides(tmp_path, "run", train__max_steps=100000, parallel__strategy="fsdp", train__micro_batch_size=2)
+    agents = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+        command += ["--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        command += ["--rdzv_id", "rehearsal", "-m", "trainer", "train", *args]
+        agents.append(
+            subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    run = tmp_path / "run"
+    deadline = time.time() + RUN_TIMEOUT_S
+    while time.time() < deadline and len(step_records(run)) < 3:
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(agents[1].pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1
+    os.kill(int(workers[0]), 15)  # SIGTERM to the second node's process only
+    outputs = [agent.communicate(timeout=RUN_TIMEOUT_S)[0] for agent in agents]  # a hang fails here
+    # a stopped run exits 128 + SIGTERM on every rank, as a process a scheduler stopped should
+    # (trainer/cli.py), so that a requeueing scheduler sees the preemption; each agent reports it
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode != 0 and "exitcode: 143" in output and "exitcode: 1 " not in output, output[-3000:]
+    last = max(step_records(run))
+    assert (run / f"checkpoint-{last}" / "trainer_state.json").is_file(), outputs[0][-3000:]
+    assert "stopped at step" in outputs[0]
+    state = Trainer(
+        load_config(
+            None,
+            _overrides(
+                tmp_path, "run", train__max_steps=last + 1, checkpoint__resume_from="latest", train__micro_batch_size=4
+            ),
+        )
+    ).train()
+    assert state.step == last + 1
