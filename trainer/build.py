@@ -34,6 +34,7 @@ from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
 from trainer.parallel.distributed import barrier, env_from_launcher
 from trainer.parallel.expert_parallel import check_expert_parallel
+from trainer.parallel.float8 import check_float8
 from trainer.parallel.materialize import materialize
 from trainer.plan import choose_micro_batch, loss_chunk_bytes, resolve_budget
 from trainer.plan.shapes import model_args
@@ -283,6 +284,7 @@ def build_run(config: TrainConfig) -> RunParts:
     effective_warmup(cfg, messages)
     env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
     compute_dtype = resolve_dtype(t.dtype, device)
+    check_float8(t.float8, device, cfg.lora.rank)
     if t.micro_batch_size == "auto":  # the largest micro-batch the planner predicts to fit; saved in config.toml
         t.micro_batch_size, t.grad_accum_steps, note = choose_micro_batch(cfg, resolve_budget(cfg), env.world_size)
         messages.append(note)
@@ -308,13 +310,13 @@ def build_run(config: TrainConfig) -> RunParts:
     if sharded_build:
         model.to(dtype=DTYPES[t.param_dtype])
         model.model.neftune_alpha = t.neftune_alpha
-        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype, t.float8)
         materialize(model, device, cfg.model.from_hf or None, t.seed)
         model.train()
     else:
         place_model(model, cfg, device, compute_dtype, messages)
         # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
-        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype)
+        train_model = parallelize(model, cfg.parallel, env, device, compute_dtype, t.float8)
     if cfg.parallel.expert_parallel > 1:
         n, e = cfg.parallel.expert_parallel, model.args.n_experts
         messages.append(

@@ -9,15 +9,22 @@ from trainer.parallel.checkpointing import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
 from trainer.parallel.distributed import ParallelEnv
 from trainer.parallel.expert_parallel import apply_expert_parallel, world_mesh
+from trainer.parallel.float8 import apply_float8
 from trainer.parallel.fsdp import apply_ddp, apply_fsdp
 from trainer.parallel.offload import apply_activation_offloading
 from trainer.parallel.tiled_mlp import apply_tiled_mlp
 
 
 def parallelize(
-    model: nn.Module, parallel, env: ParallelEnv, device: torch.device, compute_dtype: torch.dtype
+    model: nn.Module,
+    parallel,
+    env: ParallelEnv,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    float8: str = "none",
 ) -> nn.Module:
-    """Applies `parallel` (a ParallelConfig) to `model` in place; returns the module to call for training.
+    """Applies `parallel` (a ParallelConfig) and `float8` (train.float8) to `model` in place;
+    returns the module to call for training.
 
     That is the DDP wrapper under DDP, else `model` itself (FSDP2 shards it in place). Order: the
     tiled MLP replaces each dense MLP's forward (inside the block, so a checkpoint re-runs it
@@ -26,6 +33,8 @@ def parallelize(
     code (so its hooks see what they save), and FSDP/DDP hooks go on last. With one process, ddp
     and fsdp have nothing to distribute and the model stays as it is.
     """
+    if float8 != "none":  # the linears become Float8Linear before anything wraps the blocks
+        apply_float8(model, float8, fsdp=env.distributed and parallel.strategy == "fsdp")
     apply_tiled_mlp(model, parallel.tiled_mlp)
     apply_activation_checkpointing(model, parallel.activation_checkpointing)
     if parallel.compile:
