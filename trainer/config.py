@@ -84,6 +84,9 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = choice("auto", "auto", "fp32", "bf16", "fp16", help="auto: bf16 on a GPU that has it, else fp32")
     param_dtype: str = choice("fp32", "fp32", "bf16")
+    # float8 matmuls in the decoder's linear layers through torchao (trainer/parallel/float8.py):
+    # tensorwise or rowwise scales; CUDA with compute capability 8.9+ only.
+    float8: str = choice("none", "none", "tensorwise", "rowwise")
     device: str = choice("auto", "auto", "cpu", "cuda")
     output_dir: str = ""  # default: runs/<timestamp>
     overwrite: bool = False
