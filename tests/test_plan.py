@@ -594,6 +594,114 @@ def test_plan_command_budget_and_auto(capsys):
     assert "micro_batch_size=auto" in out["auto"]
 
 
+# ---------------------------------------------------------------- plan.solve
+
+
+def _solve(capsys, argv: list[str]) -> tuple[int, dict]:
+    status = plan_command([*argv, "--json"])
+    return status, json.loads(capsys.readouterr().out)
+
+
+SOLVE_SMALL = ["--model.preset=small", "--data.tokenizer=byte", "--model.max_seq_len=8192", "--plan.device=cpu"]
+
+
+@pytest.mark.parametrize(
+    "extra, step, wanted",
+    [
+        ([], 128, 1920),  # round: micro-batch 1
+        (["--train.micro_batch_size=3", "--parallel.activation_checkpointing=full"], 128, 1920),
+        (["--train.micro_batch_size=3", "--parallel.tiled_mlp=3"], 384, 1920),  # lcm(128, 3) = 384
+    ],
+    ids=["micro-1", "micro-3-full", "tiled-3"],
+)
+def test_solve_seq_len_is_the_longest_multiple_that_fits(capsys, extra, step, wanted):
+    """The budget is the predicted need at 2,000 tokens (2,001 for the tiles): the answer is the
+    longest multiple of the step at or below it, it fits, and one step more does not."""
+    from trainer.config import load_config
+
+    base = [*SOLVE_SMALL, "--train.micro_batch_size=1", *extra]
+    at = 2001 if step == 384 else 2000
+
+    def need(seq_len: int) -> int:
+        return predict_peak(load_config(None, [*base, f"--train.seq_len={seq_len}"])).required_bytes
+
+    budget = need(at)
+    status, out = _solve(capsys, [*base, f"--train.seq_len={step}", f"--plan.budget={budget}", "--plan.solve=seq_len"])
+    assert status == 0 and out["fits"]
+    solved = out["solve"]
+    assert solved["key"] == "train.seq_len" and solved["step"] == step and solved["limit"] == "memory"
+    assert solved["value"] == wanted and wanted % step == 0
+    assert need(wanted) <= budget < need(wanted + step) == solved["next_required_bytes"]
+    assert out["required_bytes"] == need(wanted)
+
+
+def test_solve_seq_len_stops_at_the_model_limit(capsys):
+    """A budget far beyond what the tiny model needs: the answer is its max_seq_len, and the limit
+    the model's, in its own words."""
+    status, out = _solve(
+        capsys,
+        ["--model.preset=tiny", "--data.tokenizer=byte", "--train.micro_batch_size=2", "--plan.device=cpu"]
+        + ["--plan.budget=100000000000", "--plan.solve=seq_len"],
+    )
+    assert status == 0
+    assert out["solve"]["value"] == 512 and out["solve"]["limit"] == "model"
+    assert "max_seq_len 512" in out["solve"]["model_limit"]
+
+
+def test_solve_seq_len_text_names_the_answer_and_the_limit(capsys):
+    argv = [*SOLVE_SMALL, "--train.micro_batch_size=1", "--plan.budget=400000000", "--plan.solve=seq_len"]
+    assert plan_command(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("longest train.seq_len that fits 381.5 MiB: ")
+    assert "(searched in multiples of 128); memory binds: " in out[1]
+    tokens = int(out[1].split(": ")[1].split(" tokens")[0].replace(",", ""))
+    assert f"micro-batch 1 x {tokens} tokens" in out[0] and out[-1].startswith("fits: ")
+
+
+def test_solve_seq_len_nothing_fits_is_one_line(capsys):
+    """Not even 128 tokens fit: one line with the smallest need and a change that fits, exit 1."""
+    from trainer.config import load_config
+
+    base = [*SOLVE_SMALL, "--train.micro_batch_size=1"]
+    shortest = predict_peak(load_config(None, [*base, "--train.seq_len=128"])).required_bytes
+    budget = shortest - 2**20
+    assert plan_command([*base, f"--plan.budget={budget}", "--plan.solve=seq_len"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"nothing fits {budget / 2**20:.1f} MiB: the smallest predicted need is ")
+    assert "at train.seq_len=128; it would fit with --train.seq_len=128 --" in lines[0]
+    fix = lines[0].split("it would fit with ")[1].split(" (")[0].split()
+    assert predict_peak(load_config(None, [*base, *fix])).required_bytes <= budget
+    status, out = _solve(capsys, [*base, f"--plan.budget={budget}", "--plan.solve=seq_len"])
+    assert status == 1 and out["fits"] is False and out["solve"]["value"] is None
+    assert out["message"] == lines[0]
+
+
+def test_solve_micro_batch_is_what_auto_uses(capsys):
+    """plan.solve=micro_batch_size answers what train.micro_batch_size=auto trains with; at that
+    micro-batch the step fits, one sequence more does not."""
+    from trainer.config import load_config
+
+    base = [*SOLVE_SMALL, "--train.seq_len=384", "--plan.budget=420000000"]
+    status, solved = _solve(capsys, [*base, "--train.micro_batch_size=7", "--plan.solve=micro_batch_size"])
+    status_auto, auto = _solve(capsys, [*base, "--train.micro_batch_size=auto"])
+    assert status == status_auto == 0
+    micro = solved["solve"]["value"]
+    assert micro == auto["micro_batch_size"] and solved["solve"]["grad_accum_steps"] == auto["grad_accum_steps"]
+    config = load_config(None, base)
+    assert predict_peak(config, micro_batch_size=micro).fits(420_000_000)
+    assert not predict_peak(config, micro_batch_size=micro + 1).fits(420_000_000)
+
+
+def test_solve_is_validated_and_seq_len_needs_a_micro_batch(capsys):
+    with pytest.raises(ConfigError, match="plan.solve='context' is not allowed; choose one of: none, seq_len"):
+        plan_command(["--model.preset=tiny", "--plan.solve=context"])
+    with pytest.raises(ConfigError, match="set --train.micro_batch_size"):
+        plan_command(
+            ["--model.preset=tiny", "--data.tokenizer=byte", "--plan.solve=seq_len", "--train.micro_batch_size=auto"]
+        )
+
+
 def test_unknown_device_lists_the_known_ones():
     with pytest.raises(ConfigError, match="plan.device='h100' is not a device.*h100-80gb.*rtx4090-24gb.*cpu"):
         plan_command(["--model.preset=tiny", "--plan.device=h100"])

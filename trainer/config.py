@@ -274,6 +274,14 @@ class PlanConfig:
     # auto: the device train.device trains on
     device: str = "auto"
     budget: int = 0  # bytes the run may use; 0: the device's memory
+    solve: str = choice(
+        "none",
+        "none",
+        "seq_len",
+        "micro_batch_size",
+        help="seq_len: the longest train.seq_len that fits (multiples of 128); micro_batch_size: what "
+        "train.micro_batch_size=auto would use; none: the plan of the run as configured",
+    )
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""micro_batch_size=auto, and the cheapest changes that make a run fit."""
+"""micro_batch_size=auto, the longest seq_len that fits, and the cheapest changes that make a run fit."""
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 from trainer.errors import ConfigError
@@ -127,6 +128,91 @@ def choose_micro_batch(config, budget_bytes: int, world_size: int = 1) -> tuple[
         f"{actual} sequences ({fit} per rank fit {human_bytes(budget_bytes)})"
     )
     return micro, accum, head + ("; " + "; ".join(notes) if notes else "")
+
+
+# ---------------------------------------------------------------- the longest seq_len that fits
+
+# plan.solve=seq_len searches multiples of 128 tokens: the attention kernels' blocks (64 or 128
+# rows) and the matmuls' tiles divide them, context lengths are quoted in them, and the answer is
+# within 128 tokens of the exact one. With parallel.tiled_mlp=N, multiples of lcm(128, N), which
+# N divides.
+SEQ_LEN_STEP = 128
+
+
+@dataclass
+class SeqLenAnswer:
+    seq_len: int  # the longest multiple of `step` that fits; 0 when not even `step` tokens do
+    step: int
+    limit: str  # what stops it one step further: "memory" or "model" (ModelArgs.seq_len_problem)
+    plan: Plan  # at seq_len (at `step` tokens when nothing fits)
+    above: Plan | None = None  # at seq_len + step, when memory is the limit
+    problem: str = ""  # the model's words for seq_len + step, when it is the limit
+
+
+def seq_len_step(config) -> int:
+    tiles = config.parallel.tiled_mlp
+    return math.lcm(SEQ_LEN_STEP, tiles) if tiles else SEQ_LEN_STEP
+
+
+def _with_seq_len(config, seq_len: int):
+    changed = copy.deepcopy(config)
+    changed.train.seq_len = seq_len
+    return changed
+
+
+def longest_seq_len(config, budget: int, world_size: int = 1) -> SeqLenAnswer:
+    """The longest train.seq_len, in multiples of seq_len_step(config), whose predicted step fits
+    `budget` at the configured micro-batch and accumulation, within the model's own limit
+    (ModelArgs.seq_len_problem). The peak grows with the sequence: doubling, then bisection."""
+    from trainer.plan.shapes import model_args
+
+    step = seq_len_step(config)
+    args = model_args(config)
+    problem = args.seq_len_problem(step)
+    if problem:
+        raise ConfigError(
+            f"plan.solve=seq_len searches multiples of {step} tokens, and {step} tokens {problem}; "
+            "plan the run with --train.seq_len instead"
+        )
+    plans: dict[int, Plan] = {}
+
+    def fits(k: int) -> bool:  # k steps of tokens: allowed by the model and within the budget
+        if args.seq_len_problem(k * step):
+            return False
+        plans[k] = predict_peak(_with_seq_len(config, k * step), world_size=world_size)
+        return plans[k].fits(budget)
+
+    if not fits(1):
+        return SeqLenAnswer(0, step, "memory", plans[1])
+    low, high = 1, 2
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    problem = args.seq_len_problem(high * step)
+    if problem:
+        return SeqLenAnswer(low * step, step, "model", plans[low], problem=problem)
+    return SeqLenAnswer(low * step, step, "memory", plans[low], above=plans[high])
+
+
+def nothing_fits_seq_len(config, answer: SeqLenAnswer, budget: int, world_size: int) -> str:
+    """One line when not even answer.step tokens fit: the smallest need and a change that fits."""
+    shortest = _with_seq_len(config, answer.step)
+    fixes = suggest_changes(shortest, budget, world_size, limit=1)
+    hint = (
+        f"; it would fit with --train.seq_len={answer.step} {fixes[0].flags} "
+        f"({human_bytes(fixes[0].plan.required_bytes)})"
+        if fixes
+        else "; no change the planner tries makes it fit: use more devices (parallel.strategy=fsdp) or a smaller model"
+    )
+    return (
+        f"nothing fits {human_bytes(budget)}: the smallest predicted need is "
+        f"{human_bytes(answer.plan.required_bytes)} at train.seq_len={answer.step}{hint}"
+    )
 
 
 # ---------------------------------------------------------------- what would make it fit
@@ -306,7 +392,11 @@ def _dedupe(suggestions: list[Suggestion]) -> list[Suggestion]:
     return out
 
 
-def nothing_fits(config, budget: int, world_size: int) -> ConfigError:
+class NothingFits(ConfigError):
+    """Not even one sequence per micro-batch fits the budget (plan prints it and exits 1)."""
+
+
+def nothing_fits(config, budget: int, world_size: int) -> NothingFits:
     """The error when even one sequence per micro-batch does not fit."""
     smallest = predict_peak(config, world_size=world_size, micro_batch_size=1)
     hint = ""
@@ -315,7 +405,7 @@ def nothing_fits(config, budget: int, world_size: int) -> ConfigError:
     fixes = suggest_changes(one, budget, world_size, limit=1)
     if fixes:
         hint = f"; it would fit with {fixes[0].flags} ({human_bytes(fixes[0].plan.required_bytes)})"
-    return ConfigError(
+    return NothingFits(
         f"nothing fits {human_bytes(budget)}: the smallest predicted need is "
         f"{human_bytes(smallest.required_bytes)} at micro_batch_size=1{hint}"
     )

@@ -7,7 +7,15 @@ import os
 
 from trainer.config import split_command_line
 from trainer.errors import ConfigError
-from trainer.plan.choose import choose_micro_batch, is_auto, suggest_changes
+from trainer.plan.choose import (
+    NothingFits,
+    SeqLenAnswer,
+    choose_micro_batch,
+    is_auto,
+    longest_seq_len,
+    nothing_fits_seq_len,
+    suggest_changes,
+)
 from trainer.plan.devices import DEVICE_NAMES, budget_bytes, resolve_device
 from trainer.plan.predict import Plan, predict_peak
 from trainer.plan.units import human_bytes
@@ -24,6 +32,12 @@ it does not fit.
   --world-size N       ranks under parallel.strategy=ddp|fsdp (default: $WORLD_SIZE, else 1); figures are per rank
   --json               one JSON object instead of the table
   --train.micro_batch_size=auto  the largest micro-batch that fits (with --train.global_batch_size)
+  --plan.solve=seq_len           the longest train.seq_len that fits, in multiples of 128 tokens,
+                                 at the configured micro-batch, and what limits it (memory or the
+                                 model's max_seq_len); the plan shown is the run at that length
+  --plan.solve=micro_batch_size  what train.micro_batch_size=auto would use, and its plan
+  When nothing fits, one line names the smallest need and a change that fits, and the exit
+  status is 1.
 
 How the planner counts: docs/memory.md."""
 
@@ -57,14 +71,33 @@ def plan_command(argv: list[str]) -> int:
         return 0
     path, overrides, as_json, world = _parse(argv)
     config = load_config(path, overrides)
-    auto = is_auto(config.train.micro_batch_size)
+    solve = config.plan.solve
+    auto = is_auto(config.train.micro_batch_size) or solve == "micro_batch_size"
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(config)
     budget = budget_bytes(config, device)
-    note = ""
+    note, solved = "", {}
+    if solve == "seq_len":
+        if auto:
+            raise ConfigError(
+                "plan.solve=seq_len plans one micro-batch size, and train.micro_batch_size=auto chooses it from "
+                "the seq_len; set --train.micro_batch_size (1 for the longest context)"
+            )
+        answer = longest_seq_len(config, budget, world)
+        solved = _seq_len_solution(answer)
+        if not answer.seq_len:
+            return _nothing_fits(nothing_fits_seq_len(config, answer, budget, world), solved, budget, as_json)
+        config.train.seq_len = answer.seq_len
+        note = _seq_len_line(answer, budget)
     if auto:
-        micro, accum, note = choose_micro_batch(config, budget, world)
+        try:
+            micro, accum, note = choose_micro_batch(config, budget, world)
+        except NothingFits as error:
+            solved = {"key": "train.micro_batch_size", "value": None}
+            return _nothing_fits(str(error), solved, budget, as_json)
         config.train.micro_batch_size, config.train.grad_accum_steps = micro, accum
+        if solve == "micro_batch_size":
+            solved = {"key": "train.micro_batch_size", "value": micro, "grad_accum_steps": accum, "note": note}
     plan = predict_peak(config, world_size=world)
     fits = plan.fits(budget)
     suggestions = [] if fits else suggest_changes(config, budget, world)
@@ -84,12 +117,43 @@ def plan_command(argv: list[str]) -> int:
                 for s in suggestions
             ],
         }
-        if note:
+        if note and auto:
             out["auto"] = note
+        if solved:
+            out["solve"] = solved
         print(json.dumps(out, indent=1))
     else:
         print(format_plan(config, plan, budget, device.name, suggestions, note))
     return 0 if fits else 1
+
+
+def _seq_len_solution(answer: SeqLenAnswer) -> dict:
+    out = {"key": "train.seq_len", "value": answer.seq_len or None, "step": answer.step, "limit": answer.limit}
+    if answer.above is not None:
+        out["next_required_bytes"] = answer.above.required_bytes
+    if answer.problem:
+        out["model_limit"] = answer.problem
+    return out
+
+
+def _seq_len_line(answer: SeqLenAnswer, budget: int) -> str:
+    head = (
+        f"longest train.seq_len that fits {human_bytes(budget)}: {answer.seq_len:,} tokens "
+        f"(searched in multiples of {answer.step})"
+    )
+    further = answer.seq_len + answer.step
+    if answer.limit == "model":
+        return f"{head}; the model's limit binds: {further:,} tokens {answer.problem}"
+    return f"{head}; memory binds: {further:,} tokens need {human_bytes(answer.above.required_bytes)}"
+
+
+def _nothing_fits(line: str, solved: dict, budget: int, as_json: bool) -> int:
+    """Not even the smallest setting fits: one line (or its JSON), and the does-not-fit status."""
+    if as_json:
+        print(json.dumps({"fits": False, "budget_bytes": budget, "solve": solved, "message": line}, indent=1))
+    else:
+        print(line)
+    return 1
 
 
 def describe_run(config, plan: Plan) -> str:
