@@ -19,7 +19,12 @@
      eager fp32 reference and the Hugging Face peer (with Liger-Kernel when it is installed);
    - e2e: benchmarks/bench_e2e.py on the small preset, peers left out (the Llama run has them);
    - parallel: benchmarks/bench_parallel.py (torch.compile x activation checkpointing);
-   - optim: benchmarks/bench_optim.py (memory and speed of every optimizer, the 7B memory table).
+   - optim: benchmarks/bench_optim.py (memory and speed of every optimizer, the 7B memory table);
+   - context: the planner's longest train.seq_len (plan --plan.solve=seq_len) for llama-1b, bf16,
+     micro-batch 1, within a 14 GB budget that torch.cuda.set_per_process_memory_fraction makes
+     the lent card's limit, for full checkpointing and for full + activation offloading + tiled
+     MLP; each trained 2 steps at that length, recording whether it fit (no out-of-memory error),
+     max_memory_allocated / max_memory_reserved against the predicted peak, and the step times.
    A part's limit is what is left of the budget minus the shares of the parts after it, so time a
    part does not use goes to the next. A part that fails or runs out of time is recorded as such and
    the others still run.
@@ -276,6 +281,11 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
     optim_json = work / "optim.json"
     optim = [py, "benchmarks/bench_optim.py"] + (["--predict-only"] if dry_run else [f"--json={optim_json}"])
 
+    context_dir = work / "context"
+    context = [py, str(Path(__file__).resolve()), "--context-run", str(context_dir)] + (
+        ["--dry-run"] if dry_run else []
+    )
+
     gpu_tests = [*pytest, "-m", "gpu", "tests"]
     other_tests = [*pytest, "-m", "not gpu", *kernel_and_op_tests]
     return [
@@ -297,6 +307,7 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
         Part("e2e", 55, [e2e], lambda outputs: json_lines(e2e_record), e2e_env),
         Part("parallel", 50, [parallel], lambda outputs: read_json(parallel_json)),
         Part("optim", 45, [optim], lambda outputs: read_json(optim_json)),
+        Part("context", 60, [context], lambda outputs: read_json(context_dir / "context.json")),
     ]
 
 
@@ -395,6 +406,114 @@ def sync_debug_run(out_dir: Path, dry_run: bool) -> int:
     return 0 if report["passed"] else 1
 
 
+# ---- the context run (a child process of the suite) ----
+
+# A 14 GB card emulated on the lent one: the planner plans for plan.budget, and the caching allocator
+# is held to it minus the CUDA context (which it does not count), so "fits" means what it would there.
+CONTEXT_BUDGET = 14_000_000_000
+CONTEXT_RUNGS = {
+    "full checkpointing": ["--parallel.activation_checkpointing=full"],
+    "full + offloading + tiled MLP (16)": [
+        "--parallel.activation_checkpointing=full",
+        "--parallel.activation_offloading=true",
+        "--parallel.tiled_mlp=16",
+    ],
+}
+
+
+def context_run(out_dir: Path, dry_run: bool) -> int:
+    """Trains llama-1b (the tiny preset with --dry-run, on CPU) at the planner's longest seq_len for
+    each rung and records whether it fit and what the allocator measured. Exits 1 when a run the
+    planner said fits ran out of memory."""
+    import gc
+
+    import torch
+
+    from trainer import Trainer, load_config
+    from trainer.callbacks import TrainerCallback
+    from trainer.plan import predict_peak
+    from trainer.plan.choose import longest_seq_len
+    from trainer.plan.devices import CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, budget_bytes, resolve_device
+
+    cuda = torch.cuda.is_available() and not dry_run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        base = ["--model.preset=llama-1b", "--train.dtype=bf16", "--train.param_dtype=bf16", "--plan.device=auto"]
+        budget = CONTEXT_BUDGET
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget - CUDA_CONTEXT_BYTES) / total))
+    else:  # the plumbing: the tiny model on CPU, a budget its longest context is bound by
+        base = ["--model.preset=tiny", "--train.dtype=fp32", "--train.device=cpu", "--plan.device=cpu"]
+        budget = CPU_RUNTIME_BYTES + 12 * 2**20
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.start = [], 0.0
+
+        def on_step_begin(self, config, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, config, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.seconds.append(round(time.perf_counter() - self.start, 3))
+
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)", "budget_bytes": budget, "runs": []}
+    failed = False
+    for rung, flags in CONTEXT_RUNGS.items():
+        argv = [
+            *base,
+            *flags,
+            "--train.micro_batch_size=1",
+            "--train.seq_len=2048",
+            f"--plan.budget={budget}",
+            "--data.tokenizer=byte",
+            "--train.max_steps=2",
+            "--train.eval_every=0",
+            "--train.eval_batches=1",
+            "--checkpoint.save_every=0",
+            "--train.progress=none",
+            "--train.overwrite=true",
+            f"--train.output_dir={out_dir / 'run'}",
+        ]
+        config = load_config(None, argv)
+        answer = longest_seq_len(config, budget_bytes(config, resolve_device(config)))
+        record = {"rung": rung, "seq_len": answer.seq_len, "limit": answer.limit}
+        report["runs"].append(record)
+        if not answer.seq_len:
+            record.update(fit=None, error="the planner says nothing fits")
+            continue
+        config = load_config(None, [*argv, f"--train.seq_len={answer.seq_len}"])
+        plan = predict_peak(config)
+        record.update(predicted_peak_bytes=plan.peak_bytes, predicted_required_bytes=plan.required_bytes)
+        timer = StepTimes()
+        gc.collect()  # what an earlier rung's failed run left
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            Trainer(config, callbacks=[timer]).train()
+            record["fit"] = True
+        except Exception as error:  # recorded, and the next rung still runs
+            out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+            record.update(
+                fit=False if out_of_memory else None,
+                error=f"{type(error).__name__}: {error}"[:1000],
+                traceback=traceback.format_exc()[-2000:],
+            )
+            failed = True
+        record["step_seconds"] = timer.seconds
+        if cuda:
+            record.update(
+                max_memory_allocated=torch.cuda.max_memory_allocated(),
+                max_memory_reserved=torch.cuda.max_memory_reserved(),
+            )
+            record["allocated_over_predicted"] = round(record["max_memory_allocated"] / plan.peak_bytes, 4)
+        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+    (out_dir / "context.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if failed else 0
+
+
 # ---- the suite ----
 
 
@@ -406,10 +525,14 @@ def main() -> int:
     parser.add_argument("--out", help="results folder (default benchmarks/results; a temporary one with --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU at tiny shapes")
     parser.add_argument("--sync-debug-run", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--context-run", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sync_debug_run:
         sys.path[:0] = [str(SITE), str(ROOT)]
         return sync_debug_run(Path(args.sync_debug_run), args.dry_run)
+    if args.context_run:
+        sys.path[:0] = [str(SITE), str(ROOT)]
+        return context_run(Path(args.context_run), args.dry_run)
 
     suite_start = time.perf_counter()
     budget = args.budget or (900.0 if args.dry_run else 540.0)

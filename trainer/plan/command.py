@@ -184,13 +184,24 @@ def format_plan(config, plan: Plan, budget: int, device: str, suggestions: list,
     out = [f"plan: {describe_run(config, plan)}, on {device}"]
     if note:
         out.append(note)
-    out.append(f"peak of one step: {human_bytes(plan.peak_bytes)}, in the {plan.phase} ({plan.at})")
+    tensors = " (tensors)" if plan.rss_bytes else ""
+    out.append(f"peak of one step{tensors}: {human_bytes(plan.peak_bytes)}, in the {plan.phase} ({plan.at})")
     for name, nbytes in plan.breakdown.items():
         out.append(f"  {name:<{width}}{human_bytes(nbytes):>12}")
     for name, nbytes in plan.overheads.items():
         out.append(f"+ {name:<{width}}{human_bytes(nbytes):>12}")
     phases = ", ".join(f"{name} {human_bytes(v)}" for name, v in plan.phase_peaks.items() if name != "between steps")
     out.append(f"peak by phase: {phases}")
+    if plan.rss_bytes:
+        out.append(
+            f"process (RSS): {human_bytes(plan.rss_bytes)}, the process's predicted peak resident memory (the "
+            "tensors, the runtime, the run's build and the heap glibc keeps; fits is judged on tensors + runtime)"
+        )
+    if plan.ce_chunk_tokens < plan.ce_shape_chunk_tokens:
+        out.append(
+            f"fused loss: chunks of {plan.ce_chunk_tokens:,} tokens instead of {plan.ce_shape_chunk_tokens:,}, "
+            f"within the {human_bytes(plan.ce_chunk_bytes)} the budget leaves them"
+        )
     if plan.host_bytes:
         out.append(f"pinned host memory for offloaded activations: {human_bytes(plan.host_bytes)} (not in the peak)")
     need = plan.required_bytes

@@ -45,6 +45,32 @@ CUDA_CONTEXT_BYTES = 781 * MIB
 # 271 MiB resident after importing torch 2.13 and the trainer (measured, ru_maxrss, on the CPU build).
 CPU_RUNTIME_BYTES = 271 * MIB
 
+# A CPU run's resident memory (RSS) beyond that runtime, fitted to its measured growth from before
+# the Trainer is built to the end of its 4th step (VmHWM - VmRSS; benchmarks/bench_rss.py, which
+# prints the fit and each case, docs/memory.md the table): what the modules imported and the
+# objects made while the run is built take; the tensors' peak; a share of every byte the step
+# allocates, which glibc's heap keeps (freed blocks below its mmap threshold, which rises to 32 MiB
+# with the first large free, stay in the heap, fragmented, instead of going back to the system);
+# and the libraries an 8-bit optimizer or nf4 base imports (bitsandbytes). Leave-one-out over the
+# 17 cases the largest error was 10%.
+RSS_BUILD_BYTES = 129 * MIB
+RSS_PEAK_FACTOR = 0.92
+RSS_CHURN_FACTOR = 0.161
+RSS_BITSANDBYTES_BYTES = 55 * MIB
+
+
+def cpu_rss_bytes(peak_bytes: int, allocated_bytes: int, bitsandbytes: bool) -> int:
+    """The predicted peak resident memory of a CPU training process: the runtime, the run's build,
+    the tensors' peak, the heap's share of the step's allocations, bitsandbytes' libraries."""
+    return (
+        CPU_RUNTIME_BYTES
+        + RSS_BUILD_BYTES
+        + int(RSS_PEAK_FACTOR * peak_bytes)
+        + int(RSS_CHURN_FACTOR * allocated_bytes)
+        + (RSS_BITSANDBYTES_BYTES if bitsandbytes else 0)
+    )
+
+
 # The caching allocator holds freed blocks for reuse and rounds sizes up (to 512 bytes, large
 # blocks to 2 MiB segments), so the memory it reserves exceeds its allocated peak. PyTorch
 # documents when fragmentation happens but gives no typical size; this 5 % margin is our

@@ -167,3 +167,65 @@ def measure_training_peak(config, callbacks=(), phase: str = "step") -> Measurem
     return replay(
         prof.profiler.kineto_results.experimental_event_tree(), STEP_MARK if phase == "step" else FORWARD_MARK
     )
+
+
+# ---------------------------------------------------------------- the process's resident memory
+
+
+def _status_bytes(key: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS: resident now; VmHWM: the most resident since the
+    process began or since reset_peak_rss)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def reset_peak_rss() -> None:
+    """Sets VmHWM back to the present VmRSS (Linux >= 4.0: proc(5), /proc/pid/clear_refs, value 5)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+class _PeakRss(TrainerCallback):
+    """VmHWM at the end of each training step: the process's most resident memory up to then."""
+
+    def __init__(self):
+        self.step_peaks: list[int] = []
+
+    def on_step_end(self, config, state, control, **kwargs):
+        self.step_peaks.append(_status_bytes("VmHWM"))
+
+
+@dataclass
+class RssMeasurement:
+    before_bytes: int  # VmRSS just before the Trainer was built
+    peak_bytes: int  # VmHWM at the end of the last training step
+    step_peaks: list[int] = field(default_factory=list)  # VmHWM at each step's end
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak_bytes - self.before_bytes
+
+
+def measure_training_rss(config, callbacks=()) -> RssMeasurement:
+    """Trains `config` on CPU (Linux) and returns the process's peak resident memory up to the end
+    of its last step, and what was resident before the Trainer was built. What it counts beyond
+    the tensors: the allocator's cached and fragmented heap, the interpreter's objects and the
+    modules imported while the run is built, the data pipeline (tokenizer, token cache pages, the
+    prefetched batches), autograd's and the threads' own memory. Meant for a fresh process: memory
+    an earlier run left in the allocator's heap would be reused and hide part of the growth."""
+    from trainer.loop import Trainer
+
+    if config.train.device == "cuda":
+        raise ValueError("measure_training_rss measures a CPU run's resident memory")
+    peaks = _PeakRss()
+    threads = torch.get_num_threads()
+    reset_peak_rss()
+    before = _status_bytes("VmRSS")
+    try:
+        Trainer(config, callbacks=[peaks, *callbacks]).train()
+    finally:
+        torch.set_num_threads(threads)
+    return RssMeasurement(before, peaks.step_peaks[-1], peaks.step_peaks)

@@ -20,6 +20,7 @@ from trainer.plan.devices import (
     Device,
     allocator_slack,
     budget_bytes,
+    cpu_rss_bytes,
     library_workspace_bytes,
     peak_within,
 )
@@ -72,6 +73,9 @@ class Plan:
     ce_chunk_tokens: int = 0
     ce_shape_chunk_tokens: int = 0
     ce_chunk_bytes: int = 0
+    # On CPU, the process's predicted peak resident memory (RSS): the runtime, the run's build, the
+    # tensors and the heap the allocator keeps (trainer.plan.devices.cpu_rss_bytes); 0 on a GPU
+    rss_bytes: int = 0
 
     @property
     def required_bytes(self) -> int:
@@ -100,6 +104,7 @@ class Plan:
             "ce_chunk_tokens": self.ce_chunk_tokens,
             "ce_shape_chunk_tokens": self.ce_shape_chunk_tokens,
             "ce_chunk_bytes": self.ce_chunk_bytes,
+            "rss_bytes": self.rss_bytes,
         }
 
 
@@ -210,8 +215,14 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
         parameters=sum(p.numel for p in s.params),
         compute_dtype=s.compute_dtype,
         host_bytes=host.peak,
+        rss_bytes=cpu_rss_bytes(peak.bytes, tape.allocated, uses_bitsandbytes(s)) if s.device == "cpu" else 0,
         **_chunk_fields(s),
     )
+
+
+def uses_bitsandbytes(s: Setting) -> bool:
+    """An 8-bit optimizer or an nf4 base: the run imports bitsandbytes."""
+    return "8bit" in s.optim.name or (s.lora is not None and s.lora.quantize == "nf4")
 
 
 def replay(s: Setting, device_name: str = "") -> tuple[Tape, _Host]:

@@ -31,6 +31,7 @@ class Tape:
         self.peak = Peak()
         self.phase_peaks: dict[str, Peak] = {}
         self.op_peaks: dict[str, int] = defaultdict(int)  # the most alive while each op (or event) ran
+        self.allocated = 0  # every byte allocated, spikes included: how much the allocator is churned
         self._serial = 0
         self.log: list[tuple[str, int, int, str]] | None = None  # (phase, total, change, what) when tracing
 
@@ -48,6 +49,7 @@ class Tape:
         self.storages[name] = (nbytes, category)
         self.by_category[category] += nbytes
         self.total += nbytes
+        self.allocated += nbytes
         self._observe(what or name, 0, "")
         if self.log is not None:
             self.log.append((self.phase, self.total, nbytes, what or name))
@@ -75,6 +77,7 @@ class Tape:
     def spike(self, nbytes: int, category: str, what: str) -> None:
         """`nbytes` more for an instant (an op's own temporaries), on top of what is alive."""
         if nbytes > 0:
+            self.allocated += int(nbytes)
             self._observe(what, int(nbytes), category)
             if self.log is not None:
                 self.log.append((self.phase, self.total + int(nbytes), 0, f"spike +{int(nbytes):,} {what}"))
