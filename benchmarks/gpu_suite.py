@@ -510,6 +510,8 @@ def context_run(out_dir: Path, dry_run: bool) -> int:
             )
             record["allocated_over_predicted"] = round(record["max_memory_allocated"] / plan.peak_bytes, 4)
         print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+        # after each rung: a part cut short by its time limit keeps the rungs that finished
+        (out_dir / "context.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "context.json").write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
 

@@ -442,7 +442,7 @@ def test_no_budget_on_cpu_keeps_the_shape_chunk(tmp_path):
     assert loss_chunk_bytes(roomy) == 0 and predict_peak(roomy).peak_bytes == predict_peak(config).peak_bytes
 
 
-def test_the_run_is_built_with_the_planned_cap(tmp_path):
+def test_the_run_is_built_with_the_planned_cap(tmp_path, capsys):
     from trainer.build import build_run
 
     config = _config(tmp_path, **LOSS_BOUND)
@@ -451,6 +451,14 @@ def test_the_run_is_built_with_the_planned_cap(tmp_path):
     cap = loss_chunk_bytes(config)
     parts = build_run(config)
     assert cap > 0 and parts.model.kernels.ce_chunk_bytes == cap
+    plan = predict_peak(config)
+    same = {**TWO_STEPS, **LOSS_BOUND, "model.preset": "tiny", "data.tokenizer": "byte", "plan.budget": budget}
+    # 1: the backward's peak (the final norm's) is above this budget; the cap answers for the loss only
+    assert plan_command([f"--{key}={value}" for key, value in same.items()]) == 1
+    assert (
+        f"fused loss: chunks of {plan.ce_chunk_tokens:,} tokens instead of {plan.ce_shape_chunk_tokens:,}, "
+        f"within the {cap / 2**20:.1f} MiB the budget leaves them" in capsys.readouterr().out
+    )
 
 
 @pytest.mark.xfail(
