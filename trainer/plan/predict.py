@@ -131,7 +131,7 @@ def predict_peak(
 # A chunk the memory left caps is never smaller than this many tokens: below it each chunk's
 # weight-gradient GEMM reads and writes the whole (vocab x hidden) fp32 buffer for a handful of
 # rows, and the loss slows by orders of magnitude to save bytes that are then a small part of the
-# step (at 128 tokens an 8B Llama's bf16 chunks take 64 MiB).
+# step (at 128 tokens an 8B Llama's two bf16 chunk buffers take 63 MiB).
 MIN_CAPPED_CHUNK_TOKENS = 128
 
 
