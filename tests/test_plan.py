@@ -461,11 +461,6 @@ def test_the_run_is_built_with_the_planned_cap(tmp_path, capsys):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer/models/llama.py calls ops.linear_cross_entropy without chunk_bytes=self.kernels.ce_chunk_bytes "
-    "(a file of the models' owner; the one-line change is in docs/memory.md)",
-)
 def test_the_model_passes_the_chunk_cap_to_the_loss(monkeypatch):
     import trainer.ops.cross_entropy as ce
     from trainer.models import Transformer

@@ -470,5 +470,6 @@ class Transformer(nn.Module):
             bias=self.lm_head.bias,
             normalizer=normalizer,
             softcap=cap,
+            chunk_bytes=self.kernels.ce_chunk_bytes,
             force=self.kernels.fused_ce,
         )
