@@ -18,6 +18,8 @@ def build(
 ) -> Transformer:
     """A randomly initialised model from a preset name (vocab from `vocab_size` if the preset has none)."""
     args = resolve_args(preset_or_args, vocab_size) if isinstance(preset_or_args, str) else preset_or_args
+    if seed is not None:  # what follows (LoRA's adapters, dropout) draws from the global generator
+        torch.manual_seed(seed)
     model = Transformer(args, kernels)
     model.init_weights(seed=seed or 0)
     return model
