@@ -71,6 +71,8 @@ def build(args):
 def forward_backward(module, x, grad):
     x = x.detach().requires_grad_()
     out = module(x)
+    if isinstance(out, tuple):  # ours also returns its routing figures
+        out = out[0]
     out.backward(grad)
     return out
 
