@@ -36,6 +36,7 @@ from trainer.parallel.distributed import barrier, env_from_launcher
 from trainer.parallel.expert_parallel import check_expert_parallel
 from trainer.parallel.float8 import check_float8
 from trainer.parallel.materialize import materialize
+from trainer.parallel.tensor_parallel import check_tensor_parallel
 from trainer.plan import choose_micro_batch, loss_chunk_bytes, resolve_budget
 from trainer.plan.shapes import model_args
 from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
@@ -113,6 +114,8 @@ class RunParts:
         """The line a run starts with: what trains, where, on what, into which folder."""
         n_params = parameter_count(self.params)
         ranks = f" | {self.env.world_size} ranks, {self.config.parallel.strategy}" if self.env.world_size > 1 else ""
+        if self.env.tensor_parallel > 1:
+            ranks += f" x tensor parallel {self.env.tensor_parallel}"
         return (
             f"model: {n_params / 1e6:.2f}M trainable parameters | device {self.device} | compute dtype "
             f"{str(self.compute_dtype).removeprefix('torch.')} | data: {self.data.describe()} "
@@ -278,11 +281,13 @@ def build_run(config: TrainConfig) -> RunParts:
     if cfg.parallel.expert_parallel > 1:
         n_experts = model_args(cfg).n_experts
         check_expert_parallel(cfg.parallel.expert_parallel, n_experts, env_from_launcher().world_size)
+    if cfg.parallel.tensor_parallel > 1:
+        check_tensor_parallel(cfg.parallel.tensor_parallel, model_args(cfg), env_from_launcher().world_size)
     output = plan_output(t, cfg.checkpoint)
     t.output_dir = str(output.folder)
     messages += output.messages
     effective_warmup(cfg, messages)
-    env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device))
+    env, device = init_distributed(cfg.parallel.strategy, resolve_device(t.device), cfg.parallel.tensor_parallel)
     compute_dtype = resolve_dtype(t.dtype, device)
     check_float8(t.float8, device, cfg.lora.rank)
     if t.micro_batch_size == "auto":  # the largest micro-batch the planner predicts to fit; saved in config.toml
@@ -291,7 +296,8 @@ def build_run(config: TrainConfig) -> RunParts:
     # The fused loss's chunks sized by the memory the planner predicts is left for them, once, here:
     # reading the free memory at each call would sync with the GPU. 0 (the shape's chunk) unless
     # that room is smaller than the shape's chunk needs.
-    ce_chunk_bytes = loss_chunk_bytes(cfg, env.world_size)
+    # (The vocabulary-parallel loss of tensor parallelism sizes its own chunks.)
+    ce_chunk_bytes = loss_chunk_bytes(cfg, env.world_size) if env.mesh is None else 0
     if ce_chunk_bytes:
         messages.append(
             f"the fused loss's logit chunks are kept within {ce_chunk_bytes / 2**20:,.0f} MiB, "
@@ -330,8 +336,8 @@ def build_run(config: TrainConfig) -> RunParts:
         t.seq_len,
         t.micro_batch_size,
         t.grad_accum_steps,
-        world_size=env.world_size,
-        rank=env.rank,
+        world_size=env.data_parallel_size,
+        rank=env.data_parallel_rank,
         seed=t.seed,
         document_ids=cfg.data.document_mask,
     )
@@ -356,7 +362,9 @@ def build_run(config: TrainConfig) -> RunParts:
     barrier()
     evaluator = None
     if data.val is not None:
-        evaluator = Evaluator.for_run(cfg, data.val, device, compute_dtype, env.world_size, env.rank)
+        evaluator = Evaluator.for_run(
+            cfg, data.val, device, compute_dtype, env.data_parallel_size, env.data_parallel_rank, env.data_parallel_group
+        )
     else:
         messages.append(
             f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "

@@ -264,6 +264,11 @@ class ParallelConfig:
     # copies travel to their expert's rank and back by all-to-all (with parallel.strategy=fsdp; N
     # must divide the experts and, for now, equal the number of ranks). 1: every rank holds them all.
     expert_parallel: int = 1
+    # Tensor parallelism: each block's attention heads and MLP width split over N consecutive ranks,
+    # the norms over the sequence, the vocabulary of the embedding and the loss over the same ranks
+    # (trainer/parallel/tensor_parallel.py). With parallel.strategy=fsdp; the world size over N
+    # ranks train on different batches (FSDP2 shards over them). 1: off.
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -378,6 +383,7 @@ class TrainConfig:
             raise ConfigError(
                 f"parallel.expert_parallel={p.expert_parallel} needs parallel.strategy=fsdp, got {p.strategy}"
             )
+        _check_tensor_parallel(self)
         _check_optim(self)
         _check_lora(self)
         return self
@@ -413,6 +419,35 @@ def report_to(t: TrainingConfig) -> list[str]:
     if t.tensorboard and "tensorboard" not in names:
         names.append("tensorboard")
     return list(dict.fromkeys(names))  # each once, in the order given
+
+
+def _check_tensor_parallel(cfg: TrainConfig) -> None:
+    """parallel.tensor_parallel against the settings it cannot run with (the model's shape and the
+    world size are checked in trainer/parallel/tensor_parallel.py)."""
+    p, n = cfg.parallel, cfg.parallel.tensor_parallel
+    if n < 1:
+        raise ConfigError(f"parallel.tensor_parallel must be 1 or more, got {n}")
+    if n == 1:
+        return
+    if p.strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.tensor_parallel={n} needs parallel.strategy=fsdp (FSDP2 shards over the "
+            f"data-parallel ranks), got {p.strategy}"
+        )
+    refused = {
+        "lora.rank > 0": cfg.lora.rank > 0,
+        f"train.float8={cfg.train.float8}": cfg.train.float8 != "none",
+        f"parallel.tiled_mlp={p.tiled_mlp}": p.tiled_mlp > 0,
+        f"parallel.expert_parallel={p.expert_parallel}": p.expert_parallel > 1,
+        "parallel.activation_offloading=true": p.activation_offloading,
+        "train.micro_batch_size=auto": cfg.train.micro_batch_size == "auto",
+    }
+    for setting, present in refused.items():
+        if present:
+            raise ConfigError(
+                f"parallel.tensor_parallel={n} does not work with {setting} yet; use parallel.tensor_parallel=1 "
+                "or turn that setting off"
+            )
 
 
 def _check_data(d: DataConfig) -> None:

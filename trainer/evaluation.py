@@ -31,14 +31,16 @@ class Evaluator:
         compute_dtype: torch.dtype,
         world_size: int = 1,
         rank: int = 0,
+        group=None,
     ):
         self.val_tokens, self.seq_len, self.batch_size = val_tokens, seq_len, batch_size
         self.max_batches, self.document_ids = max_batches or None, document_ids
         self.device, self.compute_dtype = device, compute_dtype
-        self.world_size, self.rank = world_size, rank
+        # world_size, rank: the data-parallel ones; group: the ranks whose figures add up (None: all).
+        self.world_size, self.rank, self.group = world_size, rank, group
 
     @classmethod
-    def for_run(cls, config, val_tokens, device, compute_dtype, world_size: int = 1, rank: int = 0):
+    def for_run(cls, config, val_tokens, device, compute_dtype, world_size: int = 1, rank: int = 0, group=None):
         t = config.train
         return cls(
             val_tokens,
@@ -50,6 +52,7 @@ class Evaluator:
             compute_dtype=compute_dtype,
             world_size=world_size,
             rank=rank,
+            group=group,
         )
 
     @torch.no_grad()
@@ -82,6 +85,6 @@ class Evaluator:
                 ).double()
         model.train(was_training)
         totals = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
-        total, count = all_reduce_sum(totals).tolist()
+        total, count = all_reduce_sum(totals, self.group).tolist()
         loss = total / max(count, 1)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": int(count)}

@@ -91,8 +91,9 @@ class Trainer:
         tokens, MoE routing figures or None). An MoE model's objective adds router_aux_loss_coef times
         the mean over the step's micro-batches (on every rank) of each one's load-balancing loss."""
         p = self.parts
-        world_size = p.env.world_size
-        label_tokens = all_reduce_sum(batch.label_tokens.to(p.device, non_blocking=True))
+        # The ranks of a tensor-parallel group share a batch: only the data-parallel ranks' add up.
+        world_size = p.env.data_parallel_size
+        label_tokens = all_reduce_sum(batch.label_tokens.to(p.device, non_blocking=True), p.env.data_parallel_group)
         normalizer = label_tokens.clamp(min=1)
         micro_batches = batch.to(p.device)
         loss_sum = torch.zeros((), device=p.device)
@@ -119,11 +120,13 @@ class Trainer:
                         counts = p.model.expert_assignments().flatten()
                         figures = torch.cat([(aux_share * aux.detach()).view(1), counts]).float()
                         routing = figures if routing is None else routing + figures
-                # DDP and FSDP average gradients over ranks; scaled by the world size, that average
-                # is the sum over the global batch, i.e. the one-process gradient.
+                # DDP and FSDP average gradients over the data-parallel ranks; scaled by their
+                # number, that average is the sum over the global batch, i.e. the one-process gradient.
                 grad_loss = objective * world_size if world_size > 1 else objective
                 (p.scaler.scale(grad_loss) if p.scaler is not None else grad_loss).backward()
             loss_sum += loss.detach().float()
+        if p.env.tensor_parallel > 1:  # every rank of a tensor-parallel group computed the same loss
+            loss_sum /= p.env.tensor_parallel
         return loss_sum, label_tokens, routing
 
     def train_step(self, batch: StepBatch) -> StepResult:
@@ -203,7 +206,7 @@ class Trainer:
         if state.step == 0 and p.evaluator is not None:
             self.metrics.log_eval(self.evaluate())  # the starting point of the eval curve
         # The loader's position is taken before the prefetcher's thread takes the loader over.
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.world_size
+        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * t.seq_len * p.env.data_parallel_size
         n_experts = p.model.args.n_experts
         run = self.progress = RunProgress(p.device, tokens_per_step, state, p.loader.state_dict(), n_experts)
         if p.device.type == "cuda":

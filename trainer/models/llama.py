@@ -119,12 +119,13 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, t, self.n_heads, self.head_dim)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        # -1: under tensor parallelism a rank holds n_heads / N of the heads (trainer/parallel/tensor_parallel.py).
+        q = q.view(b, t, -1, self.head_dim)
+        k = k.view(b, t, -1, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.rotary_dim is None:
             q, k = ops.rope(q, k, cos, sin, force=self.kernels.rope)
         else:  # partial rotary (Phi-3): the first rotary_dim dimensions of each head turn, the rest pass
@@ -224,7 +225,7 @@ class LlamaModel(nn.Module):
         masks = {w: attention_mask(document_ids, w, seq_len, device, flex_on_cuda=flex) for w in set(windows)}
         x = self.embed_tokens(input_ids)
         if args.embed_scale:  # Gemma: sqrt(hidden) rounded to the embeddings' dtype first, as transformers does
-            x = x * torch.tensor(args.hidden_size**0.5, dtype=x.dtype)
+            x = x * torch.tensor(args.hidden_size**0.5, dtype=x.dtype).item()
         if self.training and self.neftune_alpha > 0:
             x = neftune_noise(x, self.neftune_alpha)
         routings = []
@@ -361,6 +362,9 @@ class Transformer(nn.Module):
         self.model = LlamaModel(args, self.kernels)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
+        # Tensor parallelism (trainer/parallel/tensor_parallel.py): the hidden states are a DTensor and
+        # each rank holds rows of lm_head.weight, so the loss is the vocabulary-parallel one.
+        self.vocab_parallel = False
 
     def tie_weights(self) -> None:
         # Moving a module between devices (to_empty, FSDP) can leave two Parameters: tie them again.
@@ -461,6 +465,8 @@ class Transformer(nn.Module):
                 count = (labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer
                 loss = loss / count
             return loss
+        if self.vocab_parallel:
+            return vocab_parallel_loss(hidden, self.lm_head.weight, labels, ignore_index, reduction, normalizer, cap)
         return ops.linear_cross_entropy(
             hidden,
             self.lm_head.weight,
@@ -473,3 +479,34 @@ class Transformer(nn.Module):
             chunk_bytes=self.kernels.ce_chunk_bytes,
             force=self.kernels.fused_ce,
         )
+
+
+def vocab_parallel_loss(hidden, weight, labels, ignore_index: int, reduction: str, normalizer, softcap) -> torch.Tensor:
+    """The loss of a tensor-parallel model: `hidden` a DTensor sharded along the sequence, `weight`
+    one sharded by vocabulary rows. Every rank gathers the hidden states of all positions (the
+    gradient that returns is each rank's partial sum, reduce-scattered back), and computes the
+    logits of its own rows only."""
+    from torch.distributed.tensor import Partial, Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from trainer.ops.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
+
+    mesh = weight.device_mesh
+    everywhere = [Replicate()] * mesh.ndim
+    local_hidden = hidden.redistribute(hidden.device_mesh, everywhere).to_local(grad_placements=[Partial()] * mesh.ndim)
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    losses = vocab_parallel_cross_entropy(
+        local_hidden,
+        weight.to_local(),
+        labels,
+        vocab_start=offset[0],
+        group=mesh.get_group(),
+        ignore_index=ignore_index,
+        softcap=softcap,
+    )
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / ((labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer)

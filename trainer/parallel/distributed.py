@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from trainer.errors import ConfigError
 
@@ -36,6 +37,9 @@ class ParallelEnv:
     local_rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False  # created by init_distributed, so shutdown() destroys it
+    # parallel.tensor_parallel > 1: the (dp, tp) DeviceMesh (trainer/parallel/tensor_parallel.py);
+    # the ranks of one tensor-parallel group train on the same batches.
+    mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +48,24 @@ class ParallelEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def tensor_parallel(self) -> int:
+        return 1 if self.mesh is None else self.mesh["tp"].size()
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different batches each step trains on: the ranks over the tensor-parallel degree."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_parallel_group(self) -> dist.ProcessGroup | None:
+        """The ranks with different batches, this one's among them (None: every rank)."""
+        return None if self.mesh is None else self.mesh["dp"].get_group()
 
 
 def env_from_launcher() -> ParallelEnv:
@@ -59,8 +81,9 @@ def env_from_launcher() -> ParallelEnv:
     return ParallelEnv(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def init_distributed(strategy: str, device: torch.device) -> tuple[ParallelEnv, torch.device]:
-    """Joins the process group when launched with more than one process; returns (env, this rank's device)."""
+def init_distributed(strategy: str, device: torch.device, tensor_parallel: int = 1) -> tuple[ParallelEnv, torch.device]:
+    """Joins the process group when launched with more than one process; returns (env, this rank's
+    device). tensor_parallel > 1 (checked against the world size before) makes the (dp, tp) mesh."""
     env = env_from_launcher()
     if not env.distributed:
         return env, device
@@ -77,11 +100,17 @@ def init_distributed(strategy: str, device: torch.device) -> tuple[ParallelEnv, 
             )
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
-    if dist.is_initialized():  # the caller set it up (a notebook, a custom launcher): leave it to them
-        return env, device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
-    return dataclasses.replace(env, owns_process_group=True), device
+    if not dist.is_initialized():  # else the caller set it up (a notebook, a custom launcher): leave it to them
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+        env = dataclasses.replace(env, owns_process_group=True)
+    if tensor_parallel > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Consecutive ranks form a tensor-parallel group: on a node, its fastest links.
+        shape = (env.world_size // tensor_parallel, tensor_parallel)
+        env = dataclasses.replace(env, mesh=init_device_mesh(device.type, shape, mesh_dim_names=("dp", "tp")))
+    return env, device
 
 
 def barrier() -> None:
@@ -98,10 +127,10 @@ def shutdown(env: ParallelEnv, failed: bool) -> None:
     dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place, without a host sync (the identity in one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of `group` (None: all), in place, without a host sync (the identity in one process)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 

@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.parallel.tensor_parallel import is_tensor_parallel
+
 
 def apply_fsdp(
     model: nn.Module,
@@ -71,7 +73,8 @@ def apply_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    """Sharded by FSDP2 or split by tensor parallelism: its checkpoints go through DCP."""
+    return isinstance(model, FSDPModule) or is_tensor_parallel(model)
 
 
 @contextlib.contextmanager

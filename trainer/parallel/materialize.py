@@ -1,13 +1,13 @@
-"""A sharded model's weights written shard by shard: the model is built on the meta device, sharded
-by FSDP2 (its parameters become DTensors split along their first dimension), and only then given
-storage, each rank filling its own rows. No rank ever holds the whole model.
+"""A sharded model's weights written shard by shard: the model is built on the meta device, split by
+tensor parallelism and sharded by FSDP2 (its parameters become DTensors), and only then given
+storage, each rank filling its own part. No rank ever holds the whole model.
 
-- From a Hugging Face folder, each rank reads only its rows of each tensor with safetensors'
+- From a Hugging Face folder, each rank reads only its part of each tensor with safetensors'
   slicing (`get_slice`), one tensor at a time; an MoE layer's stacked experts read only the experts
   of the rank's rows.
 - From scratch, each parameter's whole initial value is made from a generator seeded with the run's
-  seed and the parameter's name (Transformer.initial_weights) and each rank keeps its rows: the same
-  weights on 1, 2 or N ranks, with one parameter at a time in memory (torchtitan builds a seed
+  seed and the parameter's name (Transformer.initial_weights) and each rank keeps its part: the same
+  weights on 1, 2 or N ranks and any mesh, with one parameter at a time in memory (torchtitan builds a seed
   checkpoint on one rank instead; a per-parameter seed needs no extra step or file).
 """
 
@@ -23,24 +23,22 @@ from trainer.errors import CheckpointError
 from trainer.models.hf import _join, _skipped, expert_sources, weight_files
 
 
-def local_rows(param: torch.Tensor) -> slice:
-    """The rows (first dimension) of `param`'s whole value that this rank holds: all of a plain
-    tensor's, a DTensor's own shard's (FSDP2 and expert parallelism shard dimension 0)."""
+def local_region(param: torch.Tensor) -> tuple[slice, ...]:
+    """The part of `param`'s whole value this rank holds, one slice per dimension: all of a plain
+    tensor, a DTensor's own shard (FSDP2 and expert parallelism split dimension 0, tensor
+    parallelism dimension 0 or 1, and FSDP2 over tensor parallelism both)."""
     if not hasattr(param, "device_mesh"):
-        return slice(0, param.shape[0] if param.dim() else None)
-    from torch.distributed.tensor import Replicate, Shard
+        return tuple(slice(0, n) for n in param.shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in param.placements):
-        raise ValueError(f"expected a DTensor sharded along dimension 0, got placements {param.placements}")
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    return slice(offset[0], offset[0] + shape[0])
+    return tuple(slice(start, start + n) for start, n in zip(offset, shape))
 
 
-def write_local(param: torch.Tensor, rows: torch.Tensor) -> None:
-    """Copies this rank's rows (already selected) into `param`'s local storage."""
+def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
+    """Copies this rank's part (already selected) into `param`'s local storage."""
     local = param.to_local() if hasattr(param, "to_local") else param
-    local.copy_(rows.to(local.dtype).view(local.shape))
+    local.copy_(part.to(local.dtype).view(local.shape))
 
 
 @torch.no_grad()
@@ -50,14 +48,14 @@ def materialize(model: nn.Module, device: torch.device, from_hf: str | None, see
     model.to_empty(device=device)
     model.materialize_rotary(device)
     if from_hf:
-        read_local_rows(model, from_hf)
+        read_local_parts(model, from_hf)
         return
     for _, param, values in model.initial_weights(seed):
-        write_local(param, values[local_rows(param)])
+        write_local(param, values[local_region(param)])
 
 
-def read_local_rows(model: nn.Module, path: str | Path) -> None:
-    """Each parameter's local rows from a folder's safetensors, read by slice: a rank reads its part
+def read_local_parts(model: nn.Module, path: str | Path) -> None:
+    """Each parameter's local part from a folder's safetensors, read by slice: a rank reads its part
     of each tensor and nothing else. Checkpoint tensors the model lacks, or a missing or misshapen
     one, are refused as assign_weights refuses them.
 
@@ -78,26 +76,30 @@ def read_local_rows(model: nn.Module, path: str | Path) -> None:
             + (f"unexpected tensor {unexpected[0]}" if unexpected else f"missing {missing[:3]}")
         )
 
-    def read(name: str, rows: slice | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def read(name: str, region: tuple[slice, ...] | None = None, whole: tuple[int, ...] | None = None):
+        """(the region of tensor `name`, all of it without one; its whole shape); None instead of the
+        values when the shape is not `whole`."""
         with safe_open(file_of[name], framework="pt") as f:
             sliced = f.get_slice(name)
             shape = tuple(sliced.get_shape())
-            return (sliced[:] if rows is None else sliced[rows.start : rows.stop]), shape
+            if whole is not None and shape != whole:
+                return None, shape
+            return (sliced[:] if region is None else sliced[region]), shape
 
     for name, param in own.items():
-        rows = local_rows(param)
+        region = local_region(param)
         names = sources.get(name, [name])
         if len(names) > 1:  # stacked experts: dimension 0 is the experts, read only this rank's
             gate_up = name.endswith("gate_up_proj")
             stored = len(names) // 2 if gate_up else len(names)
-            chosen = range(rows.start, rows.stop)  # the experts (dimension 0) this rank holds
+            chosen = range(region[0].start, region[0].stop)  # the experts (dimension 0) this rank holds
             picked = [names[e] for e in chosen] + ([names[stored + e] for e in chosen] if gate_up else [])
             parts = [read(n) for n in picked]
-            per_expert = parts[0][1] if parts else read(names[0], slice(0, 0))[1]
+            per_expert = parts[0][1] if parts else read(names[0], (slice(0, 0),))[1]
             shape = (stored, 2 * per_expert[0], per_expert[1]) if gate_up else (stored, *per_expert)
             values = _join(name, [t for t, _ in parts]) if parts else None
         else:  # one checkpoint tensor, maybe under another name (the MoE router)
-            values, shape = read(names[0], rows)
+            values, shape = read(names[0], region, tuple(param.shape))
         if tuple(shape) != tuple(param.shape):
             raise CheckpointError(
                 f"checkpoint {path} does not fit this model: {name} is {tuple(shape)} there but "

@@ -12,6 +12,7 @@ from trainer.parallel.expert_parallel import apply_expert_parallel, world_mesh
 from trainer.parallel.float8 import apply_float8
 from trainer.parallel.fsdp import apply_ddp, apply_fsdp
 from trainer.parallel.offload import apply_activation_offloading
+from trainer.parallel.tensor_parallel import apply_tensor_parallel
 from trainer.parallel.tiled_mlp import apply_tiled_mlp
 
 
@@ -31,10 +32,14 @@ def parallelize(
     tiled), checkpointing replaces each block's forward, compile then traces it (checkpoint regions
     and all), activation offloading wraps each block's call outside the checkpoint and the compiled
     code (so its hooks see what they save), and FSDP/DDP hooks go on last. With one process, ddp
-    and fsdp have nothing to distribute and the model stays as it is.
+    and fsdp have nothing to distribute and the model stays as it is. Tensor parallelism splits the
+    modules first (env.mesh), and FSDP2 then shards over the data-parallel ranks only (none when
+    every rank is in one tensor-parallel group).
     """
     if float8 != "none":  # the linears become Float8Linear before anything wraps the blocks
         apply_float8(model, float8, fsdp=env.distributed and parallel.strategy == "fsdp")
+    if env.mesh is not None:
+        apply_tensor_parallel(model, env.mesh["tp"])
     apply_tiled_mlp(model, parallel.tiled_mlp)
     apply_activation_checkpointing(model, parallel.activation_checkpointing)
     if parallel.compile:
@@ -45,6 +50,10 @@ def parallelize(
         return model
     if parallel.strategy == "fsdp":
         mesh, experts = None, None
+        if env.mesh is not None:
+            if env.data_parallel_size == 1:
+                return model
+            mesh = env.mesh["dp"]
         if parallel.expert_parallel > 1:
             mesh = world_mesh(device.type)
             experts = set(apply_expert_parallel(model, mesh))

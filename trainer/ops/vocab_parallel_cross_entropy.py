@@ -1,0 +1,111 @@
+"""Cross-entropy over a vocabulary split across tensor-parallel ranks, logits never whole on any rank.
+
+Each rank holds rows [start, start + V/N) of the output projection and every token's hidden state.
+Per chunk of tokens, a rank computes only its slice of the logits, then one all-gather of two
+numbers per token (the slice's logsumexp and, on the rank whose slice holds the label, the label's
+logit) gives every rank the full logsumexp and the target logit (Megatron-LM's vocabulary-parallel
+cross-entropy, Shoeybi et al. 2019, section 3, with the max/sum all-reduces folded into one gather
+of logsumexps). Backward recomputes the chunk's logits: the gradient of the hidden states is each
+rank's partial sum over its vocabulary slice (the caller sums it over the ranks), the weight's is
+the rank's own rows.
+
+The chunks keep a rank's logits about as large as the hidden states (as the fused loss does), so
+memory is flat in the vocabulary; the matmuls run in the inputs' dtype and everything after them in
+fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from trainer.constants import IGNORE_INDEX
+
+
+def chunk_size(n_tokens: int, hidden_size: int, local_vocab: int) -> int:
+    """Tokens per chunk: a chunk's fp32 logits about as large as the fp32 hidden states of all tokens."""
+    return max(1, min(n_tokens, (n_tokens * hidden_size) // max(local_vocab, 1)))
+
+
+def _local_logits(h: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
+    logits = (h @ weight.T).float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_start, group, ignore_index, softcap):
+        n, local_vocab = hidden.shape[0], weight.shape[0]
+        world = dist.get_world_size(group)
+        step = chunk_size(n, hidden.shape[1], local_vocab)
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            logits = _local_logits(hidden[rows], weight, softcap)
+            local = labels[rows] - vocab_start
+            here = (local >= 0) & (local < local_vocab)
+            target = logits.gather(1, local.clamp(0, local_vocab - 1)[:, None])[:, 0] * here
+            mine = torch.stack((torch.logsumexp(logits, dim=1), target))  # (2, chunk)
+            everyone = torch.empty((world * 2, mine.shape[1]), dtype=mine.dtype, device=mine.device)
+            dist.all_gather_single(everyone, mine, group=group)
+            everyone = everyone.view(world, 2, -1)
+            lse[rows] = torch.logsumexp(everyone[:, 0], dim=0)
+            losses[rows] = lse[rows] - everyone[:, 1].sum(dim=0)
+        losses = losses.masked_fill(labels == ignore_index, 0.0)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.vocab_start, ctx.ignore_index, ctx.softcap, ctx.step = vocab_start, ignore_index, softcap, step
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        n, local_vocab = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        scale = grad_losses.float().masked_fill(labels == ctx.ignore_index, 0.0)
+        for start in range(0, n, ctx.step):
+            rows = slice(start, min(start + ctx.step, n))
+            logits = _local_logits(hidden[rows], weight, ctx.softcap)
+            grad = torch.exp(logits - lse[rows, None])  # softmax over the whole vocabulary, this slice
+            local = labels[rows] - ctx.vocab_start
+            here = (local >= 0) & (local < local_vocab)
+            grad[here, local[here]] -= 1.0
+            grad *= scale[rows, None]
+            if ctx.softcap is not None:  # d/dz softcap * tanh(z / softcap) = 1 - tanh^2
+                grad *= 1.0 - (logits / ctx.softcap) ** 2
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad @ weight
+            grad_weight += grad.T.float() @ hidden[rows].float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    vocab_start: int,
+    group: dist.ProcessGroup,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+) -> Tensor:
+    """Per-token losses, shaped like `labels`, of (hidden @ W.T) against `labels`, where `weight` is
+    this rank's rows [vocab_start, vocab_start + len(weight)) of W and the ranks of `group` hold the
+    rest. hidden (..., hidden_size) is every token's (the same on every rank); ignored labels give 0.
+
+    The gradient reaching `hidden` is this rank's part only: the caller sums it over `group` (a
+    DTensor with a Partial placement does). Every rank must call it with the same tokens."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} need the same leading shape")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as a linear layer under autocast would compute
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        losses = _VocabParallelCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), vocab_start, group, ignore_index, softcap
+        )
+    return losses.view(labels.shape)
