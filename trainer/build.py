@@ -362,9 +362,8 @@ def build_run(config: TrainConfig) -> RunParts:
     barrier()
     evaluator = None
     if data.val is not None:
-        evaluator = Evaluator.for_run(
-            cfg, data.val, device, compute_dtype, env.data_parallel_size, env.data_parallel_rank, env.data_parallel_group
-        )
+        dp_size, dp_rank, dp_group = env.data_parallel_size, env.data_parallel_rank, env.data_parallel_group
+        evaluator = Evaluator.for_run(cfg, data.val, device, compute_dtype, dp_size, dp_rank, dp_group)
     else:
         messages.append(
             f"no validation data (data.val_fraction={cfg.data.val_fraction} put no document of "

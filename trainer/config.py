@@ -440,6 +440,8 @@ def _check_tensor_parallel(cfg: TrainConfig) -> None:
         f"parallel.tiled_mlp={p.tiled_mlp}": p.tiled_mlp > 0,
         f"parallel.expert_parallel={p.expert_parallel}": p.expert_parallel > 1,
         "parallel.activation_offloading=true": p.activation_offloading,
+        # torch 2.13's compiled autograd of a DTensor block fails ("'Tensor' object has no attribute 'elem'").
+        "parallel.compile=true": p.compile,
         "train.micro_batch_size=auto": cfg.train.micro_batch_size == "auto",
     }
     for setting, present in refused.items():

@@ -11,7 +11,7 @@ the rank's own rows.
 
 The chunks keep a rank's logits about as large as the hidden states (as the fused loss does), so
 memory is flat in the vocabulary; the matmuls run in the inputs' dtype and everything after them in
-fp32.
+fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def chunk_size(n_tokens: int, hidden_size: int, local_vocab: int) -> int:
     return max(1, min(n_tokens, (n_tokens * hidden_size) // max(local_vocab, 1)))
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+
+
 def _local_logits(h: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
-    logits = (h @ weight.T).float()
+    logits = h @ weight.T
+    logits = logits.to(_accumulation_dtype(logits.dtype))
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
@@ -39,8 +44,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n, local_vocab = hidden.shape[0], weight.shape[0]
         world = dist.get_world_size(group)
         step = chunk_size(n, hidden.shape[1], local_vocab)
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(n, dtype=_accumulation_dtype(hidden.dtype), device=hidden.device)
+        lse = torch.empty_like(losses)
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
             logits = _local_logits(hidden[rows], weight, softcap)
@@ -63,8 +68,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         n, local_vocab = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        scale = grad_losses.float().masked_fill(labels == ctx.ignore_index, 0.0)
+        accumulate = _accumulation_dtype(weight.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
+        scale = grad_losses.to(lse.dtype).masked_fill(labels == ctx.ignore_index, 0.0)
         for start in range(0, n, ctx.step):
             rows = slice(start, min(start + ctx.step, n))
             logits = _local_logits(hidden[rows], weight, ctx.softcap)
@@ -78,7 +84,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad @ weight
-            grad_weight += grad.T.float() @ hidden[rows].float()
+            grad_weight += grad.T.to(accumulate) @ hidden[rows].to(accumulate)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 

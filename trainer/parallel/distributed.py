@@ -101,8 +101,10 @@ def init_distributed(strategy: str, device: torch.device, tensor_parallel: int =
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # else the caller set it up (a notebook, a custom launcher): leave it to them
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+        on_cuda = device.type == "cuda"
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=device if on_cuda else None
+        )
         env = dataclasses.replace(env, owns_process_group=True)
     if tensor_parallel > 1:
         from torch.distributed.device_mesh import init_device_mesh

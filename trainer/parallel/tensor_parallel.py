@@ -59,7 +59,8 @@ def check_tensor_parallel(degree: int, args: ModelArgs, world_size: int) -> None
     }
     for what, size in sizes.items():
         if size % degree:
-            fits = [d for d in range(2, min(args.n_heads, args.n_kv_heads) + 1) if all(s % d == 0 for s in sizes.values())]
+            most = min(args.n_heads, args.n_kv_heads)
+            fits = [d for d in range(2, most + 1) if all(s % d == 0 for s in sizes.values())]
             choose = f"choose one of {', '.join(map(str, fits))}" if fits else "use parallel.tensor_parallel=1"
             raise ConfigError(f"parallel.tensor_parallel={degree} does not divide the model's {size} {what}; {choose}")
     unsupported = {
@@ -69,7 +70,9 @@ def check_tensor_parallel(degree: int, args: ModelArgs, world_size: int) -> None
     }
     for what, present in unsupported.items():
         if present:
-            raise ConfigError(f"parallel.tensor_parallel={degree} cannot split {what} yet; use parallel.tensor_parallel=1")
+            raise ConfigError(
+                f"parallel.tensor_parallel={degree} cannot split {what} yet; use parallel.tensor_parallel=1"
+            )
 
 
 def device_mesh(device_type: str, world_size: int, tensor_parallel: int) -> DeviceMesh:
@@ -119,8 +122,9 @@ def block_plan(block: DecoderLayer) -> dict[str, object]:
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
     }
-    for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
-        if hasattr(block, norm):
+    norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+    for norm in norms:
+        if hasattr(block, norm):  # which of them a layer has depends on ModelArgs.norm_placement
             plan[norm] = SequenceParallel()
     if block.self_attn.qk_norm == "head":
         # Qwen3/Gemma 3 normalise each head: the rank's own heads (dimension 2 of (b, t, heads, d)),
@@ -132,30 +136,33 @@ def block_plan(block: DecoderLayer) -> dict[str, object]:
 
 @functools.cache
 def register_rms_norm_sharding() -> None:
-    """Tells DTensor how trainer::rms_norm and its backward shard (once per process)."""
+    """Tells DTensor how trainer::rms_norm and its backward shard (once per process): all replicated,
+    or every tensor sharded alike along one dimension that is not the normalised one."""
+
+    def layouts(x) -> list:
+        return [Replicate(), *(Shard(dim) for dim in range(x.ndim - 1))]
 
     @register_sharding(torch.ops.trainer.rms_norm.default)
     def forward_rule(x, weight, residual, eps, offset, cast, triton):
-        # outputs (x + residual or empty, normed, rstd); inputs (x, weight, residual, and four non-tensors)
-        rest = [None] * 4
-        summed = lambda p: p if residual is not None else Replicate()  # noqa: E731 (the empty sum is replicated)
-        extra = lambda p: [p] if residual is not None else [None]  # noqa: E731
-        rules = [([summed(Replicate()), Replicate(), Replicate()], [Replicate(), Replicate(), *extra(Replicate()), *rest])]
-        for dim in range(x.ndim - 1):
-            s = Shard(dim)
-            rules.append(([summed(s), s, s], [s, Replicate(), *extra(s), *rest]))
-        return rules
+        # outputs: (x + residual, or an empty tensor without a residual; normed; rstd)
+        # inputs: (x, weight, residual, eps, offset, cast, triton)
+        added = residual is not None
+        return [
+            ([p if added else Replicate(), p, p], [p, Replicate(), p if added else None, None, None, None, None])
+            for p in layouts(x)
+        ]
 
     @register_sharding(torch.ops.trainer.rms_norm_backward.default)
     def backward_rule(dy, x, weight, rstd, dsum, offset, cast, triton):
-        # outputs (dx, dweight); inputs (dy, x, weight, rstd, dsum or None, and three non-tensors)
-        rest = [None] * 3
-        summed = lambda p: [p] if dsum is not None else [None]  # noqa: E731
-        rules = [([Replicate(), Replicate()], [Replicate()] * 4 + summed(Replicate()) + rest)]
-        for dim in range(x.ndim - 1):
-            s = Shard(dim)
-            rules.append(([s, Partial()], [s, s, Replicate(), s, *summed(s), *rest]))
-        return rules
+        # outputs: (dx, dweight), dweight a partial sum when each rank saw part of the positions
+        # inputs: (dy, x, weight, rstd, dsum, offset, cast, triton)
+        return [
+            (
+                [p, Partial() if isinstance(p, Shard) else Replicate()],
+                [p, p, Replicate(), p, None if dsum is None else p, None, None, None],
+            )
+            for p in layouts(x)
+        ]
 
 
 def is_tensor_parallel(model: nn.Module) -> bool:
