@@ -369,10 +369,19 @@ READ_COUNTER = textwrap.dedent(
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy, tensor_parallel, most", [("fsdp", 1, 0.6), ("fsdp", 2, 0.6), ("ddp", 1, None)])
-def test_an_fsdp_rank_reads_only_its_part_of_the_checkpoint(tmp_path, strategy, tensor_parallel, most):
-    """Under FSDP2 or tensor parallelism the model is never whole on a rank: each reads about half
-    of a 2-rank run's checkpoint (its part of each tensor); under DDP each reads all of it."""
+@pytest.mark.parametrize(
+    "strategy, extra, most",
+    [
+        ("fsdp", {}, 0.6),
+        ("fsdp", {"parallel__tensor_parallel": 2}, 0.6),
+        ("fsdp", {"lora__rank": 4}, 0.6),
+        ("ddp", {}, None),
+    ],
+)
+def test_an_fsdp_rank_reads_only_its_part_of_the_checkpoint(tmp_path, strategy, extra, most):
+    """Under FSDP2 (LoRA's base included) or tensor parallelism the model is never whole on a rank:
+    each reads about half of a 2-rank run's checkpoint (its part of each tensor); under DDP each
+    reads all of it."""
     from tests.test_hf import hf_folder
 
     _, folder = hf_folder(tmp_path, "llama", vocab_size=320, hidden_size=64, intermediate_size=176)
@@ -385,7 +394,7 @@ def test_an_fsdp_rank_reads_only_its_part_of_the_checkpoint(tmp_path, strategy, 
         model__preset="small",
         model__allow_new_tokenizer="true",
         parallel__strategy=strategy,
-        parallel__tensor_parallel=tensor_parallel,
+        **extra,
     )
     script = tmp_path / "count_reads.py"
     script.write_text(READ_COUNTER)

@@ -23,7 +23,7 @@ from trainer.data import BlockLoader, PreparedData, build_tokenizer, prepare_dat
 from trainer.data.sft import SFTData, prepare_sft
 from trainer.errors import CheckpointError, ConfigError
 from trainer.evaluation import Evaluator
-from trainer.lora import apply_lora, lora_summary
+from trainer.lora import adapter_initial_values, apply_lora, base_weight_name, lora_summary
 from trainer.metrics import truncate_metrics
 from trainer.model_card import hardware_name, render_model_card
 from trainer.models import KernelChoice, Transformer, build, empty_hf, load_hf
@@ -309,15 +309,21 @@ def build_run(config: TrainConfig) -> RunParts:
         data = load_run_data(cfg)
 
     torch.manual_seed(t.seed)
-    # FSDP2 without adapters: built on the meta device, sharded, then each rank writes its shards
-    # only (no rank holds the whole model). LoRA's adapters are added to a whole model.
-    sharded_build = cfg.parallel.strategy == "fsdp" and env.distributed and cfg.lora.rank == 0
+    # FSDP2 (and tensor parallelism): built on the meta device, with LoRA's adapters, sharded, then
+    # each rank writes its shards only (no rank holds the whole model). LoRA on a randomly
+    # initialised preset (no checkpoint to read by slices) is built whole.
+    lora = cfg.lora.rank > 0
+    sharded_build = cfg.parallel.strategy == "fsdp" and env.distributed and (not lora or bool(cfg.model.from_hf))
     model = build_model(cfg, data.tokenizer.vocab_size, on_meta=sharded_build, ce_chunk_bytes=ce_chunk_bytes)
     if sharded_build:
         model.to(dtype=DTYPES[t.param_dtype])
+        if lora:
+            apply_lora(model, cfg.lora, compute_dtype, seed=t.seed)
+            messages.append(lora_summary(model))
         model.model.neftune_alpha = t.neftune_alpha
         train_model = parallelize(model, cfg.parallel, env, device, compute_dtype, t.float8)
-        materialize(model, device, cfg.model.from_hf or None, t.seed)
+        adapters = adapter_initial_values(model, t.seed) if lora else ()
+        materialize(model, device, cfg.model.from_hf or None, t.seed, adapters, base_weight_name)
         model.train()
     else:
         place_model(model, cfg, device, compute_dtype, messages)
@@ -407,12 +413,12 @@ def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device, comput
         # Each targeted layer goes to the device as it is quantized: the full-precision base never sits
         # there whole (15 GiB of bf16 for Llama-3-8B). A 4-bit weight cannot be cast after.
         model.to(dtype=DTYPES[t.param_dtype])
-        apply_lora(model, cfg.lora, compute_dtype, device=device)
+        apply_lora(model, cfg.lora, compute_dtype, device=device, seed=t.seed)
         model.to(device)
     else:
         model.to(device, dtype=DTYPES[t.param_dtype])
         if cfg.lora.rank > 0:
-            apply_lora(model, cfg.lora, compute_dtype)
+            apply_lora(model, cfg.lora, compute_dtype, seed=t.seed)
     if cfg.lora.rank > 0:
         messages.append(lora_summary(model))
     model.model.neftune_alpha = t.neftune_alpha

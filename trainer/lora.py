@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +160,11 @@ def expert_weight_names(model: nn.Module) -> list[str]:
 
 
 def apply_lora(
-    model: nn.Module, lora_cfg, compute_dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    model: nn.Module,
+    lora_cfg,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Adds LoRA adapters to `model` (a trainer Transformer) in place, as `lora_cfg` (the [lora]
     section) says, freezes everything else but what train_embeddings / train_norms unfreeze, and
@@ -171,6 +176,10 @@ def apply_lora(
     cast, and the adapters must stay fp32). With nf4 the model may still be on the CPU: each targeted
     layer then goes to `device` as it is quantized, so the device never holds the full-precision base
     whole, and `model.to(device)` afterwards moves the rest.
+
+    The adapters' initial values depend on `seed` and their names only (adapter_initial_values): the
+    same on every rank and however the model is sharded. On the meta device they are left for
+    trainer/parallel/materialize.py to write.
     """
     pattern = re.compile(lora_cfg.target)
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -204,7 +213,7 @@ def apply_lora(
         modules_to_save += ["embed_tokens"] if model.args.tie_embeddings else ["embed_tokens", "lm_head"]
     if lora_cfg.train_norms:
         modules_to_save += norm_module_names(model)
-    return add_adapters(
+    add_adapters(
         model,
         targets,
         rank=lora_cfg.rank,
@@ -216,6 +225,30 @@ def apply_lora(
         device=device,
         target_parameters=target_parameters,
     )
+    with torch.no_grad():
+        for _, param, values in adapter_initial_values(model, seed):
+            if param.device.type != "meta":
+                param.copy_(values)
+    return model
+
+
+def adapter_initial_values(model: nn.Module, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """(name, parameter, its whole initial value on the CPU in fp32) for every adapter parameter:
+    lora_A Kaiming-uniform as nn.Linear (PEFT's default), from a generator seeded with `seed` and the
+    parameter's name; lora_B zero, so the adapted model starts as the base."""
+    for name, param in model.named_parameters():
+        if not is_lora_key(name):
+            continue
+        values = torch.zeros(param.shape)
+        if name.endswith(("lora_A.weight", "lora_A")):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        yield name, param, values
+
+
+def base_weight_name(name: str) -> str:
+    """The name a LoRA-wrapped base weight has in the base model (and its checkpoint)."""
+    return name.replace(".base_layer.", ".")
 
 
 def add_adapters(

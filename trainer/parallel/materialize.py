@@ -13,6 +13,7 @@ storage, each rank filling its own part. No rank ever holds the whole model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -42,26 +43,47 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, from_hf: str | None, seed: int) -> None:
+def materialize(
+    model: nn.Module,
+    device: torch.device,
+    from_hf: str | None,
+    seed: int,
+    adapters: Iterable[tuple[str, torch.Tensor, torch.Tensor]] = (),
+    base_name: Callable[[str], str] = str,
+) -> None:
     """Storage for a model sharded on the meta device, then this rank's part of each weight: read
-    from the Hugging Face folder `from_hf`, or the seeded initial weights."""
+    from the Hugging Face folder `from_hf`, or the seeded initial weights.
+
+    adapters: (name, parameter, whole initial value) of the parameters neither has (LoRA's,
+    trainer.lora.adapter_initial_values), read after the storage exists; base_name: a base weight's
+    name in the checkpoint (LoRA wraps the layers it adapts). Adapters need `from_hf`."""
     model.to_empty(device=device)
     model.materialize_rotary(device)
+    written = set()
+    for name, param, values in adapters:
+        write_local(param, values[local_region(param)])
+        written.add(name)
     if from_hf:
-        read_local_parts(model, from_hf)
+        read_local_parts(model, from_hf, skip=written, base_name=base_name)
         return
+    if written:
+        raise ValueError("adapters are added to a model read from a checkpoint (from_hf)")
     for _, param, values in model.initial_weights(seed):
         write_local(param, values[local_region(param)])
 
 
-def read_local_parts(model: nn.Module, path: str | Path) -> None:
+def read_local_parts(
+    model: nn.Module, path: str | Path, skip: set[str] = frozenset(), base_name: Callable[[str], str] = str
+) -> None:
     """Each parameter's local part from a folder's safetensors, read by slice: a rank reads its part
     of each tensor and nothing else. Checkpoint tensors the model lacks, or a missing or misshapen
     one, are refused as assign_weights refuses them.
 
     safetensors maps a file whole, and every page a slice touches stays resident (in RSS) while the
     file is open; the file is opened again for each tensor, so at most one tensor's pages are."""
-    own = {name: p for name, p in model.named_parameters() if not _skipped(name, model)}
+    own = {
+        base_name(name): p for name, p in model.named_parameters() if name not in skip and not _skipped(name, model)
+    }
     sources = expert_sources(model.args)
     file_of = {}
     for file in weight_files(path):
