@@ -81,9 +81,7 @@ def read_local_parts(
 
     safetensors maps a file whole, and every page a slice touches stays resident (in RSS) while the
     file is open; the file is opened again for each tensor, so at most one tensor's pages are."""
-    own = {
-        base_name(name): p for name, p in model.named_parameters() if name not in skip and not _skipped(name, model)
-    }
+    own = {base_name(name): p for name, p in model.named_parameters() if name not in skip and not _skipped(name, model)}
     sources = expert_sources(model.args)
     file_of = {}
     for file in weight_files(path):
