@@ -218,11 +218,3 @@ def test_kill_during_an_async_save_leaves_the_previous_checkpoint_loadable(tmp_p
         tiny_config(tmp_path, train__max_steps=6, checkpoint__save_every=2, checkpoint__resume_from="latest")
     ).train()
     assert state.step == 6 and latest_checkpoint(run).name == "checkpoint-6"
-
-
-def test_async_save_with_fsdp_is_refused_in_one_line():
-    from trainer.config import load_config
-    from trainer.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="checkpoint.async_save=true is not supported with parallel.strategy=fsdp"):
-        load_config(None, ["--checkpoint.async_save=true", "--parallel.strategy=fsdp"])

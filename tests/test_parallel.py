@@ -149,6 +149,52 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(runs):
     assert_same_steps(runs / "one-resumed-fsdp", runs / "one", range(3, STEPS + 1))
 
 
+DYING_ASYNC_SAVE = """
+import os, sys, torch
+import trainer.checkpoint as ck
+from trainer import Trainer, load_config
+
+real_save = torch.save
+def dying_save(obj, path, *args, **kwargs):
+    real_save(obj, path, *args, **kwargs)
+    if "checkpoint-4" in str(path):
+        os._exit(9)  # rank 0 dies while its thread writes checkpoint-4, after every shard is written
+if os.environ["RANK"] == "0":
+    ck.torch.save = dying_save
+Trainer(load_config(None, sys.argv[1:])).train()
+"""
+
+
+@pytest.mark.distributed
+def test_async_saves_under_fsdp_resume_exactly_and_a_kill_leaves_the_previous_checkpoint(runs):
+    async_fsdp = dict(
+        train__micro_batch_size=2, parallel__strategy="fsdp", checkpoint__save_every=2, checkpoint__async_save=True
+    )
+    train_two_ranks(_overrides(runs, "fsdp-async", **async_fsdp))
+    run = runs / "fsdp-async"
+    assert_same_steps(run, runs / "one", range(1, STEPS + 1))
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert not list(run.glob(".tmp-*"))  # every background save finished and was renamed
+    train_one_process(
+        _overrides(
+            runs, "fsdp-async-resumed", train__micro_batch_size=4, checkpoint__resume_from=str(run / "checkpoint-4")
+        )
+    )
+    assert_same_steps(runs / "fsdp-async-resumed", runs / "one", range(5, STEPS + 1))
+
+    script = runs / "dying_async_save.py"
+    script.write_text(DYING_ASYNC_SAVE)
+    result = torchrun([str(script), *_overrides(runs, "fsdp-async-killed", **async_fsdp)])
+    assert result.returncode != 0
+    killed = runs / "fsdp-async-killed"
+    assert (killed / ".tmp-checkpoint-4" / "distributed" / ".metadata").is_file()  # the shards were complete
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
+    train_one_process(
+        _overrides(runs, "fsdp-async-killed", train__micro_batch_size=4, checkpoint__resume_from="latest")
+    )
+    assert_same_steps(killed, runs / "one", range(1, STEPS + 1))
+
+
 @pytest.mark.distributed
 def test_ddp_two_ranks_with_accumulation_match_one_process(runs):
     # 2 ranks x 2 micro-batches of 1 (no_sync on the first) against 1 x 4.

@@ -18,10 +18,12 @@ import re
 import shutil
 import threading
 import zipfile
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
 from trainer.errors import CheckpointError
@@ -45,7 +47,13 @@ from trainer.models.hf import (
     weight_files,
 )
 from trainer.parallel.distributed import barrier
-from trainer.parallel.sharded_checkpoint import full_model_state, load_full_state, load_sharded, save_sharded
+from trainer.parallel.sharded_checkpoint import (
+    full_model_state,
+    load_full_state,
+    load_sharded,
+    save_sharded,
+    save_sharded_async,
+)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -429,9 +437,12 @@ class Checkpointer:
         self.lora_base, self.save_merged = lora_base, save_merged  # LoRA runs: the base model's folder
         self.model_card = None  # folder -> its README.md (the loop sets it: trainer/model_card.py); None: no card
         # checkpoint.async_save: the save being written by a thread, and what it raised
-        self.async_save = async_save and not sharded
+        self.async_save = async_save
         self._writing: threading.Thread | None = None
         self._failed: CheckpointError | None = None
+        # Sharded runs: the shards this rank is writing (DCP), and the process group of those writes
+        self._shards: Future | None = None
+        self._group = dist.new_group(backend="gloo") if async_save and sharded else None
 
     def save(
         self, step: int, *, model, optimizer, scheduler, scaler, trainer_state: dict, sampler_state: dict
@@ -440,6 +451,9 @@ class Checkpointer:
         With async_save the weights and states are copied to host memory here and written by a
         thread; the next save (or save_final, or wait) waits for it and raises what it raised."""
         self.wait()
+        if self.async_save and self.sharded:
+            self._save_sharded_in_background(step, model, optimizer, scheduler, scaler, trainer_state, sampler_state)
+            return self.folder / f"checkpoint-{step}"
         if self.async_save:
             if self.is_main:
                 self._save_in_background(step, model, optimizer, scheduler, scaler, trainer_state, sampler_state)
@@ -476,18 +490,46 @@ class Checkpointer:
             rotate_checkpoints(self.folder, self.keep_last, trainer_state.get("best_checkpoint"))
         return path
 
+    def _save_sharded_in_background(
+        self, step, model, optimizer, scheduler, scaler, trainer_state, sampler_state
+    ) -> None:
+        """Collective. Every rank's shards go to host memory and are written by DCP's thread; the
+        gathered model.safetensors is a host copy too. Rank 0's thread waits until every shard is
+        written, then writes the rest and renames the folder: until then no checkpoint-<step> exists."""
+        tmp = self.folder / f".tmp-checkpoint-{step}"  # ranks agree on it: not named by process id
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()  # the folder exists before any rank writes into it
+        self._shards = save_sharded_async(tmp / SHARDED_DIR, model, optimizer, is_lora(model), self._group)
+        # Collective: gathered now, as host copies (full_model_state) or new tensors (adapters).
+        write_model = model_writer(model, True, self.lora_base, self.tokenizer.special_token_ids())
+        if self.is_main:
+            shards, self._shards = self._shards, None
+            states = training_state(None, scheduler, scaler, copy=True)
+            self._write_in_background(step, tmp, write_model, states, trainer_state, sampler_state, shards)
+
     def _save_in_background(self, step, model, optimizer, scheduler, scaler, trainer_state, sampler_state) -> None:
-        final = self.folder / f"checkpoint-{step}"
         tmp = self.folder / f".tmp-checkpoint-{step}-{os.getpid()}"
         write_model = snapshot_writer(model, self.lora_base, self.tokenizer.special_token_ids())
         states = training_state(optimizer, scheduler, scaler, copy=True)
+        self._write_in_background(step, tmp, write_model, states, trainer_state, sampler_state)
+
+    def _write_in_background(
+        self, step, tmp: Path, write_model, states, trainer_state, sampler_state, shards: Future | None = None
+    ) -> None:
+        """A thread writes checkpoint-<step> into `tmp` (after `shards`, DCP's, are written) and renames it."""
+        final = self.folder / f"checkpoint-{step}"
         trainer_state, sampler_state = copy.deepcopy(trainer_state), copy.deepcopy(sampler_state)
         readme = self.model_card(final) if self.model_card else None
 
         def write() -> None:
             try:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+                if shards is not None:
+                    shards.result()
+                else:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
                 _write_checkpoint(
                     tmp,
                     final,
@@ -513,6 +555,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Returns once no save is being written; raises what a background save raised."""
+        if self._shards is not None:
+            shards, self._shards = self._shards, None
+            try:
+                shards.result()
+            except OSError as e:
+                self._failed = CheckpointError(
+                    f"could not write this rank's shards into {self.folder}: {e.strerror or e}"
+                )
         if self._writing is not None:
             self._writing.join()
             self._writing = None

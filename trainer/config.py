@@ -372,11 +372,6 @@ class TrainConfig:
         if p.fsdp_cpu_offload and p.strategy != "fsdp":
             raise ConfigError(f"parallel.fsdp_cpu_offload=true needs parallel.strategy=fsdp, got {p.strategy}")
         _check_tiled_mlp(p, t)
-        if self.checkpoint.async_save and p.strategy == "fsdp":
-            raise ConfigError(
-                "checkpoint.async_save=true is not supported with parallel.strategy=fsdp yet (its save "
-                "gathers the model across ranks); set checkpoint.async_save=false"
-            )
         if p.expert_parallel < 1:
             raise ConfigError(f"parallel.expert_parallel must be 1 or more, got {p.expert_parallel}")
         if p.expert_parallel > 1 and p.strategy != "fsdp":

@@ -8,9 +8,11 @@ parameter index) loads into a sharded run through `load_full_state`.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -33,6 +35,24 @@ def save_sharded(
         model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
     )
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def save_sharded_async(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable_only: bool,
+    process_group: dist.ProcessGroup,
+) -> Future:
+    """Collective: save_sharded, with the shards copied to host memory here and written by a thread.
+    The future completes on every rank once its shards are written; on rank 0 (DCP's coordinator)
+    once every rank's are and the metadata is too. `process_group`: one for the checkpoint alone
+    (gloo), so the thread's collectives never interleave with training's."""
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only)
+    )
+    state = {"model": model_state, "optimizer": optim_state}
+    return dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group)
 
 
 def load_sharded(
