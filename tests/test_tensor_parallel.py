@@ -184,22 +184,28 @@ def test_two_tensor_parallel_ranks_match_one_process_and_resume_on_any_mesh(runs
 
 INITIAL_WEIGHTS = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import os, sys, torch, torch.distributed as dist
     from trainer.build import build_run
     from trainer.config import load_config
     from trainer.parallel.sharded_checkpoint import full_model_state
 
-    parts = build_run(load_config(None, sys.argv[2:]))
+    from trainer.plan import predict_peak
+
+    config = load_config(None, sys.argv[2:])
+    planned = predict_peak(config, world_size=int(os.environ["WORLD_SIZE"]), device="cpu").breakdown["parameters"]
+    parts = build_run(config)
+    local = sum(p.to_local().numel() * p.element_size() for p in parts.model.parameters())
     state = full_model_state(parts.model)
     if dist.get_rank() == 0:
-        torch.save(state, sys.argv[1])
+        torch.save({"state": state, "planned": planned}, sys.argv[1])
+    torch.save({"local": local}, sys.argv[1] + f".rank{dist.get_rank()}")
     dist.barrier()
     """
 )
 
 
 @pytest.mark.distributed
-def test_initial_weights_are_the_same_on_every_mesh(tmp_path):
+def test_initial_weights_are_the_same_on_every_mesh_and_the_planner_counts_each_ranks_part(tmp_path):
     from trainer.build import build_run
     from trainer.config import load_config
 
@@ -210,10 +216,16 @@ def test_initial_weights_are_the_same_on_every_mesh(tmp_path):
     split = tmp_path / "tp2-fsdp2.pt"
     tp_fsdp = dict(parallel__strategy="fsdp", parallel__tensor_parallel=2, train__micro_batch_size=1)
     torchrun(4, [str(script), str(split), *_overrides(tmp_path, "tp2-fsdp2", **tp_fsdp)])
-    gathered = torch.load(split, weights_only=True)
+    saved = torch.load(split, weights_only=True)
+    gathered = saved["state"]
     assert gathered.keys() == one.keys()
     for name, tensor in one.items():
         assert torch.equal(gathered[name], tensor), name
+    # The planner's per-rank parameter bytes (a quarter of the heads', MLP's and vocabulary's, norms
+    # halved by FSDP only) against what each rank holds.
+    for rank in range(4):
+        local = torch.load(f"{split}.rank{rank}", weights_only=True)["local"]
+        assert abs(local / saved["planned"] - 1) <= 0.02, (rank, local, saved["planned"])
 
 
 @pytest.mark.distributed

@@ -175,7 +175,8 @@ def describe_run(config, plan: Plan) -> str:
             "activations offloaded" if plan.device != "cpu" else "activation offloading (nothing moves on CPU)"
         )
     if plan.world_size > 1:
-        lines.append(f"{p.strategy} over {plan.world_size} ranks (per rank)")
+        tp = f", tensor parallel {plan.tensor_parallel}" if plan.tensor_parallel > 1 else ""
+        lines.append(f"{p.strategy} over {plan.world_size} ranks{tp} (per rank)")
     return ", ".join(lines)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from trainer.ops.cross_entropy import chunk_buffers, chunk_peak_bytes, chunk_tokens
+from trainer.ops.vocab_parallel_cross_entropy import chunk_size as vocab_parallel_chunk
 from trainer.plan.graph import ACTIVATIONS, WEIGHT_COPIES, GradSink, Graph, Op
 from trainer.plan.setting import Setting
 from trainer.plan.shapes import lm_head_name
@@ -66,12 +67,12 @@ def rms_op(
     elems: int | None = None,
 ) -> Op:
     """RMSNorm of x over its last `width` (default hidden) of `elems` values (default the residual
-    stream's), x_bytes per value (default the weights'); add_rms_norm: of residual + x, which it
+    stream's: residual_elems), x_bytes per value (default the weights'); add_rms_norm: of residual + x, which it
     also returns as `total`. The output dtype follows trainer.ops.rms_norm: promoted with the
     weight's for the "llama" cast, the input's for "gemma"."""
     r = s.param_bytes
     xb = r if x_bytes is None else x_bytes
-    n = s.tokens * s.args.hidden_size if elems is None else elems
+    n = residual_elems(s) if elems is None else elems
     rows = n // (width or s.args.hidden_size)
     sum_bytes = xb if residual is None else max(xb, r)  # the residual stream is in the weights' dtype
     y_bytes = max(sum_bytes, r) if s.args.norm_cast == "llama" else sum_bytes
@@ -622,9 +623,36 @@ def moe_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
     return ops
 
 
+def residual_elems(s: Setting) -> int:
+    """Values of the residual stream on one rank: every token's, or under tensor parallelism the
+    rank's part of the sequence."""
+    return s.tokens * s.args.hidden_size // s.tensor_parallel
+
+
+def sequence_gather(s: Setting, x: str, x_bytes: int) -> tuple[list[Op], str]:
+    """Tensor parallelism: the all-gather of the sequence-split `x` that attention, the MLP or the
+    loss reads whole (their column-parallel matmuls keep it for backward); backward reduce-scatters
+    its gradient. ([], x) without tensor parallelism."""
+    if s.tensor_parallel == 1:
+        return [], x
+    n, out = s.tokens * s.args.hidden_size, f"{x} gathered"
+    return [Op(f"{x} all-gather", inputs=(x,), outputs={out: n * x_bytes}, grads={x: residual_elems(s) * x_bytes})], out
+
+
+def sequence_scatter(s: Setting, x: str, x_bytes: int) -> tuple[list[Op], str]:
+    """Tensor parallelism: a row-parallel matmul's partial sums over every token, reduce-scattered
+    onto the rank's part of the sequence (backward all-gathers the gradient). ([], x) without."""
+    if s.tensor_parallel == 1:
+        return [], x
+    n, out = s.tokens * s.args.hidden_size, f"{x} scattered"
+    return [
+        Op(f"{x} reduce-scatter", inputs=(x,), outputs={out: residual_elems(s) * x_bytes}, grads={x: n * x_bytes})
+    ], out
+
+
 def _residual_add(s: Setting, name: str, residual: str, x: str, x_bytes: int, out: str, holds=()) -> Op:
     """residual + x, in the residual stream's dtype (the weights')."""
-    n, r = s.tokens * s.args.hidden_size, s.param_bytes
+    n, r = residual_elems(s), s.param_bytes
     grads = {} if x_bytes == r else {x: n * x_bytes}  # autograd casts the gradient back to x's dtype
     alias = (residual, x) if x_bytes == r else (residual,)
     return Op(name, inputs=(residual, x), holds=holds, outputs={out: n * r}, grads=grads, alias_grads=alias)
@@ -637,105 +665,68 @@ def ffn_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
 
 def block_ops(s: Setting, i: int) -> list[Op]:
     """One decoder layer: input "x", output "out" (trainer.models.llama.DecoderLayer.forward, with
-    the family's norm placement: "pre" (Llama), "post" (OLMo 2) or "sandwich" (Gemma))."""
+    the family's norm placement: "pre" (Llama), "post" (OLMo 2) or "sandwich" (Gemma)). Under
+    tensor parallelism attention and the MLP read their input gathered and hand their output back
+    reduce-scattered (sequence_gather, sequence_scatter); the norms and adds see the rank's part."""
     a, r = s.args, s.param_bytes
     ob = _linear_out_bytes(s)
     pre = f"model.layers.{i}."
     placement = a.norm_placement
+
+    def attention(x: str) -> tuple[list[Op], str]:
+        gather, x = sequence_gather(s, x, r)
+        ops = gather + attention_ops(s, i, x, r)
+        scatter, out = sequence_scatter(s, "attn_out", ob)
+        return ops + scatter, out
+
+    def ffn(x: str) -> tuple[list[Op], str]:
+        gather, x = sequence_gather(s, x, r)
+        ops = gather + ffn_ops(s, i, x, r)
+        scatter, out = sequence_scatter(s, "mlp_out", ob)
+        return ops + scatter, out
+
+    def norm(name: str, x: str, y: str, rstd: str, **kwargs) -> Op:
+        return rms_op(s, name, x, y, rstd, pre + name + ".weight", **kwargs)
+
     if placement == "post":  # x + norm(attention(x)), then h + norm(mlp(h))
-        ops = attention_ops(s, i, "x", r)
-        ops.append(
-            rms_op(
-                s,
-                "post_attention_layernorm",
-                "attn_out",
-                "an",
-                "rstd_an",
-                pre + "post_attention_layernorm.weight",
-                x_bytes=ob,
-            )
-        )
+        ops, attn_out = attention("x")
+        ops.append(norm("post_attention_layernorm", attn_out, "an", "rstd_an", x_bytes=ob))
         ops.append(_residual_add(s, "attention residual add", "x", "an", r, "h"))
-        ops += ffn_ops(s, i, "h", r)
-        ops.append(
-            rms_op(
-                s,
-                "post_feedforward_layernorm",
-                "mlp_out",
-                "mn",
-                "rstd_mn",
-                pre + "post_feedforward_layernorm.weight",
-                x_bytes=ob,
-            )
-        )
+        mlp, mlp_out = ffn("h")
+        ops += mlp
+        ops.append(norm("post_feedforward_layernorm", mlp_out, "mn", "rstd_mn", x_bytes=ob))
         ops.append(_residual_add(s, "residual add", "h", "mn", r, "out"))
         return ops
-    ops = [rms_op(s, "input_layernorm", "x", "y1", "rstd1", pre + "input_layernorm.weight")]
-    ops += attention_ops(s, i, "y1", r)
+    ops = [norm("input_layernorm", "x", "y1", "rstd1")]
+    attn, attn_out = attention("y1")
+    ops += attn
     if placement == "sandwich":  # norms on the way out of attention and into and out of the MLP
-        ops.append(
-            rms_op(
-                s,
-                "post_attention_layernorm",
-                "attn_out",
-                "an",
-                "rstd_an",
-                pre + "post_attention_layernorm.weight",
-                x_bytes=ob,
-            )
-        )
-        ops.append(
-            rms_op(
-                s,
-                "pre_feedforward_layernorm",
-                "an",
-                "y2",
-                "rstd2",
-                pre + "pre_feedforward_layernorm.weight",
-                residual="x",
-                total="h",
-                x_bytes=ob,
-            )
-        )
-        ops += ffn_ops(s, i, "y2", r)
-        ops.append(
-            rms_op(
-                s,
-                "post_feedforward_layernorm",
-                "mlp_out",
-                "mn",
-                "rstd_mn",
-                pre + "post_feedforward_layernorm.weight",
-                x_bytes=ob,
-            )
-        )
-        ops.append(_residual_add(s, "residual add", "h", "mn", ob, "out", holds=("attn_out",)))
+        ops.append(norm("post_attention_layernorm", attn_out, "an", "rstd_an", x_bytes=ob))
+        ops.append(norm("pre_feedforward_layernorm", "an", "y2", "rstd2", residual="x", total="h", x_bytes=ob))
+        mlp, mlp_out = ffn("y2")
+        ops += mlp
+        ops.append(norm("post_feedforward_layernorm", mlp_out, "mn", "rstd_mn", x_bytes=ob))
+        ops.append(_residual_add(s, "residual add", "h", "mn", ob, "out", holds=(attn_out,)))
         return ops
-    ops.append(
-        rms_op(
-            s,
-            "post_attention_layernorm",
-            "attn_out",
-            "y2",
-            "rstd2",
-            pre + "post_attention_layernorm.weight",
-            residual="x",
-            total="h",
-            x_bytes=ob,
-        )
-    )
-    ops += ffn_ops(s, i, "y2", r)
+    ops.append(norm("post_attention_layernorm", attn_out, "y2", "rstd2", residual="x", total="h", x_bytes=ob))
+    mlp, mlp_out = ffn("y2")
+    ops += mlp
     # `attn_out` stays alive until the layer returns (a local variable of DecoderLayer.forward).
-    ops.append(_residual_add(s, "residual add", "h", "mlp_out", ob, "out", holds=("attn_out",)))
+    ops.append(_residual_add(s, "residual add", "h", mlp_out, ob, "out", holds=(attn_out,)))
     return ops
 
 
 def embedding_ops(s: Setting) -> list[Op]:
-    """The embedding lookup, Gemma's scaling by sqrt(hidden) and NEFTune's noise; output "x"."""
-    nbytes = s.tokens * s.args.hidden_size * s.param_bytes
+    """The embedding lookup, Gemma's scaling by sqrt(hidden) and NEFTune's noise; output "x". Under
+    tensor parallelism each rank looks up its vocabulary rows for every token (zeros elsewhere) and
+    the sums are reduce-scattered onto its part of the sequence."""
+    nbytes = residual_elems(s) * s.param_bytes
+    partial_sums = s.tokens * s.args.hidden_size * s.param_bytes if s.tensor_parallel > 1 else 0
     steps = ["embed_tokens"] + ["embed scale"] * s.args.embed_scale + ["neftune noise"] * s.neftune
     names = [f"x{i}" for i in range(len(steps) - 1)] + ["x"]
-    ops = [Op("embed_tokens", outputs={names[0]: nbytes}, weights=("model.embed_tokens.weight",))]
+    ops = [
+        Op("embed_tokens", outputs={names[0]: nbytes}, weights=("model.embed_tokens.weight",), fwd_extra=partial_sums)
+    ]
     for step, src, out in zip(steps[1:], names, names[1:]):
         if step == "embed scale":  # a product by a scalar tensor: its gradient is a new tensor too
             ops.append(Op(step, inputs=(src,), outputs={out: nbytes}, grads={src: nbytes}))
@@ -779,6 +770,8 @@ def loss_ops(s: Setting) -> list[Op]:
     n, v, h = s.tokens, a.vocab_size, a.hidden_size
     head = lm_head_name(a)
     ops = [rms_op(s, "norm", "x", "hidden", "rstd", "model.norm.weight")]
+    if s.tensor_parallel > 1:
+        return ops + vocab_parallel_loss_ops(s)
     hidden, hb = "hidden", r
     if s.autocast and r != c:  # the loss casts its inputs as a linear layer would
         ops.append(Op("hidden cast", inputs=("hidden",), outputs={"hidden_c": n * h * c}, grads={"hidden": n * h * r}))
@@ -840,6 +833,37 @@ def loss_ops(s: Setting) -> list[Op]:
         Op("log_softmax", inputs=(logits,), outputs={"logp": n * v * F32}, saves=("logp",), grads={logits: n * v * F32})
     )
     ops.append(Op("nll_loss", inputs=("logp",), outputs={"loss": F32}, grads={"logp": n * v * F32}))
+    return ops
+
+
+def vocab_parallel_loss_ops(s: Setting) -> list[Op]:
+    """trainer.ops.vocab_parallel_cross_entropy on the gathered hidden states (kept for backward)
+    and this rank's vocabulary rows: per-token losses and log-sum-exps, and one chunk's logits (fp32)
+    with their exp at a time; backward, an fp32 weight-gradient buffer and a chunk's gradient."""
+    a, c, r = s.args, s.compute_bytes, s.param_bytes
+    n, v, h = s.tokens, a.vocab_size, a.hidden_size  # v: this rank's rows
+    head = lm_head_name(a)
+    ops, hidden = sequence_gather(s, "hidden", r)
+    hb = r
+    if s.autocast and r != c:  # cast as a linear layer would, after the gather
+        ops.append(Op("hidden cast", inputs=(hidden,), outputs={"hidden_c": n * h * c}, grads={hidden: n * h * r}))
+        hidden, hb = "hidden_c", c
+    copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
+    chunk = vocab_parallel_chunk(n, h, v) * v * F32
+    ops.append(
+        Op(
+            "vocab-parallel cross-entropy",
+            inputs=(hidden,),
+            outputs={"loss": F32},
+            saves=(hidden,),
+            saves_for_weights=(hidden,),
+            grads={hidden: n * h * hb},
+            weights=(head,),
+            weight_copies=copies,
+            fwd_extra=2 * n * F32 + 2 * chunk,
+            bwd_extra=v * h * F32 + 2 * chunk,
+        )
+    )
     return ops
 
 

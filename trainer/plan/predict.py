@@ -63,7 +63,8 @@ class Plan:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     world_size: int = 1
-    parameters: int = 0
+    tensor_parallel: int = 1
+    parameters: int = 0  # one rank's under tensor parallelism
     compute_dtype: str = ""  # train.dtype as resolved for the device (auto -> bf16 on a GPU)
     # parallel.activation_offloading on CUDA: the most pinned host memory the offloaded saved
     # tensors take at once (one micro-batch's, at the end of its forward); not in peak_bytes
@@ -99,6 +100,7 @@ class Plan:
             "micro_batch_size": self.micro_batch_size,
             "grad_accum_steps": self.grad_accum_steps,
             "world_size": self.world_size,
+            "tensor_parallel": self.tensor_parallel,
             "parameters": self.parameters,
             "host_bytes": self.host_bytes,
             "ce_chunk_tokens": self.ce_chunk_tokens,
@@ -212,6 +214,7 @@ def simulate(s: Setting, device_name: str = "") -> Plan:
         micro_batch_size=s.micro_batch,
         grad_accum_steps=s.grad_accum,
         world_size=s.world_size,
+        tensor_parallel=s.tensor_parallel,
         parameters=sum(p.numel for p in s.params),
         compute_dtype=s.compute_dtype,
         host_bytes=host.peak,
@@ -229,8 +232,8 @@ def replay(s: Setting, device_name: str = "") -> tuple[Tape, _Host]:
     """One step of `s` on a fresh Tape: the tape (its peak, each phase's and each op's) and the
     pinned host memory of offloaded activations."""
     tape = Tape()
-    fsdp = s.strategy == "fsdp" and s.world_size > 1
-    shard = s.world_size if fsdp else 1
+    fsdp = s.strategy == "fsdp" and s.data_parallel > 1
+    shard = s.data_parallel if fsdp else 1
     opt = OptimizerModel(s, shard=shard)
     tape.set_phase("between steps")
     if not (fsdp and s.fsdp_offload):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer.errors import ConfigError
 from trainer.models.config import ModelArgs
@@ -42,6 +42,15 @@ class Setting:
     # False: the fused loss's logit chunks left out of the replay, to find the room they have
     # (trainer.plan.predict.ce_chunk_budget)
     loss_chunks: bool = True
+    # parallel.tensor_parallel: `args` and `params` are then one rank's (heads, MLP width and
+    # vocabulary divided), and the residual stream between the attention and MLP is split along the
+    # sequence (trainer/parallel/tensor_parallel.py)
+    tensor_parallel: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        """The ranks FSDP shards over: the world over the tensor-parallel degree."""
+        return self.world_size // self.tensor_parallel
 
     def runs_triton(self, impl: Impl) -> bool:
         """Whether an op configured as `impl` runs its Triton kernel on the planned device (on CUDA
@@ -82,6 +91,9 @@ def make_setting(
 ) -> Setting:
     t, k, p = config.train, config.kernels, config.parallel
     args = args or model_args(config)
+    tensor_parallel = p.tensor_parallel if world_size > 1 else 1
+    if tensor_parallel > 1:
+        args = tensor_parallel_rank_args(args, tensor_parallel)
     problem = args.seq_len_problem(t.seq_len)
     if problem:
         raise ConfigError(f"train.seq_len={t.seq_len} {problem}; lower train.seq_len")
@@ -117,4 +129,17 @@ def make_setting(
         tiled_mlp=getattr(p, "tiled_mlp", 0),
         offload=getattr(p, "activation_offloading", False),
         offload_min_bytes=MIN_OFFLOAD_BYTES,
+        tensor_parallel=tensor_parallel,
+    )
+
+
+def tensor_parallel_rank_args(args: ModelArgs, degree: int) -> ModelArgs:
+    """The shape one tensor-parallel rank holds: its heads, MLP columns and vocabulary rows."""
+    return replace(
+        args,
+        n_heads=args.n_heads // degree,
+        n_kv_heads=args.n_kv_heads // degree,
+        head_dim=args.head_dim,
+        intermediate_size=args.intermediate_size // degree,
+        vocab_size=args.vocab_size // degree,
     )
