@@ -25,6 +25,11 @@
      the lent card's limit, for full checkpointing and for full + activation offloading + tiled
      MLP; each trained 2 steps at that length, recording whether it fit (no out-of-memory error),
      max_memory_allocated / max_memory_reserved against the predicted peak, and the step times.
+   - float8: llama-1b in bf16 with parallel.compile, trained 12 steps with train.float8=none,
+     tensorwise and rowwise (torchao): tokens/s after warm-up and the losses, side by side; without
+     torchao the float8 runs are recorded as refused;
+   - async-save: benchmarks/bench_async_save.py on a ~0.4B-parameter Llama shape on the GPU: how
+     long a save blocks the step with and without checkpoint.async_save.
    A part's limit is what is left of the budget minus the shares of the parts after it, so time a
    part does not use goes to the next. A part that fails or runs out of time is recorded as such and
    the others still run.
@@ -72,6 +77,7 @@ PACKAGES = (
     "accelerate",
     "safetensors",
     "tokenizers",
+    "torchao",
     "numpy",
     "matplotlib",
     "tqdm",
@@ -286,6 +292,17 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
         ["--dry-run"] if dry_run else []
     )
 
+    float8_dir = work / "float8"
+    float8 = [py, str(Path(__file__).resolve()), "--float8-run", str(float8_dir)] + (["--dry-run"] if dry_run else [])
+
+    async_json = work / "async_save.json"
+    async_save = [py, "benchmarks/bench_async_save.py", f"--json={async_json}"]
+    if dry_run:
+        async_save += ["--preset=tiny", "--repeats=1"]
+    else:  # 24 layers of 1024 (0.4B parameters with AdamW's states: ~6.4 GB to copy per save)
+        shape = ["--model.hidden_size=1024", "--model.intermediate_size=2816", "--model.n_layers=24"]
+        async_save += ["--repeats=3", "--", *shape, "--model.n_heads=16", "--model.n_kv_heads=8", "--train.device=cuda"]
+
     gpu_tests = [*pytest, "-m", "gpu", "tests"]
     other_tests = [*pytest, "-m", "not gpu", *kernel_and_op_tests]
     return [
@@ -308,6 +325,8 @@ def build_parts(work: Path, dry_run: bool, packages: dict) -> list[Part]:
         Part("parallel", 50, [parallel], lambda outputs: read_json(parallel_json)),
         Part("optim", 45, [optim], lambda outputs: read_json(optim_json)),
         Part("context", 60, [context], lambda outputs: read_json(context_dir / "context.json")),
+        Part("float8", 60, [float8], lambda outputs: read_json(float8_dir / "float8.json")),
+        Part("async-save", 40, [async_save], lambda outputs: read_json(async_json)),
     ]
 
 
@@ -516,6 +535,60 @@ def context_run(out_dir: Path, dry_run: bool) -> int:
     return 1 if failed else 0
 
 
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+
+
+def float8_run(out_dir: Path, dry_run: bool) -> int:
+    """Trains llama-1b in bf16, compiled, with each train.float8 recipe (the tiny preset in fp32 on
+    CPU with --dry-run, where float8 must be refused) and records tokens/s and losses. Exits 1 when
+    a run fails other than by float8's own refusal."""
+    import torch
+
+    from trainer import Trainer, load_config
+    from trainer.errors import ConfigError
+    from trainer.metrics import read_metrics
+
+    cuda = torch.cuda.is_available() and not dry_run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cuda:
+        base = ["--model.preset=llama-1b", "--train.dtype=bf16", "--parallel.compile=true", "--train.seq_len=1024"]
+        base += ["--train.micro_batch_size=4", "--train.max_steps=12", "--train.log_every=4"]
+    else:
+        base = ["--model.preset=tiny", "--train.dtype=fp32", "--train.device=cpu", "--train.seq_len=64"]
+        base += ["--train.micro_batch_size=2", "--train.max_steps=2", "--train.log_every=1"]
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)", "runs": []}
+    failed = False
+    for recipe in FLOAT8_RECIPES:
+        folder = out_dir / recipe
+        argv = [
+            *base,
+            f"--train.float8={recipe}",
+            "--data.tokenizer=byte",
+            "--train.eval_every=0",
+            "--train.eval_batches=1",
+            "--checkpoint.save_every=0",
+            "--train.progress=none",
+            "--train.overwrite=true",
+            f"--train.output_dir={folder}",
+        ]
+        record = {"recipe": recipe}
+        report["runs"].append(record)
+        try:
+            Trainer(load_config(None, argv)).train()
+            steps = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
+            speeds = [r["tokens_per_s"] for r in steps if r.get("tokens_per_s")]
+            record.update(losses=[round(r["loss"], 5) for r in steps], tokens_per_s=speeds[-1] if speeds else None)
+        except ConfigError as refusal:  # float8 off CUDA, or without torchao
+            record["refused"] = str(refusal)
+            failed |= recipe == "none"
+        except Exception as error:
+            record.update(error=f"{type(error).__name__}: {error}"[:1000], traceback=traceback.format_exc()[-2000:])
+            failed = True
+        print(json.dumps({k: v for k, v in record.items() if k != "traceback"}), flush=True)
+        (out_dir / "float8.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if failed else 0
+
+
 # ---- the suite ----
 
 
@@ -528,6 +601,7 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU at tiny shapes")
     parser.add_argument("--sync-debug-run", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--context-run", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--float8-run", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sync_debug_run:
         sys.path[:0] = [str(SITE), str(ROOT)]
@@ -535,6 +609,9 @@ def main() -> int:
     if args.context_run:
         sys.path[:0] = [str(SITE), str(ROOT)]
         return context_run(Path(args.context_run), args.dry_run)
+    if args.float8_run:
+        sys.path[:0] = [str(SITE), str(ROOT)]
+        return float8_run(Path(args.float8_run), args.dry_run)
 
     suite_start = time.perf_counter()
     budget = args.budget or (900.0 if args.dry_run else 540.0)
