@@ -108,6 +108,7 @@ class RunParts:
             precision=DTYPE_NAMES[self.compute_dtype],
             hardware=hardware_name(self.device),
             world_size=self.env.world_size,
+            data_parallel=self.env.data_parallel_size,
         )
 
     def describe(self) -> str:

@@ -69,8 +69,11 @@ def render_model_card(
     precision: str,
     hardware: str,
     world_size: int,
+    data_parallel: int | None = None,
 ) -> str:
-    """README.md for `folder` (final/ or checkpoint-<step>/) of a run in the given state (a TrainerState)."""
+    """README.md for `folder` (final/ or checkpoint-<step>/) of a run in the given state (a
+    TrainerState). data_parallel: the ranks with batches of their own (default world_size; fewer
+    under tensor parallelism)."""
     m, d, t, o, lo = config.model, config.data, config.train, config.optim, config.lora
     adapter = lo.rank > 0
     base = m.from_hf
@@ -99,7 +102,8 @@ def render_model_card(
         what = f"`{base}` fine-tuned"
     else:
         what = f"A Llama-family causal language model (preset `{m.preset}`) trained from scratch"
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world_size * t.seq_len
+    batches = world_size if data_parallel is None else data_parallel
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * batches * t.seq_len
     lines = [
         f"# {title}",
         "",
@@ -118,7 +122,7 @@ def render_model_card(
         f"| data | {', '.join(f'`{p}`' for p in datasets)}"
         + (f" (weights {d.weights})" if d.weights else "")
         + f", format {d.format}, tokenizer `{d.tokenizer}` |",
-        f"| batch | {t.micro_batch_size} sequences x {t.grad_accum_steps} accumulation x {world_size} rank(s) "
+        f"| batch | {t.micro_batch_size} sequences x {t.grad_accum_steps} accumulation x {batches} rank(s) "
         f"of {t.seq_len} tokens = {tokens_per_step:,} tokens per step |",
         f"| optimizer | {o.name}, lr {o.lr:g}, weight decay {o.weight_decay:g}, betas {tuple(o.betas)} |",
         f"| schedule | {o.schedule}, {o.warmup_steps} warmup steps, down to {o.min_lr_ratio:g} x lr |",
