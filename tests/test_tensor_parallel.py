@@ -39,7 +39,8 @@ PARITY_SCRIPT = textwrap.dedent(
     from trainer.models import build
     from trainer.models.config import ModelArgs
     from trainer.ops.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
-    from trainer.parallel.tensor_parallel import apply_tensor_parallel, device_mesh
+    from trainer.parallel.distributed import data_and_tensor_mesh
+    from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -96,7 +97,7 @@ PARITY_SCRIPT = textwrap.dedent(
     labels[0, :3] = -100
     documents = torch.tensor([[0] * 9 + [1] * 7, [0] * 16])  # packed rows: attention stays in its document
     positions = torch.cat([torch.arange(9), torch.arange(7)]).expand(2, 16).contiguous()
-    mesh = device_mesh("cpu", world, world)["tp"]
+    mesh = data_and_tensor_mesh("cpu", world, world)["tp"]
     for name, extra in families.items():
         args = ModelArgs(vocab_size=96, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
                          max_seq_len=64, **extra)

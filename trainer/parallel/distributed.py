@@ -107,12 +107,16 @@ def init_distributed(strategy: str, device: torch.device, tensor_parallel: int =
         )
         env = dataclasses.replace(env, owns_process_group=True)
     if tensor_parallel > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        # Consecutive ranks form a tensor-parallel group: on a node, its fastest links.
-        shape = (env.world_size // tensor_parallel, tensor_parallel)
-        env = dataclasses.replace(env, mesh=init_device_mesh(device.type, shape, mesh_dim_names=("dp", "tp")))
+        env = dataclasses.replace(env, mesh=data_and_tensor_mesh(device.type, env.world_size, tensor_parallel))
     return env, device
+
+
+def data_and_tensor_mesh(device_type: str, world_size: int, tensor_parallel: int) -> DeviceMesh:
+    """The (dp, tp) mesh: consecutive ranks form a tensor-parallel group (on a node, its fastest links)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (world_size // tensor_parallel, tensor_parallel)
+    return init_device_mesh(device_type, shape, mesh_dim_names=("dp", "tp"))
 
 
 def barrier() -> None:

@@ -75,13 +75,6 @@ def check_tensor_parallel(degree: int, args: ModelArgs, world_size: int) -> None
             )
 
 
-def device_mesh(device_type: str, world_size: int, tensor_parallel: int) -> DeviceMesh:
-    """The (dp, tp) mesh: tensor-parallel groups of consecutive ranks."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(device_type, (world_size // tensor_parallel, tensor_parallel), mesh_dim_names=("dp", "tp"))
-
-
 def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
     """Splits `model` over the 1-D tensor-parallel `mesh` in place (before FSDP2 shards it further)."""
     register_rms_norm_sharding()
