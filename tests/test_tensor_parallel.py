@@ -59,13 +59,18 @@ PARITY_SCRIPT = textwrap.dedent(
     labels = torch.randint(0, 58, (37,), generator=g)
     labels[[0, 5, 36]] = -100
     rows = slice(29 * rank, 29 * (rank + 1))
-    for softcap in (None, 3.0):
+    token_weights = torch.linspace(0.5, 1.5, 37, dtype=torch.float64)
+    for softcap, reduction in ((None, "none"), (3.0, "none"), (None, "sum"), (3.0, "sum")):
         h = hidden.clone().requires_grad_()
         w = weight[rows].clone().requires_grad_()
-        losses = vocab_parallel_cross_entropy(
-            h, w, labels, vocab_start=rows.start, group=dist.group.WORLD, softcap=softcap
+        loss = vocab_parallel_cross_entropy(
+            h, w, labels, vocab_start=rows.start, group=dist.group.WORLD, softcap=softcap, reduction=reduction
         )
-        (losses * torch.linspace(0.5, 1.5, 37, dtype=torch.float64)).sum().backward()
+        # per-token weights reach "none"'s backward; "sum" made its gradients in forward, scaled by 0.7 here
+        if reduction == "none":
+            (loss * token_weights).sum().backward()
+        else:
+            (loss * 0.7).backward()
         grad_h = h.grad.clone()
         dist.all_reduce(grad_h)  # each rank's part of the hidden states' gradient
         h_ref = hidden.clone().requires_grad_()
@@ -74,11 +79,15 @@ PARITY_SCRIPT = textwrap.dedent(
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         want = F.cross_entropy(logits, labels, reduction="none")
-        (want * torch.linspace(0.5, 1.5, 37, dtype=torch.float64)).sum().backward()
-        close(losses, want, f"losses, softcap {softcap}")
-        assert (losses[[0, 5, 36]] == 0).all()
-        close(grad_h, h_ref.grad, f"hidden gradient, softcap {softcap}")
-        close(w.grad, w_ref.grad[rows], f"weight gradient, softcap {softcap}")
+        if reduction == "none":
+            (want * token_weights).sum().backward()
+            assert (loss[[0, 5, 36]] == 0).all()
+        else:
+            want = want.sum()
+            (want * 0.7).backward()
+        close(loss, want, f"loss, softcap {softcap}, {reduction}")
+        close(grad_h, h_ref.grad, f"hidden gradient, softcap {softcap}, {reduction}")
+        close(w.grad, w_ref.grad[rows], f"weight gradient, softcap {softcap}, {reduction}")
 
     # The whole model, split over the 2 ranks, against itself in one process: loss, every gradient
     # and the logits. Norms perturbed from 1, so a norm applied twice or not at all shows.

@@ -495,7 +495,7 @@ def vocab_parallel_loss(hidden, weight, labels, ignore_index: int, reduction: st
     everywhere = [Replicate()] * mesh.ndim
     local_hidden = hidden.redistribute(hidden.device_mesh, everywhere).to_local(grad_placements=[Partial()] * mesh.ndim)
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-    losses = vocab_parallel_cross_entropy(
+    loss = vocab_parallel_cross_entropy(
         local_hidden,
         weight.to_local(),
         labels,
@@ -503,10 +503,9 @@ def vocab_parallel_loss(hidden, weight, labels, ignore_index: int, reduction: st
         group=mesh.get_group(),
         ignore_index=ignore_index,
         softcap=softcap,
+        reduction="none" if reduction == "none" else "sum",
     )
-    if reduction == "none":
-        return losses
-    total = losses.sum()
-    if reduction == "sum":
-        return total
+    if reduction in ("none", "sum"):
+        return loss
+    total = loss
     return total / ((labels != ignore_index).sum().clamp(min=1) if normalizer is None else normalizer)
