@@ -159,10 +159,10 @@ def _nothing_fits(line: str, solved: dict, budget: int, as_json: bool) -> int:
 def describe_run(config, plan: Plan) -> str:
     t, o, p = config.train, config.optim, config.parallel
     model = config.model.from_hf or config.model.preset
+    count = f"{plan.parameters / 1e9:.2f} B" if plan.parameters >= 1e8 else f"{plan.parameters / 1e6:.1f} M"
+    on_rank = " on each tensor-parallel rank" if plan.tensor_parallel > 1 else ""
     lines = [
-        f"{model} ({plan.parameters / 1e9:.2f} B parameters)"
-        if plan.parameters >= 1e8
-        else f"{model} ({plan.parameters / 1e6:.1f} M parameters)",
+        f"{model} ({count} parameters{on_rank})",
         f"micro-batch {plan.micro_batch_size} x {t.seq_len} tokens, accumulation {plan.grad_accum_steps}",
         f"weights {t.param_dtype}, compute {plan.compute_dtype}",
         f"optim {o.name}",

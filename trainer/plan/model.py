@@ -837,9 +837,10 @@ def loss_ops(s: Setting) -> list[Op]:
 
 
 def vocab_parallel_loss_ops(s: Setting) -> list[Op]:
-    """trainer.ops.vocab_parallel_cross_entropy on the gathered hidden states (kept for backward)
-    and this rank's vocabulary rows: per-token losses and log-sum-exps, and one chunk's logits (fp32)
-    with their exp at a time; backward, an fp32 weight-gradient buffer and a chunk's gradient."""
+    """trainer.ops.vocab_parallel_cross_entropy, summed, on the gathered hidden states and this
+    rank's vocabulary rows: like the fused loss, it makes both gradients in its forward (the hidden
+    states' in their dtype, the weight's in fp32) and backward only scales them; per chunk, the
+    logits and their exponentials in fp32, beside the per-token losses and log-sum-exps."""
     a, c, r = s.args, s.compute_bytes, s.param_bytes
     n, v, h = s.tokens, a.vocab_size, a.hidden_size  # v: this rank's rows
     head = lm_head_name(a)
@@ -850,18 +851,21 @@ def vocab_parallel_loss_ops(s: Setting) -> list[Op]:
         hidden, hb = "hidden_c", c
     copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
     chunk = vocab_parallel_chunk(n, h, v) * v * F32
+    head_trains = any(p.name == head and p.trainable for p in s.params)
+    stash = {"grad_hidden_stash": n * h * hb} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
     ops.append(
         Op(
             "vocab-parallel cross-entropy",
             inputs=(hidden,),
-            outputs={"loss": F32},
-            saves=(hidden,),
-            saves_for_weights=(hidden,),
-            grads={hidden: n * h * hb},
+            outputs={"loss": F32, **stash},
+            saves=tuple(stash),
+            grads_from={hidden: "grad_hidden_stash"},
             weights=(head,),
+            weight_grad_from={head: "grad_weight_stash"} if head_trains else {},
             weight_copies=copies,
-            fwd_extra=2 * n * F32 + 2 * chunk,
-            bwd_extra=v * h * F32 + 2 * chunk,
+            copies_saved=False,
+            nondiff=tuple(stash),
+            fwd_extra=2 * n * F32 + 2 * chunk + sum(copies.values()),
         )
     )
     return ops
