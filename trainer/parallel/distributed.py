@@ -51,7 +51,7 @@ class ParallelEnv:
 
     @property
     def tensor_parallel(self) -> int:
-        return 1 if self.mesh is None else self.mesh["tp"].size()
+        return 1 if self.mesh is None else self.mesh.size(1)  # dimensions (dp, tp)
 
     @property
     def data_parallel_size(self) -> int:
@@ -65,7 +65,7 @@ class ParallelEnv:
     @property
     def data_parallel_group(self) -> dist.ProcessGroup | None:
         """The ranks with different batches, this one's among them (None: every rank)."""
-        return None if self.mesh is None else self.mesh["dp"].get_group()
+        return None if self.mesh is None else self.mesh.get_group("dp")
 
 
 def env_from_launcher() -> ParallelEnv:
