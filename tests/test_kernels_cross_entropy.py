@@ -33,6 +33,13 @@ OPTIONS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def many_chunks(monkeypatch):
+    """Without the chunks' floor (MIN_CHUNK_LOGIT_BYTES), the small inputs here split into several
+    chunks, as a large input does; test_chunk_floor checks the floor itself."""
+    monkeypatch.setattr(ce_module, "MIN_CHUNK_LOGIT_BYTES", 0)
+
+
 def logits_oracle(z, labels, bias=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """fp64 per-row losses of logits z (rows, vocab), autograd-ready in z."""
     if bias is not None:
@@ -293,17 +300,19 @@ CAPPED = [((3, 13), 24, 67, 5), ((1, 29), 17, 131, 3), ((2, 32), 32, 128, 8)]  #
 @pytest.mark.parametrize("lead,hidden_size,vocab,tokens", CAPPED)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_reference_capped_chunks_match_the_oracle(monkeypatch, lead, hidden_size, vocab, tokens, reduction):
-    """A budget of `tokens` tokens' logits (the reference keeps three fp64 buffers of a chunk's
-    logits: the previous chunk's, the current one and logsumexp's temporary) splits the tokens into
-    chunks of at most that many, far below the shape's chunk, and the loss and every gradient still
-    equal the fp64 materialised logits (reduction none recomputes the chunks in backward)."""
+    """A budget of `tokens` tokens' logits (the reference works in one fp64 buffer of a chunk's
+    logits, which becomes its gradient) splits the tokens into chunks of at most that many, far
+    below the shape's chunk, and the loss and every gradient still equal the fp64 materialised
+    logits (reduction none recomputes the chunks in backward)."""
     n = lead[0] * lead[1]
-    budget = tokens * 3 * vocab * 8 + 3 * vocab * 8 - 1  # one byte short of tokens + 1
+    kept, working = ce_module.chunk_buffers(vocab, 8, triton=False)
+    assert kept == 0 and vocab * 8 < working < vocab * 8 + 100  # the logits and a few per-token values
+    budget = (tokens + 1) * working - 1  # one byte short of tokens + 1
     hidden, weight, bias, labels = make(lead, hidden_size, vocab, torch.float64, seed=n, with_bias=True, n_ignored=3)
     for t in (hidden, weight, bias):
         t.requires_grad_()
     grad_out = (torch.randn(lead) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
-    rows = _chunk_rows(monkeypatch, "_chunk_loss_and_grad")
+    rows = _chunk_rows(monkeypatch, "_reference_chunk")
     loss = ops.linear_cross_entropy(
         hidden, weight, labels, IGNORE, reduction, bias=bias, force="reference", chunk_bytes=budget, z_loss=1e-3
     )
@@ -317,13 +326,14 @@ def test_reference_capped_chunks_match_the_oracle(monkeypatch, lead, hidden_size
 
 
 def test_reference_capped_chunks_fp32_against_fp64(monkeypatch):
-    """fp32 inputs at 7-token chunks (a budget of 7 tokens' three fp32 buffers) against the fp64
-    oracle, to fp32's accuracy."""
+    """fp32 inputs at 7-token chunks (a budget of 7 tokens' fp32 logits) against the fp64 oracle, to
+    fp32's accuracy."""
     hidden, weight, _, labels = make((5, 11), 20, 89, torch.float32, seed=3, n_ignored=4)
     hidden.requires_grad_()
     weight.requires_grad_()
-    rows = _chunk_rows(monkeypatch, "_chunk_loss_and_grad")
-    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", chunk_bytes=7 * 3 * 89 * 4)
+    rows = _chunk_rows(monkeypatch, "_reference_chunk")
+    per_token = sum(ce_module.chunk_buffers(89, 4, triton=False))
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", chunk_bytes=7 * per_token)
     grads = torch.autograd.grad(loss, (hidden, weight))
     assert rows == [7] * 7 + [6]
     ref_loss, ref_grads = oracle(hidden, weight, labels)
@@ -359,7 +369,8 @@ def test_a_budget_only_ever_shrinks_the_chunk():
     shape = ce_module.chunk_tokens(1000, 64, 640, 4, False)  # 1000 tokens over ceil(640 / 64) = 10 chunks
     assert shape == 100
     per_token = sum(ce_module.chunk_buffers(640, 4, triton=False))
-    assert per_token == 3 * 640 * 4  # the previous chunk's gradient, the logits, logsumexp's temporary
+    assert 640 * 4 < per_token < 640 * 4 + 50  # the logits, which become their gradient in place, and
+    # a few per-token values
     assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=10**12, token_bytes=per_token) == 100
     assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=37 * per_token, token_bytes=per_token) == 37
     assert ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=1, token_bytes=per_token) == 1
@@ -367,6 +378,40 @@ def test_a_budget_only_ever_shrinks_the_chunk():
         ce_module.chunk_tokens(1000, 64, 640, 4, False, budget_bytes=10)
     with pytest.raises(ValueError, match="chunk_bytes must be >= 0"):
         ops.linear_cross_entropy(torch.zeros(2, 4), torch.zeros(8, 4), torch.zeros(2, dtype=torch.long), chunk_bytes=-1)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_chunk_floor(monkeypatch, reduction):
+    """Off a GPU's Triton path a chunk holds at least MIN_CHUNK_LOGIT_BYTES of logits in the
+    accumulation dtype (here 10 tokens' worth of fp64 logits, vocabulary 53): 37 tokens make chunks
+    of 10, 10, 10 and 7 where the shape alone makes 13 chunks of 3; a budget still caps below the
+    floor, and a GPU's Triton chunks keep their own minimum. The loss and gradients equal the fp64
+    oracle."""
+    monkeypatch.setattr(ce_module, "MIN_CHUNK_LOGIT_BYTES", 10 * 53 * 8 + 7)
+    assert ce_module.chunk_tokens(37, 3, 53, 8, False) == 10
+    assert ce_module.chunk_tokens(5, 3, 53, 8, False) == 5  # never more than the tokens
+    per_token = sum(ce_module.chunk_buffers(53, 8, triton=False))
+    assert ce_module.chunk_tokens(37, 3, 53, 8, False, budget_bytes=4 * per_token, token_bytes=per_token) == 4
+    monkeypatch.setattr(ce_module, "MIN_TRITON_CHUNK_TOKENS", 6)
+    assert ce_module.chunk_tokens(37, 3, 53, 8, True) == 6
+    monkeypatch.setattr(ce_module, "MIN_CHUNK_LOGIT_BYTES", 0)
+    assert ce_module.chunk_tokens(37, 3, 53, 8, False) == 3  # the shape alone: ceil(37 / ceil(53 / 3))
+    monkeypatch.setattr(ce_module, "MIN_CHUNK_LOGIT_BYTES", 10 * 53 * 8 + 7)
+
+    hidden, weight, bias, labels = make((37,), 3, 53, torch.float64, seed=12, with_bias=True, n_ignored=5)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    grad_out = (torch.randn(37) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
+    rows = _chunk_rows(monkeypatch, "_reference_chunk")
+    loss = ops.linear_cross_entropy(
+        hidden, weight, labels, IGNORE, reduction, bias=bias, force="reference", **OPTIONS["all"]
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
+    assert rows == [10, 10, 10, 7] * (2 if reduction == "none" else 1)
+    ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, grad_out=grad_out, **OPTIONS["all"])
+    assert rel_err(loss, ref_loss) <= 1e-12
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, ref) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -174,7 +174,7 @@ def test_custom_op_registrations(triton_path):
             torch.ops.trainer.linear_cross_entropy,
             (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0, None, True, True, False, triton_path),
         ),
-        (  # chunks capped at 264 bytes (chunk_bytes): 2 tokens of the reference's, 3 of the Triton path's
+        (  # chunks capped at 264 bytes (chunk_bytes): 3 tokens of the reference's and of the Triton path's
             torch.ops.trainer.linear_cross_entropy,
             (rnd(5, 8), rnd(11, 8), None, labels, -100, "none", 0.0, 0.0, None, True, True, False, triton_path, 264),
         ),

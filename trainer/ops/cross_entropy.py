@@ -32,6 +32,11 @@ REDUCTIONS = ("mean", "sum", "none")
 MIN_TRITON_CHUNK_TOKENS = 1024
 # ... as long as a chunk's logits stay within this many bytes.
 MAX_TRITON_CHUNK_BYTES = 256 << 20
+# Elsewhere (the PyTorch path; the Triton path off a GPU) a chunk's logits in the accumulation dtype
+# take at least this many bytes: below it a chunk's fixed cost, two dozen ops and their Python,
+# outweighs what the smaller chunk saves (measured on CPU: benchmarks/results/cpu_profile_overhead.md).
+# Tests lower it to exercise many chunks on small inputs.
+MIN_CHUNK_LOGIT_BYTES = 16 << 20
 
 
 def chunk_tokens(
@@ -51,7 +56,9 @@ def chunk_tokens(
     on a GPU, every chunk's weight-gradient GEMM reads and writes the whole fp32 (vocab x hidden)
     buffer: with a few hundred tokens per chunk that traffic, not the math, sets the time on an
     H100 (the GEMM turns compute-bound near 1k tokens), so there chunks grow to ~1k tokens while
-    their logits stay within MAX_TRITON_CHUNK_BYTES.
+    their logits stay within MAX_TRITON_CHUNK_BYTES. Elsewhere chunks hold at least
+    MIN_CHUNK_LOGIT_BYTES of logits: a small model's few thousand tokens make one or a few chunks
+    instead of dozens of tiny ones.
 
     Sized from the shape alone, a chunk grows with the sequence (a 128k-token sequence of an 8B
     Llama makes chunks of 4k tokens: 1 GiB of bf16 logits, twice). budget_bytes > 0 caps what the
@@ -65,6 +72,9 @@ def chunk_tokens(
     if triton_on_gpu:
         budget = max(1, MAX_TRITON_CHUNK_BYTES // (vocab_size * elem_bytes))
         size = max(size, min(n_tokens, MIN_TRITON_CHUNK_TOKENS, budget))
+    else:
+        floor = MIN_CHUNK_LOGIT_BYTES // (vocab_size * max(elem_bytes, 4))
+        size = max(size, min(n_tokens, floor))
     if budget_bytes > 0:
         if token_bytes <= 0:
             raise ValueError("chunk_tokens: a budget_bytes needs the chunk's token_bytes (chunk_buffers, summed)")
@@ -76,16 +86,24 @@ def chunk_buffers(vocab_size: int, elem_bytes: int, triton: bool, softcap: bool 
     """(kept, working): bytes per token of a chunk while the chunks run, beyond what the loss keeps
     anyway. `kept`: a finished chunk's d loss / d logits, still bound while the next chunk is
     computed; `working`: the chunk being computed. Triton: the logits in the hidden dtype, which
-    the kernel overwrites with their gradient, one buffer each. Reference: in the accumulation
-    dtype (fp32; fp64 for fp64 inputs), the previous chunk's gradient kept, and the chunk's logits
-    and logsumexp's temporary working (a bf16 matmul output and the bf16 copy of the gradient are
-    made while fewer are alive), plus the cap's slope with a softcap. Measured with the CPU
-    allocator: 8 and 12 bytes per token per vocabulary entry for one and for several fp32 or bf16
-    chunks, 12 and 16 with a softcap, 16 and 24 in fp64. chunk_peak_bytes adds them up."""
+    the kernel overwrites with their gradient, one buffer each. Reference: nothing kept (a chunk's
+    gradient is freed before the next chunk's logits are made); working, the logits in the
+    accumulation dtype (fp32; fp64 for fp64 inputs), which become the gradient in place, beside
+    either the matmul's low-precision output or the gradient's low-precision copy (bf16/fp16
+    inputs), or the cap's slope (softcap), whichever is larger. (With bf16/fp16 inputs the weight's
+    gradient also takes the chunk's hidden rows in fp32, beside the logits: more than the copy
+    counted only where the vocabulary is under twice the hidden size.) chunk_peak_bytes adds them
+    up."""
     if triton:
         return vocab_size * elem_bytes, vocab_size * elem_bytes
     acc = max(elem_bytes, 4)
-    return vocab_size * acc, (3 if softcap else 2) * vocab_size * acc
+    logits = vocab_size * acc
+    low_copy = vocab_size * elem_bytes if elem_bytes < acc else 0
+    # Beside them, per token: eight values in the accumulation dtype (the row's maximum, sum,
+    # log-sum-exp, label logit, loss and the gradient's scales), the label's int64 copy and two
+    # masks. Measured on the CPU allocator (tests/test_plan.py) to the byte.
+    small = 8 * acc + 8 + 2
+    return 0, max(logits + low_copy, 2 * logits if softcap else logits) + small
 
 
 def chunk_peak_bytes(n_tokens: int, chunk: int, kept: int, working: int) -> int:
@@ -98,40 +116,60 @@ def chunk_peak_bytes(n_tokens: int, chunk: int, kept: int, working: int) -> int:
     return max(chunk * working, chunk * kept + min(chunk, n_tokens - chunk) * working)
 
 
-def _chunk_loss_and_grad(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad):
-    """Per-token loss (fp32, zero where ignored) and d loss / d logits (fp32) for one chunk."""
+def _reference_chunk(
+    h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale
+):
+    """One chunk in PyTorch: writes the per-token losses (accumulation dtype, 0 where ignored) into
+    loss_out when given; returns d loss / d logits (accumulation dtype) times row_scale, or None.
+
+    The logits buffer becomes the softmax and then the gradient in place, and the exponentials are
+    computed once: logsumexp and then a separate softmax would make a second chunk-sized buffer and
+    a second exp pass.
+    """
     acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     z = (h @ weight.t()).to(acc)
     if bias is not None:
         z += bias.to(acc)
+    cap_slope = None
     if softcap is not None:
-        z = torch.tanh(z / softcap).mul_(softcap)
+        z.div_(softcap).tanh_()
+        if want_grad:  # d (softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            cap_slope = z.square().neg_().add_(1)
+        z.mul_(softcap)
     valid = y != ignore_index
     # A label outside the vocabulary gives NaN (loss and gradient), as the Triton kernel does, instead
     # of an out-of-bounds gather: check_labels names it on the host before a batch gets here.
     bad = valid & ((y < 0) | (y >= z.shape[1]))
-    y_safe = torch.where(valid & ~bad, y, 0)
-    lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, y_safe[:, None]).squeeze(1)
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
-    if z_loss:
-        loss = loss + z_loss * lse.square()
-    loss = torch.where(bad, math.nan, torch.where(valid, loss, 0.0))
+    y_safe = torch.where(valid & ~bad, y, 0)[:, None]
+    label_logit = z.gather(1, y_safe).squeeze(1)
+    mean_logit = z.mean(dim=-1) if label_smoothing else None
+    top = z.amax(dim=-1, keepdim=True)
+    exp_sum = z.sub_(top).exp_().sum(dim=-1)
+    lse = exp_sum.log().add_(top.squeeze(1))
+    if loss_out is not None:
+        loss = lse - label_logit
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (lse - mean_logit)
+        if z_loss:
+            loss += z_loss * lse.square()
+        loss_out.copy_(loss.masked_fill_(~valid, 0.0).masked_fill_(bad, math.nan))
     if not want_grad:
-        return loss, None
-
-    cap_slope = 1 - (z / softcap).square() if softcap is not None else None
-    d = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-    if z_loss:
-        d.mul_((1 + 2 * z_loss * lse)[:, None])
+        return None
+    # What each token's row of d loss / d logits is multiplied by: 1 (times row_scale), 0 where
+    # ignored, NaN where the label is bad.
+    scale = torch.where(bad, math.nan, valid.to(acc))
+    if row_scale is not None:
+        scale *= row_scale.to(acc)
+    softmax_scale = scale / exp_sum  # softmax = exp / exp_sum
+    if z_loss:  # d (z_loss * lse^2) / d logits = 2 z_loss lse softmax
+        softmax_scale *= 1 + 2 * z_loss * lse
+    d = z.mul_(softmax_scale[:, None])
     if label_smoothing:
-        d.sub_(label_smoothing / z.shape[1])
-    d.scatter_add_(1, y_safe[:, None], torch.full_like(lse, -(1 - label_smoothing))[:, None])
+        d.sub_((label_smoothing / z.shape[1]) * scale[:, None])
+    d.scatter_add_(1, y_safe, (-(1 - label_smoothing) * scale)[:, None])
     if cap_slope is not None:
         d.mul_(cap_slope)
-    d.mul_(torch.where(bad, math.nan, valid.to(d.dtype))[:, None])
-    return loss, d
+    return d
 
 
 def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
@@ -155,30 +193,37 @@ def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, sof
 
 
 def _accumulate_grads(d, h, weight, grad_h, grad_w, grad_b, rows):
-    """grad_h[rows] = d @ W; grad_w += d^T h (fp32 across chunks); grad_b += sum d. None = not wanted."""
-    d_low = d.to(weight.dtype)
+    """grad_w += d^T h (fp32 across chunks); grad_b += sum d; grad_h[rows] = d @ W. None = not wanted.
+    The weight's gradient first: on CPU its fp32 copy of h is then freed before d's copy in the
+    weight's dtype is made, so the two are never held together."""
+    if grad_w is not None:
+        _accumulate_weight_grad(grad_w, d, h, weight.dtype)
+    if grad_b is not None:
+        grad_b += d.sum(0, dtype=grad_b.dtype)
     if grad_h is not None:
+        d_low = d.to(weight.dtype)
         if grad_h.dtype == weight.dtype:
             torch.matmul(d_low, weight, out=grad_h[rows])  # rows of a contiguous tensor: no temporary
         else:
             grad_h[rows] = (d_low @ weight).to(grad_h.dtype)
-    if grad_w is not None:
-        # Accumulate inside the GEMM where possible: a separate product would be a (vocab x hidden)
-        # temporary written and read again for every chunk.
-        if grad_w.dtype == d_low.dtype:
-            grad_w.addmm_(d_low.t(), h)
-        elif (
-            grad_w.is_cuda
-            and d_low.dtype in (torch.bfloat16, torch.float16)
-            and _fp32_addmm_works(grad_w.device, d_low.dtype)
-        ):
-            # cuBLAS adds the low-precision product straight into the fp32 buffer, without rounding
-            # each chunk's product to bf16 first.
-            torch.addmm(grad_w, d_low.t(), h, out_dtype=torch.float32, out=grad_w)
-        else:
-            grad_w += d_low.t() @ h
-    if grad_b is not None:
-        grad_b += d.sum(0, dtype=grad_b.dtype)
+
+
+def _accumulate_weight_grad(grad_w, d, h, low_dtype):
+    # Accumulate inside the GEMM where possible: a separate product would be a (vocab x hidden)
+    # temporary written and read again for every chunk.
+    if grad_w.dtype == d.dtype == h.dtype:
+        grad_w.addmm_(d.t(), h)
+    elif not grad_w.is_cuda:
+        # A CPU GEMM cannot add a bf16/fp16 product into fp32: the product is taken in fp32 (d as
+        # computed, h upcast: a chunk's rows, not a (vocab x hidden) temporary).
+        grad_w.addmm_(d.to(grad_w.dtype).t(), h.to(grad_w.dtype))
+    elif low_dtype in (torch.bfloat16, torch.float16) and _fp32_addmm_works(grad_w.device, low_dtype):
+        # cuBLAS adds the low-precision product straight into the fp32 buffer, without rounding
+        # each chunk's product to bf16 first.
+        torch.addmm(grad_w, d.to(low_dtype).t(), h.to(low_dtype), out_dtype=torch.float32, out=grad_w)
+    else:
+        d_low = d.to(low_dtype)
+        grad_w += d_low.t() @ h.to(low_dtype)
 
 
 @functools.cache
@@ -245,36 +290,32 @@ def _chunked(
         token_bytes=sum(chunk_buffers(vocab, elem, triton, softcap is not None)),
     )
     want_grad = need_h or need_w or need_b
-    losses = torch.empty(n, dtype=_loss_dtype(hidden.dtype, triton), device=hidden.device) if want_loss else None
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w, grad_b = _fp32_grad_buffers(weight, bias, need_w, need_b)
+    losses = torch.empty(n, dtype=_loss_dtype(hidden.dtype, triton), device=hidden.device) if want_loss else None
+    chunk = _triton_chunk if triton else _reference_chunk
     for start in range(0, n, size):
         rows = slice(start, start + size)
-        scale = None if row_scale is None else row_scale[rows]
-        if triton:
-            d = _triton_chunk(
-                hidden[rows],
-                weight,
-                bias,
-                labels[rows],
-                ignore_index,
-                label_smoothing,
-                z_loss,
-                softcap,
-                want_grad,
-                None if losses is None else losses[rows],
-                scale,
-            )
-        else:
-            loss, d = _chunk_loss_and_grad(
-                hidden[rows], weight, bias, labels[rows], ignore_index, label_smoothing, z_loss, softcap, want_grad
-            )
-            if losses is not None:
-                losses[rows] = loss
-            if want_grad and scale is not None:
-                d.mul_(scale[:, None].to(d.dtype))
+        d = chunk(
+            hidden[rows],
+            weight,
+            bias,
+            labels[rows],
+            ignore_index,
+            label_smoothing,
+            z_loss,
+            softcap,
+            want_grad,
+            None if losses is None else losses[rows],
+            None if row_scale is None else row_scale[rows],
+        )
         if want_grad:
             _accumulate_grads(d, hidden[rows], weight, grad_h, grad_w, grad_b, rows)
+        if not triton:
+            # Freed before the next chunk's logits are made, so one chunk's buffers are all the
+            # reference holds at once (chunk_buffers). The Triton path keeps the buffer until the
+            # next chunk's is made, as its chunk_buffers counts (measured on a GPU).
+            del d
     return losses, grad_h, grad_w, grad_b
 
 
