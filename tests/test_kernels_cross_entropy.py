@@ -414,6 +414,22 @@ def test_chunk_floor(monkeypatch, reduction):
         assert rel_err(g, ref) <= 1e-12
 
 
+def test_reference_far_below_the_maximum():
+    """Logits spread over thousands (hidden scaled by 1e3): most exponentials underflow, and the
+    fp32 loss and gradients still match the fp64 oracle (the exponent's floor changes nothing a
+    float32 can hold)."""
+    hidden, weight, _, labels = make((3, 7), 16, 211, torch.float32, seed=13, scale=1e3)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", z_loss=1e-4)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_grads = oracle(hidden, weight, labels, z_loss=1e-4)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(loss, ref_loss) <= 1e-5
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, ref) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_low_precision(dtype):
     hidden, weight, _, labels = make((4, 5), 16, 120, dtype, seed=9)
