@@ -60,8 +60,10 @@ PARITY_SCRIPT = textwrap.dedent(
     labels[[0, 5, 36]] = -100
     rows = slice(29 * rank, 29 * (rank + 1))
     token_weights = torch.linspace(0.5, 1.5, 37, dtype=torch.float64)
-    for softcap, reduction in ((None, "none"), (3.0, "none"), (None, "sum"), (3.0, "sum")):
-        h = hidden.clone().requires_grad_()
+    # spread 300: logits thousands apart, whose exponentials underflow (the op raises their arguments)
+    cases = ((None, "none", 1.0), (3.0, "none", 1.0), (None, "sum", 1.0), (3.0, "sum", 1.0), (None, "sum", 300.0))
+    for softcap, reduction, spread in cases:
+        h = (hidden * spread).requires_grad_()
         w = weight[rows].clone().requires_grad_()
         loss = vocab_parallel_cross_entropy(
             h, w, labels, vocab_start=rows.start, group=dist.group.WORLD, softcap=softcap, reduction=reduction
@@ -73,7 +75,7 @@ PARITY_SCRIPT = textwrap.dedent(
             (loss * 0.7).backward()
         grad_h = h.grad.clone()
         dist.all_reduce(grad_h)  # each rank's part of the hidden states' gradient
-        h_ref = hidden.clone().requires_grad_()
+        h_ref = (hidden * spread).requires_grad_()
         w_ref = weight.clone().requires_grad_()
         logits = h_ref @ w_ref.T
         if softcap is not None:
