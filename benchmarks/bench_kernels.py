@@ -10,12 +10,14 @@ peak memory above the inputs.
 BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs the same cases on CPU at tiny sizes, one
 round each and without torch.compile: the plumbing only (benchmarks/gpu_suite.py --dry-run).
 
-CPU: the fused loss's chunked reference path against materialised logits + F.cross_entropy at 8192
-tokens, hidden 256, vocab 32768, fp32: time in-process, extra peak memory (ru_maxrss) measured in a
-fresh child process per side so one side's high-water mark cannot hide the other's.
+CPU: the fused loss's chunked reference path against materialised logits + F.cross_entropy and
+torch's own chunked F.linear_cross_entropy (where this torch has it), fp32, at three shapes
+(CPU_SHAPES: 8192 tokens x hidden 256 x vocab 32768, the default run's loss, a ~100M model's): each
+side in a fresh child process, its time and its extra peak memory (ru_maxrss), so one side's
+high-water mark cannot hide another's.
 
     python -m pytest benchmarks/bench_kernels.py --benchmark-json=benchmarks/results/<device>.json
-    python benchmarks/bench_kernels.py        # just the CPU fused-loss comparison, printed
+    python benchmarks/bench_kernels.py [--json PATH]   # just the CPU fused-loss comparison, printed
 """
 
 import json
@@ -37,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import trainer.ops as ops  # noqa: E402
+from trainer.bench.machine_load import OTHER_LOAD_LIMIT, OtherLoad  # noqa: E402
 from trainer.ops.rms_norm import rms_norm_reference  # noqa: E402
 from trainer.ops.rope import rope_reference  # noqa: E402
 from trainer.ops.swiglu import gated_activation_reference  # noqa: E402
@@ -267,23 +270,29 @@ def test_gpu_kernel(benchmark, case_name, provider):
         benchmark.extra_info["tflop_per_s"] = round(case.flops / seconds / 1e12, 1)
 
 
-# ---- CPU: the fused loss's reference path against materialised logits ----
+# ---- CPU: the fused loss's reference path against materialised logits and torch's own ----
 
-CPU_TOKENS, CPU_HIDDEN, CPU_VOCAB = 8192, 256, 32768
-CPU_SIDES = ("fused_reference", "materialised")
+# (tokens, hidden, vocab): the wide-vocabulary case, the default run's loss (small preset, 8 x 256
+# tokens, the 4096-token BPE) and a ~100M model's (hidden 768, a 16384-token BPE, 4 x 512 tokens).
+CPU_SHAPES = ((8192, 256, 32768), (2048, 256, 4096), (2048, 768, 16384))
+TORCH_HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+CPU_SIDES = ("fused_reference", "materialised") + (("torch_chunked",) if TORCH_HAS_LCE else ())
 
 
-def _cpu_inputs():
+def _cpu_inputs(shape=CPU_SHAPES[0]):
+    tokens, hidden_size, vocab = shape
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(CPU_TOKENS, CPU_HIDDEN, generator=g).requires_grad_()
-    weight = (0.02 * torch.randn(CPU_VOCAB, CPU_HIDDEN, generator=g)).requires_grad_()
-    labels = torch.randint(0, CPU_VOCAB, (CPU_TOKENS,), generator=g)
+    hidden = torch.randn(tokens, hidden_size, generator=g).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, hidden_size, generator=g)).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
     return hidden, weight, labels
 
 
 def _cpu_loss(side, hidden, weight, labels):
     if side == "fused_reference":
         return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+    if side == "torch_chunked":  # torch's own chunked loss (options=None would materialise)
+        return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
     return _materialised_loss(hidden, weight, labels)
 
 
@@ -297,9 +306,9 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _child(side: str, repeats: int) -> dict:
-    """Runs in a fresh process: the extra high-water mark of one forward + backward, and its times."""
-    hidden, weight, labels = _cpu_inputs()
+def _child(side: str, shape: tuple[int, int, int], repeats: int) -> dict:
+    """Runs in a fresh process: the extra high-water mark of forward + backward, and its times."""
+    hidden, weight, labels = _cpu_inputs(shape)
     base = _maxrss_bytes()
     times, cpu_times = [], []
     for _ in range(repeats):
@@ -309,6 +318,7 @@ def _child(side: str, repeats: int) -> dict:
         cpu_times.append(time.process_time() - cpu_start)
     return dict(
         side=side,
+        shape=list(shape),
         loss=float(loss),
         extra_peak_bytes=_maxrss_bytes() - base,
         seconds=times,
@@ -317,52 +327,85 @@ def _child(side: str, repeats: int) -> dict:
     )
 
 
-def run_cpu_side(side: str, repeats: int = 1) -> dict:
+def run_cpu_side(side: str, shape: tuple[int, int, int] = CPU_SHAPES[0], repeats: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    load = OtherLoad()
     out = subprocess.run(
-        [sys.executable, __file__, "--child", side, str(repeats)],
+        [sys.executable, __file__, "--child", side, ",".join(map(str, shape)), str(repeats)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Other processes' share of the machine's CPU time while this side ran (None off Linux)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "other_cpu_share": load.share()}
 
 
 @pytest.mark.parametrize("side", CPU_SIDES)
 def test_cpu_fused_loss(benchmark, side):
     memory = run_cpu_side(side)
     inputs = _cpu_inputs()
+    tokens, hidden_size, vocab = CPU_SHAPES[0]
     benchmark.group = "cpu_fused_linear_cross_entropy"
     benchmark.pedantic(_cpu_step, args=(side, *inputs), rounds=3, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(
         side=side,
-        tokens=CPU_TOKENS,
-        hidden=CPU_HIDDEN,
-        vocab=CPU_VOCAB,
+        tokens=tokens,
+        hidden=hidden_size,
+        vocab=vocab,
         dtype="fp32",
         extra_peak_mib=round(memory["extra_peak_bytes"] / 2**20, 1),
         loss=memory["loss"],
     )
 
 
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def cpu_comparison(repeats: int = 5) -> list[dict]:
+    """Every shape, every side in its own fresh process, one after another: the first call of each
+    process is its warm-up, left out of the median."""
+    results = []
+    for shape in CPU_SHAPES:
+        for side in CPU_SIDES:
+            r = run_cpu_side(side, shape, repeats=repeats + 1)
+            r["median_seconds"] = _median(r["seconds"][1:])
+            results.append(r)
+    return results
+
+
 def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "--child":
         torch.set_grad_enabled(True)
-        print(json.dumps(_child(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)))
+        shape = tuple(int(x) for x in sys.argv[3].split(","))
+        print(json.dumps(_child(sys.argv[2], shape, int(sys.argv[4]) if len(sys.argv) > 4 else 1)))
         return
-    print(
-        f"CPU fused linear cross-entropy, {CPU_TOKENS} tokens x hidden {CPU_HIDDEN} x vocab {CPU_VOCAB}, fp32, "
-        f"forward + backward, each side in its own process"
-    )
-    for side in CPU_SIDES:
-        r = run_cpu_side(side, repeats=3)
-        print(
-            f"  {side:16s} loss {r['loss']:.6f}  wall s {', '.join(f'{s:.2f}' for s in r['seconds'])}  "
-            f"cpu s {', '.join(f'{s:.2f}' for s in r['cpu_seconds'])}  ({r['threads']} threads)  "
-            f"extra peak {r['extra_peak_bytes'] / 2**20:.0f} MiB"
-        )
+    json_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
+    print("CPU fused linear cross-entropy, fp32, forward + backward, each side in its own process; median of 5")
+    print("after one warm-up; extra peak = the process's high-water mark above its inputs")
+    with open("/proc/loadavg") as f:
+        print(f"load before: {f.read().strip()}")
+    results = cpu_comparison()
+    with open("/proc/loadavg") as f:
+        print(f"load after: {f.read().strip()}")
+    for shape in CPU_SHAPES:
+        rows = [r for r in results if tuple(r["shape"]) == shape]
+        fused = next(r for r in rows if r["side"] == "fused_reference")
+        print(f"{shape[0]} tokens x hidden {shape[1]} x vocab {shape[2]}:")
+        for r in rows:
+            print(
+                f"  {r['side']:16s} loss {r['loss']:.6f}  median {r['median_seconds'] * 1e3:8.1f} ms "
+                f"(fused / this {fused['median_seconds'] / r['median_seconds']:.2f}x)  "
+                f"extra peak {r['extra_peak_bytes'] / 2**20:6.0f} MiB  ({r['threads']} threads, "
+                f"other processes {100 * (r['other_cpu_share'] or 0):.0f}% of the CPUs)"
+            )
+    busy = [r for r in results if (r["other_cpu_share"] or 0) > OTHER_LOAD_LIMIT]
+    if busy:
+        print(f"warning: other processes used over {OTHER_LOAD_LIMIT:.0%} of the CPUs during {len(busy)} side(s)")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

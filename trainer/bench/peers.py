@@ -20,12 +20,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_hf_peer(config, spec: dict) -> dict:
+def run_hf_peer(config, spec: dict, extra_callbacks=()) -> dict:
     """The weights come from the same build as our sides (same seed, same data, so the same
     initialisation, checked by checksum) through save_hf. The batches are ours, converted as a
     Hugging Face model takes them: input_ids = labels = block[:-1]; the model shifts them itself. The optimizer
     and LR schedule are built by trainer.optim: AdamW whatever optim.name says (8-bit, GaLore and
     layer-wise updates are this trainer's), with the same parameter groups as ours.
+    extra_callbacks: transformers.TrainerCallback instances added to the run (a profiler's, say).
     """
     from transformers import AutoModelForCausalLM, PrinterCallback, TrainerCallback, TrainingArguments
     from transformers import Trainer as HFTrainer
@@ -106,7 +107,11 @@ def run_hf_peer(config, spec: dict) -> dict:
         use_liger_kernel=use_liger,
     )
     hf_trainer = HFTrainer(
-        model=model, args=args, train_dataset=samples, optimizers=(optimizer, scheduler), callbacks=[recorder]
+        model=model,
+        args=args,
+        train_dataset=samples,
+        optimizers=(optimizer, scheduler),
+        callbacks=[recorder, *extra_callbacks],
     )
     hf_trainer.remove_callback(PrinterCallback)  # its per-step dicts would bury bench's own report
     hf_trainer.train()
