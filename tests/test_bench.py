@@ -140,6 +140,22 @@ def test_the_criterion_follows_what_changed(tmp_path):
     assert judge(reference, reference, [], 1e-9)["tolerance"] == 1e-9
 
 
+def test_fp32_holds_the_first_steps_to_rounding_and_the_rest_to_the_curve():
+    reference = [8.0 - 0.1 * i for i in range(40)]
+
+    def off(relative):  # the reference, each step moved by relative[i]
+        return [r * (1 + d) for r, d in zip(reference, relative)]
+
+    # rounding-level for 14 steps, then amplified to 1e-3-5e-3 (what a loss spike does): passes
+    amplified = [1e-7] * 14 + [min(1e-6 * 10**i, 5e-3) for i in range(26)]
+    assert judge(off(amplified), reference, [], 0.0)["passed"]
+    # a bias of 2e-4 from the first step: the function differs, fails
+    assert not judge(off([2e-4] * 40), reference, [], 0.0)["passed"]
+    # exact for the first steps, then a curve 5% off: fails
+    assert not judge(off([0.0] * 20 + [5e-2] * 20), reference, [], 0.0)["passed"]
+    assert not judge(off([0.0] * 39 + [float("nan")]), reference, [], 0.0)["passed"]
+
+
 def test_throughput_and_mfu_arithmetic():
     assert steady_tokens_per_s([10.0, 1.0, 1.0, 2.0], tokens_per_step=100, warmup_steps=1) == 75.0
     shape = dict(n_params=1000, vocab_size=10, hidden_size=4, n_layers=2, n_heads=3, head_dim=5, tie_embeddings=False)

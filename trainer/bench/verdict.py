@@ -1,8 +1,13 @@
 """bench's verdict: does the optimized run's loss follow the eager reference's?
 
 The criterion depends on what the optimized run changes (bench.tolerance=0, the default):
-- nothing that should move the loss in fp32 (kernels, compile, checkpointing): every step's loss
-  within EXACT_TOLERANCE = 1e-4 relative of the reference;
+- nothing that should move the loss in fp32 (kernels, compile, checkpointing): each of the first
+  EXACT_STEPS steps' loss within EXACT_TOLERANCE = 1e-4 relative of the reference, and the mean
+  relative difference over the last half of the steps within FP32_CURVE_TOLERANCE. Rounding-level
+  differences do not stay at rounding level: training amplifies them, fastest through a loss
+  spike (the default 40-step run agrees within 4e-7 for 14 steps, then parts by ~10x a step to
+  ~1e-3; the reference itself differs by 6e-4 between two runs on one CPU), so step-exactness is
+  asked where amplification has had no time, and the curve after it;
 - bf16/fp16 compute, bf16 parameters, 8-bit optimizer states, GaLore or Adafactor: such runs follow
   a different trajectory step by step, so the criterion is over the curve: the mean relative
   difference over the last half of the steps within the largest LOOSE_TOLERANCES entry that applies.
@@ -18,6 +23,8 @@ import math
 from trainer.config import TrainConfig
 
 EXACT_TOLERANCE = 1e-4
+EXACT_STEPS = 10  # the steps held to EXACT_TOLERANCE in fp32
+FP32_CURVE_TOLERANCE = 1e-2  # fp32's mean relative difference over the last half of the steps
 # Mean relative loss difference over the last half of the steps, by what the optimized run changes.
 LOOSE_TOLERANCES = {
     "bf16 compute": 2e-2,
@@ -60,11 +67,15 @@ def judge(optimized: list, reference: list, changes: list[str], tolerance: float
     n = len(diffs)
     if not changes:
         tol = tolerance or EXACT_TOLERANCE
-        value, passed = max(diffs), max(diffs) <= tol
+        first = diffs[:EXACT_STEPS]
+        tail = diffs[n // 2 :]
+        value = max(first)
+        passed = value <= tol and sum(tail) / len(tail) <= FP32_CURVE_TOLERANCE
         criterion = (
-            f"every step's loss within {tol:.0e} relative of the eager reference (max over the {n} steps "
-            "of |optimized - reference| / |reference|): in fp32 the optimized ops compute the same "
-            "function, so only rounding may differ"
+            f"each of the first {len(first)} steps' loss within {tol:.0e} relative of the eager reference "
+            "(max of |optimized - reference| / |reference|): in fp32 the optimized ops compute the same "
+            f"function, so only rounding may differ; and, as training amplifies rounding, the mean over "
+            f"the last half of the steps ({n // 2 + 1}-{n}) within {FP32_CURVE_TOLERANCE:.0e}"
         )
     else:
         tol = tolerance or max(LOOSE_TOLERANCES[c] for c in changes)
