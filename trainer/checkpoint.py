@@ -3,7 +3,8 @@
 A checkpoint folder `checkpoint-<step>` holds the model as a Hugging Face folder (config.json +
 model.safetensors), the tokenizer, the run's config, and the training state: optimizer, scheduler,
 scaler, RNG states, the data sampler's position and the trainer state. A sharded (FSDP) run adds
-`distributed/`: its model and optimizer shards, written by every rank through DCP. `trainer_state.json` is
+`distributed/`: its model and optimizer shards, written by every rank through DCP, and writes its
+model.safetensors a file at a time (no rank ever holds the whole model). `trainer_state.json` is
 written last, and the folder only gets its final name once everything in it is on disk, so a crash
 mid-save never leaves a checkpoint that looks complete.
 """
@@ -32,25 +33,30 @@ from trainer.lora import (
     base_dtype,
     check_checkpoint_kind,
     is_adapter_folder,
+    is_lora_key,
     load_adapter_weights,
     merge_state_dict,
     merged_model,
     save_adapter,
 )
 from trainer.models.hf import (
+    DEFAULT_MAX_SHARD_BYTES,
     args_from_hf_config,
+    exported_names,
     load_state_dict,
     load_weights,
     model_state,
     read_hf_config,
     save_hf,
     weight_files,
+    write_hf,
 )
 from trainer.parallel.distributed import barrier
 from trainer.parallel.sharded_checkpoint import (
-    full_model_state,
+    gather_tensors,
     load_full_state,
     load_sharded,
+    read_model_tensors,
     save_sharded,
     save_sharded_async,
 )
@@ -58,6 +64,9 @@ from trainer.parallel.sharded_checkpoint import (
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 SHARDED_DIR = "distributed"  # DCP shards of the model and optimizer, in checkpoints of sharded runs
+# The largest safetensors file of a checkpoint's or final/'s model (a bigger one is split, with an
+# index), and so about the most of the model a sharded run's rank 0 holds while it writes them.
+MAX_SHARD_BYTES = DEFAULT_MAX_SHARD_BYTES
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -122,10 +131,11 @@ def save_checkpoint(
     lora_base: str | None = None,
     readme: str | None = None,
 ) -> Path:
-    """Writes checkpoint-<step>; with `sharded` (an FSDP run) every rank must call it.
+    """Writes checkpoint-<step>; with `sharded` (an FSDP or tensor-parallel run) every rank must call it.
 
-    A sharded checkpoint also holds the model and optimizer shards in `distributed/` (DCP), and
-    its model.safetensors is the full model gathered on rank 0, so `eval` reads it like any other.
+    A sharded checkpoint also holds the model and optimizer shards in `distributed/` (DCP); its
+    model.safetensors (or model-0000i-of-0000n files) holds the whole model, gathered a tensor at a
+    time and written by rank 0 a file at a time, so `eval` reads it like any other.
     A LoRA run's checkpoint holds only what trains: the adapters in PEFT's format (of the base
     model `lora_base`), and the optimizer state of those tensors.
     """
@@ -139,8 +149,7 @@ def save_checkpoint(
     if sharded:
         barrier()  # the folder exists before any rank writes into it
         save_sharded(tmp / SHARDED_DIR, model, optimizer, trainable_only=is_lora(model))
-    # Collective under FSDP: it gathers.
-    write_model = model_writer(model, sharded, lora_base, tokenizer.special_token_ids())
+    write_model = model_writer(model, sharded, lora_base, tokenizer.special_token_ids(), is_main)
     if is_main:
         _write_checkpoint(
             tmp,
@@ -153,6 +162,8 @@ def save_checkpoint(
             tokenizer=tokenizer,
             readme=readme,
         )
+    elif sharded:
+        write_model(tmp)  # collective: the gathers rank 0's write_model makes
     if sharded:
         barrier()  # no rank moves on (or rotates, or saves again) before the rename
     return final
@@ -187,12 +198,12 @@ def snapshot_writer(model, lora_base: str | None, special_tokens: dict):
     if is_lora(model):
         state = {name: _host_copy(p) for name, p in model.named_parameters() if p.requires_grad}
         return lambda folder: save_adapter(model, folder, lora_base, state=state)
-    export = GatheredModel(model, {name: _host_copy(t) for name, t in model.state_dict().items()})
-    return lambda folder: save_hf(export, folder, special_tokens)
+    export = HostCopy(model, {name: _host_copy(t) for name, t in model.state_dict().items()})
+    return lambda folder: save_hf(export, folder, special_tokens, MAX_SHARD_BYTES)
 
 
-class GatheredModel:
-    """A model's full state gathered from its shards, with what save_hf needs of the model besides."""
+class HostCopy:
+    """A model's state copied apart from it, with what save_hf needs of the model besides."""
 
     def __init__(self, model, state: dict):
         self.args, self._state = model.args, state
@@ -206,15 +217,94 @@ def is_lora(model) -> bool:
     return getattr(model, "lora", None) is not None
 
 
-def model_writer(model, sharded: bool, lora_base: str | None, special_tokens: dict[str, int | None]):
+def model_writer(
+    model, sharded: bool, lora_base: str | None, special_tokens: dict[str, int | None], is_main: bool = True
+):
     """folder -> None writing the model as a checkpoint holds it: a Hugging Face folder (with the
-    tokenizer's `special_tokens` ids), or a LoRA run's adapters in PEFT's format. Under FSDP the
-    tensors are gathered here, on every rank."""
+    tokenizer's `special_tokens` ids), or a LoRA run's adapters in PEFT's format.
+
+    `sharded` (FSDP or tensor parallelism): every rank calls this and then what it returns, at the
+    same point, since both gather. The adapters (small) are gathered here; the weights a tensor at a
+    time while rank 0 writes them, a file at a time (gathered_writer). On the other ranks the
+    returned function writes nothing."""
     if is_lora(model):
         state = {name: gather(p) for name, p in model.named_parameters() if p.requires_grad} if sharded else None
+        if not is_main:
+            return lambda folder: None
         return lambda folder: save_adapter(model, folder, lora_base, state=state)
-    export = GatheredModel(model, full_model_state(model)) if sharded else model
-    return lambda folder: save_hf(export, folder, special_tokens)
+    if not sharded:
+        return lambda folder: save_hf(model, folder, special_tokens, MAX_SHARD_BYTES)
+    state = model.state_dict()
+    return gathered_writer(
+        model, state, lambda names, keep: gather_tensors(state, names, keep), special_tokens, is_main
+    )
+
+
+def gathered_writer(model, layout: dict, gather, special_tokens: dict[str, int | None], is_main: bool):
+    """folder -> None, collective: rank 0 writes the Hugging Face folder with write_hf, fetching each
+    file's tensors with `gather(names, True)`; every other rank calls `gather(names, False)` for all
+    of them at once, in the same order (the order of rank 0's fetches), taking part in the same
+    collectives and keeping nothing. `layout`: write_hf's, our names in order with their shapes."""
+    if is_main:
+
+        def write(folder) -> None:
+            write_hf(model, folder, layout, lambda names: gather(names, True), special_tokens, MAX_SHARD_BYTES)
+
+        return write
+    return lambda folder: gather(exported_names(model.args, layout), False)
+
+
+def merged_writer(model, special_tokens: dict[str, int | None], is_main: bool):
+    """gathered_writer of a sharded LoRA model's merged weights (final/merged/): every adapter is
+    gathered here (they are small), then each base weight while rank 0 writes, merged into one
+    tensor by merge_state_dict and dropped; so rank 0 holds a file's worth of merged weights and
+    one base weight, never the whole base. Collective, as what it returns is."""
+    state = model.state_dict()
+    adapter_names = [name for name in state if is_lora_key(name)]
+    adapters = gather_tensors(state, adapter_names, is_main)
+    scaling, dtype = model.lora.scaling, base_dtype(model)
+    # Each base tensor merges into one tensor of the plain model; merging meta tensors names it and
+    # gives its shape and dtype without any weight (merge_state_dict skips the adapters it is handed
+    # besides the ones of the tensor merged).
+    adapter_metas = {name: _meta(state[name]) for name in adapter_names}
+    layout, source = {}, {}
+    for name, tensor in state.items():
+        if is_lora_key(name):
+            continue
+        ((merged_name, meta),) = merge_state_dict(
+            {name: _meta(tensor), **adapter_metas}, scaling, dtype, "meta"
+        ).items()
+        layout[merged_name], source[merged_name] = meta, name
+
+    def gather_merged(names: list[str], keep: bool) -> dict[str, torch.Tensor]:
+        merged = {}
+        for name in names:
+            base = gather_tensors(state, [source[name]], keep)
+            if keep:
+                merged.update(merge_state_dict({**base, **adapters}, scaling, dtype))
+            del base  # before the next one is gathered
+        return merged
+
+    return gathered_writer(model, layout, gather_merged, special_tokens, is_main)
+
+
+def read_back_writer(model, shards: Path, special_tokens: dict[str, int | None]):
+    """folder -> None writing a sharded run's Hugging Face folder from the model's shards that
+    save_sharded(_async) writes into `shards`, read back a file's worth at a time in this process
+    alone: no collective, so a background thread can run it while training goes on."""
+    layout = {name: _meta(t) for name, t in model.state_dict().items()}
+    export = HostCopy(model, {})  # args and configs only: the thread holds no reference to the model
+
+    def write(folder) -> None:
+        fetch = lambda names: read_model_tensors(shards, layout, names)  # noqa: E731
+        write_hf(export, folder, layout, fetch, special_tokens, MAX_SHARD_BYTES)
+
+    return write
+
+
+def _meta(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of `tensor`'s (global) shape and dtype, without storage."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
 def gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -493,17 +583,21 @@ class Checkpointer:
     def _save_sharded_in_background(
         self, step, model, optimizer, scheduler, scaler, trainer_state, sampler_state
     ) -> None:
-        """Collective. Every rank's shards go to host memory and are written by DCP's thread; the
-        gathered model.safetensors is a host copy too. Rank 0's thread waits until every shard is
-        written, then writes the rest and renames the folder: until then no checkpoint-<step> exists."""
+        """Collective. Every rank's shards go to host memory and are written by DCP's thread. Rank 0's
+        thread waits until every shard is written, then writes model.safetensors from them (read
+        back a file at a time: no collective, no whole copy of the model anywhere), the rest, and
+        renames the folder: until then no checkpoint-<step> exists."""
         tmp = self.folder / f".tmp-checkpoint-{step}"  # ranks agree on it: not named by process id
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()  # the folder exists before any rank writes into it
         self._shards = save_sharded_async(tmp / SHARDED_DIR, model, optimizer, is_lora(model), self._group)
-        # Collective: gathered now, as host copies (full_model_state) or new tensors (adapters).
-        write_model = model_writer(model, True, self.lora_base, self.tokenizer.special_token_ids())
+        special_tokens = self.tokenizer.special_token_ids()
+        if is_lora(model):  # collective: the adapters gathered now, as new tensors (distributed/ lacks the base)
+            write_model = model_writer(model, True, self.lora_base, special_tokens, self.is_main)
+        else:
+            write_model = read_back_writer(model, tmp / SHARDED_DIR, special_tokens)
         if self.is_main:
             shards, self._shards = self._shards, None
             states = training_state(None, scheduler, scaler, copy=True)
@@ -575,36 +669,42 @@ class Checkpointer:
 
         A LoRA run's final/ is its adapter in PEFT's format, with final/merged/ beside it: base
         and adapters merged into one Hugging Face model (dequantized for QLoRA) unless
-        lora.save_merged=false.
+        lora.save_merged=false. Sharded, the weights (merged or not) are gathered a tensor at a time
+        while rank 0 writes them a file at a time.
         """
         self.wait()
         special_tokens = self.tokenizer.special_token_ids()
-        write_model = model_writer(model, self.sharded, self.lora_base, special_tokens)
-        merged = None
+        write_model = model_writer(model, self.sharded, self.lora_base, special_tokens, self.is_main)
+        write_merged = None
         if is_lora(model) and self.save_merged:
             if self.sharded:
-                full = full_model_state(model)
-                merged = GatheredModel(model, merge_state_dict(full, model.lora.scaling, base_dtype(model)))
+                write_merged = merged_writer(model, special_tokens, self.is_main)
             elif self.is_main:
                 merged = merged_model(model)
+                write_merged = lambda folder: save_hf(merged, folder, special_tokens, MAX_SHARD_BYTES)  # noqa: E731
         final = self.folder / "final"
-        if self.is_main:
-            tmp = self.folder / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            write_model(tmp)
-            if self.model_card is not None:
-                (tmp / "README.md").write_text(self.model_card(final))
-            folders = [tmp]
-            if merged is not None:
-                save_hf(merged, tmp / "merged", special_tokens)
-                folders.append(tmp / "merged")
-            for folder in folders:
-                self.tokenizer.save(folder)
-                (folder / "run_config.toml").write_text(self.config_toml)
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+        tmp = self.folder / ".tmp-final"
+        if not self.is_main:
+            if self.sharded:  # the gathers of rank 0's writes, in the same order
+                write_model(tmp)
+                if write_merged is not None:
+                    write_merged(tmp / "merged")
+            return final
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_model(tmp)
+        if self.model_card is not None:
+            (tmp / "README.md").write_text(self.model_card(final))
+        folders = [tmp]
+        if write_merged is not None:
+            write_merged(tmp / "merged")
+            folders.append(tmp / "merged")
+        for folder in folders:
+            self.tokenizer.save(folder)
+            (folder / "run_config.toml").write_text(self.config_toml)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         return final
 
 

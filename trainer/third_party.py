@@ -5,14 +5,20 @@
   the repository not trusted). It then uses its own CPU kernel, with the same results; the warning
   asks for remote code the user has no reason to trust, in runs that may use no 4-bit layer at all
   (peft and the 8-bit optimizers import bitsandbytes too). docs/finetuning.md says so.
+- torch.distributed.checkpoint warns on every load made without collectives ("torch.distributed is
+  disabled, unavailable or uninitialized, assuming the intent is to load in a single process"): a
+  sharded checkpoint resumed in one process, and rank 0 reading the shards of an async save back
+  to write its model.safetensors (trainer/checkpoint.py), both on purpose.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+DCP_SINGLE_PROCESS_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
 class _DropHubKernelWarning(logging.Filter):
@@ -25,3 +31,4 @@ def quiet_unactionable_messages() -> None:
     logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
     if not any(isinstance(f, _DropHubKernelWarning) for f in logger.filters):
         logger.addFilter(_DropHubKernelWarning())
+    warnings.filterwarnings("ignore", message=DCP_SINGLE_PROCESS_WARNING, category=UserWarning)

@@ -9,6 +9,8 @@ never sits in memory twice.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -155,43 +157,99 @@ def save_hf(
     model.safetensors, or model-0000i-of-0000n.safetensors shards plus an index when they exceed
     `max_shard_bytes`. `special_tokens`: the tokenizer's ids (Tokenizer.special_token_ids), so that
     generate stops at its EOS; the source checkpoint's otherwise."""
+    state = model.state_dict()
+    write_hf(model, path, state, lambda names: {name: state[name] for name in names}, special_tokens, max_shard_bytes)
+
+
+def write_hf(
+    model,
+    path: str | Path,
+    layout: Mapping[str, torch.Tensor],
+    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
+    special_tokens: dict[str, int | None] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """save_hf with the weights fetched one file at a time, for a model that is never whole in one
+    place (trainer/checkpoint.py: gathered from FSDP/TP shards, or read back from DCP's).
+
+    `layout`: our tensor names in the state dict's order, each with a tensor of its global shape and
+    dtype (the tensor itself, a DTensor or a meta tensor; nothing is read from it). `fetch(names)`
+    returns those tensors whole; it is called before each file for the tensors that file needs and
+    no earlier file fetched, so the calls name the layout's tensors in order, each once. `model` gives
+    the rest: args, hf_config and hf_generation_config. A tensor fetched is kept until its last
+    checkpoint tensor is written: at most one file's worth, plus the rest of a stacked-expert tensor
+    whose experts straddle two files.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for stale in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
         stale.unlink(missing_ok=True)  # a previous save's files would shadow this one
-    state = model.state_dict()
-    if model.args.tie_embeddings:
-        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
-    state = checkpoint_state(model.args, state)
-    shards, size = [[]], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    names = (
+    args = model.args
+    names = exported_names(args, layout)
+    metas = {name: torch.empty(layout[name].shape, dtype=layout[name].dtype, device="meta") for name in names}
+    files = _plan_files(args, metas, max_shard_bytes)
+    file_names = (
         [SINGLE_FILE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     )
+    parts_left = Counter(ours for file in files for _, _, ours in file)
+    held: dict[str, torch.Tensor] = {}
     weight_map = {}
-    for file, shard in zip(names, shards):
-        # One shard at a time on the host: a GPU model never needs a whole CPU copy.
-        save_file({k: state[k].detach().contiguous().cpu() for k in shard}, str(path / file), metadata={"format": "pt"})
-        follow_umask(path / file)
-        weight_map.update({k: file for k in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
+    for file_name, file in zip(file_names, files):
+        owners = list(dict.fromkeys(ours for _, _, ours in file))
+        needed = [ours for ours in owners if ours not in held]
+        if needed:  # none where a file holds only more experts of a stacked tensor already fetched
+            held.update(fetch(needed))
+        pieces = {}
+        for ours in owners:
+            pieces.update(checkpoint_state(args, {ours: held[ours]}))
+        # One file at a time on the host: a GPU model never needs a whole CPU copy.
+        tensors = {theirs: pieces[theirs].detach().contiguous().cpu() for theirs, _, _ in file}
+        del pieces
+        save_file(tensors, str(path / file_name), metadata={"format": "pt"})
+        del tensors  # before the next fetch, so two files' worth are never held
+        follow_umask(path / file_name)
+        weight_map.update({theirs: file_name for theirs, _, _ in file})
+        for _, _, ours in file:
+            parts_left[ours] -= 1
+            if not parts_left[ours]:
+                del held[ours]
+    if len(files) > 1:
+        total = sum(size for file in files for _, size, _ in file)
         (path / INDEX_FILE).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
-    dtype = next(iter(state.values())).dtype
-    config = hf_config_from_args(model.args, dtype, model.hf_config, special_tokens)
+    dtype = metas[names[0]].dtype
+    config = hf_config_from_args(args, dtype, model.hf_config, special_tokens)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = generation_config(config, model.hf_generation_config)
     (path / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def exported_names(args: ModelArgs, names: Iterable[str]) -> list[str]:
+    """The tensors of a state dict that write_hf fetches, in the order it fetches them: all but a
+    tied head, which transformers re-ties from the embedding (so it is not gathered either)."""
+    return [name for name in names if not (args.tie_embeddings and name == "lm_head.weight")]
+
+
+def _plan_files(
+    args: ModelArgs, metas: dict[str, torch.Tensor], max_shard_bytes: int
+) -> list[list[tuple[str, int, str]]]:
+    """The files of an export: each a list of (checkpoint name, bytes, our name), in order, a new file
+    begun where the next tensor would take the current one past `max_shard_bytes`. Worked out on meta
+    tensors, so no weight is needed to know where each one goes."""
+    files: list[list[tuple[str, int, str]]] = [[]]
+    size = 0
+    for ours, meta in metas.items():
+        for theirs, piece in checkpoint_state(args, {ours: meta}).items():
+            nbytes = piece.numel() * piece.element_size()
+            if files[-1] and size + nbytes > max_shard_bytes:
+                files.append([])
+                size = 0
+            files[-1].append((theirs, nbytes, ours))
+            size += nbytes
+    return files
 
 
 def read_generation_config(path: str | Path) -> dict | None:

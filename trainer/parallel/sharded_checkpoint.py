@@ -76,8 +76,49 @@ def load_sharded(
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: the whole model's state on rank 0's CPU (empty on the other ranks)."""
+    """Collective: the whole model's state on rank 0's CPU (empty on the other ranks). All of it at
+    once: exports go through gather_tensors instead, a tensor at a time."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gather_tensors(state: dict[str, torch.Tensor], names: list[str], keep: bool) -> dict[str, torch.Tensor]:
+    """Collective: the whole tensors `names` of `state` (DTensors of FSDP2, TP or expert parallelism;
+    a plain tensor is whole already), gathered one at a time in the order given, which every rank
+    must share. Where `keep`, each comes back as a new CPU tensor; elsewhere each is dropped once
+    gathered, so a rank holds at most one whole tensor beyond its shards."""
+    # About a second to import: only sharded runs pay it.
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+    from torch.distributed.tensor import DTensor, Replicate
+
+    gathered = {}
+    with torch.no_grad():
+        for name in names:
+            tensor = state[name]
+            # A replicated DTensor (TP's norms) or a plain tensor is whole already: it is copied, so
+            # that what is kept is never the parameter itself.
+            already_whole = not isinstance(tensor, DTensor) or all(p.is_replicate() for p in tensor.placements)
+            if isinstance(tensor, DTensor):
+                # Offloaded shards (fsdp_cpu_offload) sit on the CPU while the mesh's collectives
+                # (NCCL) need them on its device. Redistributing to Replicate, rather than
+                # full_tensor(), is what get_model_state_dict does: no autograd node, and the same
+                # path for tensor subclasses (an NF4 base weight) as the whole-state gather had.
+                if tensor.device.type != tensor.device_mesh.device_type:
+                    tensor = tensor.to(tensor.device_mesh.device_type)
+                tensor = tensor.redistribute(placements=[Replicate()] * tensor.device_mesh.ndim).to_local()
+                if isinstance(tensor, AsyncCollectiveTensor):  # finished before it is read
+                    tensor = tensor.wait()
+            if keep:
+                gathered[name] = tensor.detach().to("cpu", copy=already_whole)
+    return gathered
+
+
+def read_model_tensors(folder: Path, layout: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """The whole tensors `names` of the model saved in `folder` by save_sharded(_async), read back
+    from every rank's shards in this process alone (no collective: a background thread may call it
+    while training goes on). `layout` gives each one's shape and dtype."""
+    state = {name: torch.empty(layout[name].shape, dtype=layout[name].dtype) for name in names}
+    dcp.load({"model": state}, checkpoint_id=str(folder), no_dist=True)
+    return state
 
 
 def load_full_state(
