@@ -1,9 +1,11 @@
 """Per-rank memory while a run starts from a Hugging Face checkpoint: FSDP2 (built on the meta
 device, each rank reading its slices) against DDP (every rank loads the whole model, as FSDP2 did
-before the meta-device build).
+before the meta-device build); with `-qlora` after a strategy, QLoRA's start (lora.rank=16,
+lora.quantize=nf4: under FSDP2 each rank quantizes one whole tensor at a time and keeps its rows).
 
     python benchmarks/bench_sharded_load.py --make 1e9 --folder /tmp/ckpt     # a ~1 GB fp32 Llama
     python benchmarks/bench_sharded_load.py --folder /tmp/ckpt --ranks 2       # FSDP and DDP, 2 ranks each
+    python benchmarks/bench_sharded_load.py --folder /tmp/ckpt --strategies fsdp-qlora,ddp-qlora
 
 Each rank builds the run (trainer.build.build_run: data, model, sharding, optimizer) and reports
 the growth of its peak RSS (VmHWM, reset just before) over its RSS then: the weights it holds, the
@@ -73,8 +75,10 @@ def rank_main(args) -> None:
         "train.seq_len": "32",
         "train.device": "cpu",
         "train.progress": "none",
-        "parallel.strategy": args.strategy,
+        "parallel.strategy": args.strategy.removesuffix("-qlora"),
     }
+    if args.strategy.endswith("-qlora"):
+        overrides.update({"lora.rank": "16", "lora.quantize": "nf4"})
     config = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
     import trainer.data  # noqa: F401  (imports are not what is measured)
 

@@ -491,12 +491,46 @@ def test_target_matching_nothing_or_the_head_is_refused():
         (dict(lora__quantize="nf4"), r"lora\.quantize=nf4 .*set lora\.rank > 0"),
         (dict(lora__rank=4, optim__name="galore_adamw"), r"galore_adamw with lora\.rank=4 is not supported: GaLore"),
         (dict(lora__rank=4, optim__name="apollo_adamw"), r"apollo_adamw with lora\.rank=4 is not supported: APOLLO"),
-        (dict(lora__rank=4, lora__quantize="nf4", parallel__strategy="fsdp"), r"nf4 with parallel\.strategy=fsdp"),
     ],
 )
 def test_bad_lora_values_are_refused_clearly(tmp_path, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         tiny_config(tmp_path, **overrides)
+
+
+def test_fsdp_nf4_base_computes_with_torchaos_dequantized_weight_and_keeps_it_4bit():
+    """NF4Linear (QLoRA's base under FSDP2) against a float64 matmul with torchao's own dequantized
+    weight, forward and input gradient, at a round and an odd batch; autograd keeps the 4-bit
+    weight for backward, never a dense copy of it."""
+    from torchao.quantization import to_nf4
+
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 128, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(128, 256, generator=generator) * 0.05)
+        linear.bias.copy_(torch.randn(128, generator=generator))
+    dense = to_nf4(linear.weight.detach()).get_original_weight().double()
+    layer = lora._shardable_quantizer(2)(linear, torch.device("cpu"))
+    assert not layer.weight.requires_grad and lora.is_nf4(layer.weight)
+    for rows in (8, 13):
+        x = torch.randn(rows, 256, generator=generator, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        upstream = torch.randn(rows, 128, generator=generator)
+        y.backward(upstream)
+        expected = x.detach().double() @ dense.t() + linear.bias.detach().double()
+        assert rel(y.detach().double(), expected) < 1e-6
+        assert rel(x.grad.double(), upstream.double() @ dense) < 1e-6
+        dense_copies = [t for t in saved if not lora.is_nf4(t) and t.shape == dense.shape]
+        assert any(lora.is_nf4(t) for t in saved) and not dense_copies
+
+
+def test_fsdp_nf4_refuses_a_weight_its_ranks_cannot_split_into_whole_groups():
+    """torchao splits 4-bit values and scales by rows: 48 x 48 weights hold no whole 64 x 256 group."""
+    pytest.importorskip("torchao")
+    with pytest.raises(ConfigError, match=r"cannot split a 48 x 48 weight over 2 rank\(s\): each rank's rows must"):
+        lora.apply_lora(small_model(), settings(quantize="nf4"), fsdp_ranks=2)
 
 
 def test_nf4_without_bitsandbytes_support_is_refused_in_one_line(monkeypatch):

@@ -225,6 +225,68 @@ def test_lora_on_two_ranks_equals_one_process_and_resumes(tmp_path, base, strate
     assert sorted(step_records(tmp_path / "two")) == list(range(1, 8))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_qlora_under_fsdp_equals_one_process_on_the_dequantized_base_and_resumes(tmp_path):
+    """Two FSDP2 ranks each read every base weight whole, quantize it with torchao and keep their
+    rows: the 4-bit weights are torchao's quantization of the whole tensor, the same on any number
+    of ranks. So the run's losses and merged model equal one process training LoRA on a base whose
+    weights are that quantization dequantized (torchao's own to_nf4 / get_original_weight).
+    Quantizing each rank's rows alone (their own scale mean) is 1.5e-4 off at the first step."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    from torchao.quantization import to_nf4
+
+    from tests.helpers import write_corpus
+    from trainer.models.config import ModelArgs
+
+    write_corpus(tmp_path / "corpus")
+    # 256-wide: each rank's rows of every projection hold whole 64 x 256 quantization groups
+    args = ModelArgs(vocab_size=320, hidden_size=256, intermediate_size=512, n_layers=2, n_heads=4, n_kv_heads=2)
+    save_hf(build(args, seed=3), tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "dequantized")
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    for name, tensor in weights.items():
+        if re.search(r"(self_attn|mlp)\.\w+_proj\.weight$", name):
+            weights[name] = to_nf4(tensor).get_original_weight()
+    save_file(weights, tmp_path / "dequantized" / "model.safetensors", metadata={"format": "pt"})
+    common = dict(
+        model__preset="small", model__allow_new_tokenizer=True, lora__rank=4, optim__lr=1e-2, checkpoint__save_every=2
+    )
+    train_one_process(
+        _overrides(tmp_path, "one", model__from_hf=str(tmp_path / "dequantized"), train__micro_batch_size=4, **common)
+    )
+    two = _overrides(
+        tmp_path,
+        "two",
+        model__from_hf=str(tmp_path / "base"),
+        lora__quantize="nf4",
+        parallel__strategy="fsdp",
+        train__micro_batch_size=2,
+        **common,
+    )
+    result = torchrun(["-m", "trainer", "train", *two])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    one, first = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert sorted(first) == sorted(one) == [1, 2, 3, 4, 5]
+    for step in one:
+        assert abs(one[step]["loss"] - first[step]["loss"]) <= 1e-5 * abs(one[step]["loss"]), step
+    want = load_file(tmp_path / "one" / "final" / "merged" / "model.safetensors")
+    got = load_file(tmp_path / "two" / "final" / "merged" / "model.safetensors")
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Resumed on two ranks from checkpoint-2: the base is quantized again, the adapters read back.
+    for later in [tmp_path / "two" / "final", *(tmp_path / "two").glob("checkpoint-[45]")]:
+        shutil.rmtree(later)
+    result = torchrun(["-m", "trainer", "train", *two, "--checkpoint.resume_from=latest"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    resumed = step_records(tmp_path / "two")
+    for step in (3, 4, 5):
+        assert abs(resumed[step]["loss"] - first[step]["loss"]) <= 1e-6 * abs(first[step]["loss"]), step
+
+
 def test_config_round_trip_keeps_the_lora_section(tmp_path, base):
     cfg = lora_config(tmp_path, base, lora__target="q_proj|v_proj")
     assert 'target = "q_proj|v_proj"' in to_toml(cfg) and REPO.is_dir()

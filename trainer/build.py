@@ -319,7 +319,7 @@ def build_run(config: TrainConfig) -> RunParts:
     if sharded_build:
         model.to(dtype=DTYPES[t.param_dtype])
         if lora:
-            apply_lora(model, cfg.lora, compute_dtype, seed=t.seed)
+            apply_lora(model, cfg.lora, compute_dtype, seed=t.seed, fsdp_ranks=env.data_parallel_size)
             messages.append(lora_summary(model))
         model.model.neftune_alpha = t.neftune_alpha
         train_model = parallelize(model, cfg.parallel, env, device, compute_dtype, t.float8)
@@ -327,7 +327,8 @@ def build_run(config: TrainConfig) -> RunParts:
         materialize(model, device, cfg.model.from_hf or None, t.seed, adapters, base_weight_name)
         model.train()
     else:
-        place_model(model, cfg, device, compute_dtype, messages)
+        fsdp_ranks = env.data_parallel_size if cfg.parallel.strategy == "fsdp" else None
+        place_model(model, cfg, device, compute_dtype, messages, fsdp_ranks)
         # The optimizer is built after sharding: FSDP2 replaces the parameters with their shards.
         train_model = parallelize(model, cfg.parallel, env, device, compute_dtype, t.float8)
     if cfg.parallel.expert_parallel > 1:
@@ -407,14 +408,22 @@ def build_run(config: TrainConfig) -> RunParts:
     )
 
 
-def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device, compute_dtype, messages: list[str]) -> None:
-    """The model on its device in train.param_dtype, with LoRA's adapters (and 4-bit base) when asked."""
+def place_model(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    compute_dtype,
+    messages: list[str],
+    fsdp_ranks: int | None = None,
+) -> None:
+    """The model on its device in train.param_dtype, with LoRA's adapters (and 4-bit base) when asked;
+    `fsdp_ranks`: the ranks FSDP2 will shard it over (the 4-bit base is then one FSDP2 can shard)."""
     t = cfg.train
     if cfg.lora.quantize == "nf4":
         # Each targeted layer goes to the device as it is quantized: the full-precision base never sits
         # there whole (15 GiB of bf16 for Llama-3-8B). A 4-bit weight cannot be cast after.
         model.to(dtype=DTYPES[t.param_dtype])
-        apply_lora(model, cfg.lora, compute_dtype, device=device, seed=t.seed)
+        apply_lora(model, cfg.lora, compute_dtype, device=device, seed=t.seed, fsdp_ranks=fsdp_ranks)
         model.to(device)
     else:
         model.to(device, dtype=DTYPES[t.param_dtype])

@@ -189,7 +189,10 @@ class LoraConfig:
     # target_parameters does ("experts" for all); "" for none. Takes no lora.dropout (nor does PEFT).
     target_parameters: str = ""
     quantize: str = choice(
-        "none", "none", "nf4", help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes)"
+        "none",
+        "none",
+        "nf4",
+        help="nf4: QLoRA, the frozen base in 4-bit NormalFloat, double-quantized (bitsandbytes; torchao under FSDP2)",
     )
     save_merged: bool = True  # final/merged/: base and adapters merged into one Hugging Face model
     train_embeddings: bool = False  # also train the input embedding and the output head
@@ -601,11 +604,6 @@ def _check_lora(cfg: TrainConfig) -> None:
             f"optim.name={name} with lora.rank={lo.rank} is not supported: {method} works on the "
             "full weight matrices, which LoRA freezes; use optim.name=adamw or adamw8bit (with or "
             "without _layerwise) for LoRA, or lora.rank=0 for " + method
-        )
-    if lo.quantize == "nf4" and cfg.parallel.strategy == "fsdp":
-        raise ConfigError(
-            "lora.quantize=nf4 with parallel.strategy=fsdp is not supported: bitsandbytes' 4-bit "
-            "weights cannot be sharded here; use parallel.strategy=ddp or none, or lora.quantize=none"
         )
 
 

@@ -30,7 +30,12 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> dict:
     kernels = KernelChoice.from_config(cfg.kernels)
     if is_adapter_folder(path):  # a LoRA run's final/ or checkpoint: its base model plus the adapters
         model = load_adapter_model(
-            path, kernels, quantize=cfg.lora.quantize, compute_dtype=compute_dtype, device=device
+            path,
+            kernels,
+            quantize=cfg.lora.quantize,
+            compute_dtype=compute_dtype,
+            device=device,
+            fsdp=cfg.parallel.strategy == "fsdp",
         )
     else:
         model = load_hf(path, kernels).to(device)

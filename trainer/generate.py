@@ -32,12 +32,13 @@ def load_for_generation(path: str | Path, device: torch.device):
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no tokenizer.json to encode the prompt with")
     if adapter:
-        quantize = "none"
+        quantize, fsdp = "none", False
         if (path / "run_config.toml").is_file():  # a QLoRA run's base is rebuilt in 4-bit, as it trained
             from trainer.config import load_config
 
-            quantize = load_config(path / "run_config.toml").lora.quantize
-        return load_adapter_model(path, quantize=quantize, device=device), load_tokenizer(str(path))
+            run = load_config(path / "run_config.toml")
+            quantize, fsdp = run.lora.quantize, run.parallel.strategy == "fsdp"
+        return load_adapter_model(path, quantize=quantize, device=device, fsdp=fsdp), load_tokenizer(str(path))
     return load_hf(path).to(device).eval(), load_tokenizer(str(path))
 
 

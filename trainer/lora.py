@@ -4,7 +4,9 @@ LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:210
 targeted linear layer y = W x keeps W frozen and learns y = W x + (alpha / r) B A dropout(x), with
 A (r x in) initialised as PEFT does by default (Kaiming-uniform, a = sqrt(5)) and B (out x r) at
 zero, so training starts from the base model. QLoRA (Dettmers et al., arXiv:2305.14314) keeps the
-frozen W in 4-bit NormalFloat with double-quantized scales (bitsandbytes' Linear4bit).
+frozen W in 4-bit NormalFloat with double-quantized scales: bitsandbytes' Linear4bit in one process
+or under DDP, torchao's NF4Tensor (NF4Linear) under FSDP2, which shards and all-gathers it in 4
+bits (bitsandbytes' 4-bit weights cannot be sharded).
 
 The layer is ours (LoraLinear, a few lines) rather than PEFT's injected LoraLayer: its forward is
 a plain function of its inputs, so the block-wise torch.compile, activation checkpointing and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -78,8 +81,8 @@ class AdapterSpec:
 
 
 class LoraLinear(nn.Module):
-    """base_layer(x) + B(A(dropout(x))) * alpha / rank, with base_layer (nn.Linear or bitsandbytes'
-    Linear4bit) frozen and A, B in fp32."""
+    """base_layer(x) + B(A(dropout(x))) * alpha / rank, with base_layer (nn.Linear, bitsandbytes'
+    Linear4bit or NF4Linear) frozen and A, B in fp32."""
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -106,7 +109,68 @@ class LoraLinear(nn.Module):
             import bitsandbytes as bnb
 
             return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        return weight.detach()
+        return dense(weight.detach())
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T with W an NF4Tensor: W is dequantized for the product in forward and again in
+    backward, so autograd keeps the 4-bit weight, never a dense copy (a plain F.linear on the
+    dequantized weight would keep every layer's dense weight until backward). W takes no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x @ weight.to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is torchao's NF4Tensor: QLoRA's 4-bit NormalFloat in
+    blocks of 64 values, each block's absmax quantized to 8 bits 256 blocks at a time around their
+    mean (double quantization). The QLoRA base under FSDP2, which shards and all-gathers it in 4
+    bits through torchao's FSDP2 hooks. Built from a plain nn.Linear, on the meta device for a
+    sharded build (trainer/parallel/materialize.py then quantizes each whole weight and keeps this
+    rank's rows)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from torchao.quantization import to_nf4  # imported here: only FSDP2's QLoRA needs torchao
+
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(to_nf4(linear.weight.detach()), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _NF4Matmul.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def is_nf4(tensor: torch.Tensor) -> bool:
+    """A torchao NF4Tensor, or a DTensor whose shards are. Without torchao imported (no NF4Linear
+    was built) nothing is, and nothing imports it here."""
+    nf4_tensor = getattr(sys.modules.get("torchao.quantization"), "NF4Tensor", None)
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return nf4_tensor is not None and isinstance(local, nf4_tensor)
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with an NF4Tensor dequantized to its original dtype; a DTensor of NF4 shards becomes
+    a DTensor of each rank's rows dequantized (their scale mean is the whole tensor's), which
+    gathers as plain tensors do. Anything else as it is."""
+    if not is_nf4(tensor):
+        return tensor
+    if not hasattr(tensor, "to_local"):
+        return tensor.get_original_weight()
+    from torch.distributed.tensor import DTensor
+
+    rows = tensor.to_local().get_original_weight()
+    return DTensor.from_local(
+        rows, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+    )
 
 
 class ExpertLora(nn.Module):
@@ -165,11 +229,14 @@ def apply_lora(
     compute_dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     seed: int = 0,
+    fsdp_ranks: int | None = None,
 ) -> nn.Module:
     """Adds LoRA adapters to `model` (a trainer Transformer) in place, as `lora_cfg` (the [lora]
     section) says, freezes everything else but what train_embeddings / train_norms unfreeze, and
     returns it. quantize=nf4 replaces each targeted base by a 4-bit Linear4bit computing in
-    `compute_dtype` (the run's compute dtype), on `device` (default: where the weights are).
+    `compute_dtype` (the run's compute dtype), on `device` (default: where the weights are), or,
+    under FSDP2 (`fsdp_ranks`: the number of ranks it shards over), by an NF4Linear, which FSDP2
+    can shard (on the meta device it is quantized as trainer/parallel/materialize.py writes it).
 
     Call it on the model in its parameter dtype and on its device, before activation checkpointing,
     compile, FSDP/DDP and the optimizer; never cast the model afterwards (a 4-bit weight cannot be
@@ -224,6 +291,7 @@ def apply_lora(
         modules_to_save=modules_to_save,
         device=device,
         target_parameters=target_parameters,
+        fsdp_ranks=fsdp_ranks,
     )
     with torch.no_grad():
         for _, param, values in adapter_initial_values(model, seed):
@@ -263,6 +331,7 @@ def add_adapters(
     modules_to_save: Iterable[str] = (),
     device: torch.device | None = None,
     target_parameters: Iterable[str] = (),
+    fsdp_ranks: int | None = None,
 ) -> nn.Module:
     """apply_lora with the targets named: adapters on the linear layers `targets` (full names) and
     per-expert adapters on the stacked expert weights `target_parameters` (full names); the modules
@@ -273,7 +342,9 @@ def add_adapters(
         raise ConfigError(f"lora.rank must be > 0 to add adapters, got {rank}")
     modules_to_save = list(modules_to_save)
     model.requires_grad_(False)
-    quantized = _quantizer(compute_dtype) if quantize == "nf4" else None
+    quantized = None
+    if quantize == "nf4":
+        quantized = _quantizer(compute_dtype) if fsdp_ranks is None else _shardable_quantizer(fsdp_ranks)
     device = torch.device(device) if device is not None else None
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
@@ -359,6 +430,34 @@ def _quantizer(compute_dtype: torch.dtype):
                 "bitsandbytes build for this device or set lora.quantize=none"
             ) from None
         return q
+
+    return quantize
+
+
+def _shardable_quantizer(ranks: int):
+    """A function turning an nn.Linear into an NF4Linear (torchao) that FSDP2 can split over
+    `ranks`, on the device given (quantized there), refusing one it cannot split: torchao splits the
+    4-bit values, the 8-bit block scales and their factors along the rows, so each rank's rows must
+    hold whole groups of 64 x 256 values."""
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "lora.quantize=nf4 under parallel.strategy=fsdp keeps the base in torchao's NF4Tensor, which "
+            "FSDP2 can shard: pip install torchao (or use parallel.strategy=ddp with bitsandbytes)"
+        ) from None
+    group = 64 * 256  # to_nf4's default block_size x scaler_block_size
+
+    def quantize(linear: nn.Linear, device: torch.device) -> nn.Module:
+        rows, cols = linear.out_features, linear.in_features
+        if rows % ranks or (rows // ranks * cols) % group:
+            raise ConfigError(
+                f"lora.quantize=nf4 under FSDP2 cannot split a {rows} x {cols} weight over {ranks} rank(s): "
+                f"each rank's rows must hold a multiple of {group} 4-bit values (64-value blocks whose "
+                "scales are quantized 256 at a time); use another number of ranks, parallel.strategy=ddp, "
+                "or a lora.target that leaves it out"
+            )
+        return NF4Linear(linear.to(device))
 
     return quantize
 
@@ -547,11 +646,13 @@ def load_adapter_model(
     quantize: str = "none",
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    fsdp: bool = False,
 ) -> nn.Module:
     """The base model of a PEFT LoRA folder (its base_model_name_or_path, loaded with load_hf) with
     the folder's adapters applied, in eval mode on `device`. `quantize`: "nf4" to rebuild a QLoRA
     run's 4-bit base (quantizing the same weights on the same kind of device gives the same 4-bit
-    weights), each targeted layer on its way to `device`."""
+    weights), each targeted layer on its way to `device`, with torchao as the run did if it trained
+    under parallel.strategy=fsdp (`fsdp`), else with bitsandbytes."""
     from trainer.models import load_hf
 
     folder = Path(folder)
@@ -581,6 +682,7 @@ def load_adapter_model(
         modules_to_save=config.get("modules_to_save") or (),
         device=device,
         target_parameters=target_parameters,
+        fsdp_ranks=1 if fsdp else None,
     )
     load_adapter_weights(model, folder)
     return model.to(device).eval()
@@ -643,13 +745,14 @@ def _peft_targets(model: nn.Module, target_modules, folder: Path) -> list[str]:
 def merge_state_dict(
     state: dict[str, torch.Tensor], scaling: float, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """A LoRA model's state (our names, dense base weights) -> the plain model's state:
+    """A LoRA model's state (our names; base weights dense or torchao NF4Tensors) -> the plain model's state:
     X.weight = X.base_layer.weight + scaling * X.lora_B.weight @ X.lora_A.weight, computed in fp32
     on the tensors' device, then cast to `dtype` (default: each base weight's) and moved to `device`."""
     merged = {}
     for key, tensor in state.items():
         if is_lora_key(key):
             continue
+        tensor = dense(tensor)
         if f"{key}_lora.lora_A" in state:  # a stacked expert weight (experts, out, in) with ExpertLora adapters
             a, b = state[f"{key}_lora.lora_A"].float(), state[f"{key}_lora.lora_B"].float()
             experts = tensor.shape[0]

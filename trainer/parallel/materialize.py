@@ -4,7 +4,8 @@ storage, each rank filling its own part. No rank ever holds the whole model.
 
 - From a Hugging Face folder, each rank reads only its part of each tensor with safetensors'
   slicing (`get_slice`), one tensor at a time; an MoE layer's stacked experts read only the experts
-  of the rank's rows.
+  of the rank's rows. A QLoRA base weight (4-bit under FSDP2) is read whole, quantized and cut to
+  the rank's rows, one tensor at a time (quantize_local says why).
 - From scratch, each parameter's whole initial value is made from a generator seeded with the run's
   seed and the parameter's name (Transformer.initial_weights) and each rank keeps its part: the same
   weights on 1, 2 or N ranks and any mesh, with one parameter at a time in memory (torchtitan builds a seed
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from trainer.errors import CheckpointError
+from trainer.lora import is_nf4
 from trainer.models.hf import _join, _skipped, expert_sources, weight_files
 
 
@@ -40,6 +42,42 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
     """Copies this rank's part (already selected) into `param`'s local storage."""
     local = param.to_local() if hasattr(param, "to_local") else param
     local.copy_(part.to(local.dtype).view(local.shape))
+
+
+def quantize_local(model: nn.Module, name: str, read_whole: Callable[[], torch.Tensor]) -> None:
+    """Parameter `name`, an FSDP2 shard of a torchao NF4Tensor (a QLoRA base, trainer.lora.NF4Linear),
+    set to this rank's rows of the whole tensor `read_whole()` returns, quantized.
+
+    The whole tensor is quantized, not the rank's rows: double quantization stores the scales'
+    offsets from their mean over the whole tensor, which every shard shares (torchao's all-gather
+    keeps one rank's). So the 4-bit weights are the same on any number of ranks, and equal to
+    quantizing on one device. The rank's rows are copied out (a slice would keep the whole) and
+    the parameter replaced: FSDP2 takes the new shard at its lazy init.
+
+    The copy's storage is allocated before the whole tensor is read and quantized, not between
+    those temporaries: on CPU, glibc's heap can then give them back, where a kept shard above them
+    would pin them."""
+    from torch.distributed.tensor import DTensor
+    from torchao.quantization import to_nf4
+
+    from trainer.lora import NF4Linear
+
+    param = model.get_parameter(name)
+    local = param.to_local()
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    assert isinstance(module, NF4Linear), name
+    kept = torch.empty_like(local)  # before the read and the quantization's temporaries: see the docstring
+    whole = read_whole().to(local.device, local.dtype).contiguous()
+    quantized = to_nf4(whole, local.block_size, local.scaler_block_size)
+    rows = local_region(param)[0]
+    part = quantized.split(rows.stop - rows.start)[rows.start // (rows.stop - rows.start)]
+    kept.copy_(part)  # the 4-bit values, block scales and their factors
+    kept.scaler_mean, kept.nf4 = part.scaler_mean, part.nf4  # the whole tensor's, which copy_ leaves
+    shard = DTensor.from_local(
+        kept, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+    setattr(module, leaf, nn.Parameter(shard, requires_grad=False))
 
 
 @torch.no_grad()
@@ -81,7 +119,10 @@ def read_local_parts(
 
     safetensors maps a file whole, and every page a slice touches stays resident (in RSS) while the
     file is open; the file is opened again for each tensor, so at most one tensor's pages are."""
-    own = {base_name(name): p for name, p in model.named_parameters() if name not in skip and not _skipped(name, model)}
+    named = {
+        base_name(name): name for name, _ in model.named_parameters() if name not in skip and not _skipped(name, model)
+    }
+    own = {stored: model.get_parameter(name) for stored, name in named.items()}
     sources = expert_sources(model.args)
     file_of = {}
     for file in weight_files(path):
@@ -118,12 +159,15 @@ def read_local_parts(
             per_expert = parts[0][1] if parts else read(names[0], (slice(0, 0),))[1]
             shape = (stored, 2 * per_expert[0], per_expert[1]) if gate_up else (stored, *per_expert)
             values = _join(name, [t for t, _ in parts]) if parts else None
-        else:  # one checkpoint tensor, maybe under another name (the MoE router)
-            values, shape = read(names[0], region, tuple(param.shape))
+        else:  # one checkpoint tensor, maybe under another name (the MoE router); a 4-bit base whole
+            # a 4-bit base is read whole below, by quantize_local
+            values, shape = read(names[0], (slice(0, 0),) if is_nf4(param) else region, tuple(param.shape))
         if tuple(shape) != tuple(param.shape):
             raise CheckpointError(
                 f"checkpoint {path} does not fit this model: {name} is {tuple(shape)} there but "
                 f"{tuple(param.shape)} here"
             )
-        if values is not None:
+        if values is not None and is_nf4(param):
+            quantize_local(model, named[name], lambda stored=names[0]: read(stored)[0])
+        elif values is not None:
             write_local(param, values)

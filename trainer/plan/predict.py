@@ -387,11 +387,18 @@ def _forward_backward(s: Setting, graph: Graph, tape: Tape, micro: int, host: _H
 def _fsdp_gathered_bytes(s: Setting) -> int:
     """FSDP2 per rank: the root's parameters (embedding, final norm, an untied head) gathered through
     forward and backward, two blocks gathered at once (the current one and the prefetched next),
-    and one block's unsharded gradients with their fp32 copy for the reduce-scatter. Not measured."""
+    and one block's unsharded gradients with their fp32 copy for the reduce-scatter. An nf4 base is
+    gathered in its 4-bit storage (torchao's FSDP2 hooks) and a frozen weight has no gradient. Not
+    measured."""
     gathered = s.compute_bytes if s.autocast else s.param_bytes
-    block = [p.numel for p in s.params if p.name.startswith("model.layers.0.")]
-    root = sum(p.numel for p in s.params if not p.name.startswith("model.layers."))
-    per_block = sum(block)
+
+    def gathered_bytes(params: list) -> int:
+        return sum(p.nbytes(s.param_bytes) if p.nf4 else p.numel * gathered for p in params)
+
+    block = [p for p in s.params if p.name.startswith("model.layers.0.")]
+    root = gathered_bytes([p for p in s.params if not p.name.startswith("model.layers.")])
+    per_block = gathered_bytes(block)
+    block_grads = sum(p.numel for p in block if p.trainable) * (gathered + 4)
     if not s.fsdp_reshard:
-        return root * gathered + s.args.n_layers * per_block * gathered + per_block * (gathered + 4)
-    return root * gathered + 2 * per_block * gathered + per_block * (gathered + 4)
+        return root + s.args.n_layers * per_block + block_grads
+    return root + 2 * per_block + block_grads

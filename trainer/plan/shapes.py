@@ -36,8 +36,9 @@ class Param:
         return n
 
     def nbytes(self, param_bytes: int) -> int:
-        if self.nf4:  # bitsandbytes nf4 with double quantization: 4 bits, an 8-bit absmax per 64 values,
-            return self.numel // 2 + self.numel // 64 + self.numel // (64 * 256) * 4  # an fp32 one per 256 of those
+        if self.nf4:  # nf4 with double quantization: 4 bits, an 8-bit absmax per 64 values and an fp32 factor
+            # per 256 of those (bitsandbytes; torchao's factor is in the weight's dtype, 0.01% less for bf16)
+            return self.numel // 2 + self.numel // 64 + self.numel // (64 * 256) * 4
         return self.numel * (self.itemsize or param_bytes)
 
 
