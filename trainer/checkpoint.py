@@ -32,6 +32,7 @@ from trainer.lora import (
     ADAPTER_WEIGHTS,
     base_dtype,
     check_checkpoint_kind,
+    dense,
     is_adapter_folder,
     is_lora_key,
     load_adapter_weights,
@@ -256,9 +257,10 @@ def gathered_writer(model, layout: dict, gather, special_tokens: dict[str, int |
 
 def merged_writer(model, special_tokens: dict[str, int | None], is_main: bool):
     """gathered_writer of a sharded LoRA model's merged weights (final/merged/): every adapter is
-    gathered here (they are small), then each base weight while rank 0 writes, merged into one
-    tensor by merge_state_dict and dropped; so rank 0 holds a file's worth of merged weights and
-    one base weight, never the whole base. Collective, as what it returns is."""
+    gathered here (they are small), then each base weight while rank 0 writes (dequantized first
+    where it is 4-bit), merged into one tensor by merge_state_dict and dropped; so rank 0 holds a
+    file's worth of merged weights and one base weight, never the whole base. Collective, as what
+    it returns is."""
     state = model.state_dict()
     adapter_names = [name for name in state if is_lora_key(name)]
     adapters = gather_tensors(state, adapter_names, is_main)
@@ -279,7 +281,11 @@ def merged_writer(model, special_tokens: dict[str, int | None], is_main: bool):
     def gather_merged(names: list[str], keep: bool) -> dict[str, torch.Tensor]:
         merged = {}
         for name in names:
-            base = gather_tensors(state, [source[name]], keep)
+            # A 4-bit base (QLoRA under FSDP2: DTensor shards of NF4Tensors) is dequantized shard by
+            # shard before it is gathered: DTensor cannot gather NF4Tensors, and each rank's rows
+            # dequantize alone (their scales' mean is the whole tensor's).
+            ours = source[name]
+            base = gather_tensors({ours: dense(state[ours])}, [ours], keep)
             if keep:
                 merged.update(merge_state_dict({**base, **adapters}, scaling, dtype))
             del base  # before the next one is gathered
