@@ -148,7 +148,7 @@ def _reference_chunk(
     # row's maximum, common in a freshly initialised tied-embedding model: the whole loss then took
     # twice the materialised one's time). Raised to where exp is still a normal number, they add
     # under e * the smallest normal (3e-38 in fp32) each to sums of at least 1.
-    exp_sum = z.sub_(top).clamp_(min=_exp_floor(acc)).exp_().sum(dim=-1)
+    exp_sum = z.sub_(top).clamp_(min=exp_floor(acc)).exp_().sum(dim=-1)
     lse = exp_sum.log().add_(top.squeeze(1))
     if loss_out is not None:
         loss = lse - label_logit
@@ -177,7 +177,10 @@ def _reference_chunk(
 
 
 @functools.cache
-def _exp_floor(dtype: torch.dtype) -> float:
+def exp_floor(dtype: torch.dtype) -> float:
+    """Where exp stops being a normal number, plus 1. ATen's CPU exp is 10-15x slower on arguments
+    whose result underflows (512 x 4096 fp32 logits spread by 30: 32.5 ms against 2.1 ms clamped);
+    raised to this, each such term adds under e times the smallest normal to sums of at least 1."""
     return math.log(torch.finfo(dtype).tiny) + 1
 
 

@@ -18,13 +18,12 @@ fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from trainer.constants import IGNORE_INDEX
+from trainer.ops.cross_entropy import exp_floor
 
 
 def chunk_size(n_tokens: int, hidden_size: int, local_vocab: int) -> int:
@@ -34,13 +33,6 @@ def chunk_size(n_tokens: int, hidden_size: int, local_vocab: int) -> int:
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-
-
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Where exp stops being a normal number, plus 1. ATen's CPU exp is 10-15x slower on arguments
-    whose result underflows (trainer/ops/cross_entropy.py measured it); raised to this, each such
-    term adds under e times the smallest normal to sums of at least 1."""
-    return math.log(torch.finfo(dtype).tiny) + 1
 
 
 def _local_logits(h: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
@@ -72,7 +64,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, local.clamp(0, local_vocab - 1)[:, None])[:, 0] * here
             peak = logits.amax(dim=1)
             # kept: the softmax's numerators, for the gradient
-            exps = (logits - peak[:, None]).clamp_(min=_exp_floor(logits.dtype)).exp_()
+            exps = (logits - peak[:, None]).clamp_(min=exp_floor(logits.dtype)).exp_()
             mine = torch.stack((peak + exps.sum(dim=1).log(), target))  # (2, chunk): this slice's lse, target
             everyone = torch.empty((world * 2, mine.shape[1]), dtype=mine.dtype, device=mine.device)
             dist.all_gather_single(everyone, mine, group=group)
@@ -112,7 +104,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             local = labels[rows] - ctx.vocab_start
             here = (local >= 0) & (local < local_vocab)
             token_scale = scale[rows] * keep[rows]
-            probs = (logits - lse[rows, None]).clamp_(min=_exp_floor(logits.dtype)).exp_()
+            probs = (logits - lse[rows, None]).clamp_(min=exp_floor(logits.dtype)).exp_()
             _chunk_grads(
                 probs, logits, local, here, token_scale, ctx.softcap, hidden, rows, weight, grad_hidden, grad_weight
             )

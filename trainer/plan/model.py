@@ -783,27 +783,7 @@ def loss_ops(s: Setting) -> list[Op]:
         # Left out when the planner asks how much room the chunks have (Setting.loss_chunks=False).
         tokens, kept, working = ce_chunk(s)
         chunks = chunk_peak_bytes(n, tokens, kept, working) if s.loss_chunks else 0
-        fwd = n * F32 + chunks + sum(copies.values())  # per-token losses, chunks, the cast weight
-        # Backward scales the forward's gradient buffers in place: the hidden one is the hidden's
-        # gradient, the fp32 weight one is the weight's when the weight is fp32 (else cast once).
-        # A frozen head (LoRA) gets no weight-gradient buffer: the op only computes what trains.
-        head_trains = any(p.name == head and p.trainable for p in s.params)
-        stash = {"grad_hidden_stash": n * h * hb} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
-        ops.append(
-            Op(
-                LOSS_OP,
-                inputs=(hidden,),
-                outputs={"loss": F32, **stash},
-                saves=tuple(stash),
-                grads_from={hidden: "grad_hidden_stash"},
-                weights=(head,),
-                weight_grad_from={head: "grad_weight_stash"} if head_trains else {},
-                weight_copies=copies,
-                copies_saved=False,
-                nondiff=tuple(stash),
-                fwd_extra=fwd,
-            )
-        )
+        ops.append(_gradients_in_forward_loss(s, LOSS_OP, hidden, hb, n * F32 + chunks))  # per-token losses, chunks
         return ops
     # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
     ops.append(
@@ -843,32 +823,41 @@ def vocab_parallel_loss_ops(s: Setting) -> list[Op]:
     logits and their exponentials in fp32, beside the per-token losses and log-sum-exps."""
     a, c, r = s.args, s.compute_bytes, s.param_bytes
     n, v, h = s.tokens, a.vocab_size, a.hidden_size  # v: this rank's rows
-    head = lm_head_name(a)
     ops, hidden = sequence_gather(s, "hidden", r)
     hb = r
     if s.autocast and r != c:  # cast as a linear layer would, after the gather
         ops.append(Op("hidden cast", inputs=(hidden,), outputs={"hidden_c": n * h * c}, grads={hidden: n * h * r}))
         hidden, hb = "hidden_c", c
-    copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
     chunk = vocab_parallel_chunk(n, h, v) * v * F32
-    head_trains = any(p.name == head and p.trainable for p in s.params)
-    stash = {"grad_hidden_stash": n * h * hb} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
-    ops.append(
-        Op(
-            "vocab-parallel cross-entropy",
-            inputs=(hidden,),
-            outputs={"loss": F32, **stash},
-            saves=tuple(stash),
-            grads_from={hidden: "grad_hidden_stash"},
-            weights=(head,),
-            weight_grad_from={head: "grad_weight_stash"} if head_trains else {},
-            weight_copies=copies,
-            copies_saved=False,
-            nondiff=tuple(stash),
-            fwd_extra=2 * n * F32 + 2 * chunk + sum(copies.values()),
-        )
-    )
+    ops.append(_gradients_in_forward_loss(s, "vocab-parallel cross-entropy", hidden, hb, 2 * n * F32 + 2 * chunk))
     return ops
+
+
+def _gradients_in_forward_loss(s: Setting, name: str, hidden: str, hidden_bytes: int, working: int) -> Op:
+    """A loss that makes both gradients in its forward (the fused loss, the vocabulary-parallel one):
+    backward only scales those buffers in place. The hidden states' gradient is kept in their dtype
+    (`hidden_bytes`), the head's in fp32, and a frozen head (LoRA) gets none: the op only computes
+    what trains. Under autocast the head is cast once for the forward. `working`: the forward's
+    temporaries besides that cast weight."""
+    a, c = s.args, s.compute_bytes
+    n, v, h = s.tokens, a.vocab_size, a.hidden_size
+    head = lm_head_name(a)
+    copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
+    head_trains = any(p.name == head and p.trainable for p in s.params)
+    stash = {"grad_hidden_stash": n * h * hidden_bytes} | ({"grad_weight_stash": v * h * F32} if head_trains else {})
+    return Op(
+        name,
+        inputs=(hidden,),
+        outputs={"loss": F32, **stash},
+        saves=tuple(stash),
+        grads_from={hidden: "grad_hidden_stash"},
+        weights=(head,),
+        weight_grad_from={head: "grad_weight_stash"} if head_trains else {},
+        weight_copies=copies,
+        copies_saved=False,
+        nondiff=tuple(stash),
+        fwd_extra=working + sum(copies.values()),
+    )
 
 
 def _rotary_embeddings(s: Setting) -> int:
