@@ -504,6 +504,8 @@ def test_fsdp_nf4_base_computes_with_torchaos_dequantized_weight_and_keeps_it_4b
     weight for backward, never a dense copy of it."""
     from torchao.quantization import to_nf4
 
+    from trainer.models.nf4 import is_nf4
+
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(256, 128, bias=True)
     with torch.no_grad():
@@ -511,7 +513,7 @@ def test_fsdp_nf4_base_computes_with_torchaos_dequantized_weight_and_keeps_it_4b
         linear.bias.copy_(torch.randn(128, generator=generator))
     dense = to_nf4(linear.weight.detach()).get_original_weight().double()
     layer = lora._shardable_quantizer(2)(linear, torch.device("cpu"))
-    assert not layer.weight.requires_grad and lora.is_nf4(layer.weight)
+    assert not layer.weight.requires_grad and is_nf4(layer.weight)
     for rows in (8, 13):
         x = torch.randn(rows, 256, generator=generator, requires_grad=True)
         saved = []
@@ -522,8 +524,8 @@ def test_fsdp_nf4_base_computes_with_torchaos_dequantized_weight_and_keeps_it_4b
         expected = x.detach().double() @ dense.t() + linear.bias.detach().double()
         assert rel(y.detach().double(), expected) < 1e-6
         assert rel(x.grad.double(), upstream.double() @ dense) < 1e-6
-        dense_copies = [t for t in saved if not lora.is_nf4(t) and t.shape == dense.shape]
-        assert any(lora.is_nf4(t) for t in saved) and not dense_copies
+        dense_copies = [t for t in saved if not is_nf4(t) and t.shape == dense.shape]
+        assert any(is_nf4(t) for t in saved) and not dense_copies
 
 
 def test_fsdp_nf4_refuses_a_weight_its_ranks_cannot_split_into_whole_groups():

@@ -153,9 +153,9 @@ def test_qlora_quantizes_each_layer_on_its_way_to_the_device(tmp_path, base, mon
     events = []
     real_apply, real_to = build_module.apply_lora, torch.nn.Module.to
 
-    def apply_lora(model, lora_cfg, compute_dtype, device=None, seed=0):
+    def apply_lora(model, lora_cfg, compute_dtype, device=None, seed=0, fsdp_ranks=None):
         events.append(("apply_lora", device))
-        return real_apply(model, lora_cfg, compute_dtype, device=device, seed=seed)
+        return real_apply(model, lora_cfg, compute_dtype, device=device, seed=seed, fsdp_ranks=fsdp_ranks)
 
     def to(module, *args, **kwargs):
         moved_to = kwargs.get("device", args[0] if args and not isinstance(args[0], torch.dtype) else None)

@@ -32,7 +32,6 @@ from trainer.lora import (
     ADAPTER_WEIGHTS,
     base_dtype,
     check_checkpoint_kind,
-    dense,
     is_adapter_folder,
     is_lora_key,
     load_adapter_weights,
@@ -52,6 +51,7 @@ from trainer.models.hf import (
     weight_files,
     write_hf,
 )
+from trainer.models.nf4 import dense
 from trainer.parallel.distributed import barrier
 from trainer.parallel.sharded_checkpoint import (
     gather_tensors,

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from torch import nn
 
 from trainer.errors import CheckpointError
-from trainer.lora import is_nf4
 from trainer.models.hf import _join, _skipped, expert_sources, weight_files
+from trainer.models.nf4 import is_nf4
 
 
 def local_region(param: torch.Tensor) -> tuple[slice, ...]:
@@ -60,7 +60,7 @@ def quantize_local(model: nn.Module, name: str, read_whole: Callable[[], torch.T
     from torch.distributed.tensor import DTensor
     from torchao.quantization import to_nf4
 
-    from trainer.lora import NF4Linear
+    from trainer.models.nf4 import NF4Linear
 
     param = model.get_parameter(name)
     local = param.to_local()
