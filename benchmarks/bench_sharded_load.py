@@ -17,6 +17,8 @@ safetensors' mapping of each file whole, although only the pages read become res
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -80,7 +82,18 @@ def rank_main(args) -> None:
     if args.strategy.endswith("-qlora"):
         overrides.update({"lora.rank": "16", "lora.quantize": "nf4"})
     config = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
-    import trainer.data  # noqa: F401  (imports are not what is measured)
+    # Imports are not what is measured: their code pages are the same whatever the checkpoint's size.
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
+    import trainer.data  # noqa: F401
+
+    modules = ["triton"] if importlib.util.find_spec("triton") else []  # the model's first build imports it
+    if args.strategy.endswith("-qlora"):  # the 4-bit library each path uses
+        modules.append("torchao.quantization" if args.strategy.startswith("fsdp") else "bitsandbytes")
+    for module in modules:
+        importlib.import_module(module)
 
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
     before = _status_bytes("VmRSS")

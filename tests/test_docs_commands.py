@@ -26,6 +26,7 @@ import pytest
 from tests.helpers import write_corpus
 from trainer.data import ByteTokenizer
 from trainer.models import build, save_hf
+from trainer.models.config import PRESETS, ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -68,7 +69,9 @@ def world(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("docs")
     corpus = write_corpus(tmp / "corpus")
     model = tmp / "models" / "model"
-    save_hf(build("tiny", vocab_size=320, seed=0), model)
+    # The tiny preset 256 wide: its projections split over 2 ranks in whole 4-bit groups (QLoRA under FSDP2)
+    shape = {**PRESETS["tiny"], "vocab_size": 320, "hidden_size": 256, "intermediate_size": 512}
+    save_hf(build(ModelArgs(**shape), seed=0), model)
     ByteTokenizer().save(str(model))
     sft = tmp / "sft.jsonl"
     sft.write_text(

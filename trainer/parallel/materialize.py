@@ -23,7 +23,7 @@ from torch import nn
 
 from trainer.errors import CheckpointError
 from trainer.models.hf import _join, _skipped, expert_sources, weight_files
-from trainer.models.nf4 import is_nf4
+from trainer.models.nf4 import NF4Linear, is_nf4
 
 
 def local_region(param: torch.Tensor) -> tuple[slice, ...]:
@@ -45,7 +45,7 @@ def write_local(param: torch.Tensor, part: torch.Tensor) -> None:
 
 
 def quantize_local(model: nn.Module, name: str, read_whole: Callable[[], torch.Tensor]) -> None:
-    """Parameter `name`, an FSDP2 shard of a torchao NF4Tensor (a QLoRA base, trainer.lora.NF4Linear),
+    """Parameter `name`, an FSDP2 shard of a torchao NF4Tensor (a QLoRA base, NF4Linear),
     set to this rank's rows of the whole tensor `read_whole()` returns, quantized.
 
     The whole tensor is quantized, not the rank's rows: double quantization stores the scales'
@@ -60,8 +60,6 @@ def quantize_local(model: nn.Module, name: str, read_whole: Callable[[], torch.T
     from torch.distributed.tensor import DTensor
     from torchao.quantization import to_nf4
 
-    from trainer.models.nf4 import NF4Linear
-
     param = model.get_parameter(name)
     local = param.to_local()
     module_name, _, leaf = name.rpartition(".")
@@ -73,7 +71,8 @@ def quantize_local(model: nn.Module, name: str, read_whole: Callable[[], torch.T
     rows = local_region(param)[0]
     part = quantized.split(rows.stop - rows.start)[rows.start // (rows.stop - rows.start)]
     kept.copy_(part)  # the 4-bit values, block scales and their factors
-    kept.scaler_mean, kept.nf4 = part.scaler_mean, part.nf4  # the whole tensor's, which copy_ leaves
+    # The whole tensor's scale mean and code table: copy_ cannot write them, the meta build left them on meta
+    kept.scaler_mean, kept.nf4 = part.scaler_mean, part.nf4
     shard = DTensor.from_local(
         kept, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
