@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import bench_finetune  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.models import KernelChoice, build  # noqa: E402
 from trainer.models.config import PRESETS, ModelArgs  # noqa: E402
@@ -35,16 +36,12 @@ from trainer.optim import build_optimizer  # noqa: E402
 SIZES = {
     "tiny": (dict(PRESETS["tiny"], vocab_size=320), 8, 64),
     "small": (dict(PRESETS["small"], vocab_size=4096), 8, 256),
+    # bench_finetune.py's measured model, the `small` preset widened to ~100M parameters
     "100m": (
         dict(
             PRESETS["small"],
-            hidden_size=768,
-            n_layers=12,
-            n_heads=12,
-            n_kv_heads=4,
-            intermediate_size=2048,
-            tie_embeddings=False,
-            vocab_size=16384,
+            **{k: v for k, v in bench_finetune.FULL["model"].items() if k != "preset"},
+            vocab_size=bench_finetune.FULL["vocab_size"],
         ),
         2,
         256,
