@@ -36,8 +36,38 @@ OPTIONS = {
 @pytest.fixture(autouse=True)
 def many_chunks(monkeypatch):
     """Without the chunks' floor (MIN_CHUNK_LOGIT_BYTES), the small inputs here split into several
-    chunks, as a large input does; test_chunk_floor checks the floor itself."""
+    chunks, as a large input does; test_chunk_floor checks the floor itself. Nor are these small
+    logits computed whole (MAX_MATERIALIZED_LOGIT_BYTES): the tests that take that path say so
+    (take_path)."""
     monkeypatch.setattr(ce_module, "MIN_CHUNK_LOGIT_BYTES", 0)
+    monkeypatch.setattr(ce_module, "MAX_MATERIALIZED_LOGIT_BYTES", 0)
+
+
+PATHS = ["chunks", "whole"]  # the PyTorch path's two ways: chunk by chunk, or the logits materialised
+
+
+# (force, path) pairs: the Triton path always chunks
+FORCE_PATHS = [pytest.param("triton", "chunks", marks=needs_triton), ("reference", "chunks"), ("reference", "whole")]
+
+
+def record_calls(monkeypatch, name, calls):
+    """Appends `name` to `calls` whenever the op calls ce_module.<name>."""
+    inner = getattr(ce_module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(ce_module, name, spy)
+
+
+def take_path(monkeypatch, path):
+    """Makes the op take `path` whatever the size; returns the list each call of that path appends to."""
+    whole = path == "whole"
+    monkeypatch.setattr(ce_module, "MAX_MATERIALIZED_LOGIT_BYTES", 1 << 40 if whole else 0)
+    calls = []
+    record_calls(monkeypatch, "_materialized_losses" if whole else "_chunked", calls)
+    return calls
 
 
 def logits_oracle(z, labels, bias=None, label_smoothing=0.0, z_loss=0.0, softcap=None):
@@ -210,9 +240,10 @@ def test_op_triton_extreme_hidden():
         assert rel_err(g, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("force", [pytest.param("triton", marks=needs_triton), "reference"])
+@pytest.mark.parametrize("force,path", FORCE_PATHS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_zero_grads(force, reduction):
+def test_all_ignored_gives_zero_loss_and_zero_grads(monkeypatch, force, path, reduction):
+    calls = take_path(monkeypatch, path)
     hidden, weight, _, labels = make((2, 3), 8, 50, torch.float32, seed=5)
     labels.fill_(IGNORE)
     hidden.requires_grad_()
@@ -221,6 +252,7 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(force, reduction):
     gh, gw = torch.autograd.grad(loss.sum(), (hidden, weight))
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+    assert len(calls) == (2 if reduction == "none" and path == "chunks" else 1)  # "none": chunks recomputed
 
 
 @needs_triton
@@ -251,9 +283,11 @@ def test_op_triton_weight_grad_accumulates_in_fp32(monkeypatch):
 # ---- the reference (chunked PyTorch) path ----
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_reference_fp64_matches_oracle(reduction, option):
+def test_reference_fp64_matches_oracle(monkeypatch, path, reduction, option):
+    calls = take_path(monkeypatch, path)
     hidden, weight, bias, labels = make((2, 9), 12, 97, torch.float64, seed=8, with_bias=True, n_ignored=3)
     normalizer = 25 if reduction == "mean" and option == "all" else None
     grad_out = (torch.randn(2, 9) if reduction == "none" else torch.tensor(1.0)).to(DEVICE, torch.float64)
@@ -272,6 +306,7 @@ def test_reference_fp64_matches_oracle(reduction, option):
     )
     grads = torch.autograd.grad(loss, (hidden, weight, bias), grad_out)
     ref_loss, ref_grads = oracle(hidden, weight, labels, bias, reduction, normalizer, grad_out, **OPTIONS[option])
+    assert calls
     assert rel_err(loss, ref_loss) <= 1e-12
     for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-12
@@ -414,30 +449,55 @@ def test_chunk_floor(monkeypatch, reduction):
         assert rel_err(g, ref) <= 1e-12
 
 
-def test_reference_far_below_the_maximum():
+def test_small_logits_are_computed_whole(monkeypatch):
+    """Off the Triton path, logits of at most MAX_MATERIALIZED_LOGIT_BYTES in the accumulation
+    dtype are computed whole, unless the chunks' memory is capped; the Triton path always chunks."""
+    monkeypatch.setattr(ce_module, "MAX_MATERIALIZED_LOGIT_BYTES", 1 << 20)
+    rule = ce_module.materializes_logits
+    assert rule(1024, 256, 4, triton=False) and not rule(1025, 256, 4, triton=False)  # 1 MiB of fp32
+    assert rule(1024, 256, 2, triton=False)  # bf16 logits are counted in fp32
+    assert not rule(1024, 256, 8, triton=False)  # fp64: 2 MiB
+    assert not rule(8, 32, 4, triton=True)
+    assert not rule(8, 32, 4, triton=False, chunk_bytes=1 << 30)
+
+    ran = []
+    record_calls(monkeypatch, "_materialized_losses", ran)
+    record_calls(monkeypatch, "_chunked", ran)
+    for tokens, chunk_bytes in ((1024, 0), (1025, 0), (1024, 1 << 30)):
+        hidden, weight, _, labels = make((tokens,), 4, 256, torch.float32, seed=tokens)
+        ops.linear_cross_entropy(hidden, weight, labels, force="reference", chunk_bytes=chunk_bytes)
+    assert ran == ["_materialized_losses", "_chunked", "_chunked"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reference_far_below_the_maximum(monkeypatch, path):
     """Logits spread over thousands (hidden scaled by 1e3): most exponentials underflow, and the
     fp32 loss and gradients still match the fp64 oracle (the exponent's floor changes nothing a
     float32 can hold)."""
+    calls = take_path(monkeypatch, path)
     hidden, weight, _, labels = make((3, 7), 16, 211, torch.float32, seed=13, scale=1e3)
     hidden.requires_grad_()
     weight.requires_grad_()
     loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", z_loss=1e-4)
     grads = torch.autograd.grad(loss, (hidden, weight))
     ref_loss, ref_grads = oracle(hidden, weight, labels, z_loss=1e-4)
-    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert calls and torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     assert rel_err(loss, ref_loss) <= 1e-5
     for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reference_low_precision(dtype):
+def test_reference_low_precision(monkeypatch, path, dtype):
+    calls = take_path(monkeypatch, path)
     hidden, weight, _, labels = make((4, 5), 16, 120, dtype, seed=9)
     hidden.requires_grad_()
     weight.requires_grad_()
     loss = ops.linear_cross_entropy(hidden, weight, labels, force="reference", z_loss=1e-3)
     grads = torch.autograd.grad(loss, (hidden, weight))
     ref_loss, ref_grads = oracle(hidden, weight, labels, z_loss=1e-3)
+    assert calls and loss.dtype == torch.float32
     assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
     for g, ref in zip(grads, ref_grads, strict=True):
         assert rel_err(g, ref) <= LOSS_TOL[dtype]
@@ -494,9 +554,10 @@ def test_check_labels_refuses_device_tensors():
         ops.check_labels(torch.empty(4, dtype=torch.int64, device="meta"), 10)
 
 
-@pytest.mark.parametrize("force", [pytest.param("triton", marks=needs_triton), "reference"])
-def test_out_of_vocabulary_label_gives_nan_not_a_plausible_loss(force):
+@pytest.mark.parametrize("force,path", FORCE_PATHS)
+def test_out_of_vocabulary_label_gives_nan_not_a_plausible_loss(monkeypatch, force, path):
     # Without check_labels a bad label must not read past the logits row nor yield a finite loss.
+    calls = take_path(monkeypatch, path)
     hidden, weight, _, labels = make((9,), 16, 50, torch.float32, seed=12, n_ignored=2)
     good = labels.clone()
     bad_rows = [i for i in range(9) if labels[i] != IGNORE][:2]
@@ -510,6 +571,7 @@ def test_out_of_vocabulary_label_gives_nan_not_a_plausible_loss(force):
     assert rel_err(losses[others], ref_losses[others]) <= 1e-4
     assert rel_err(gh[others], ref_gh[others]) <= 1e-4
     assert torch.isnan(ops.linear_cross_entropy(hidden, weight, labels, force=force))
+    assert calls
 
 
 # ---- memory of the backward: the fp32 weight gradient is scaled in place, cast once ----

@@ -189,8 +189,13 @@ def test_each_family_within_three_percent(tmp_path, family):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"train.dtype": "bf16"}, {"parallel.activation_checkpointing": "selective"}, {"data.document_mask": True}],
-    ids=["bf16-autocast", "selective", "document-mask"],
+    [
+        {"train.dtype": "bf16"},
+        {"parallel.activation_checkpointing": "selective"},
+        {"train.dtype": "bf16", "parallel.activation_checkpointing": "selective"},
+        {"data.document_mask": True},
+    ],
+    ids=["bf16-autocast", "selective", "bf16-selective", "document-mask"],
 )
 def test_gemma2_run_settings(tmp_path, overrides):
     pytest.importorskip("transformers")
@@ -346,7 +351,7 @@ def test_the_loss_chunks_take_what_the_planner_counts(monkeypatch, n, hidden, vo
     """The fused loss's chunks on the CPU allocator against chunk_peak_bytes (what loss_ops counts):
     the op's peak above its inputs minus what it keeps (the hidden's and the weight's gradients,
     the per-token losses), within 1% plus 16 KiB. The chunks' floor is lifted, so these small
-    shapes split into chunks as large ones do."""
+    shapes split into chunks as large ones do, and none is computed whole."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import trainer.ops as ops
@@ -355,6 +360,7 @@ def test_the_loss_chunks_take_what_the_planner_counts(monkeypatch, n, hidden, vo
     from trainer.plan.measure import STEP_MARK, replay
 
     monkeypatch.setattr(ce, "MIN_CHUNK_LOGIT_BYTES", 0)
+    monkeypatch.setattr(ce, "MAX_MATERIALIZED_LOGIT_BYTES", 0)
 
     gen = torch.Generator().manual_seed(n)
     hidden = torch.randn(n, hidden, generator=gen).to(dtype).requires_grad_()
@@ -444,6 +450,22 @@ def test_no_budget_on_cpu_keeps_the_shape_chunk(tmp_path):
     assert loss_chunk_bytes(config) == 0
     roomy = _config(tmp_path, **LOSS_BOUND, **{"plan.budget": 10**12})
     assert loss_chunk_bytes(roomy) == 0 and predict_peak(roomy).peak_bytes == predict_peak(config).peak_bytes
+
+
+def test_logits_computed_whole_are_reported(tmp_path, capsys):
+    """A CPU run of the tiny model at 2 x 64 tokens (byte tokenizer: 128 x 259 fp32 logits, well
+    under MAX_MATERIALIZED_LOGIT_BYTES): the fused loss computes its logits whole, and the plan and
+    the run's start say so; LOSS_BOUND's 4 x 512 tokens are chunked, and nothing is said."""
+    from trainer.build import build_run
+
+    small = {"train.seq_len": 64, "plan.device": "cpu"}
+    whole, chunked = _config(tmp_path, **small), _config(tmp_path / "chunked", **LOSS_BOUND)
+    assert predict_peak(whole).logits_whole and not predict_peak(chunked).logits_whole
+    argv = {**TWO_STEPS, **small, "model.preset": "tiny", "data.tokenizer": "byte", "train.micro_batch_size": 2}
+    assert plan_command([f"--{key}={value}" for key, value in argv.items()]) == 0
+    assert "fused loss: the logits are computed whole" in capsys.readouterr().out
+    assert any("computes each micro-batch's logits whole" in m for m in build_run(whole).messages)
+    assert not any("logits whole" in m for m in build_run(chunked).messages)
 
 
 def test_the_run_is_built_with_the_planned_cap(tmp_path, capsys):

@@ -29,6 +29,7 @@ from trainer.model_card import hardware_name, render_model_card
 from trainer.models import KernelChoice, Transformer, build, empty_hf, load_hf
 from trainer.models.config import PRESETS, resolve_args
 from trainer.models.hf import args_from_hf_config, read_hf_config, weight_files
+from trainer.ops.cross_entropy import MAX_MATERIALIZED_LOGIT_BYTES
 from trainer.optim import build_optimizer, build_scheduler, state_bytes
 from trainer.output_dir import OutputPlan, claim_output, plan_output
 from trainer.parallel import ParallelEnv, init_distributed, is_sharded, main_process_first, parallelize
@@ -37,7 +38,7 @@ from trainer.parallel.expert_parallel import check_expert_parallel
 from trainer.parallel.float8 import check_float8
 from trainer.parallel.materialize import materialize
 from trainer.parallel.tensor_parallel import check_tensor_parallel
-from trainer.plan import choose_micro_batch, loss_chunk_bytes, resolve_budget
+from trainer.plan import choose_micro_batch, loss_chunk_bytes, loss_logits_whole, resolve_budget
 from trainer.plan.shapes import model_args
 from trainer.runtime import DTYPE_NAMES, DTYPES, parameter_count, resolve_device, resolve_dtype, tensor_bytes
 
@@ -303,6 +304,11 @@ def build_run(config: TrainConfig) -> RunParts:
         messages.append(
             f"the fused loss's logit chunks are kept within {ce_chunk_bytes / 2**20:,.0f} MiB, "
             "the memory the planner predicts is left for them (python -m trainer plan shows the chunk)"
+        )
+    elif env.mesh is None and loss_logits_whole(cfg, env.world_size):
+        messages.append(
+            "the fused loss computes each micro-batch's logits whole: at most "
+            f"{MAX_MATERIALIZED_LOGIT_BYTES / 2**20:g} MiB, too small for its chunks to be faster"
         )
     if t.threads:
         torch.set_num_threads(t.threads)

@@ -8,6 +8,10 @@ the gradients are computed in the forward pass (the backward only scales them), 
 second logits matmul a recompute would cost; with reduction="none" the per-token upstream gradients
 are only known in backward, so the chunks are recomputed there.
 
+Off the Triton path, logits of at most MAX_MATERIALIZED_LOGIT_BYTES are computed whole instead
+(materializes_logits): at that size the chunk loop's fixed cost is more than the whole logits'
+memory is worth.
+
 The public function goes through the custom op `trainer::linear_cross_entropy` (and
 `trainer::linear_cross_entropy_backward`), so torch.compile keeps one graph around it. The mean is
 taken outside the op (sum / count) so no host-device sync is needed anywhere.
@@ -18,6 +22,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.constants import IGNORE_INDEX
@@ -37,6 +42,21 @@ MAX_TRITON_CHUNK_BYTES = 256 << 20
 # outweighs what the smaller chunk saves (measured on CPU: benchmarks/results/cpu_profile_overhead.md).
 # Tests lower it to exercise many chunks on small inputs.
 MIN_CHUNK_LOGIT_BYTES = 16 << 20
+# Off the Triton path, logits up to this many bytes (accumulation dtype) are computed whole, through
+# linear + F.cross_entropy and autograd, when no memory cap is set: the chunked op costs a fixed
+# ~0.4 ms more per call on CPU (the custom op's dispatch, its autograd wrapper, two dozen small ops;
+# 0.59 against 0.17 ms at 8 tokens x 32 vocabulary), which at tiny's 512 x 320 logits made the loss
+# 1.3x slower, while past a few MiB of logits the chunked op is the faster (benchmarks/README.md,
+# "the loss's materialised dispatch"). Tests set it to 0 to exercise the chunks on small inputs.
+MAX_MATERIALIZED_LOGIT_BYTES = 1 << 20
+
+
+def materializes_logits(n_tokens: int, vocab_size: int, elem_bytes: int, triton: bool, chunk_bytes: int = 0) -> bool:
+    """Whether linear_cross_entropy computes these logits whole (off the Triton path, no cap on the
+    chunks' memory, at most MAX_MATERIALIZED_LOGIT_BYTES) instead of chunk by chunk. The memory
+    planner and the run's start report ask the same question."""
+    logit_bytes = n_tokens * vocab_size * max(elem_bytes, 4)
+    return not triton and chunk_bytes == 0 and logit_bytes <= MAX_MATERIALIZED_LOGIT_BYTES
 
 
 def chunk_tokens(
@@ -182,6 +202,28 @@ def exp_floor(dtype: torch.dtype) -> float:
     whose result underflows (512 x 4096 fp32 logits spread by 30: 32.5 ms against 2.1 ms clamped);
     raised to this, each such term adds under e times the smallest normal to sums of at least 1."""
     return math.log(torch.finfo(dtype).tiny) + 1
+
+
+def _materialized_losses(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap):
+    """Per-token losses from the whole logits, through autograd (accumulation dtype, 0 where
+    ignored): what the chunks compute, as the eager reference computes it. A label outside the
+    vocabulary gives NaN in its loss and its gradients, as in the chunks."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    z = F.linear(hidden, weight, bias).to(acc)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = labels != ignore_index
+    bad = valid & ((labels < 0) | (labels >= z.shape[1]))
+    losses = F.cross_entropy(
+        z,
+        torch.where(bad, 0, labels),  # F.cross_entropy would refuse it: a label it takes, times NaN below
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    if z_loss:
+        losses = losses + z_loss * torch.logsumexp(z, dim=-1).square().masked_fill(~valid, 0.0)
+    return losses * torch.where(bad, math.nan, 1.0).to(acc)
 
 
 def _triton_chunk(h, weight, bias, y, ignore_index, label_smoothing, z_loss, softcap, want_grad, loss_out, row_scale):
@@ -598,7 +640,9 @@ def linear_cross_entropy(
     force: Impl = Impl.AUTO,
     chunk_bytes: int = 0,
 ) -> torch.Tensor:
-    """Cross-entropy of (hidden @ weight.T + bias) against labels, logits never materialised.
+    """Cross-entropy of (hidden @ weight.T + bias) against labels, the logits computed chunk by
+    chunk, never whole (but where they are small enough that chunks only cost time:
+    materializes_logits).
 
     hidden is (..., hidden_size), labels (...) with the same leading shape. reduction="mean" divides
     the summed token losses by `normalizer` when given (for example the label-token count of a
@@ -619,6 +663,12 @@ def linear_cross_entropy(
     hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
+    if materializes_logits(flat_hidden.shape[0], weight.shape[0], hidden.element_size(), triton, chunk_bytes):
+        losses = _materialized_losses(
+            flat_hidden, weight, bias, flat_labels, ignore_index, label_smoothing, z_loss, softcap
+        )
+        loss = losses if reduction == "none" else losses.sum()
+        return _reduce(loss, reduction, labels, flat_labels, ignore_index, normalizer)
     grad_on = torch.is_grad_enabled()
     loss = _lce_op(
         flat_hidden,
@@ -636,6 +686,11 @@ def linear_cross_entropy(
         triton,
         int(chunk_bytes),
     )[0]
+    return _reduce(loss, reduction, labels, flat_labels, ignore_index, normalizer)
+
+
+def _reduce(loss, reduction, labels, flat_labels, ignore_index, normalizer):
+    """The per-token losses (reduction "none") in the labels' shape, or the summed loss as asked."""
     if reduction == "none":
         return loss.view(labels.shape)
     if reduction == "sum":

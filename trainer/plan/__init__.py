@@ -15,7 +15,7 @@ from trainer.plan.choose import choose_micro_batch, is_auto, resolve_budget, sug
 from trainer.plan.command import plan_command
 from trainer.plan.devices import DEVICE_NAMES, resolve_device
 from trainer.plan.devices import GPUS as DEVICES
-from trainer.plan.predict import Plan, loss_chunk_bytes, predict_peak
+from trainer.plan.predict import Plan, loss_chunk_bytes, loss_logits_whole, predict_peak
 
 __all__ = [
     "DEVICES",
@@ -24,6 +24,7 @@ __all__ = [
     "choose_micro_batch",
     "is_auto",
     "loss_chunk_bytes",
+    "loss_logits_whole",
     "plan_command",
     "predict_peak",
     "resolve_budget",

@@ -7,6 +7,7 @@ import os
 
 from trainer.config import split_command_line
 from trainer.errors import ConfigError
+from trainer.ops.cross_entropy import MAX_MATERIALIZED_LOGIT_BYTES
 from trainer.plan.choose import (
     NothingFits,
     SeqLenAnswer,
@@ -202,6 +203,11 @@ def format_plan(config, plan: Plan, budget: int, device: str, suggestions: list,
         out.append(
             f"fused loss: chunks of {plan.ce_chunk_tokens:,} tokens instead of {plan.ce_shape_chunk_tokens:,}, "
             f"within the {human_bytes(plan.ce_chunk_bytes)} the budget leaves them"
+        )
+    if plan.logits_whole:
+        out.append(
+            "fused loss: the logits are computed whole, being small enough (at most "
+            f"{human_bytes(MAX_MATERIALIZED_LOGIT_BYTES)}) that chunks would only cost time"
         )
     if plan.host_bytes:
         out.append(f"pinned host memory for offloaded activations: {human_bytes(plan.host_bytes)} (not in the peak)")

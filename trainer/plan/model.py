@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from trainer.ops.cross_entropy import chunk_buffers, chunk_peak_bytes, chunk_tokens
+from trainer.ops.cross_entropy import chunk_buffers, chunk_peak_bytes, chunk_tokens, materializes_logits
 from trainer.ops.vocab_parallel_cross_entropy import chunk_size as vocab_parallel_chunk
 from trainer.plan.graph import ACTIVATIONS, WEIGHT_COPIES, GradSink, Graph, Op
 from trainer.plan.setting import Setting
@@ -318,33 +318,70 @@ def attention_op(s: Setting, layer: int, q: str, k: str, v: str) -> Op:
     )
 
 
-def softcapped_attention_op(s: Setting, q: str, k: str, v: str) -> Op:
-    """trainer.models.llama.softcapped_attention (attention-logit softcapping off CUDA): the scores
-    made explicitly. It keeps k and v repeated to every query head, the tanh of the scores, the fp32
-    softmax and its cast to the compute dtype, and the boolean mask; output "attn" (the reshaped
-    copy o_proj reads, the matmul's own output a temporary)."""
+def softcapped_attention_ops(s: Setting, q: str, k: str, v: str) -> list[Op]:
+    """trainer.models.llama.softcapped_attention (attention-logit softcapping off CUDA), op by op as
+    autograd records it: k and v repeated to every query head, the scores' matmul, their scaling,
+    cap and mask (each a tensor as large as the scores, made from the one before), the fp32 softmax
+    (and its cast to the compute dtype), the values' matmul, and the reshaped copy o_proj reads
+    (output "attn"). Selective checkpointing keeps the two matmuls' outputs (must_save) and
+    recomputes the rest."""
     a, c = s.args, s.compute_bytes
     n, d = s.tokens, a.head_dim
     q_bytes, kv_bytes = n * a.n_heads * d * c, n * a.n_kv_heads * d * c
-    scores = s.micro_batch * a.n_heads * s.seq_len * s.seq_len
+    scores = s.micro_batch * a.n_heads * s.seq_len * s.seq_len * c
     mask = _mask_elems(s)
-    kept = {"k_rep": q_bytes, "v_rep": q_bytes, "scores_tanh": scores * c, "probs": scores * F32, "not_mask": mask}
+    probs = "probs"
+    ops = [
+        # ~mask, saved by masked_fill; without packed documents the causal mask is made here too
+        Op("attention mask", outputs={"not_mask": mask}, nondiff=("not_mask",), fwd_extra=mask),
+        Op(
+            "repeat k, v",
+            inputs=(k, v),
+            outputs={"k_rep": q_bytes, "v_rep": q_bytes},
+            grads={k: kv_bytes, v: kv_bytes},
+        ),
+        Op(
+            "attention scores",
+            inputs=(q, "k_rep"),
+            outputs={"scores": scores},
+            saves=(q, "k_rep"),
+            grads={q: q_bytes, "k_rep": q_bytes},
+            must_save=True,
+        ),
+        Op("scores * scale", inputs=("scores",), outputs={"scaled": scores}, grads={"scores": scores}),
+        Op("scores / cap", inputs=("scaled",), outputs={"divided": scores}, grads={"scaled": scores}),
+        Op("scores tanh", inputs=("divided",), outputs={"tanh": scores}, saves=("tanh",), grads={"divided": scores}),
+        Op("cap * tanh", inputs=("tanh",), outputs={"capped": scores}, grads={"tanh": scores}),
+        Op(
+            "masked scores",
+            inputs=("capped", "not_mask"),
+            outputs={"masked": scores},
+            saves=("not_mask",),
+            grads={"capped": scores},
+        ),
+        Op(
+            "attention softmax",
+            inputs=("masked",),
+            outputs={probs: scores // c * F32},
+            saves=(probs,),
+            grads={"masked": scores // c * F32},
+        ),
+    ]
     if c != F32:
-        kept["probs_c"] = scores * c
-    return Op(
-        "attention (softcapped)",
-        inputs=(q, k, v),
-        outputs={"attn": q_bytes, **kept},
-        saves=(q, *kept),
-        grads={q: q_bytes, k: kv_bytes, v: kv_bytes},
-        nondiff=("not_mask",),
-        # the scores and their scaled, divided, capped and masked copies are made one from another;
-        # two are alive at a time, and the unreshaped output
-        fwd_extra=2 * scores * c + q_bytes,
-        # the gradients of the probabilities, the scores (fp32 softmax) and the repeated k and v
-        bwd_extra=2 * scores * F32 + scores * c + 2 * q_bytes,
-        must_save=True,
+        ops.append(_cast(s, "probs cast", probs, "probs_c", scores // c, F32, c))
+        probs = "probs_c"
+    ops.append(
+        Op(
+            "attention values",
+            inputs=(probs, "v_rep"),
+            outputs={"values": q_bytes},
+            saves=(probs, "v_rep"),
+            grads={probs: scores, "v_rep": q_bytes},
+            must_save=True,
+        )
     )
+    ops.append(Op("attention heads joined", inputs=("values",), outputs={"attn": q_bytes}, grads={"values": q_bytes}))
+    return ops
 
 
 def rope_op(s: Setting, q: str, k: str, x_bytes: int, rotary_dim: int, q_out: str, k_out: str) -> Op:
@@ -445,7 +482,7 @@ def attention_ops(s: Setting, layer: int, x: str, x_bytes: int) -> list[Op]:
         ops.append(_cast(s, "k cast", k, "kc", n * kd, qk_bytes, c))
         q, k = "qc", "kc"
     if a.attn_softcap is not None and s.device != "cuda":
-        ops.append(softcapped_attention_op(s, q, k, "v"))
+        ops += softcapped_attention_ops(s, q, k, "v")
     else:
         ops.append(attention_op(s, layer, q, k, "v"))
     ops += linear_ops(s, "o_proj", "attn", hd, c, "attn_out", h, att + "o_proj.weight")
@@ -745,6 +782,18 @@ def loss_hidden_bytes(s: Setting) -> int:
     return c if s.autocast and r != c else r
 
 
+def logits_materialized(s: Setting) -> bool:
+    """Whether the run's loss computes the whole logits: kernels.fused_ce=false, or the fused loss's
+    own choice for logits as small as these (trainer.ops.cross_entropy.materializes_logits). The
+    vocabulary-parallel loss of tensor parallelism always chunks."""
+    if s.kernels.materialize_logits:
+        return True
+    if s.tensor_parallel > 1:
+        return False
+    triton = s.runs_triton(s.kernels.fused_ce)
+    return materializes_logits(s.tokens, s.args.vocab_size, loss_hidden_bytes(s), triton, s.kernels.ce_chunk_bytes)
+
+
 def ce_chunk(s: Setting) -> tuple[int, int, int]:
     """(tokens per chunk, kept and working bytes per token of a chunk) of the fused loss, as
     trainer.ops.cross_entropy chunks it: the shape's chunk, capped by KernelChoice.ce_chunk_bytes
@@ -777,7 +826,7 @@ def loss_ops(s: Setting) -> list[Op]:
         ops.append(Op("hidden cast", inputs=("hidden",), outputs={"hidden_c": n * h * c}, grads={"hidden": n * h * r}))
         hidden, hb = "hidden_c", c
     copies = {head: v * h * c} if s.autocast and s.param_bytes != c else {}
-    if not s.kernels.materialize_logits:
+    if not logits_materialized(s):
         # The chunks' logits and gradients at their most (the op's chunk_buffers and
         # chunk_peak_bytes: the first chunk alone, then each beside the previous one's gradient).
         # Left out when the planner asks how much room the chunks have (Setting.loss_chunks=False).
@@ -785,7 +834,7 @@ def loss_ops(s: Setting) -> list[Op]:
         chunks = chunk_peak_bytes(n, tokens, kept, working) if s.loss_chunks else 0
         ops.append(_gradients_in_forward_loss(s, LOSS_OP, hidden, hb, n * F32 + chunks))  # per-token losses, chunks
         return ops
-    # kernels.fused_ce=false: logits = lm_head(hidden), upcast to fp32, F.cross_entropy
+    # Materialised (logits_materialized): logits = lm_head(hidden), upcast to fp32, F.cross_entropy
     ops.append(
         Op(
             "lm_head",

@@ -31,6 +31,7 @@ from trainer.plan.model import (
     block_ops,
     ce_chunk,
     embedding_ops,
+    logits_materialized,
     loss_ops,
     param_uses,
     per_batch_position_bytes,
@@ -74,6 +75,9 @@ class Plan:
     ce_chunk_tokens: int = 0
     ce_shape_chunk_tokens: int = 0
     ce_chunk_bytes: int = 0
+    # The fused loss computes these logits whole, as small as they are (logits_materialized by the
+    # op's own choice, not kernels.fused_ce=false)
+    logits_whole: bool = False
     # On CPU, the process's predicted peak resident memory (RSS): the runtime, the run's build, the
     # tensors and the heap the allocator keeps (trainer.plan.devices.cpu_rss_bytes); 0 on a GPU
     rss_bytes: int = 0
@@ -106,6 +110,7 @@ class Plan:
             "ce_chunk_tokens": self.ce_chunk_tokens,
             "ce_shape_chunk_tokens": self.ce_shape_chunk_tokens,
             "ce_chunk_bytes": self.ce_chunk_bytes,
+            "logits_whole": self.logits_whole,
             "rss_bytes": self.rss_bytes,
         }
 
@@ -168,6 +173,12 @@ def loss_chunk_bytes(config, world_size: int = 1) -> int:
     return run_setting(config, world_size)[0].kernels.ce_chunk_bytes
 
 
+def loss_logits_whole(config, world_size: int = 1) -> bool:
+    """Whether the run's fused loss computes its logits whole, as small as they are (Plan.logits_whole)."""
+    s = run_setting(config, world_size)[0]
+    return logits_materialized(s) and not s.kernels.materialize_logits
+
+
 def has_budget(config, dev: Device) -> bool:
     """Whether the run has a memory limit to size the loss's chunks by: a GPU's memory, or a budget
     given (plan.budget, train.memory_budget). A CPU run without one sizes them from the shape: its
@@ -182,7 +193,7 @@ def ce_chunk_budget(s: Setting, budget: int, device_name: str = "") -> int:
     room does not make the chunk smaller, or the logits are materialised. The moment of the loss,
     not the step's peak: a step whose backward goes over the budget does not fit with any chunk,
     and shrinking the loss's chunks for it would only slow it."""
-    if s.kernels.materialize_logits:
+    if logits_materialized(s):
         return 0
     tape, _ = replay(replace(s, loss_chunks=False), device_name)
     room = peak_within(budget, s.device) - tape.op_peaks[LOSS_OP]
@@ -264,9 +275,9 @@ def replay(s: Setting, device_name: str = "") -> tuple[Tape, _Host]:
     return tape, host
 
 
-def _chunk_fields(s: Setting) -> dict[str, int]:
-    if s.kernels.materialize_logits:
-        return {}
+def _chunk_fields(s: Setting) -> dict[str, int | bool]:
+    if logits_materialized(s):
+        return {"logits_whole": not s.kernels.materialize_logits}
     shape_tokens = ce_chunk(replace(s, kernels=replace(s.kernels, ce_chunk_bytes=0)))[0]
     return {
         "ce_chunk_tokens": ce_chunk(s)[0],
