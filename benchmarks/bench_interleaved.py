@@ -9,7 +9,8 @@ runs (other load, memory state) then reads as a difference between the sides. He
 batch, and their training steps (forward, backward, fused AdamW step) alternate, the first side
 swapped every step; the figure is the ratio of median step times. Memory is not measured here.
 The sizes are bench's in benchmarks/README.md: the tiny and small presets at 8 x 64 and 8 x 256
-tokens, and the ~100M model (hidden 768, 12 layers, untied, vocabulary 16384) at 2 x 256.
+tokens with bench's vocabulary of 4096, and the ~100M model (hidden 768, 12 layers, untied,
+vocabulary 16384) at 2 x 256.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_finetune  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
+from trainer.config import DataConfig, OptimConfig  # noqa: E402
 from trainer.models import KernelChoice, build  # noqa: E402
 from trainer.models.config import PRESETS, ModelArgs  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 
+# bench's tokenizer (the default bpe) has DataConfig().vocab_size tokens: the tiny and small runs'
+# vocabulary
+BENCH_VOCAB = DataConfig().vocab_size
 SIZES = {
-    "tiny": (dict(PRESETS["tiny"], vocab_size=320), 8, 64),
-    "small": (dict(PRESETS["small"], vocab_size=4096), 8, 256),
+    "tiny": (dict(PRESETS["tiny"], vocab_size=BENCH_VOCAB), 8, 64),
+    "small": (dict(PRESETS["small"], vocab_size=BENCH_VOCAB), 8, 256),
     # bench_finetune.py's measured model, the `small` preset widened to ~100M parameters
     "100m": (
         dict(

@@ -10,16 +10,18 @@ peak memory above the inputs.
 BENCH_KERNELS_DRY_RUN=1 with TRITON_INTERPRET=1 runs the same cases on CPU at tiny sizes, one
 round each and without torch.compile: the plumbing only (benchmarks/gpu_suite.py --dry-run).
 
-CPU: the fused loss's chunked reference path against materialised logits + F.cross_entropy and
-torch's own chunked F.linear_cross_entropy (where this torch has it), fp32, at three shapes
-(CPU_SHAPES: 8192 tokens x hidden 256 x vocab 32768, the default run's loss, a ~100M model's): each
-side in a fresh child process, its time and its extra peak memory (ru_maxrss), so one side's
-high-water mark cannot hide another's.
+CPU: the fused loss's reference path against materialised logits + F.cross_entropy and torch's
+own chunked F.linear_cross_entropy (where this torch has it), fp32, at four shapes (CPU_SHAPES:
+8192 tokens x hidden 256 x vocab 32768, the default run's loss, a ~100M model's, and the tiny
+preset's 512 tokens with a byte-sized vocabulary of 320, whose logits the fused loss computes whole;
+there a fourth side forces its chunks): each side in a fresh child process, its time and its extra
+peak memory (ru_maxrss), so one side's high-water mark cannot hide another's.
 
     python -m pytest benchmarks/bench_kernels.py --benchmark-json=benchmarks/results/<device>.json
     python benchmarks/bench_kernels.py [--json PATH]   # just the CPU fused-loss comparison, printed
 """
 
+import contextlib
 import json
 import os
 import resource
@@ -39,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import trainer.ops as ops  # noqa: E402
+import trainer.ops.cross_entropy as ce  # noqa: E402
 from trainer.bench.machine_load import OTHER_LOAD_LIMIT, OtherLoad  # noqa: E402
 from trainer.ops.rms_norm import rms_norm_reference  # noqa: E402
 from trainer.ops.rope import rope_reference  # noqa: E402
@@ -273,10 +276,25 @@ def test_gpu_kernel(benchmark, case_name, provider):
 # ---- CPU: the fused loss's reference path against materialised logits and torch's own ----
 
 # (tokens, hidden, vocab): the wide-vocabulary case, the default run's loss (small preset, 8 x 256
-# tokens, the 4096-token BPE) and a ~100M model's (hidden 768, a 16384-token BPE, 4 x 512 tokens).
-CPU_SHAPES = ((8192, 256, 32768), (2048, 256, 4096), (2048, 768, 16384))
+# tokens, the 4096-token BPE), a ~100M model's (hidden 768, a 16384-token BPE, 4 x 512 tokens) and
+# the tiny preset's 8 x 64 tokens with a byte-sized vocabulary (logits computed whole).
+CPU_SHAPES = ((8192, 256, 32768), (2048, 256, 4096), (2048, 768, 16384), (512, 128, 320))
 TORCH_HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 CPU_SIDES = ("fused_reference", "materialised") + (("torch_chunked",) if TORCH_HAS_LCE else ())
+
+
+def cpu_sides(shape: tuple[int, int, int]) -> tuple[str, ...]:
+    """The sides compared at `shape`: with "fused_chunked" (the fused loss made to chunk) where the
+    fused loss would compute these logits whole."""
+    tokens, _, vocab = shape
+    whole = ce.materializes_logits(tokens, vocab, 4, triton=False)
+    return CPU_SIDES + (("fused_chunked",) if whole else ())
+
+
+def cpu_repeats(shape: tuple[int, int, int]) -> int:
+    """Timed calls per side: a millisecond-long call needs many for a stable median."""
+    tokens, hidden, vocab = shape
+    return 5 if tokens * hidden * vocab > 2**26 else 101
 
 
 def _cpu_inputs(shape=CPU_SHAPES[0]):
@@ -291,9 +309,22 @@ def _cpu_inputs(shape=CPU_SHAPES[0]):
 def _cpu_loss(side, hidden, weight, labels):
     if side == "fused_reference":
         return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
+    if side == "fused_chunked":  # what the fused loss did before it computed small logits whole
+        with _chunks_forced():
+            return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
     if side == "torch_chunked":  # torch's own chunked loss (options=None would materialise)
         return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
     return _materialised_loss(hidden, weight, labels)
+
+
+@contextlib.contextmanager
+def _chunks_forced():
+    whole_up_to = ce.MAX_MATERIALIZED_LOGIT_BYTES
+    ce.MAX_MATERIALIZED_LOGIT_BYTES = 0
+    try:
+        yield
+    finally:
+        ce.MAX_MATERIALIZED_LOGIT_BYTES = whole_up_to
 
 
 def _cpu_step(side, hidden, weight, labels):
@@ -308,6 +339,11 @@ def _maxrss_bytes() -> int:
 
 def _child(side: str, shape: tuple[int, int, int], repeats: int) -> dict:
     """Runs in a fresh process: the extra high-water mark of forward + backward, and its times."""
+    # What a path imports on its first call is not the loss's memory: torch.library's custom-op
+    # machinery alone pulls in ~900 modules (sympy among them), ~150 MiB of RSS. One call on a few
+    # tokens, chunks forced, does it before the base is read.
+    with _chunks_forced():
+        _cpu_step(side, *_cpu_inputs((4, shape[1], 16)))
     hidden, weight, labels = _cpu_inputs(shape)
     base = _maxrss_bytes()
     times, cpu_times = [], []
@@ -369,8 +405,8 @@ def cpu_comparison(repeats: int = 5) -> list[dict]:
     process is its warm-up, left out of the median."""
     results = []
     for shape in CPU_SHAPES:
-        for side in CPU_SIDES:
-            r = run_cpu_side(side, shape, repeats=repeats + 1)
+        for side in cpu_sides(shape):
+            r = run_cpu_side(side, shape, repeats=max(repeats, cpu_repeats(shape)) + 1)
             r["median_seconds"] = _median(r["seconds"][1:])
             results.append(r)
     return results
@@ -384,7 +420,8 @@ def main():
         return
     json_path = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
     print("CPU fused linear cross-entropy, fp32, forward + backward, each side in its own process; median of 5")
-    print("after one warm-up; extra peak = the process's high-water mark above its inputs")
+    print("(101 at the millisecond-long shape) after one warm-up; extra peak = the process's high-water mark")
+    print("above its inputs")
     with open("/proc/loadavg") as f:
         print(f"load before: {f.read().strip()}")
     results = cpu_comparison()
