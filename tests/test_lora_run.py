@@ -275,8 +275,12 @@ def test_qlora_under_fsdp_equals_one_process_on_the_dequantized_base_and_resumes
     want = load_file(tmp_path / "one" / "final" / "merged" / "model.safetensors")
     got = load_file(tmp_path / "two" / "final" / "merged" / "model.safetensors")
     assert set(got) == set(want)
+    # Adam's normalised steps turn the ~1e-7 rounding difference between one and two ranks' gradient
+    # sums into up to a few 1e-6 in a few merged weights after 5 steps at lr 1e-2 (measured with
+    # seeds 0-3 and either loss path: 1.2e-7 to 4.4e-6); a base quantized per rank, or a wrong shard
+    # in the export, is 1e-4 or more.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
     # Resumed on two ranks from checkpoint-2: the base is quantized again, the adapters read back.
     for later in [tmp_path / "two" / "final", *(tmp_path / "two").glob("checkpoint-[45]")]:
         shutil.rmtree(later)
