@@ -19,6 +19,7 @@ peak memory (ru_maxrss), so one side's high-water mark cannot hide another's.
 
     python -m pytest benchmarks/bench_kernels.py --benchmark-json=benchmarks/results/<device>.json
     python benchmarks/bench_kernels.py [--json PATH]   # just the CPU fused-loss comparison, printed
+    python benchmarks/bench_kernels.py --whole-bound   # the fused loss chunked against whole, near 1 MiB
 """
 
 import contextlib
@@ -310,7 +311,7 @@ def _cpu_loss(side, hidden, weight, labels):
     if side == "fused_reference":
         return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
     if side == "fused_chunked":  # what the fused loss did before it computed small logits whole
-        with _chunks_forced():
+        with _whole_logits_up_to(0):
             return ops.linear_cross_entropy(hidden, weight, labels, force="reference")
     if side == "torch_chunked":  # torch's own chunked loss (options=None would materialise)
         return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
@@ -318,13 +319,14 @@ def _cpu_loss(side, hidden, weight, labels):
 
 
 @contextlib.contextmanager
-def _chunks_forced():
-    whole_up_to = ce.MAX_MATERIALIZED_LOGIT_BYTES
-    ce.MAX_MATERIALIZED_LOGIT_BYTES = 0
+def _whole_logits_up_to(nbytes: int):
+    """The fused loss computes logits of at most `nbytes` whole (0: it always chunks)."""
+    bound = ce.MAX_MATERIALIZED_LOGIT_BYTES
+    ce.MAX_MATERIALIZED_LOGIT_BYTES = nbytes
     try:
         yield
     finally:
-        ce.MAX_MATERIALIZED_LOGIT_BYTES = whole_up_to
+        ce.MAX_MATERIALIZED_LOGIT_BYTES = bound
 
 
 def _cpu_step(side, hidden, weight, labels):
@@ -342,7 +344,7 @@ def _child(side: str, shape: tuple[int, int, int], repeats: int) -> dict:
     # What a path imports on its first call is not the loss's memory: torch.library's custom-op
     # machinery alone pulls in ~900 modules (sympy among them), ~150 MiB of RSS. One call on a few
     # tokens, chunks forced, does it before the base is read.
-    with _chunks_forced():
+    with _whole_logits_up_to(0):
         _cpu_step(side, *_cpu_inputs((4, shape[1], 16)))
     hidden, weight, labels = _cpu_inputs(shape)
     base = _maxrss_bytes()
@@ -412,7 +414,57 @@ def cpu_comparison(repeats: int = 5) -> list[dict]:
     return results
 
 
+# Around MAX_MATERIALIZED_LOGIT_BYTES (1 MiB of fp32 logits): 0.6 to 8 MiB, and a few tokens (the
+# fixed cost of a call)
+BOUND_SHAPES = (
+    (8, 16, 32),
+    (512, 128, 320),
+    (1024, 128, 320),
+    (512, 128, 1024),
+    (2048, 128, 320),
+    (1024, 128, 1024),
+    (512, 128, 4096),
+)
+
+
+def whole_bound(repeats: int = 150) -> list[dict]:
+    """The fused loss made to chunk against made to compute the logits whole, and plain logits +
+    F.cross_entropy, in one process, alternating call by call (the order reversed every call),
+    medians after one warm-up call each: where chunked / whole crosses 1 is where
+    MAX_MATERIALIZED_LOGIT_BYTES belongs."""
+    results = []
+    for shape in BOUND_SHAPES:
+        inputs = _cpu_inputs(shape)
+        times = {"chunked": [], "whole": [], "materialised": []}
+        ways = [
+            ("chunked", "fused_reference", 0),
+            ("whole", "fused_reference", 1 << 62),
+            ("materialised", "materialised", 0),
+        ]
+        for call in range(repeats + 1):
+            for way, side, bound in ways if call % 2 else ways[::-1]:
+                with _whole_logits_up_to(bound):
+                    start = time.perf_counter()
+                    _cpu_step(side, *inputs)
+                    if call:
+                        times[way].append(time.perf_counter() - start)
+        medians = {way: _median(t) for way, t in times.items()}
+        results.append(dict(shape=list(shape), logit_mib=shape[0] * shape[2] * 4 / 2**20, median_seconds=medians))
+    return results
+
+
 def main():
+    if "--whole-bound" in sys.argv:
+        print("CPU fused linear cross-entropy, fp32, forward + backward, chunked against computed whole and")
+        print("against plain logits + F.cross_entropy, in one process, alternating; medians of 150")
+        for r in whole_bound():
+            m = r["median_seconds"]
+            print(
+                f"{' x '.join(map(str, r['shape']))} ({r['logit_mib']:.2f} MiB of logits): chunked "
+                f"{m['chunked'] * 1e3:.2f} ms, whole {m['whole'] * 1e3:.2f} ms, plain logits + F.cross_entropy "
+                f"{m['materialised'] * 1e3:.2f} ms; chunked / whole {m['chunked'] / m['whole']:.2f}x"
+            )
+        return
     if len(sys.argv) >= 3 and sys.argv[1] == "--child":
         torch.set_grad_enabled(True)
         shape = tuple(int(x) for x in sys.argv[3].split(","))

@@ -44,10 +44,11 @@ MAX_TRITON_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_LOGIT_BYTES = 16 << 20
 # Off the Triton path, logits up to this many bytes (accumulation dtype) are computed whole, through
 # linear + F.cross_entropy and autograd, when no memory cap is set: the chunked op costs a fixed
-# ~0.4 ms more per call on CPU (the custom op's dispatch, its autograd wrapper, two dozen small ops;
-# 0.59 against 0.17 ms at 8 tokens x 32 vocabulary), which at tiny's 512 x 320 logits made the loss
-# 1.3x slower, while past a few MiB of logits the chunked op is the faster (benchmarks/README.md,
-# "the loss's materialised dispatch"). Tests set it to 0 to exercise the chunks on small inputs.
+# ~0.4 ms more per call on CPU than the whole logits (the custom op's dispatch, its autograd
+# wrapper, two dozen small ops: 0.70-0.83 against 0.35-0.39 ms at 8 tokens x 32 vocabulary), which
+# at 512 x 320 logits made the loss 1.18-1.26x slower; from 1.25 to 2.5 MiB the two are level
+# within noise, from 4 MiB up the chunks are faster (`python benchmarks/bench_kernels.py
+# --whole-bound`, benchmarks/README.md). Tests set it to 0 to exercise the chunks on small inputs.
 MAX_MATERIALIZED_LOGIT_BYTES = 1 << 20
 
 

@@ -328,7 +328,8 @@ def softcapped_attention_ops(s: Setting, q: str, k: str, v: str) -> list[Op]:
     a, c = s.args, s.compute_bytes
     n, d = s.tokens, a.head_dim
     q_bytes, kv_bytes = n * a.n_heads * d * c, n * a.n_kv_heads * d * c
-    scores = s.micro_batch * a.n_heads * s.seq_len * s.seq_len * c
+    score_elems = s.micro_batch * a.n_heads * s.seq_len * s.seq_len
+    scores, probs_bytes = score_elems * c, score_elems * F32  # the softmax is taken in fp32
     mask = _mask_elems(s)
     probs = "probs"
     ops = [
@@ -362,13 +363,13 @@ def softcapped_attention_ops(s: Setting, q: str, k: str, v: str) -> list[Op]:
         Op(
             "attention softmax",
             inputs=("masked",),
-            outputs={probs: scores // c * F32},
+            outputs={probs: probs_bytes},
             saves=(probs,),
-            grads={"masked": scores // c * F32},
+            grads={"masked": probs_bytes},
         ),
     ]
     if c != F32:
-        ops.append(_cast(s, "probs cast", probs, "probs_c", scores // c, F32, c))
+        ops.append(_cast(s, "probs cast", probs, "probs_c", score_elems, F32, c))
         probs = "probs_c"
     ops.append(
         Op(
